@@ -1,0 +1,23 @@
+"""Errors a user can act on. Each carries the lines to show; none should surface as a traceback."""
+
+from __future__ import annotations
+
+
+class KubetuneError(Exception):
+    """Base class: str(error) is the message to show the user."""
+
+    exit_code = 1
+
+
+class SpecError(KubetuneError):
+    """The FineTuneJob (or a file it points at) is invalid. One line per problem, each naming the field."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PlanError(SpecError):
+    """The spec is valid but no GPU class satisfies it (a pinned class too small, maxGpuClass too low…)."""

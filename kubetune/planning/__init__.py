@@ -1,0 +1,1 @@
+"""Pure decisions: model architecture -> VRAM estimate -> GPU class, count and knobs -> placement."""

@@ -1,0 +1,144 @@
+"""GPU memory a QLoRA/LoRA fine-tune needs, part by part. A pure function; docs/vram.md derives each term.
+
+Everything is in bytes, per GPU. The model is the path the kubetune trainer takes (Hugging Face
+transformers + PEFT + bitsandbytes, SDPA attention, bf16 compute), so the estimate can be checked
+against a real run: the trainer exports `kubetune_vram_estimate_bytes` beside the measured peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kubetune.planning.models import Architecture
+
+GiB = 1024**3
+
+NF4_BYTES_PER_PARAM = 0.5
+QUANT_BLOCK = 64  # NF4 block size: one absmax constant per 64 weights
+DOUBLE_QUANT_BLOCK = 256  # second-level block over the 8-bit constants
+ADAPTER_BYTES = 4  # PEFT keeps LoRA weights (and so their gradients) in fp32 on a 16-bit base
+ACT_BYTES = 2  # bf16 / fp16 activations
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
+ALLOCATOR_FRAGMENTATION = 0.08  # caching-allocator slack on top of live tensors at the peak
+
+OPTIMIZER_BYTES_PER_PARAM = {"paged_adamw_32bit": 8.0, "adamw_torch": 8.0, "paged_adamw_8bit": 2.0}
+
+PARTS = (
+    "base_weights",
+    "quant_constants",
+    "lora_weights",
+    "lora_gradients",
+    "optimizer_states",
+    "activations",
+    "logits",
+    "cuda_overhead",
+)
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """The knobs that change memory. The planner fills in what the spec left as 'auto'."""
+
+    method: Literal["qlora", "lora"] = "qlora"
+    micro_batch: int = 1
+    seq_len: int = 2048
+    gradient_checkpointing: bool = True
+    lora_r: int = 16
+    target_modules: tuple[str, ...] | Literal["all-linear"] = "all-linear"
+    lora_dropout: float = 0.05
+    optimizer: str = "paged_adamw_32bit"
+    double_quant: bool = True
+    gpu_count: int = 1
+
+
+@dataclass(frozen=True)
+class Estimate:
+    parts: dict[str, int] = field(default_factory=dict)
+    lora_params: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def as_gib(self) -> dict[str, float]:
+        return {k: round(v / GiB, 2) for k, v in self.parts.items()}
+
+
+def targeted(arch: Architecture, targets: tuple[str, ...] | Literal["all-linear"]) -> dict[str, tuple[int, int, int]]:
+    """The per-layer linear projections LoRA wraps. 'all-linear' is every decoder projection (not lm_head)."""
+    shapes = arch.linear_shapes()
+    if targets == "all-linear":
+        return shapes
+    return {name: shape for name, shape in shapes.items() if name in targets}
+
+
+def lora_param_count(arch: Architecture, shape: TrainingShape) -> int:
+    per_layer = sum(n * shape.lora_r * (i + o) for i, o, n in targeted(arch, shape.target_modules).values())
+    return arch.layers * per_layer
+
+
+def activation_bytes_per_token_layer(arch: Architecture, shape: TrainingShape) -> float:
+    """Tensors autograd keeps for one token through one decoder layer, without checkpointing.
+
+    Attention block: the fp32 RMSNorm input (4h) and its bf16 output (2h); q, k, v after RoPE and the
+    attention output, kept by SDPA; the per-head log-sum-exp (fp32).
+    MLP block: the RMSNorm pair again; gate and up outputs, SiLU(gate) and the product fed to down_proj
+    (four intermediate-sized tensors; MoE: once per routed expert).
+    LoRA: every wrapped projection keeps its own input to lora_A (bf16), plus a 1-byte dropout mask when
+    dropout > 0.
+    """
+    a = ACT_BYTES
+    h, q, kv, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
+    norms = 2 * (4 * h + a * h)
+    attention = a * (q + 2 * kv) + a * q + 4 * arch.heads
+    mlp = 4 * a * i * arch.experts_per_token
+    per_input = a + (1 if shape.lora_dropout > 0 else 0)
+    lora_inputs = sum(
+        n_in * (arch.experts_per_token if n > 1 else 1)
+        for n_in, _out, n in targeted(arch, shape.target_modules).values()
+    )
+    return norms + attention + mlp + per_input * lora_inputs
+
+
+def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
+    """Peak GPU memory per GPU, by part. With several GPUs the layers are split evenly (pipeline)."""
+    n = max(1, shape.gpu_count)
+    tokens = shape.micro_batch * shape.seq_len
+
+    if shape.method == "qlora":
+        base = arch.linear_params * NF4_BYTES_PER_PARAM + (arch.embedding_params + arch.norm_params) * 2
+        per_weight = 1 / QUANT_BLOCK + 4 / (QUANT_BLOCK * DOUBLE_QUANT_BLOCK) if shape.double_quant else 4 / QUANT_BLOCK
+        constants = arch.linear_params * per_weight
+        # bitsandbytes dequantizes one projection at a time to bf16 for the matmul (forward and backward)
+        largest = max(i * o for i, o, _ in arch.linear_shapes().values())
+        dequant_workspace = 2 * largest * 2
+    else:
+        base = arch.total_params * 2
+        constants = 0.0
+        dequant_workspace = 0
+
+    lora = lora_param_count(arch, shape)
+    per_layer_token = activation_bytes_per_token_layer(arch, shape)
+    layers_here = -(-arch.layers // n)
+    if shape.gradient_checkpointing:
+        # each layer keeps only its input; backward recomputes one layer at a time
+        activations = tokens * (layers_here * ACT_BYTES * arch.hidden + per_layer_token)
+    else:
+        activations = tokens * layers_here * per_layer_token
+    # bf16 logits + fp32 log-softmax kept for backward (6 B), then fp32 grad in and out at its start (8 B)
+    logits = tokens * arch.vocab * 14
+
+    optimizer_bytes = OPTIMIZER_BYTES_PER_PARAM.get(shape.optimizer, 8.0)
+    parts = {
+        "base_weights": base / n,
+        "quant_constants": constants / n,
+        "lora_weights": lora * ADAPTER_BYTES / n,
+        "lora_gradients": lora * ADAPTER_BYTES / n,
+        "optimizer_states": lora * optimizer_bytes / n,
+        "activations": float(activations),
+        "logits": float(logits),
+    }
+    live = sum(parts.values()) + dequant_workspace
+    parts["cuda_overhead"] = CUDA_CONTEXT_BYTES + dequant_workspace + live * ALLOCATOR_FRAGMENTATION
+    return Estimate(parts={k: int(v) for k, v in parts.items()}, lora_params=lora)

@@ -1,0 +1,341 @@
+"""The FineTuneJob resource: the one pydantic model every part of kubetune reads.
+
+YAML keys are camelCase (``microBatchSize``); Python attributes are snake_case (``micro_batch_size``).
+The CRD schema (``kubetune crd``) is generated from these classes, and so are the validation
+messages: change a field here and the CRD, the planner, the trainer and the operator follow.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from kubetune.errors import SpecError
+
+API_GROUP = "kubetune.io"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+DATASET_FORMATS = ("chat", "alpaca", "prompt-completion", "text")
+METHODS = ("qlora", "lora")
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+
+def _auto_or_positive_int(value: Any) -> Any:
+    if value == "auto" or value is None:
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"must be 'auto' or an integer >= 1, got {value!r}")
+
+
+def _auto_or_gpu_count(value: Any) -> Any:
+    if value == "auto" or value is None:
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8:
+        return value
+    raise ValueError(f"must be 'auto' or an integer from 1 to 8 (GPUs on one node), got {value!r}")
+
+
+def _auto_or_bool(value: Any) -> Any:
+    if value == "auto" or value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"must be one of: auto, true, false; got {value!r}")
+
+
+def _target_modules(value: Any) -> Any:
+    if value == "all-linear":
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise ValueError(
+        f"must be 'all-linear' or a non-empty list of module names (e.g. [q_proj, v_proj]), got {value!r}"
+    )
+
+
+def _uri(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if value.startswith("s3://"):
+        bucket = value[5:].split("/", 1)[0]
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(f"s3 bucket name {bucket!r} is not valid (3-63 chars: a-z, 0-9, '.', '-')")
+    elif "://" in value:
+        scheme = value.split("://", 1)[0]
+        raise ValueError(f"scheme {scheme!r} is not supported; use s3://bucket/prefix or a local path")
+    return value
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError(f"must be a DNS label (lowercase a-z, 0-9, '-', at most 63 chars), got {value!r}")
+    return value
+
+
+def _dns_subdomain(value: str) -> str:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+        raise ValueError(
+            f"must be a DNS subdomain name (lowercase a-z, 0-9, '-', '.', at most 253 chars), got {value!r}"
+        )
+    return value
+
+
+AutoOrInt = Annotated[int | Literal["auto"], BeforeValidator(_auto_or_positive_int)]
+GpuCount = Annotated[int | Literal["auto"], BeforeValidator(_auto_or_gpu_count)]
+AutoOrBool = Annotated[bool | Literal["auto"], BeforeValidator(_auto_or_bool)]
+TargetModules = Annotated[str | list[str], BeforeValidator(_target_modules)]
+Uri = Annotated[str, AfterValidator(_uri)]
+SecretName = Annotated[str, AfterValidator(_dns_subdomain)]
+QueueName = Annotated[str, AfterValidator(_dns_subdomain)]
+
+
+class ModelSpec(_Model):
+    """The base model: a Hugging Face hub id (`name`) and/or where its weights are (`source`)."""
+
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Hugging Face hub id, e.g. meta-llama/Llama-3.1-8B-Instruct. Also picks the architecture "
+        "from the built-in catalog.",
+    )
+    source: Uri | None = Field(
+        default=None,
+        description="Where the weights are when not in the hub cache: s3://bucket/prefix/, a local directory, "
+        "or a .gguf file.",
+    )
+    revision: str | None = Field(default=None, min_length=1, description="Hub revision (branch, tag or commit).")
+
+    @model_validator(mode="after")
+    def _name_or_source(self) -> ModelSpec:
+        if self.name is None and self.source is None:
+            raise ValueError("set name (a hub id) or source (s3://…, a local directory or a .gguf file)")
+        return self
+
+
+class DatasetSpec(_Model):
+    source: Uri = Field(description="JSONL, JSON, Parquet or CSV file: s3://bucket/key or a local path.")
+    format: Literal["chat", "alpaca", "prompt-completion", "text"] = Field(
+        default="chat",
+        description="chat: messages with roles; alpaca: instruction/input/output; prompt-completion; text.",
+    )
+    eval_source: Uri | None = Field(default=None, description="Optional separate evaluation file.")
+    eval_fraction: float = Field(
+        default=0.0, ge=0.0, le=0.5, description="Fraction of rows held out for eval loss when no evalSource."
+    )
+
+
+class LoraSpec(_Model):
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: TargetModules = Field(
+        default="all-linear", description="'all-linear' or a list of module names such as [q_proj, v_proj]."
+    )
+
+
+class TrainingSpec(_Model):
+    epochs: float = Field(default=1.0, gt=0, le=100, description="Passes over the dataset.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(default=2.0e-4, gt=0, le=1.0, description="Peak learning rate.")
+    micro_batch_size: AutoOrInt = Field(
+        default="auto", description="Sequences per forward pass; 'auto' lets the planner pick the largest that fits."
+    )
+    gradient_accumulation_steps: int = Field(
+        default=8, ge=1, le=1024, description="Micro-batches per optimizer step (with microBatchSize 1)."
+    )
+    max_seq_length: int = Field(default=2048, ge=32, le=262144, description="Tokens per sequence.")
+    gradient_checkpointing: GpuCount = Annotated[int | Literal["auto"], BeforeValidator(_auto_or_gpu_count)]
+AutoOrBool = Field(
+        default="auto", description="'auto' turns it off when the job fits without it (faster)."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0.0, le=0.5, description="Fraction of steps spent warming up.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine")
+    max_grad_norm: float = Field(default=0.3, gt=0, le=1000, description="Gradient-norm clipping.")
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = Field(default="paged_adamw_32bit")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    packing: bool = Field(default=True, description="Pack sequences so no compute is spent on padding.")
+    logging_steps: int = Field(default=1, ge=1, le=100000, description="Optimizer steps between metric updates.")
+    checkpoint_steps: int = Field(default=50, ge=1, le=1000000, description="Optimizer steps between checkpoints.")
+
+
+class ResourcesSpec(_Model):
+    gpu_class: str = Field(
+        default="auto", min_length=1, description="'auto' or a GPU class from the catalog (e.g. A100-80GB)."
+    )
+    max_gpu_class: str | None = Field(
+        default=None, min_length=1, description="The most expensive class the planner (and OOM escalation) may use."
+    )
+    gpu_count: GpuCount = Field(default="auto", description="'auto' or the number of GPUs on one node (1-8).")
+
+
+class OutputSpec(_Model):
+    uri: Uri = Field(description="Where the adapter and checkpoints go: s3://bucket/prefix/ or a local directory.")
+    credentials_secret: SecretName | None = Field(
+        default=None,
+        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_ENDPOINT_URL).",
+    )
+    endpoint_url: str | None = Field(
+        default=None, pattern=r"^https?://\S+$", description="S3-compatible endpoint (MinIO, Ceph RGW, GCS XML)."
+    )
+    merged_model: bool = Field(default=False, description="Also write the merged 16-bit model.")
+
+
+class FineTuneJobSpec(_Model):
+    model: ModelSpec
+    dataset: DatasetSpec
+    method: Literal["qlora", "lora"] = Field(default="qlora", description="qlora: 4-bit NF4 base; lora: 16-bit.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    output: OutputSpec
+    queue: QueueName | None = Field(default=None, description="Kueue LocalQueue; the Job is created suspended.")
+    suspend: bool = Field(default=False, description="Suspend the trainer Job (keeps checkpoints).")
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: Annotated[str, AfterValidator(_dns_subdomain)]
+    namespace: Annotated[str, AfterValidator(_dns_label)] = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: Metadata
+    spec: FineTuneJobSpec
+    status: dict[str, Any] | None = None
+
+    @property
+    def queue_name(self) -> str | None:
+        return self.spec.queue or self.metadata.labels.get("kueue.x-k8s.io/queue-name")
+
+
+# --- validation messages ----------------------------------------------------------------------------
+
+_COMPARISONS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _field_path(loc: tuple[int | str, ...], prefix: str) -> str:
+    parts: list[str] = [prefix] if prefix else []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        elif item in ("function-after", "function-before", "literal['auto']", "int", "bool", "str", "list[str]"):
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The YAML names allowed at the object that holds loc[-1]."""
+    current: type[BaseModel] | None = model
+    for item in loc[:-1]:
+        if current is None or not isinstance(item, str):
+            return []
+        field = next(
+            (f for n, f in current.model_fields.items() if item in (n, f.alias)),
+            None,
+        )
+        annotation = getattr(field, "annotation", None) if field else None
+        args = getattr(annotation, "__args__", None) or (annotation,)
+        current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if current is None:
+        return []
+    return [f.alias or n for n, f in current.model_fields.items()]
+
+
+def format_errors(error: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per problem: `spec.lora.r: must be >= 1, got -4`."""
+    lines: list[str] = []
+    for err in error.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = _field_path(loc, prefix) or prefix or "document"
+        kind = err["type"]
+        ctx = err.get("ctx") or {}
+        got = err.get("input")
+        if kind in _COMPARISONS:
+            limit = next(iter(ctx.values()))
+            message = f"must be {_COMPARISONS[kind]} {limit}, got {got!r}"
+        elif kind == "literal_error":
+            message = f"must be one of: {ctx.get('expected', '').replace(chr(39), '')}; got {got!r}"
+        elif kind == "extra_forbidden":
+            allowed = _allowed_fields(model, loc)
+            message = "unknown field" + (f"; allowed fields here: {', '.join(allowed)}" if allowed else "")
+        elif kind == "missing":
+            message = "is required"
+        elif kind == "value_error":
+            message = str(ctx.get("error", err["msg"]))
+            if message.startswith(path.rsplit(".", 1)[-1] + ": "):
+                message = message.split(": ", 1)[1]
+        elif kind in ("string_too_short",):
+            message = "must not be empty"
+        elif kind == "string_pattern_mismatch":
+            message = f"must match {ctx.get('pattern')}, got {got!r}"
+        elif kind.endswith("_type") or kind.endswith("_parsing"):
+            expected = kind.split("_", 1)[0].replace("int", "an integer").replace("float", "a number")
+            expected = {"bool": "true or false", "string": "a string", "dict": "a mapping", "model": "a mapping",
+                        "list": "a list"}.get(expected, expected)
+            message = f"must be {expected}, got {got!r}"
+        else:
+            message = f"{err['msg']}, got {got!r}"
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def parse_spec(data: Any) -> FineTuneJobSpec:
+    """Validate a bare spec mapping (what the operator reads from the custom resource)."""
+    try:
+        return FineTuneJobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_errors(exc, FineTuneJobSpec, prefix="spec")) from None
+
+
+def parse_job(data: Any) -> FineTuneJob:
+    """Validate a whole FineTuneJob document (what `kubetune plan -f` and the REST API read)."""
+    if not isinstance(data, dict):
+        raise SpecError([f"document: must be a mapping with apiVersion, kind, metadata, spec; got {type(data).__name__}"])
+    try:
+        return FineTuneJob.model_validate(data)
+    except ValidationError as exc:
+        lines = format_errors(exc, FineTuneJob)
+        lines = [
+            line.replace("apiVersion: must be one of: kubetune.io/v1alpha1",
+                         "apiVersion: must be kubetune.io/v1alpha1")
+            for line in lines
+        ]
+        raise SpecError(lines) from None
