@@ -172,8 +172,7 @@ class TrainingSpec(_Model):
         default=8, ge=1, le=1024, description="Micro-batches per optimizer step (with microBatchSize 1)."
     )
     max_seq_length: int = Field(default=2048, ge=32, le=262144, description="Tokens per sequence.")
-    gradient_checkpointing: GpuCount = Annotated[int | Literal["auto"], BeforeValidator(_auto_or_gpu_count)]
-AutoOrBool = Field(
+    gradient_checkpointing: AutoOrBool = Field(
         default="auto", description="'auto' turns it off when the job fits without it (faster)."
     )
     warmup_ratio: float = Field(default=0.03, ge=0.0, le=0.5, description="Fraction of steps spent warming up.")

@@ -1,0 +1,194 @@
+"""`kubetune plan | train | crd | operator` — one entry point for people and pipelines.
+
+Exit codes: 0 ok, 2 invalid input (bad YAML, wrong kind, a bad field: the message names it),
+1 anything else. `kubetune train` adds the trainer's codes (3 out of GPU memory, 4 storage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.errors import KubetuneError, SpecError
+from kubetune.planning.gpus import GpuCatalog, load_catalog
+from kubetune.planning.models import resolve_architecture
+from kubetune.planning.plan import Plan, make_plan
+from kubetune.planning.vram import GiB
+from kubetune.spec import FineTuneJob, parse_job
+
+
+def read_documents(path: str) -> list[dict[str, Any]]:
+    """Every non-empty YAML document in a file (or stdin for '-')."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path}:{where}: not valid YAML: {problem}") from None
+    if not docs:
+        raise SpecError(f"{path}: no FineTuneJob found (the file is empty)")
+    return docs
+
+
+def load_jobs(path: str) -> list[FineTuneJob]:
+    jobs, problems = [], []
+    docs = read_documents(path)
+    for index, doc in enumerate(docs):
+        try:
+            jobs.append(parse_job(doc))
+        except SpecError as exc:
+            label = f"document {index + 1}: " if len(docs) > 1 else ""
+            problems.extend(label + line for line in exc.problems)
+    if problems:
+        raise SpecError(problems)
+    return jobs
+
+
+def plan_job(job: FineTuneJob, catalog: GpuCatalog) -> Plan:
+    arch = resolve_architecture(job.spec.model.name, job.spec.model.source, _s3_config_reader())
+    return make_plan(job.spec, arch, catalog)
+
+
+def _s3_config_reader() -> Any:
+    try:
+        from kubetune_trainer.storage import read_remote_config  # noqa: PLC0415 (needs boto3: trainer extra)
+    except ImportError:
+        return None
+    return read_remote_config
+
+
+def render_plan(job: FineTuneJob, plan: Plan) -> None:
+    from rich.console import Console  # noqa: PLC0415  (only for people, not for -o json)
+    from rich.table import Table  # noqa: PLC0415
+
+    console = Console()
+    where = f"{plan.gpu_count}x {plan.gpu_class}" if plan.gpu_count > 1 else plan.gpu_class
+    console.print(
+        f"[bold]{job.metadata.namespace}/{job.metadata.name}[/]: {plan.model} {plan.method.upper()} -> "
+        f"[bold green]{where}[/] ({plan.hourly_cost:.2f}/h), estimate [bold]{plan.vram_estimate_bytes / GiB:.1f} GiB"
+        f"[/] of {plan.usable_bytes_per_gpu / GiB:.1f} GiB usable per GPU"
+    )
+    parts = Table(title="VRAM estimate per GPU", title_justify="left")
+    parts.add_column("part")
+    parts.add_column("GiB", justify="right")
+    parts.add_column("share", justify="right")
+    for name, value in plan.breakdown.items():
+        parts.add_row(name, f"{value / GiB:.2f}", f"{value / plan.vram_estimate_bytes:.0%}")
+    parts.add_row("[bold]total[/]", f"[bold]{plan.vram_estimate_bytes / GiB:.2f}[/]", "100%")
+    console.print(parts)
+    knobs = Table(title="Knobs", title_justify="left")
+    knobs.add_column("knob")
+    knobs.add_column("value")
+    for name, value in plan.knobs.model_dump(by_alias=True).items():
+        knobs.add_row(name, str(value).lower() if isinstance(value, bool) else str(value))
+    console.print(knobs)
+    console.print("[bold]Why[/]")
+    for reason in plan.reasons:
+        console.print(f"  - {reason}")
+    if plan.alternatives:
+        alts = Table(title="Runner-up classes that also fit", title_justify="left")
+        for column in ("class", "GPUs", "estimate GiB", "cost/h", "vs chosen"):
+            alts.add_column(column, justify="left" if column == "class" else "right")
+        for alt in plan.alternatives:
+            alts.add_row(alt.gpu_class, str(alt.gpu_count), f"{alt.vram_estimate_bytes / GiB:.1f}",
+                         f"{alt.hourly_cost:.2f}", f"{alt.cost_ratio:.2f}x")
+        console.print(alts)
+    console.print()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    catalog = load_catalog(Path(args.gpu_catalog) if args.gpu_catalog else None)
+    jobs = load_jobs(args.file)
+    plans = [(job, plan_job(job, catalog)) for job in jobs]
+    if args.output == "json":
+        out = [plan.summary() for _, plan in plans]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump_all([plan.summary() for _, plan in plans], sort_keys=False), end="")
+    else:
+        for job, plan in plans:
+            render_plan(job, plan)
+    return 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from kubetune.crd import crd_yaml  # noqa: PLC0415
+
+    print(crd_yaml(), end="")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from kubetune_trainer.local import run_local  # noqa: PLC0415
+    except ImportError as exc:
+        raise KubetuneError(f"kubetune train needs the trainer extra: pip install 'kubetune[trainer]' ({exc})") from None
+    return run_local(args)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    try:
+        from kubetune_operator.main import run_operator  # noqa: PLC0415
+    except ImportError as exc:
+        raise KubetuneError(f"kubetune operator needs the operator extra: pip install 'kubetune[operator]' ({exc})") \
+            from None
+    return run_operator(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune",
+        description="Fine-tune open-weight LLMs with QLoRA/LoRA from one FineTuneJob YAML.",
+        epilog="Exit codes: 0 ok, 1 error, 2 invalid input, 3 out of GPU memory (train), 4 storage error (train).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="estimate VRAM and choose the GPU class, count and knobs")
+    plan.add_argument("-f", "--file", required=True, help="FineTuneJob YAML (several documents allowed), or -")
+    plan.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    plan.add_argument("--gpu-catalog", help="YAML that overrides or extends the GPU catalog")
+    plan.set_defaults(func=cmd_plan)
+
+    crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    crd.set_defaults(func=cmd_crd)
+
+    train = sub.add_parser("train", help="run the fine-tune on this machine (GPU if present, else CPU)")
+    train.add_argument("-f", "--file", required=True, help="FineTuneJob YAML, or -")
+    train.add_argument("--output", help="override spec.output.uri: a directory or s3://bucket/prefix/")
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--metrics-port", type=int, default=0, help="serve /metrics and /status here (0: off)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.set_defaults(func=cmd_train)
+
+    operator = sub.add_parser("operator", help="run the FineTuneJob operator (kopf)")
+    operator.add_argument("--namespace", action="append", help="watch only these namespaces (default: all)")
+    operator.add_argument("--peering", default=None, help="kopf peering name for HA (default: standalone)")
+    operator.add_argument("--metrics-port", type=int, default=8080, help="/metrics and /healthz port")
+    operator.set_defaults(func=cmd_operator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KubetuneError as exc:
+        print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Spec + architecture + GPU catalog -> Plan: which class, how many, which knobs, and why.
+
+Rules, in order:
+1. The leanest settings the spec allows (gradient checkpointing on unless forced off, micro-batch 1
+   unless pinned) decide whether a class can hold the job at all.
+2. One GPU whenever some class holds the job; the cheapest such class wins (price x count). Only when
+   no single GPU can, the layers are split over 2, 4 or 8 GPUs of one class (cheapest total wins).
+3. On the chosen class, the fastest knobs that still fit: checkpointing off if it fits, then the
+   largest micro-batch (a divisor of the effective batch, so accumulation keeps it unchanged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from kubetune.errors import PlanError
+from kubetune.planning.gpus import GpuCatalog, GpuClass
+from kubetune.planning.models import Architecture
+from kubetune.planning.vram import GiB, Estimate, TrainingShape, estimate
+from kubetune.spec import FineTuneJobSpec
+
+GPU_COUNTS = (1, 2, 4, 8)
+RECOMPUTE_COST = 1.33  # checkpointing replays each layer's forward during backward: ~1/3 more compute
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class Knobs(_Out):
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    max_seq_length: int
+    compute_dtype: str = "bfloat16"
+
+
+class Alternative(_Out):
+    gpu_class: str
+    gpu_count: int
+    hourly_cost: float
+    cost_ratio: float
+    vram_estimate_bytes: int
+
+
+class Plan(_Out):
+    model: str
+    method: str
+    gpu_class: str
+    gpu_count: int
+    gpu_memory_bytes: int
+    usable_bytes_per_gpu: int
+    hourly_cost: float
+    vram_estimate_bytes: int
+    breakdown: dict[str, int]
+    lora_params: int
+    knobs: Knobs
+    reasons: list[str]
+    alternatives: list[Alternative]
+
+    def summary(self) -> dict[str, object]:
+        """The `-o json` shape of `kubetune plan`."""
+        return {
+            "gpuClass": self.gpu_class,
+            "gpuCount": self.gpu_count,
+            "vramEstimateBytes": self.vram_estimate_bytes,
+            "breakdown": self.breakdown,
+            "knobs": self.knobs.model_dump(by_alias=True),
+            "reasons": self.reasons,
+            "alternatives": [a.model_dump(by_alias=True) for a in self.alternatives],
+        }
+
+
+@dataclass(frozen=True)
+class _Fit:
+    gpu: GpuClass
+    count: int
+    shape: TrainingShape
+    estimate: Estimate
+
+    @property
+    def cost(self) -> float:
+        return self.gpu.hourly_price * self.count
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def effective_batch(spec: FineTuneJobSpec) -> int:
+    mb = spec.training.micro_batch_size
+    return (mb if isinstance(mb, int) else 1) * spec.training.gradient_accumulation_steps
+
+
+def _shape(spec: FineTuneJobSpec, micro_batch: int, checkpointing: bool, count: int) -> TrainingShape:
+    targets = spec.lora.target_modules
+    return TrainingShape(
+        method=spec.method,
+        micro_batch=micro_batch,
+        seq_len=spec.training.max_seq_length,
+        gradient_checkpointing=checkpointing,
+        lora_r=spec.lora.r,
+        target_modules=targets if isinstance(targets, str) else tuple(targets),  # type: ignore[arg-type]
+        lora_dropout=spec.lora.dropout,
+        optimizer=spec.training.optimizer,
+        gpu_count=count,
+    )
+
+
+def _leanest(spec: FineTuneJobSpec) -> tuple[int, bool]:
+    mb = spec.training.micro_batch_size
+    gc = spec.training.gradient_checkpointing
+    return (mb if isinstance(mb, int) else 1), (gc if isinstance(gc, bool) else True)
+
+
+def speed(shape: TrainingShape) -> float:
+    """Relative throughput: GPUs saturate as tokens per forward grow; checkpointing recomputes."""
+    tokens = shape.micro_batch * shape.seq_len
+    return tokens / (tokens + 1024) / (RECOMPUTE_COST if shape.gradient_checkpointing else 1.0)
+
+
+def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, count: int = 1
+                  ) -> tuple[TrainingShape, Estimate] | None:
+    """The fastest (micro-batch, checkpointing) that fits in usable_bytes per GPU, or None."""
+    mb_spec = spec.training.micro_batch_size
+    gc_spec = spec.training.gradient_checkpointing
+    batch = effective_batch(spec)
+    micro_batches = [mb_spec] if isinstance(mb_spec, int) else [d for d in range(batch, 0, -1) if batch % d == 0]
+    checkpointing = [gc_spec] if isinstance(gc_spec, bool) else [False, True]
+    best: tuple[TrainingShape, Estimate] | None = None
+    for gc in checkpointing:
+        for mb in micro_batches:
+            shape = _shape(spec, mb, gc, count)
+            est = estimate(arch, shape)
+            if est.total > usable_bytes:
+                continue
+            if best is None or (speed(shape), -est.total) > (speed(best[0]), -best[1].total):
+                best = (shape, est)
+    return best
+
+
+def _candidates(spec: FineTuneJobSpec, catalog: GpuCatalog, above: str | None) -> tuple[list[GpuClass], list[str]]:
+    notes: list[str] = []
+    resources = spec.resources
+    if resources.gpu_class != "auto":
+        pinned = catalog.get(resources.gpu_class, "spec.resources.gpuClass")
+        return [pinned], [f"gpuClass pinned to {pinned.name} by the spec"]
+    classes = catalog.by_price()
+    if resources.max_gpu_class:
+        ceiling = catalog.get(resources.max_gpu_class, "spec.resources.maxGpuClass")
+        classes = [g for g in classes if g.hourly_price <= ceiling.hourly_price]
+        notes.append(f"maxGpuClass {ceiling.name}: classes priced above it are not considered")
+    if above:
+        floor = catalog.get(above, "status.plan.gpuClass")
+        classes = [g for g in classes if g.memory_bytes > floor.memory_bytes]
+        notes.append(f"escalated past {floor.name} ({floor.memory_gib:.0f} GiB) after running out of GPU memory there")
+    return classes, notes
+
+
+def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, above: str | None = None) -> Plan:
+    """Choose class, count and knobs. `above`: a class the job ran out of memory on (OOM escalation)."""
+    classes, reasons = _candidates(spec, catalog, above)
+    lean_mb, lean_gc = _leanest(spec)
+    counts = [spec.resources.gpu_count] if isinstance(spec.resources.gpu_count, int) else list(GPU_COUNTS)
+
+    fits: list[_Fit] = []
+    for count in counts:
+        for gpu in classes:
+            if count > gpu.max_per_node:
+                continue
+            shape = _shape(spec, lean_mb, lean_gc, count)
+            est = estimate(arch, shape)
+            if est.total <= catalog.usable_bytes(gpu):
+                fits.append(_Fit(gpu, count, shape, est))
+        if fits and spec.resources.gpu_count == "auto":
+            break  # fewest GPUs first: sharding only when no single GPU (or smaller group) can hold it
+    if not fits:
+        raise _no_fit(spec, arch, catalog, classes, counts, lean_mb, lean_gc, above)
+
+    fits.sort(key=lambda f: (f.cost, -f.gpu.memory_bytes))
+    chosen = fits[0]
+    usable = catalog.usable_bytes(chosen.gpu)
+    best = fastest_knobs(spec, arch, usable, chosen.count)
+    assert best is not None  # the leanest shape fits, so the search finds at least that
+    shape, est = best
+
+    lean_total = chosen.estimate.total
+    what = f"{arch.name} {spec.method.upper()} (LoRA r={spec.lora.r}, {spec.training.max_seq_length} tokens)"
+    reasons.insert(0, f"{what} needs {gib(lean_total)} per GPU at the leanest settings "
+                      f"(checkpointing {'on' if lean_gc else 'off'}, micro-batch {lean_mb})")
+    where = f"{chosen.count}x {chosen.gpu.name}" if chosen.count > 1 else chosen.gpu.name
+    reasons.append(
+        f"{where}: cheapest that holds it ({gib(usable)} usable of {chosen.gpu.memory_gib:.1f} GiB per GPU, "
+        f"{chosen.cost:.2f}/h)"
+    )
+    if chosen.count > 1:
+        reasons.append(f"no single GPU holds it; layers are split over {chosen.count} GPUs of one node")
+    reasons.extend(_knob_reasons(spec, arch, shape, est, usable, chosen.count))
+
+    batch = effective_batch(spec)
+    knobs = Knobs(
+        micro_batch_size=shape.micro_batch,
+        gradient_accumulation_steps=max(1, batch // shape.micro_batch),
+        gradient_checkpointing=shape.gradient_checkpointing,
+        max_seq_length=shape.seq_len,
+        compute_dtype="bfloat16" if chosen.gpu.bf16 else "float16",
+    )
+    alternatives = [
+        Alternative(
+            gpu_class=f.gpu.name, gpu_count=f.count, hourly_cost=round(f.cost, 2),
+            cost_ratio=round(f.cost / chosen.cost, 2), vram_estimate_bytes=f.estimate.total,
+        )
+        for f in fits[1:]
+    ]
+    return Plan(
+        model=arch.name, method=spec.method, gpu_class=chosen.gpu.name, gpu_count=chosen.count,
+        gpu_memory_bytes=chosen.gpu.memory_bytes, usable_bytes_per_gpu=usable, hourly_cost=round(chosen.cost, 2),
+        vram_estimate_bytes=est.total, breakdown=est.parts, lora_params=est.lora_params, knobs=knobs,
+        reasons=reasons, alternatives=alternatives,
+    )
+
+
+def _knob_reasons(spec: FineTuneJobSpec, arch: Architecture, shape: TrainingShape, est: Estimate,
+                  usable: int, count: int) -> list[str]:
+    reasons = []
+    gc_spec = spec.training.gradient_checkpointing
+    if isinstance(gc_spec, bool):
+        reasons.append(f"gradient checkpointing {'on' if gc_spec else 'off'}: set by the spec")
+    elif shape.gradient_checkpointing:
+        without = estimate(arch, _shape(spec, 1, False, count)).total
+        reasons.append(f"gradient checkpointing on: off would need {gib(without)} > {gib(usable)} usable")
+    else:
+        reasons.append("gradient checkpointing off: it fits without recomputing activations (~25% faster)")
+    batch = effective_batch(spec)
+    if isinstance(spec.training.micro_batch_size, int):
+        reasons.append(f"micro-batch {shape.micro_batch}: set by the spec")
+    else:
+        reasons.append(
+            f"micro-batch {shape.micro_batch} x accumulation {batch // shape.micro_batch} keeps the effective "
+            f"batch of {batch}; estimate {gib(est.total)} of {gib(usable)} usable"
+        )
+    return reasons
+
+
+def _no_fit(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, classes: list[GpuClass],
+            counts: list[int], lean_mb: int, lean_gc: bool, above: str | None) -> PlanError:
+    lean = estimate(arch, _shape(spec, lean_mb, lean_gc, 1)).total
+    need = f"the job needs {gib(lean)} on one GPU at the leanest settings"
+    # the smallest class (and count) in the whole catalog that would hold it
+    would = None
+    for count in GPU_COUNTS:
+        per_gpu = estimate(arch, _shape(spec, lean_mb, lean_gc, count)).total
+        would = next((g for g in catalog.by_price() if per_gpu <= catalog.usable_bytes(g)), None)
+        if would:
+            would_text = f"{count}x {would.name}" if count > 1 else would.name
+            break
+    else:
+        would_text = None
+    hint = f"; the cheapest that would hold it is {would_text}" if would_text else (
+        "; no class in the catalog holds it even 8 to a node: lower training.maxSeqLength or lora.r, "
+        "or use method: qlora"
+    )
+    if spec.resources.gpu_class != "auto":
+        gpu = classes[0]
+        where = "spec.resources.gpuClass"
+        return PlanError(f"{where}: {gpu.name} ({gib(catalog.usable_bytes(gpu))} usable per GPU, "
+                         f"{'/'.join(map(str, counts))} GPU(s)) cannot hold this job: {need}{hint}")
+    if above:
+        return PlanError(f"status.plan.gpuClass: no class above {above} within the limits holds the job: {need}{hint}")
+    if spec.resources.max_gpu_class:
+        return PlanError(f"spec.resources.maxGpuClass: no class up to {spec.resources.max_gpu_class} holds this job: "
+                         f"{need}{hint}")
+    if isinstance(spec.resources.gpu_count, int):
+        return PlanError(f"spec.resources.gpuCount: {spec.resources.gpu_count} GPU(s) of any class cannot hold "
+                         f"this job: {need}{hint}")
+    return PlanError(f"spec: {need}{hint}")

@@ -1,0 +1,1 @@
+"""The kubetune operator: kopf handlers that turn FineTuneJobs into GPU-placed trainer Jobs."""

@@ -1,0 +1,32 @@
+"""What the trainer is told to do: the job's identity, its spec, and the plan the operator resolved.
+
+The operator writes `TrainerConfig.model_dump_json(by_alias=True)` into the job's ConfigMap as
+`job.json`; the pod runs `python -m kubetune_trainer --config /etc/kubetune/job.json`. No torch here.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from kubetune.planning.plan import Knobs
+from kubetune.spec import FineTuneJobSpec
+
+
+class JobRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    namespace: str = "default"
+
+
+class TrainerConfig(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    job: JobRef
+    spec: FineTuneJobSpec
+    knobs: Knobs
+    gpu_class: str | None = Field(default=None, description="The class the plan chose (None on a local run).")
+    gpu_count: int = 1
+    vram_estimate_bytes: int = Field(default=0, description="The planner's estimate, exported as a metric.")
+    attempt: int = Field(default=1, ge=1, description="1 + OOM escalations and restarts the operator made.")
