@@ -81,10 +81,17 @@ def _target_modules(value: Any) -> Any:
     )
 
 
+BUNDLED_MODELS = ("smollm2-135m-instruct",)
+
+
 def _uri(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
-    if value.startswith("s3://"):
+    if value.startswith("bundled://"):
+        if value.removeprefix("bundled://") not in BUNDLED_MODELS:
+            raise ValueError(f"unknown bundled model {value!r}; allowed: "
+                             + ", ".join(f"bundled://{m}" for m in BUNDLED_MODELS))
+    elif value.startswith("s3://"):
         bucket = value[5:].split("/", 1)[0]
         if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
             raise ValueError(f"s3 bucket name {bucket!r} is not valid (3-63 chars: a-z, 0-9, '.', '-')")
@@ -218,6 +225,63 @@ class FineTuneJobSpec(_Model):
     output: OutputSpec
     queue: QueueName | None = Field(default=None, description="Kueue LocalQueue; the Job is created suspended.")
     suspend: bool = Field(default=False, description="Suspend the trainer Job (keeps checkpoints).")
+
+
+class Condition(_Model):
+    """kstatus-style condition: Ready, Reconciling, Stalled (Argo CD and Flux read these)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class PlanStatus(_Model):
+    gpu_class: str
+    gpu_count: int
+    vram_estimate_bytes: int
+    knobs: dict[str, int | bool | str] = Field(default_factory=dict)
+    reasons: list[str] = Field(default_factory=list)
+
+
+class Progress(_Model):
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    updated_at: str | None = None
+
+
+class Attempt(_Model):
+    attempt: int
+    gpu_class: str
+    job_name: str
+    outcome: str | None = Field(default=None, description="Running, Succeeded, OutOfMemory, Failed, Preempted")
+    message: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class FineTuneJobStatus(_Model):
+    """What the operator writes. Flat display fields (gpu, vram, step) feed `kubectl get ftj` columns."""
+
+    phase: Literal["Pending", "Planning", "Queued", "Running", "Succeeded", "Failed", "Suspended"] = "Pending"
+    message: str | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    plan: PlanStatus | None = None
+    gpu: str | None = Field(default=None, description="e.g. 'A100-80GB x1'")
+    vram: str | None = Field(default=None, description="e.g. '52.4Gi' (the planner's estimate)")
+    progress: Progress | None = None
+    step: str | None = Field(default=None, description="e.g. '120/500'")
+    loss: str | None = Field(default=None, description="latest train loss, e.g. '1.234'")
+    adapter_uri: str | None = None
+    job_name: str | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
 
 
 class Metadata(BaseModel):
