@@ -1,0 +1,96 @@
+"""Print docs/vram.md's table: the estimator beside published QLoRA/LoRA memory figures.
+
+    .venv/bin/python bench/vram_table.py            # markdown table
+    .venv/bin/python bench/vram_table.py --check    # exit 1 if any row is outside +15% / -5%
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.planning.models import catalog_lookup
+from kubetune.planning.vram import GiB, TrainingShape, estimate
+
+ROWS = Path(__file__).resolve().parent.parent / "docs" / "vram_published.yaml"
+UPPER, LOWER = 1.15, 0.95
+
+
+@dataclass(frozen=True)
+class Row:
+    source: str
+    model: str
+    method: str
+    settings: dict[str, Any]
+    figure_gib: float
+    part: str
+
+    def estimate_gib(self) -> float:
+        arch = catalog_lookup(self.model)
+        if arch is None:
+            raise SystemExit(f"{self.model}: not in the catalog")
+        s = self.settings
+        shape = TrainingShape(
+            method=self.method,  # type: ignore[arg-type]
+            lora_r=s["r"],
+            target_modules=s["targets"],
+            seq_len=s["seq"],
+            micro_batch=s["microBatch"],
+            gradient_checkpointing=s["checkpointing"],
+        )
+        parts = estimate(arch, shape).parts
+        total = parts["base_weights"] + parts["quant_constants"] if self.part == "base" else sum(parts.values())
+        return total / GiB
+
+    @property
+    def ratio(self) -> float:
+        return self.estimate_gib() / self.figure_gib
+
+    @property
+    def ok(self) -> bool:
+        return LOWER <= self.ratio <= UPPER
+
+
+def load_rows(path: Path = ROWS) -> list[Row]:
+    raw = yaml.safe_load(path.read_text())["rows"]
+    return [Row(r["source"], r["model"], r["method"], r["settings"], float(r["figureGiB"]), r["part"]) for r in raw]
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| # | source | model | method | settings | published | estimate | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, row in enumerate(rows, 1):
+        s = row.settings
+        settings = (f"r={s['r']} {s['targets']}, {s['seq']} tok x {s['microBatch']}, "
+                    f"ckpt {'on' if s['checkpointing'] else 'off'}")
+        what = " (base only)" if row.part == "base" else ""
+        lines.append(
+            f"| {n} | {row.source} | {row.model} | {row.method} | {settings} | {row.figure_gib:g} GiB{what} "
+            f"| {row.estimate_gib():.2f} GiB | {row.ratio:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    rows = load_rows()
+    print(markdown(rows), end="")
+    if args.check:
+        bad = [r for r in rows if not r.ok]
+        for r in bad:
+            print(f"OUT OF BAND: {r.model} {r.method}: ratio {r.ratio:.2f}", file=sys.stderr)
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
