@@ -188,7 +188,7 @@ class TrainingSpec(_Model):
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = Field(default="paged_adamw_32bit")
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
-    packing: bool = Field(default=True, description="Pack sequences so no compute is spent on padding.")
+    packing: bool = Field(default=True, strict=True, description="Pack sequences so no compute is spent on padding.")
     logging_steps: int = Field(default=1, ge=1, le=100000, description="Optimizer steps between metric updates.")
     checkpoint_steps: int = Field(default=50, ge=1, le=1000000, description="Optimizer steps between checkpoints.")
 
@@ -212,7 +212,7 @@ class OutputSpec(_Model):
     endpoint_url: str | None = Field(
         default=None, pattern=r"^https?://\S+$", description="S3-compatible endpoint (MinIO, Ceph RGW, GCS XML)."
     )
-    merged_model: bool = Field(default=False, description="Also write the merged 16-bit model.")
+    merged_model: bool = Field(default=False, strict=True, description="Also write the merged 16-bit model.")
 
 
 class FineTuneJobSpec(_Model):
@@ -224,7 +224,7 @@ class FineTuneJobSpec(_Model):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     output: OutputSpec
     queue: QueueName | None = Field(default=None, description="Kueue LocalQueue; the Job is created suspended.")
-    suspend: bool = Field(default=False, description="Suspend the trainer Job (keeps checkpoints).")
+    suspend: bool = Field(default=False, strict=True, description="Suspend the trainer Job (keeps checkpoints).")
 
 
 class Condition(_Model):
@@ -353,7 +353,8 @@ def format_errors(error: ValidationError, model: type[BaseModel], prefix: str = 
         got = err.get("input")
         if kind in _COMPARISONS:
             limit = next(iter(ctx.values()))
-            message = f"must be {_COMPARISONS[kind]} {limit}, got {got!r}"
+            shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+            message = f"must be {_COMPARISONS[kind]} {shown}, got {got!r}"
         elif kind == "literal_error":
             message = f"must be one of: {ctx.get('expected', '').replace(chr(39), '')}; got {got!r}"
         elif kind == "extra_forbidden":
