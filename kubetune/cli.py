@@ -42,7 +42,8 @@ def read_documents(path: str) -> list[dict[str, Any]]:
 
 
 def load_jobs(path: str) -> list[FineTuneJob]:
-    jobs, problems = [], []
+    jobs: list[FineTuneJob] = []
+    problems: list[str] = []
     docs = read_documents(path)
     for index, doc in enumerate(docs):
         try:
@@ -62,15 +63,15 @@ def plan_job(job: FineTuneJob, catalog: GpuCatalog) -> Plan:
 
 def _s3_config_reader() -> Any:
     try:
-        from kubetune_trainer.storage import read_remote_config  # noqa: PLC0415 (needs boto3: trainer extra)
+        from kubetune_trainer.storage import read_remote_config
     except ImportError:
         return None
     return read_remote_config
 
 
 def render_plan(job: FineTuneJob, plan: Plan) -> None:
-    from rich.console import Console  # noqa: PLC0415  (only for people, not for -o json)
-    from rich.table import Table  # noqa: PLC0415
+    from rich.console import Console
+    from rich.table import Table
 
     console = Console()
     where = f"{plan.gpu_count}x {plan.gpu_class}" if plan.gpu_count > 1 else plan.gpu_class
@@ -123,7 +124,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from kubetune.crd import crd_yaml  # noqa: PLC0415
+    from kubetune.crd import crd_yaml
 
     print(crd_yaml(), end="")
     return 0
@@ -131,15 +132,16 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from kubetune_trainer.local import run_local  # noqa: PLC0415
+        from kubetune_trainer.local import run_local
     except ImportError as exc:
-        raise KubetuneError(f"kubetune train needs the trainer extra: pip install 'kubetune[trainer]' ({exc})") from None
+        hint = "pip install 'kubetune[trainer]'"
+        raise KubetuneError(f"kubetune train needs the trainer extra: {hint} ({exc})") from None
     return run_local(args)
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
     try:
-        from kubetune_operator.main import run_operator  # noqa: PLC0415
+        from kubetune_operator.main import run_operator
     except ImportError as exc:
         raise KubetuneError(f"kubetune operator needs the operator extra: pip install 'kubetune[operator]' ({exc})") \
             from None

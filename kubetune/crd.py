@@ -35,6 +35,7 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
     """Convert one pydantic JSON-schema node into a structural OpenAPI v3 schema node."""
     node = _resolve(node, defs)
     description = node.get("description")
+    out: Schema
     if "anyOf" in node:
         options = [_resolve(o, defs) for o in node["anyOf"]]
         non_null = [o for o in options if o.get("type") != "null"]
@@ -53,7 +54,7 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
             out["nullable"] = True
         return out
 
-    out: Schema = {k: v for k, v in node.items() if k in _KEEP}
+    out = {k: v for k, v in node.items() if k in _KEEP}
     if "const" in node:
         out["enum"] = [node["const"]]
     if "exclusiveMinimum" in node:

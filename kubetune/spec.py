@@ -392,7 +392,8 @@ def parse_spec(data: Any) -> FineTuneJobSpec:
 def parse_job(data: Any) -> FineTuneJob:
     """Validate a whole FineTuneJob document (what `kubetune plan -f` and the REST API read)."""
     if not isinstance(data, dict):
-        raise SpecError([f"document: must be a mapping with apiVersion, kind, metadata, spec; got {type(data).__name__}"])
+        got = type(data).__name__
+        raise SpecError([f"document: must be a mapping with apiVersion, kind, metadata, spec; got {got}"])
     try:
         return FineTuneJob.model_validate(data)
     except ValidationError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -116,8 +117,7 @@ CATALOG: dict[str, Architecture] = {
     ]
 }
 
-# Hub ids people actually write map onto the base architecture: suffixes change weights, not shapes.
-_SUFFIXES = ("-instruct", "-chat-hf", "-chat", "-it", "-hf")
+# Hub ids people actually write map onto the base architecture: -Instruct/-chat/-it change weights, not shapes.
 _ALIASES = {
     "meta-llama/meta-llama-3.1-8b": "meta-llama/llama-3.1-8b",
     "meta-llama/meta-llama-3-8b": "meta-llama/llama-3.1-8b",
@@ -136,10 +136,8 @@ _ALIASES = {
 def catalog_lookup(model_id: str) -> Architecture | None:
     """Find a hub id in the catalog, forgiving case and -Instruct/-chat/-it suffixes."""
     key = model_id.strip().lower()
-    candidates = [key]
-    for suffix in _SUFFIXES:
-        if key.endswith(suffix):
-            candidates.append(key.removesuffix(suffix))
+    plain = re.sub(r"-(instruct|chat|it)(?=-|$)", "", key)
+    candidates = [key, plain, plain.removesuffix("-hf")]
     for candidate in candidates:
         candidate = _ALIASES.get(candidate, candidate)
         if candidate in CATALOG:
@@ -220,7 +218,7 @@ def resolve_architecture(name: str | None, source: str | None,
 def architecture_from_gguf(path: Path) -> Architecture | None:
     """Read the architecture from a GGUF header (the `gguf` package ships with the trainer extra)."""
     try:
-        from gguf import GGUFReader  # noqa: PLC0415  (optional dependency)
+        from gguf import GGUFReader
     except ImportError:
         return None
     reader = GGUFReader(str(path))

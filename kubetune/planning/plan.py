@@ -19,7 +19,7 @@ from pydantic.alias_generators import to_camel
 from kubetune.errors import PlanError
 from kubetune.planning.gpus import GpuCatalog, GpuClass
 from kubetune.planning.models import Architecture
-from kubetune.planning.vram import GiB, Estimate, TrainingShape, estimate
+from kubetune.planning.vram import Estimate, GiB, TrainingShape, estimate
 from kubetune.spec import FineTuneJobSpec
 
 GPU_COUNTS = (1, 2, 4, 8)

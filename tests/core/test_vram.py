@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.planning.models import CATALOG, catalog_lookup
-from kubetune.planning.vram import GiB, PARTS, TrainingShape, estimate, lora_param_count
+from kubetune.planning.vram import PARTS, GiB, TrainingShape, estimate, lora_param_count
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("vram_table", ROOT / "bench" / "vram_table.py")

@@ -1,0 +1,158 @@
+"""Plan + cluster inventory -> where the job can run now, or why not (pure: no I/O).
+
+The operator builds an `Inventory` from Nodes (labels, allocatable `nvidia.com/gpu`, schedulability)
+and from the GPUs that non-terminated pods already hold, then calls `place()`:
+
+- `Placed`: some node of the planned class has `gpuCount` free GPUs now.
+- `Busy`: nodes of the class exist and are big enough, but their GPUs are taken; the Job is created
+  and the scheduler (or Kueue) starts it when GPUs free up.
+- `NoNodes`: no node of the class (big enough) exists; the reason names the class, the labels that
+  identify it, and what the cluster has instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kubetune.planning.gpus import GPU_RESOURCE, GpuCatalog, GpuClass
+
+PlacementKind = Literal["Placed", "Busy", "NoNodes"]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    labels: Mapping[str, str]
+    allocatable_gpus: int
+    schedulable: bool = True
+
+
+@dataclass(frozen=True)
+class Inventory:
+    nodes: tuple[NodeInfo, ...] = ()
+    gpus_in_use: Mapping[str, int] = field(default_factory=dict)  # node name -> GPUs held by live pods
+
+    def free_gpus(self, node: NodeInfo) -> int:
+        return max(0, node.allocatable_gpus - self.gpus_in_use.get(node.name, 0))
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: PlacementKind
+    gpu_class: str
+    gpu_count: int
+    nodes: tuple[str, ...] = ()  # nodes that can take the pod now (Placed only)
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind != "NoNodes"
+
+
+def parse_quantity_int(value: Any) -> int:
+    """Allocatable GPU counts are plain integers ("8"); anything else counts as none."""
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return 0
+
+
+def node_info(node: Mapping[str, Any]) -> NodeInfo:
+    """A Node object (dict) -> NodeInfo. Cordoned or NotReady nodes are not schedulable."""
+    meta = node.get("metadata") or {}
+    spec = node.get("spec") or {}
+    status = node.get("status") or {}
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    ready = conditions.get("Ready", "True") == "True"
+    return NodeInfo(
+        name=str(meta.get("name", "")),
+        labels=dict(meta.get("labels") or {}),
+        allocatable_gpus=parse_quantity_int((status.get("allocatable") or {}).get(GPU_RESOURCE, 0)),
+        schedulable=ready and not spec.get("unschedulable", False),
+    )
+
+
+def pod_gpus(pod: Mapping[str, Any]) -> tuple[str | None, int]:
+    """(node name, GPUs held) for a pod; 0 for pods that finished (they hold nothing)."""
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return None, 0
+    spec = pod.get("spec") or {}
+    total = 0
+    for container in spec.get("containers") or []:
+        resources = container.get("resources") or {}
+        wanted = (resources.get("limits") or {}).get(GPU_RESOURCE) or (resources.get("requests") or {}).get(
+            GPU_RESOURCE
+        )
+        total += parse_quantity_int(wanted or 0)
+    return spec.get("nodeName"), total
+
+
+def inventory_of(nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]) -> Inventory:
+    in_use: dict[str, int] = {}
+    for pod in pods:
+        node, gpus = pod_gpus(pod)
+        if node and gpus:
+            in_use[node] = in_use.get(node, 0) + gpus
+    return Inventory(tuple(node_info(n) for n in nodes), in_use)
+
+
+def _labels_text(gpu: GpuClass) -> str:
+    sets = [",".join(f"{k}={v}" for k, v in labels.items()) for labels in gpu.node_labels]
+    return " or ".join(sets) if sets else "(no node labels in the catalog)"
+
+
+def describe_cluster(inventory: Inventory, catalog: GpuCatalog) -> str:
+    """'2x L4 (2/2 GPUs free), 1x H100-80GB (8/8 GPUs free), 3 nodes without a known GPU class'."""
+    by_class: dict[str, list[NodeInfo]] = {}
+    unknown = 0
+    for node in inventory.nodes:
+        gpu = catalog.class_of_node(dict(node.labels))
+        if gpu is None:
+            unknown += 1
+        else:
+            by_class.setdefault(gpu.name, []).append(node)
+    parts = []
+    for name in catalog.names:
+        nodes = by_class.get(name)
+        if not nodes:
+            continue
+        total = sum(n.allocatable_gpus for n in nodes if n.schedulable)
+        free = sum(inventory.free_gpus(n) for n in nodes if n.schedulable)
+        parts.append(f"{len(nodes)}x {name} ({free}/{total} GPUs free)")
+    if unknown:
+        parts.append(f"{unknown} node{'s' if unknown > 1 else ''} without a known GPU class")
+    return ", ".join(parts) if parts else "no nodes"
+
+
+def place(gpu_class: str, gpu_count: int, inventory: Inventory, catalog: GpuCatalog) -> Placement:
+    """Can `gpu_count` GPUs of `gpu_class` on one node be had now, later, or never (with today's nodes)?"""
+    gpu = catalog.get(gpu_class, "status.plan.gpuClass")
+    of_class = [n for n in inventory.nodes if gpu.matches(dict(n.labels)) and n.schedulable]
+    cluster = describe_cluster(inventory, catalog)
+    want = f"{gpu_count}x {gpu.name}" if gpu_count > 1 else gpu.name
+    if not of_class:
+        return Placement(
+            "NoNodes", gpu.name, gpu_count,
+            message=f"no schedulable {gpu.name} node in the cluster (nodes labelled {_labels_text(gpu)}); "
+                    f"the cluster has: {cluster}",
+        )
+    big_enough = [n for n in of_class if n.allocatable_gpus >= gpu_count]
+    if not big_enough:
+        most = max(n.allocatable_gpus for n in of_class)
+        return Placement(
+            "NoNodes", gpu.name, gpu_count,
+            message=f"the plan needs {want} on one node but {gpu.name} nodes have at most {most} "
+                    f"allocatable {GPU_RESOURCE}; the cluster has: {cluster}",
+        )
+    ready = tuple(sorted(n.name for n in big_enough if inventory.free_gpus(n) >= gpu_count))
+    if ready:
+        return Placement("Placed", gpu.name, gpu_count, ready,
+                         message=f"{want} free now on {len(ready)} node{'s' if len(ready) > 1 else ''}")
+    return Placement(
+        "Busy", gpu.name, gpu_count,
+        message=f"all {len(big_enough)} {gpu.name} node{'s' if len(big_enough) > 1 else ''} big enough for "
+                f"{want} are busy; the Job waits for free GPUs (the cluster has: {cluster})",
+    )
