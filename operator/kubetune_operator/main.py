@@ -1,0 +1,96 @@
+"""`kubetune operator`: run kopf with kubetune's handlers, plus /metrics and /healthz."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import replace
+from typing import Any
+
+import kopf
+from kopf._core.intents.registries import SmartOperatorRegistry  # logs in in-cluster or via kubeconfig
+
+from kubetune.planning.gpus import load_catalog
+from kubetune_operator.handlers import register
+from kubetune_operator.metrics import Metrics, serve
+from kubetune_operator.settings import Settings
+
+PREFIX = "kubetune.io"
+
+
+def kopf_settings(settings: kopf.OperatorSettings, *, backoffs: tuple[float, ...] | None = None) -> None:
+    """How kopf keeps its own bookkeeping and retries API errors.
+
+    Bookkeeping lives in annotations (`kubetune.io/...`), never in `.status.kopf`: the CRD's status schema
+    is strict and a real API server would prune unknown status fields.
+    """
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration",
+    )
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.posting.level = logging.WARNING  # Events come from the handlers (kopf.event), not from logs
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.batching.worker_limit = 1000
+    if backoffs is not None:
+        settings.networking.error_backoffs = backoffs
+
+
+def build_registry(settings: Settings, metrics: Metrics, login: Any = None) -> kopf.OperatorRegistry:
+    """A registry with kubetune's handlers; `login`: an activity handler (tests point kopf at an emulator)."""
+    registry: kopf.OperatorRegistry = SmartOperatorRegistry() if login is None else kopf.OperatorRegistry()
+    catalog = load_catalog(settings.gpu_catalog)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        kopf_settings(settings)
+
+    if login is not None:
+        kopf.on.login(registry=registry)(login)
+    register(registry, settings, metrics, catalog)
+    return registry
+
+
+async def run_async(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    metrics = Metrics()
+    ready = asyncio.Event()
+    runner = await serve(metrics, settings.metrics_port, ready)
+    try:
+        await kopf.operator(
+            registry=build_registry(settings, metrics),
+            clusterwide=not settings.namespaces,
+            namespaces=list(settings.namespaces),
+            standalone=settings.peering is None,
+            peering_name=settings.peering,
+            ready_flag=ready,
+            stop_flag=stop,
+        )
+    finally:
+        await runner.cleanup()
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "namespace", None):
+        overrides["namespaces"] = tuple(args.namespace)
+    if getattr(args, "peering", None):
+        overrides["peering"] = args.peering
+    if getattr(args, "metrics_port", None) is not None:
+        overrides["metrics_port"] = args.metrics_port
+    settings = replace(Settings.from_env(), **overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await run_async(settings, stop=stop)
+
+    asyncio.run(main())
+    return 0

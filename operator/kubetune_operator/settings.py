@@ -1,0 +1,59 @@
+"""Operator settings: read once from the environment (the Helm chart sets these), overridable in tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    return _env(name, "true" if default else "false").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    namespaces: tuple[str, ...] = ()  # empty: cluster-wide
+    peering: str | None = None  # kopf peering name for HA (None: standalone)
+    metrics_port: int = 8080
+    gpu_catalog: Path | None = None  # KUBETUNE_GPU_CATALOG (None: built-in catalog)
+    default_s3_endpoint: str | None = None  # used when spec.output.endpointUrl is unset
+    trainer_port: int = 8000  # the trainer's /metrics, /healthz, /readyz, /status port
+    cpu_per_gpu: str = "3"
+    memory_per_gpu: str = "12Gi"
+    shm_size: str = "8Gi"
+    backoff_limit: int = 3  # pod failures (not disruptions) the Job tolerates before it fails
+    poll_interval: float = 10.0  # seconds between status polls (Job/pod outcome and the trainer's /status)
+    wait_for_nodes: bool = True  # no node of the class: stay Pending (False: create the Job; autoscalers add nodes)
+    run_as_user: int = 1000
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        catalog = os.environ.get("KUBETUNE_GPU_CATALOG")
+        namespaces = tuple(n for n in _env("KUBETUNE_NAMESPACES", "").replace(",", " ").split() if n)
+        settings = cls(
+            trainer_image=_env("KUBETUNE_TRAINER_IMAGE", cls.trainer_image),
+            image_pull_policy=_env("KUBETUNE_IMAGE_PULL_POLICY", cls.image_pull_policy),
+            namespaces=namespaces,
+            peering=os.environ.get("KUBETUNE_PEERING") or None,
+            metrics_port=int(_env("KUBETUNE_METRICS_PORT", str(cls.metrics_port))),
+            gpu_catalog=Path(catalog) if catalog else None,
+            default_s3_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT") or None,
+            trainer_port=int(_env("KUBETUNE_TRAINER_PORT", str(cls.trainer_port))),
+            cpu_per_gpu=_env("KUBETUNE_CPU_PER_GPU", cls.cpu_per_gpu),
+            memory_per_gpu=_env("KUBETUNE_MEMORY_PER_GPU", cls.memory_per_gpu),
+            shm_size=_env("KUBETUNE_SHM_SIZE", cls.shm_size),
+            backoff_limit=int(_env("KUBETUNE_BACKOFF_LIMIT", str(cls.backoff_limit))),
+            poll_interval=float(_env("KUBETUNE_POLL_INTERVAL", str(cls.poll_interval))),
+            wait_for_nodes=_env_bool("KUBETUNE_WAIT_FOR_NODES", cls.wait_for_nodes),
+        )
+        return replace(settings, **overrides)

@@ -1,0 +1,250 @@
+"""Status transitions (pure): phase + kstatus conditions + the Event that announces the change.
+
+Conditions follow the kstatus conventions that Argo CD and Flux read:
+- `Ready`: True only when the fine-tune succeeded (the adapter is written).
+- `Reconciling`: True while the operator or the trainer is still working towards that.
+- `Stalled`: True when nothing will change without a human (invalid spec, training failed for good).
+`lastTransitionTime` moves only when a condition's status flips; `observedGeneration` is the spec
+generation the status describes.
+
+Also here: reading a trainer attempt's outcome from its Job and pods (`observe`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kubetune.planning.plan import Plan
+from kubetune.planning.vram import GiB
+from kubetune_operator.resources import CONTAINER, EXIT_BAD_INPUT, EXIT_OOM, EXIT_STORAGE
+
+Phase = Literal["Pending", "Planning", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+ACTIVE_PHASES = ("Pending", "Planning", "Queued", "Running", "Suspended")
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+# (Ready, Reconciling, Stalled) per phase.
+_CONDITIONS: dict[str, tuple[str, str, str]] = {
+    "Pending": ("False", "True", "False"),
+    "Planning": ("False", "True", "False"),
+    "Queued": ("False", "True", "False"),
+    "Running": ("False", "True", "False"),
+    "Suspended": ("False", "False", "False"),
+    "Succeeded": ("True", "False", "False"),
+    "Failed": ("False", "False", "True"),
+}
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+def conditions(previous: Iterable[Mapping[str, Any]], phase: str, reason: str, message: str,
+               generation: int | None, now: str) -> list[dict[str, Any]]:
+    old = {c.get("type"): c for c in previous}
+    ready, reconciling, stalled = _CONDITIONS[phase]
+    result = []
+    for ctype, cstatus in (("Ready", ready), ("Reconciling", reconciling), ("Stalled", stalled)):
+        prior = old.get(ctype) or {}
+        changed = prior.get("status") != cstatus or not prior.get("lastTransitionTime")
+        result.append({
+            "type": ctype,
+            "status": cstatus,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now if changed else prior["lastTransitionTime"],
+            "observedGeneration": generation,
+        })
+    return result
+
+
+def transition(current: Mapping[str, Any], *, phase: Phase, reason: str, message: str,
+               generation: int | None, now: str | None = None,
+               warning: bool = False, **fields: Any) -> tuple[dict[str, Any], Event | None]:
+    """The status patch (only what changes) and the Event for it (None when phase and reason stay).
+
+    `fields` are further status keys (camelCase) such as plan, gpu, vram, jobName, attempts.
+    """
+    when = now or now_iso()
+    desired: dict[str, Any] = {
+        "phase": phase,
+        "message": message,
+        "observedGeneration": generation,
+        **{k: v for k, v in fields.items() if v is not None},
+    }
+    previous_conditions = current.get("conditions") or []
+    new_conditions = conditions(previous_conditions, phase, reason, message, generation, when)
+    if _strip_times(new_conditions) != _strip_times(previous_conditions):
+        desired["conditions"] = new_conditions
+    patch = {k: v for k, v in desired.items() if current.get(k) != v}
+    old_reason = next((c.get("reason") for c in previous_conditions if c.get("type") == "Ready"), None)
+    event = None
+    if current.get("phase") != phase or old_reason != reason:
+        kind: Literal["Normal", "Warning"] = "Warning" if warning or phase == "Failed" else "Normal"
+        event = Event(kind, reason, f"{phase}: {message}")
+    return patch, event
+
+
+def _strip_times(conds: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conds]
+
+
+# --- display fields -----------------------------------------------------------------------------------
+
+def gpu_text(gpu_class: str, count: int) -> str:
+    return f"{gpu_class} x{count}"
+
+
+def vram_text(estimate_bytes: int) -> str:
+    return f"{estimate_bytes / GiB:.1f}Gi"
+
+
+def plan_status(plan: Plan) -> dict[str, Any]:
+    return {
+        "gpuClass": plan.gpu_class,
+        "gpuCount": plan.gpu_count,
+        "vramEstimateBytes": plan.vram_estimate_bytes,
+        "knobs": plan.knobs.model_dump(by_alias=True),
+        "reasons": list(plan.reasons),
+    }
+
+
+def plan_fields(plan: Plan) -> dict[str, Any]:
+    return {"plan": plan_status(plan), "gpu": gpu_text(plan.gpu_class, plan.gpu_count),
+            "vram": vram_text(plan.vram_estimate_bytes)}
+
+
+def step_text(step: int | None, total: int | None) -> str | None:
+    if step is None:
+        return None
+    return f"{step}/{total}" if total else str(step)
+
+
+def loss_text(loss: float | None) -> str | None:
+    return None if loss is None else f"{loss:.3f}"
+
+
+def progress_fields(progress: Mapping[str, Any]) -> dict[str, Any]:
+    return {"progress": dict(progress), "step": step_text(progress.get("step"), progress.get("totalSteps")),
+            "loss": loss_text(progress.get("loss"))}
+
+
+def _first(data: Mapping[str, Any], *keys: str) -> Any:
+    return next((data[k] for k in keys if data.get(k) is not None), None)
+
+
+def parse_trainer_status(data: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """The trainer's /status JSON (either key style) -> status.progress."""
+    def num(value: Any, kind: type) -> Any:
+        try:
+            return None if value is None else kind(value)
+        except (TypeError, ValueError):
+            return None
+
+    return {
+        "step": num(_first(data, "step", "globalStep", "global_step"), int) or 0,
+        "totalSteps": num(_first(data, "totalSteps", "total_steps", "total", "maxSteps"), int),
+        "loss": num(_first(data, "loss", "trainLoss", "train_loss"), float),
+        "tokensPerSecond": num(_first(data, "tokensPerSecond", "tokens_per_second", "tokensPerSec"), float),
+        "etaSeconds": num(_first(data, "etaSeconds", "eta_seconds", "eta"), float),
+        "peakMemoryBytes": num(_first(data, "peakMemoryBytes", "peak_memory_bytes", "peakMemory"), int),
+        "updatedAt": now,
+    }
+
+
+# --- the outcome of one trainer attempt ------------------------------------------------------------------
+
+OutcomeState = Literal["Waiting", "Suspended", "Running", "Succeeded", "OutOfMemory", "Failed"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: OutcomeState
+    message: str = ""
+    summary: Mapping[str, Any] = field(default_factory=dict)  # the trainer's termination message
+    pod_ip: str | None = None
+    port: int | None = None
+
+
+def termination_summary(message: str | None) -> dict[str, Any]:
+    if not message:
+        return {}
+    try:
+        data = json.loads(message)
+    except ValueError:
+        return {"error": message.strip()[-500:]}
+    return data if isinstance(data, dict) else {"error": str(data)}
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            return (status.get("state") or {}).get("terminated")
+    return None
+
+
+def _job_condition(job: Mapping[str, Any], ctype: str) -> Mapping[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == ctype and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _error_text(summary: Mapping[str, Any], fallback: str) -> str:
+    error = summary.get("error")
+    return str(error) if error else fallback
+
+
+def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], default_port: int) -> Outcome:
+    """What one attempt's Job and pods say: still waiting, running, or finished (and how)."""
+    if job is None:
+        return Outcome("Waiting", "the trainer Job is not there yet")
+    ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+    for pod in ordered:  # out of memory on any pod ends the attempt: the same class cannot hold it
+        term = _terminated(pod)
+        if term and (term.get("exitCode") == EXIT_OOM or term.get("reason") == "OOMKilled"):
+            summary = termination_summary(term.get("message"))
+            what = "the trainer ran out of GPU memory" if term.get("exitCode") == EXIT_OOM else \
+                "the trainer pod was OOMKilled (host memory)"
+            return Outcome("OutOfMemory", _error_text(summary, what), summary)
+    for pod in reversed(ordered):
+        term = _terminated(pod)
+        if term and term.get("exitCode") == 0:
+            return Outcome("Succeeded", "the trainer finished", termination_summary(term.get("message")))
+        if term and term.get("exitCode") in (EXIT_BAD_INPUT,):
+            summary = termination_summary(term.get("message"))
+            return Outcome("Failed", _error_text(summary, "the trainer rejected its input (exit code 2)"), summary)
+    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        return Outcome("Succeeded", "the trainer Job completed")
+    failed = _job_condition(job, "Failed")
+    if failed:
+        last = next((t for p in reversed(ordered) if (t := _terminated(p))), None)
+        summary = termination_summary(last.get("message")) if last else {}
+        code = last.get("exitCode") if last else None
+        default = f"the trainer Job failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
+        if code == EXIT_STORAGE:
+            default = "the trainer could not read or write storage (exit code 4)"
+        return Outcome("Failed", _error_text(summary, default), summary)
+    if (job.get("spec") or {}).get("suspend"):
+        return Outcome("Suspended", "the trainer Job is suspended")
+    for pod in reversed(ordered):
+        status = pod.get("status") or {}
+        if status.get("phase") == "Running":
+            annotations = (pod.get("metadata") or {}).get("annotations") or {}
+            try:
+                port = int(annotations.get("prometheus.io/port", default_port))
+            except ValueError:
+                port = default_port
+            return Outcome("Running", f"training on {(pod.get('spec') or {}).get('nodeName') or 'a node'}",
+                           pod_ip=status.get("podIP"), port=port)
+    return Outcome("Waiting", "the trainer pod is waiting to be scheduled")
