@@ -111,27 +111,27 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
 
     # --- inventory and children, fed by watches (no requests per job) ----------------------------------
 
-    @kopf.index("", "v1", "nodes", registry=registry)
+    @kopf.index("", "v1", "nodes", id="gpu_nodes", registry=registry)
     def gpu_nodes(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo] | None:
         info = node_info(body)
         return {name: info} if info.allocatable_gpus > 0 else None
 
-    @kopf.index("", "v1", "pods", registry=registry)
+    @kopf.index("", "v1", "pods", id="gpu_pods", registry=registry)
     def gpu_pods(body: kopf.Body, **_: Any) -> dict[str, int] | None:
         node, gpus = pod_gpus(body)
         return {node: gpus} if node and gpus else None
 
-    @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry)
+    @kopf.index("", "v1", "pods", labels=MANAGED, id="trainer_pods", registry=registry)
     def trainer_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
         key = (namespace, resources.child_name(labels.get(resources.LABEL_JOB, ""),
                                                int(labels.get(resources.LABEL_ATTEMPT, "0") or 0)))
         return {key: _plain(body)}
 
-    @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry)
+    @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="trainer_jobs", registry=registry)
     def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): _plain(body)}
 
-    @kopf.on.event(*FTJ, registry=registry)
+    @kopf.on.event(*FTJ, id="count_phase", registry=registry)
     def count_phase(event: Mapping[str, Any], uid: str, status: Mapping[str, Any], **_: Any) -> None:
         if event.get("type") == "DELETED":
             phases.pop(uid, None)
@@ -199,7 +199,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
     def patch_settings() -> kopf.OperatorSettings:
         return kopf_settings["settings"]
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="remember_settings", registry=registry)
     def remember_settings(settings: kopf.OperatorSettings, **_: Any) -> None:
         kopf_settings["settings"] = settings
 

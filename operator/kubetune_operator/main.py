@@ -35,7 +35,7 @@ def kopf_settings(settings: kopf.OperatorSettings, *, backoffs: tuple[float, ...
     settings.posting.level = logging.WARNING  # Events come from the handlers (kopf.event), not from logs
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.batching.worker_limit = 1000
+    settings.queueing.worker_limit = 1000
     if backoffs is not None:
         settings.networking.error_backoffs = backoffs
 

@@ -1,0 +1,458 @@
+"""kmock's KubernetesEmulator with the realism the operator tests need.
+
+kmock 0.8 serves the Kubernetes HTTP API (discovery, errors, watch streams) but stores objects as plain
+dicts with naive merging. This subclass keeps kmock's server, request parsing, discovery and error
+format, and stores objects the way kube-apiserver does:
+
+- uid, resourceVersion (one global counter), creationTimestamp, generation (bumped by spec changes),
+  generateName;
+- JSON merge patch (RFC 7386: null deletes) and PUT with optimistic concurrency (409 on a stale
+  resourceVersion); the `status` subresource: the main endpoint ignores .status, /status only writes it;
+- list and watch with labelSelector (=, ==, !=, in, notin, exists, !exists) and fieldSelector on
+  metadata.name/namespace; watches resume from a resourceVersion and end after timeoutSeconds;
+- deletion with finalizers (deletionTimestamp) and ownerReference garbage collection (cascading);
+- fault injection: `inject(method, plural, status, times)` answers the next matching requests with an
+  API error (409 Conflict, 500, 503...) before touching any state.
+
+Tests (the "kubelet" and "job controller") change objects in-process through `put_object`/`patch_object`,
+which produce the same watch events as API requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as dt
+import json
+import re
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+from kmock._internal import rendering  # the parsed request type (kmock's own)
+
+ResKey = tuple[str, str, str]  # group, version, plural
+ObjKey = tuple[ResKey, str | None, str]  # resource, namespace, name
+
+
+@dataclass(frozen=True)
+class Kind:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool
+    status_subresource: bool = True
+
+    @property
+    def key(self) -> ResKey:
+        return (self.group, self.version, self.plural)
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+
+KINDS = [
+    Kind("", "v1", "nodes", "Node", namespaced=False),
+    Kind("", "v1", "pods", "Pod", namespaced=True),
+    Kind("", "v1", "configmaps", "ConfigMap", namespaced=True, status_subresource=False),
+    Kind("", "v1", "events", "Event", namespaced=True, status_subresource=False),
+    Kind("", "v1", "namespaces", "Namespace", namespaced=False),
+    Kind("batch", "v1", "jobs", "Job", namespaced=True),
+    Kind("events.k8s.io", "v1", "events", "Event", namespaced=True, status_subresource=False),
+    Kind("kubetune.io", "v1alpha1", "finetunejobs", "FineTuneJob", namespaced=True),
+]
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+_SELECTOR = re.compile(r"\s*([^,]+?\s+(?:notin|in)\s+\([^)]*\)|[^,]+)\s*(?:,|$)")
+
+
+def selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
+    for term in _SELECTOR.findall(selector or ""):
+        term = term.strip()
+        if not term:
+            continue
+        if m := re.fullmatch(r"(\S+)\s+(in|notin)\s+\((.*)\)", term):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}
+            if (op == "in") != (labels.get(key) in values):
+                return False
+        elif "!=" in term:
+            key, value = (s.strip() for s in term.split("!=", 1))
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = (s.strip() for s in term.replace("==", "=").split("=", 1))
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def field_selector_matches(selector: str, obj: Mapping[str, Any]) -> bool:
+    meta = obj.get("metadata") or {}
+    for term in (t.strip() for t in (selector or "").split(",")):
+        if not term:
+            continue
+        negate = "!=" in term
+        key, value = (s.strip() for s in re.split(r"!=|==|=", term, maxsplit=1))
+        actual = {"metadata.name": meta.get("name"), "metadata.namespace": meta.get("namespace")}.get(key)
+        if (actual == value) == negate:
+            return False
+    return True
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@attrs.define(kw_only=True)
+class KubeEmulator(kmock.KubernetesEmulator):
+    store: dict[ObjKey, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    log: dict[ResKey, list[tuple[int, dict[str, Any]]]] = attrs.field(factory=lambda: defaultdict(list), init=False)
+    watchers: dict[ResKey, set[asyncio.Queue[Any]]] = attrs.field(factory=lambda: defaultdict(set), init=False)
+    faults: list[dict[str, Any]] = attrs.field(factory=list, init=False)
+    counts: dict[tuple[str, str], int] = attrs.field(factory=lambda: defaultdict(int), init=False)
+    kinds: dict[ResKey, Kind] = attrs.field(factory=dict, init=False)
+    revision: int = attrs.field(default=1000, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for kind in KINDS:
+            self.register(kind)
+
+    def register(self, kind: Kind) -> None:
+        self.kinds[kind.key] = kind
+        self.resources[f"{kind.group}/{kind.version}/{kind.plural}" if kind.group else f"v1/{kind.plural}"] = (
+            kmock.ResourceInfo(kind=kind.kind, singular=kind.kind.lower(), namespaced=kind.namespaced, verbs=VERBS,
+                               subresources={"status"} if kind.status_subresource else set())
+        )
+
+    # --- test-side helpers ----------------------------------------------------------------------------
+
+    def inject(self, method: str, plural: str, status: int, times: int = 1, subresource: str | None = None) -> None:
+        """Answer the next `times` matching requests with HTTP `status` (before any state change)."""
+        self.faults.append({"method": method.upper(), "plural": plural, "status": status, "times": times,
+                            "subresource": subresource})
+
+    def kind_of(self, plural: str, group: str | None = None) -> Kind:
+        for kind in self.kinds.values():
+            if kind.plural == plural and (group is None or kind.group == group):
+                return kind
+        raise KeyError(plural)
+
+    def get(self, plural: str, namespace: str | None, name: str, group: str | None = None) -> dict[str, Any] | None:
+        kind = self.kind_of(plural, group)
+        obj = self.store.get((kind.key, namespace if kind.namespaced else None, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def items(self, plural: str, namespace: str | None = None, selector: str = "",
+              group: str | None = None) -> list[dict[str, Any]]:
+        kind = self.kind_of(plural, group)
+        return [copy.deepcopy(o) for (k, ns, _), o in sorted(self.store.items(), key=lambda kv: (kv[0][1] or "",
+                                                                                                 kv[0][2]))
+                if k == kind.key and (namespace is None or ns == namespace)
+                and selector_matches(selector, (o.get("metadata") or {}).get("labels") or {})]
+
+    async def put_object(self, plural: str, obj: dict[str, Any], group: str | None = None) -> dict[str, Any]:
+        """Create (as the test or a controller would); returns the stored object."""
+        return self._create(self.kind_of(plural, group), obj.get("metadata", {}).get("namespace"), obj)
+
+    async def patch_object(self, plural: str, namespace: str | None, name: str, patch: dict[str, Any],
+                           group: str | None = None) -> dict[str, Any]:
+        """Merge-patch anything, status included (kubelet / job-controller writes)."""
+        kind = self.kind_of(plural, group)
+        return self._patch(kind, namespace if kind.namespaced else None, name, patch, subresource="*")
+
+    async def remove_object(self, plural: str, namespace: str | None, name: str, group: str | None = None) -> None:
+        kind = self.kind_of(plural, group)
+        self._delete(kind, namespace if kind.namespaced else None, name)
+
+    def request_count(self, method: str | None = None, plural: str | None = None) -> int:
+        return sum(n for (m, p), n in self.counts.items()
+                   if (method is None or m == method.upper()) and (plural is None or p == plural))
+
+    # --- the API ---------------------------------------------------------------------------------------
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        resource = request.resource
+        if resource is None or (resource.group, resource.version, resource.plural) not in self.kinds:
+            return await super()._handle(request)  # discovery, version, unknown paths: kmock's own answers
+        kind = self.kinds[(resource.group, resource.version, resource.plural)]
+        method = str(request.method.value).upper()
+        self.counts[(method, kind.plural)] += 1
+        try:
+            for fault in self.faults:
+                if fault["times"] > 0 and fault["method"] == method and fault["plural"] == kind.plural and \
+                        fault["subresource"] in (None, request.subresource):
+                    fault["times"] -= 1
+                    raise ApiError(fault["status"], {409: "Conflict", 500: "InternalError", 503: "ServiceUnavailable",
+                                                     429: "TooManyRequests"}.get(fault["status"], "Error"),
+                                   f"injected fault: {method} {kind.plural} -> {fault['status']}")
+            namespace = request.namespace if kind.namespaced else None
+            params = request.params
+            if request.action == kmock.action.WATCH:
+                return await self._watch(request, kind, namespace)
+            if method == "GET" and request.name is None:
+                return self._json(self._list(kind, namespace, params))
+            if method == "GET":
+                return self._json(self._fetch(kind, namespace, request.name))
+            if method == "POST" and request.name is None:
+                return self._json(self._create(kind, namespace, request.data or {}), 201)
+            if method == "PATCH" and request.name:
+                content_type = request.headers.get("Content-Type", "")
+                if "json-patch" in content_type:
+                    return self._json(self._json_patch(kind, namespace, request.name, request.data or [],
+                                                       subresource=request.subresource))
+                if "strategic-merge-patch" in content_type or "apply-patch" in content_type:
+                    raise ApiError(415, "UnsupportedMediaType", "this emulator supports merge and JSON patches")
+                return self._json(self._patch(kind, namespace, request.name, request.data or {},
+                                              subresource=request.subresource))
+            if method == "PUT" and request.name:
+                return self._json(self._replace(kind, namespace, request.name, request.data or {},
+                                                subresource=request.subresource))
+            if method == "DELETE" and request.name:
+                return self._json(self._delete(kind, namespace, request.name))
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
+        except ApiError as exc:
+            return self._json({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                               "code": exc.code, "reason": exc.reason, "message": exc.message}, exc.code)
+
+    @staticmethod
+    def _json(data: Any, status: int = 200) -> aiohttp.web.Response:
+        return aiohttp.web.json_response(data, status=status)
+
+    def _bump(self) -> str:
+        self.revision += 1
+        return str(self.revision)
+
+    def _emit(self, kind: Kind, etype: str, obj: dict[str, Any]) -> None:
+        event = {"type": etype, "object": copy.deepcopy(obj)}
+        self.log[kind.key].append((int(obj["metadata"]["resourceVersion"]), event))
+        for queue in list(self.watchers[kind.key]):
+            queue.put_nowait(event)
+
+    def _fetch(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any]:
+        obj = self.store.get((kind.key, namespace, name))
+        if obj is None:
+            raise ApiError(404, "NotFound", f'{kind.plural} "{name}" not found')
+        return obj
+
+    def _list(self, kind: Kind, namespace: str | None, params: Mapping[str, str]) -> dict[str, Any]:
+        items = [o for (k, ns, _), o in self.store.items()
+                 if k == kind.key and (namespace is None or ns == namespace)
+                 and selector_matches(params.get("labelSelector", ""), o["metadata"].get("labels") or {})
+                 and field_selector_matches(params.get("fieldSelector", ""), o)]
+        return {"apiVersion": kind.api_version, "kind": f"{kind.kind}List",
+                "metadata": {"resourceVersion": str(self.revision)}, "items": items}
+
+    def _create(self, kind: Kind, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        obj = copy.deepcopy(dict(body))
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if not meta.get("name"):
+            raise ApiError(422, "Invalid", "metadata.name: Required value")
+        ns = (namespace or meta.get("namespace") or "default") if kind.namespaced else None
+        key = (kind.key, ns, meta["name"])
+        if key in self.store:
+            raise ApiError(409, "AlreadyExists", f'{kind.plural} "{meta["name"]}" already exists')
+        if ns:
+            meta["namespace"] = ns
+        meta.update(uid=str(uuid.uuid4()), resourceVersion=self._bump(), creationTimestamp=_now(), generation=1)
+        obj.setdefault("apiVersion", kind.api_version)
+        obj.setdefault("kind", kind.kind)
+        self.store[key] = obj
+        self._emit(kind, "ADDED", obj)
+        return obj
+
+    def _apply(self, kind: Kind, key: ObjKey, new: dict[str, Any]) -> dict[str, Any]:
+        old = self.store[key]
+        spec_of = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
+        new["metadata"]["uid"] = old["metadata"]["uid"]
+        new["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+        new["metadata"]["generation"] = old["metadata"].get("generation", 1) + (spec_of(new) != spec_of(old))
+        if new == old:
+            return old  # a no-op write changes nothing, not even the resourceVersion
+        new["metadata"]["resourceVersion"] = self._bump()
+        self.store[key] = new
+        meta = new["metadata"]
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            self._delete(kind, key[1], key[2])
+        else:
+            self._emit(kind, "MODIFIED", new)
+        return new
+
+    def _patch(self, kind: Kind, namespace: str | None, name: str, patch: dict[str, Any],
+               subresource: str | None) -> dict[str, Any]:
+        key = (kind.key, namespace, name)
+        old = self._fetch(kind, namespace, name)
+        want_rv = (patch.get("metadata") or {}).get("resourceVersion")
+        if want_rv and want_rv != old["metadata"]["resourceVersion"]:
+            raise ApiError(409, "Conflict", f'the object "{name}" has been modified; please apply your changes '
+                                            "to the latest version and try again")
+        if subresource == "status":
+            patch = {"status": patch.get("status")} if "status" in patch else {}
+        elif subresource is None and kind.status_subresource:
+            patch = {k: v for k, v in patch.items() if k != "status"}
+        new = merge_patch(old, patch)
+        new.setdefault("metadata", {})
+        return self._apply(kind, key, new)
+
+    def _json_patch(self, kind: Kind, namespace: str | None, name: str, ops: list[dict[str, Any]],
+                    subresource: str | None) -> dict[str, Any]:
+        """RFC 6902 (add, remove, replace, test); a failed test is 422, as kube-apiserver answers."""
+        old = self._fetch(kind, namespace, name)
+        new = copy.deepcopy(old)
+        for op in ops:
+            path = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")] \
+                if op["path"] != "/" else []
+            is_status = bool(path) and path[0] == "status"
+            if op["op"] != "test" and kind.status_subresource and (subresource == "status") != is_status:
+                continue  # the main endpoint ignores .status; /status ignores everything else
+            parent: Any = new
+            for part in path[:-1]:
+                parent = parent[int(part)] if isinstance(parent, list) else parent.setdefault(part, {})
+            last = path[-1] if path else ""
+            if op["op"] == "test":
+                current = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+                if current != op.get("value"):
+                    raise ApiError(422, "Invalid", f"the test operation on {op['path']} failed")
+            elif op["op"] in ("add", "replace"):
+                if isinstance(parent, list):
+                    if last == "-":
+                        parent.append(op["value"])
+                    elif op["op"] == "add":
+                        parent.insert(int(last), op["value"])
+                    else:
+                        parent[int(last)] = op["value"]
+                else:
+                    parent[last] = op["value"]
+            elif op["op"] == "remove":
+                if isinstance(parent, list):
+                    parent.pop(int(last))
+                else:
+                    parent.pop(last, None)
+            else:
+                raise ApiError(422, "Invalid", f"unsupported JSON patch op {op['op']!r}")
+        return self._apply(kind, (kind.key, namespace, name), new)
+
+    def _replace(self, kind: Kind, namespace: str | None, name: str, body: dict[str, Any],
+                 subresource: str | None) -> dict[str, Any]:
+        old = self._fetch(kind, namespace, name)
+        want_rv = (body.get("metadata") or {}).get("resourceVersion")
+        if want_rv and want_rv != old["metadata"]["resourceVersion"]:
+            raise ApiError(409, "Conflict", f'the object "{name}" has been modified')
+        new = copy.deepcopy(body)
+        if subresource == "status":
+            new = {**copy.deepcopy(old), "status": new.get("status")}
+        elif kind.status_subresource:
+            new["status"] = copy.deepcopy(old.get("status"))
+        return self._apply(kind, (kind.key, namespace, name), new)
+
+    def _delete(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any]:
+        key = (kind.key, namespace, name)
+        obj = self._fetch(kind, namespace, name)
+        if obj["metadata"].get("finalizers"):
+            if not obj["metadata"].get("deletionTimestamp"):
+                new = copy.deepcopy(obj)
+                new["metadata"]["deletionTimestamp"] = _now()
+                return self._apply(kind, key, new)
+            return obj
+        del self.store[key]
+        gone = copy.deepcopy(obj)
+        gone["metadata"]["resourceVersion"] = self._bump()
+        self._emit(kind, "DELETED", gone)
+        self._collect_garbage(obj["metadata"]["uid"])
+        return gone
+
+    def _collect_garbage(self, owner_uid: str) -> None:
+        """Background cascading deletion: whatever lists the deleted object as an owner goes too."""
+        for (res, ns, name), obj in list(self.store.items()):
+            refs = obj["metadata"].get("ownerReferences") or []
+            if any(r.get("uid") == owner_uid for r in refs) and (res, ns, name) in self.store:
+                self._delete(self.kinds[res], ns, name)
+
+    async def _watch(self, request: rendering.Request, kind: Kind, namespace: str | None) -> aiohttp.web.StreamResponse:
+        params = request.params
+        labels, fields = params.get("labelSelector", ""), params.get("fieldSelector", "")
+        since = int(params.get("resourceVersion") or 0)
+        timeout = float(params.get("timeoutSeconds") or 3600)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        backlog: Iterable[dict[str, Any]]
+        if since:
+            backlog = [event for rv, event in self.log[kind.key] if rv > since]
+        else:
+            backlog = [{"type": "ADDED", "object": copy.deepcopy(o)} for (k, _, _), o in self.store.items()
+                       if k == kind.key]
+        self.watchers[kind.key].add(queue)
+        raw = request._raw_request
+        assert raw is not None
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw)
+
+        def wanted(event: Mapping[str, Any]) -> bool:
+            obj = event["object"]
+            meta = obj.get("metadata") or {}
+            return (namespace is None or meta.get("namespace") == namespace) and \
+                (request.name is None or meta.get("name") == request.name) and \
+                selector_matches(labels, meta.get("labels") or {}) and field_selector_matches(fields, obj)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            for event in backlog:
+                if wanted(event):
+                    await response.write(json.dumps(event).encode() + b"\n")
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=left)
+                except TimeoutError:
+                    break
+                if event["type"] == "ERROR":
+                    await response.write(json.dumps(event).encode() + b"\n")
+                    break
+                if wanted(event):
+                    await response.write(json.dumps(event).encode() + b"\n")
+        except (ConnectionResetError, asyncio.CancelledError, RuntimeError):
+            pass
+        finally:
+            self.watchers[kind.key].discard(queue)
+        return response
+
+    async def close_watches(self) -> None:
+        """Drop every open watch stream (a disconnect, as when an API server restarts)."""
+        for queues in self.watchers.values():
+            for queue in list(queues):
+                queue.put_nowait({"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired",
+                                                              "message": "watch closed by the emulator"}})
