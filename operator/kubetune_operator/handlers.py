@@ -157,6 +157,11 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
             write(body, status_, patch, phase="Failed", reason="InvalidSpec", message="; ".join(exc.problems))
             return
 
+        if floor and catalog.get(plan.gpu_class, "plan").memory_bytes <= catalog.get(floor, "plan").memory_bytes:
+            write(body, status_, patch, phase="Failed", reason="NoLargerGpuClass",
+                  message=f"the job ran out of GPU memory on {floor} and spec.resources.gpuClass pins "
+                          f"{plan.gpu_class}; set gpuClass: auto (with maxGpuClass) or pin a larger class")
+            return
         fields = st.plan_fields(plan)
         queue = resources.queue_name(spec, dict(meta.get("labels") or {}))
         placement = place(plan.gpu_class, plan.gpu_count, _inventory(nodes, pods), catalog)
@@ -252,12 +257,14 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
                      gpu_nodes: kopf.Index, gpu_pods: kopf.Index, trainer_jobs: kopf.Index,
                      trainer_pods: kopf.Index, namespace: str, **_: Any) -> None:
         phase = status.get("phase")
-        if not phase or phase in st.TERMINAL_PHASES:
+        if phase in st.TERMINAL_PHASES:
             return
         attempts = list(status.get("attempts") or [])
         job_name = status.get("jobName")
-        if not job_name:  # Pending: no node of the class yet; try placing again
-            if phase == "Pending":
+        if not job_name:
+            # Pending: no node of the class yet, try placing again. No phase: the status write after a
+            # launch was lost (a conflict after kopf recorded the spec as handled); launch again (idempotent).
+            if phase in ("Pending", None):
                 await launch(body=body, status_=status, patch=patch, logger=logger, nodes=gpu_nodes,
                              pods=gpu_pods, attempt=_next_attempt(attempts))
             return
@@ -301,10 +308,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
                          attempt=number + 1, reason="OutOfMemoryEscalated",
                          note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned "
                               f"one class up, resuming from the last checkpoint: ")
-            if patch.status.get("jobName"):
-                new_class = (patch.status.get("plan") or {}).get("gpuClass", "?")
+            new_class = (patch.status.get("plan") or {}).get("gpuClass")
+            if patch.status.get("phase") != "Failed" and new_class:
                 metrics.oom_escalations.labels(was, new_class).inc()
-            else:  # no larger class, or none in the cluster yet: this attempt is over either way
+            if not patch.status.get("jobName"):  # no larger class, or no node of it yet: this attempt is over
                 patch.status["jobName"] = None
         elif outcome.state == "Failed":
             write(body, status, patch, phase="Failed", reason="TrainingFailed", message=outcome.message,

@@ -19,11 +19,10 @@ import kopf
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kt_emulator import KubeEmulator  # noqa: E402
-
-from kubetune_operator.main import build_registry  # noqa: E402
-from kubetune_operator.metrics import Metrics  # noqa: E402
-from kubetune_operator.settings import Settings  # noqa: E402
+from kt_emulator import KubeEmulator
+from kubetune_operator.main import build_registry
+from kubetune_operator.metrics import Metrics
+from kubetune_operator.settings import Settings
 
 NS = "ml"
 

@@ -1,4 +1,4 @@
-"""The real kopf operator against kmock's emulator over HTTP: the path of a FineTuneJob."""
+"""The real kopf operator against kmock's Kubernetes emulator over HTTP: the path of a FineTuneJob."""
 
 from __future__ import annotations
 
@@ -6,14 +6,296 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import NS, Cluster, eventually, finetunejob  # noqa: E402
+from conftest import NS, Cluster, eventually, finetunejob
+from kubetune_operator.resources import Owner, child_name
+
+from kubetune.planning.gpus import load_catalog
 
 
-async def test_jobs_land_on_the_cheapest_class_that_fits(cluster: Cluster) -> None:
+def affinity_classes(job: dict) -> set[str]:
+    """Which catalog classes the Job's required node affinity admits (each term is one label set)."""
+    terms = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    catalog = load_catalog()
+    found = set()
+    for term in terms:
+        labels = {e["key"]: e["values"][0] for e in term["matchExpressions"]}
+        gpu = catalog.class_of_node(labels)
+        assert gpu is not None, labels
+        found.add(gpu.name)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "extra", "gpu"),
+    [
+        ("llama-8b", "meta-llama/Llama-3.1-8B-Instruct", {}, "L4 x1"),
+        ("llama-8b-pinned", "meta-llama/Llama-3.1-8B-Instruct", {"resources": {"gpuClass": "A10G"}}, "A10G x1"),
+        ("llama-70b", "meta-llama/Llama-3.1-70B-Instruct", {}, "A100-80GB x1"),
+        ("qwen-7b-lora-pinned", "Qwen/Qwen2.5-7B", {"method": "lora", "training": {"maxSeqLength": 8192},
+                                             "resources": {"gpuClass": "H100-80GB"}}, "H100-80GB x1"),
+    ],
+)
+async def test_jobs_land_on_the_planned_class(cluster: Cluster, name: str, model: str, extra: dict,
+                                              gpu: str) -> None:
     await cluster.start_operator()
-    await cluster.apply(finetunejob("small", "meta-llama/Llama-3.1-8B-Instruct"))
-    status = await cluster.wait_phase("small", "Queued")
-    assert status["gpu"] == "L4 x1"
-    jobs = cluster.jobs()
-    assert [j["metadata"]["name"] for j in jobs] == ["small-a1"]
+    await cluster.apply(finetunejob(name, model, **extra))
+    status = await cluster.wait_phase(name, "Queued")
+
+    assert status["gpu"] == gpu
+    assert status["vram"].endswith("Gi")
+    assert status["plan"]["gpuClass"] == gpu.split()[0]
+    assert status["plan"]["knobs"]["microBatchSize"] >= 1
+    assert status["jobName"] == f"{name}-a1"
+    assert status["observedGeneration"] == 1
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["Reconciling"]["status"] == "True"
+    assert conditions["Stalled"]["status"] == "False"
+    assert conditions["Ready"]["reason"] == "JobCreated"
+    assert status["attempts"][0]["gpuClass"] == gpu.split()[0]
+
+    [job] = cluster.jobs()
+    assert job["metadata"]["name"] == f"{name}-a1"
+    assert affinity_classes(job) == {gpu.split()[0]}
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == cluster.ftj(name)["metadata"]["uid"] and owner["controller"] is True
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpu[-1]
+
+    config = cluster.api.get("configmaps", NS, f"{name}-a1")
+    assert config is not None
+    trainer_config = json.loads(config["data"]["job.json"])
+    assert trainer_config["gpuClass"] == gpu.split()[0]
+    assert trainer_config["job"] == {"name": name, "namespace": NS}
+    assert trainer_config["attempt"] == 1
+
+    await eventually(lambda: any(e["reason"] == "JobCreated" and e["type"] == "Normal" for e in cluster.events(name)),
+                     5, "a JobCreated event")
+
+
+async def test_invalid_spec_fails_with_the_field_named_and_no_job(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(finetunejob("bad", lora={"r": -4}))
+    status = await cluster.wait_phase("bad", "Failed")
+
+    assert "spec.lora.r" in status["message"] and ">= 1" in status["message"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Stalled"] == conditions["Stalled"] | {"status": "True", "reason": "InvalidSpec"}
+    assert conditions["Ready"]["status"] == "False"
+    events = await eventually(lambda: [e for e in cluster.events("bad") if e["reason"] == "InvalidSpec"])
+    assert events[0]["type"] == "Warning" and "spec.lora.r" in events[0]["message"]
+    assert cluster.jobs() == [] and cluster.api.items("configmaps", NS) == []
+
+    # Fixing the spec (what a GitOps commit does) launches it.
+    code, _ = await cluster.request("PATCH", f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/bad",
+                                    {"spec": {"lora": {"r": 8}}}, "application/merge-patch+json")
+    assert code == 200
+    status = await cluster.wait_phase("bad", "Queued")
+    assert status["observedGeneration"] == 2
+    assert [j["metadata"]["name"] for j in cluster.jobs()] == ["bad-a1"]
+
+
+async def test_no_node_of_the_class_is_pending_with_a_reason_then_placed(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(finetunejob("long", training={"maxSeqLength": 8192}))  # plans onto A100-40GB
+    status = await cluster.wait_phase("long", "Pending")
+
+    assert status["plan"]["gpuClass"] == "A100-40GB"
+    assert "A100-40GB" in status["message"] and "the cluster has:" in status["message"]
+    assert "1x L4" in status["message"] and "1x H100-80GB" in status["message"]
+    await eventually(lambda: any(e["reason"] == "NoMatchingNodes" and e["type"] == "Warning"
+                                 for e in cluster.events("long")), 5, "a NoMatchingNodes event")
+    assert cluster.jobs() == []
+
+    await cluster.add_nodes([("gpu-a100-40-1", {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}, 1)])
+    status = await cluster.wait_phase("long", "Queued")
+    assert [j["metadata"]["name"] for j in cluster.jobs()] == ["long-a1"]
+
+
+async def test_progress_from_the_trainer_then_success(cluster: Cluster, trainer_standin: tuple[int, dict]) -> None:
+    port, trainer = trainer_standin
+    operator = await cluster.start_operator()
+    await cluster.apply(finetunejob("run"))
+    await cluster.wait_phase("run", "Queued")
+    [job] = cluster.jobs()
+
+    pod = await cluster.run_pod(job, "gpu-l4-1", port=port)
+    status = await eventually(lambda: cluster.status("run") if cluster.status("run").get("step") else None)
+    assert status["phase"] == "Running"
+    assert status["step"] == "120/500" and status["loss"] == "1.234"
+    assert status["progress"]["tokensPerSecond"] == 2100.0
+    assert status["progress"]["peakMemoryBytes"] == 19_000_000_000
+
+    trainer.update(step=480, loss=0.9)
+    await eventually(lambda: cluster.status("run").get("step") == "480/500")
+
+    summary = {"outcome": "succeeded", "steps": 500, "finalLoss": 0.8123, "peakMemoryBytes": 19_500_000_000,
+               "adapterUri": "s3://adapters/run/adapter/", "error": None}
+    await cluster.end_pod(pod, 0, json.dumps(summary))
+    status = await cluster.wait_phase("run", "Succeeded")
+    assert status["adapterUri"] == "s3://adapters/run/adapter/"
+    assert status["loss"] == "0.812" and status["step"] == "500/500"
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Ready": "True", "Reconciling": "False", "Stalled": "False"}
+    assert status["attempts"][-1]["outcome"] == "Succeeded"
+    reasons = await eventually(lambda: (r := [e["reason"] for e in cluster.events("run")]) and "Succeeded" in r and r)
+    assert reasons.count("JobCreated") == 1 and "Training" in reasons
+
+    text = operator.metrics.exposition().decode()
+    assert 'kubetune_operator_reconcile_total{handler="create",result="ok"} 1.0' in text
+    assert 'kubetune_operator_jobs{phase="Succeeded"} 1.0' in text
+    assert "kubetune_operator_reconcile_duration_seconds_bucket" in text
+
+
+async def test_out_of_gpu_memory_escalates_one_class_up_and_resumes(cluster: Cluster) -> None:
+    operator = await cluster.start_operator()
+    await cluster.apply(finetunejob("oom"))
+    await cluster.wait_phase("oom", "Queued")
+    [job] = cluster.jobs()
+    assert cluster.status("oom")["gpu"] == "L4 x1"
+
+    pod = await cluster.run_pod(job, "gpu-l4-1")
+    await cluster.wait_phase("oom", "Running")
+    message = json.dumps({"outcome": "out_of_memory", "steps": 37, "error": "CUDA out of memory at step 38"})
+    await cluster.end_pod(pod, 3, message)
+    await cluster.finish_job("oom-a1", "Failed", "PodFailurePolicy")
+
+    # The next class up (A100-40GB) has no node yet: Pending names it; a node appears; attempt 2 starts.
+    status = await cluster.wait_phase("oom", "Pending")
+    assert status["plan"]["gpuClass"] == "A100-40GB" and "A100-40GB" in status["message"]
+    assert status["attempts"][0]["outcome"] == "OutOfMemory"
+    assert "CUDA out of memory" in status["attempts"][0]["message"]
+    await cluster.add_nodes([("gpu-a100-40-1", {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}, 4)])
+    status = await cluster.wait_phase("oom", "Queued")
+
+    assert status["jobName"] == "oom-a2" and status["gpu"] == "A100-40GB x1"
+    assert [(a["attempt"], a["gpuClass"], a["outcome"]) for a in status["attempts"]] == [
+        (1, "L4", "OutOfMemory"), (2, "A100-40GB", "Pending")]
+    assert sorted(j["metadata"]["name"] for j in cluster.jobs()) == ["oom-a1", "oom-a2"]
+    job2 = cluster.api.get("jobs", NS, "oom-a2")
+    assert job2 is not None and affinity_classes(job2) == {"A100-40GB"}
+    config = json.loads(cluster.api.get("configmaps", NS, "oom-a2")["data"]["job.json"])  # type: ignore[index]
+    assert config["attempt"] == 2 and config["gpuClass"] == "A100-40GB"
+    # the same output URI: the trainer resumes from <uri>/checkpoints/
+    assert config["spec"]["output"]["uri"] == "s3://adapters/oom/"
+    text = operator.metrics.exposition().decode()
+    assert 'kubetune_operator_oom_escalations_total{from_class="L4",to_class="A100-40GB"} 1.0' in text
+
+
+async def test_oom_on_a_pinned_class_fails_instead_of_looping(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(finetunejob("pinned", resources={"gpuClass": "A10G"}))
+    await cluster.wait_phase("pinned", "Queued")
+    pod = await cluster.run_pod(cluster.jobs()[0], "gpu-a10g-1")
+    await cluster.end_pod(pod, 0, "", reason="OOMKilled")
+    status = await cluster.wait_phase("pinned", "Failed")
+    assert "pins A10G" in status["message"]
+    assert len(cluster.jobs()) == 1
+
+
+async def test_operator_restart_mid_flight_creates_no_duplicates(cluster: Cluster) -> None:
+    first = await cluster.start_operator()
+    await cluster.apply(finetunejob("steady"))
+    before = await cluster.wait_phase("steady", "Queued")
+    await first.stop()
+
+    # A job whose Job exists but whose status was never written: the crash came between the two.
+    orphan = finetunejob("crashed")
+    created = await cluster.apply(orphan)
+    owner = Owner("crashed", NS, created["metadata"]["uid"], {})
+    pre_existing = {"apiVersion": "batch/v1", "kind": "Job",
+                    "metadata": {"name": child_name("crashed", 1), "namespace": NS,
+                                 "labels": {"app.kubernetes.io/managed-by": "kubetune",
+                                            "kubetune.io/finetunejob": "crashed", "kubetune.io/attempt": "1"},
+                                 "ownerReferences": [owner.reference()]},
+                    "spec": {"template": {"spec": {"containers": []}}}}
+    await cluster.api.put_object("jobs", pre_existing)
+
+    await cluster.start_operator()
+    status = await cluster.wait_phase("crashed", "Queued")
+    assert status["jobName"] == "crashed-a1"
+    await eventually(lambda: cluster.status("steady") == before or None, 2, "steady status to stay")
+    names = sorted(j["metadata"]["name"] for j in cluster.jobs())
+    assert names == ["crashed-a1", "steady-a1"]
+    assert cluster.api.request_count("POST", "jobs") == 2  # steady once, crashed once (409, adopted)
+
+
+async def test_injected_conflicts_and_server_errors_are_survived(cluster: Cluster) -> None:
+    cluster.api.inject("POST", "jobs", 500, times=2)
+    cluster.api.inject("POST", "configmaps", 503, times=1)
+    cluster.api.inject("PATCH", "finetunejobs", 409, times=1, subresource="status")
+    cluster.api.inject("PATCH", "finetunejobs", 500, times=1, subresource="status")
+    operator = await cluster.start_operator()
+    await cluster.apply(finetunejob("flaky"))
+    status = await cluster.wait_phase("flaky", "Queued", timeout=20)
+    assert status["jobName"] == "flaky-a1"
+    assert len(cluster.jobs()) == 1
+    assert operator.crashed() is None
+
+    # A dropped watch stream (API server restart) is re-established.
+    await cluster.api.close_watches()
+    await cluster.apply(finetunejob("after-disconnect"))
+    await cluster.wait_phase("after-disconnect", "Queued")
+    assert operator.crashed() is None
+
+
+async def test_deletion_cascades_to_the_children(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(finetunejob("gone"))
+    await cluster.wait_phase("gone", "Queued")
+    [job] = cluster.jobs()
+    await cluster.run_pod(job, "gpu-l4-1")
+    code, _ = await cluster.request("DELETE", f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/gone")
+    assert code == 200
+    await eventually(lambda: cluster.api.get("finetunejobs", NS, "gone") is None)
+    assert cluster.jobs() == [] and cluster.api.items("configmaps", NS) == [] and cluster.api.items("pods", NS) == []
+
+
+async def test_suspend_and_resume(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(finetunejob("pause"))
+    await cluster.wait_phase("pause", "Queued")
+    path = f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/pause"
+
+    await cluster.request("PATCH", path, {"spec": {"suspend": True}}, "application/merge-patch+json")
+    status = await cluster.wait_phase("pause", "Suspended")
+    assert cluster.api.get("jobs", NS, "pause-a1")["spec"]["suspend"] is True  # type: ignore[index]
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Ready": "False", "Reconciling": "False", "Stalled": "False"}
+    await eventually(lambda: any(e["reason"] == "Suspended" for e in cluster.events("pause")), 5, "Suspended event")
+
+    await cluster.request("PATCH", path, {"spec": {"suspend": False}}, "application/merge-patch+json")
+    await cluster.wait_phase("pause", "Queued")
+    assert cluster.api.get("jobs", NS, "pause-a1")["spec"]["suspend"] is False  # type: ignore[index]
+    assert len(cluster.jobs()) == 1
+
+
+async def test_suspended_from_the_start(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(finetunejob("later", suspend=True))
+    status = await cluster.wait_phase("later", "Suspended")
+    assert status["jobName"] == "later-a1"
+    assert cluster.jobs()[0]["spec"]["suspend"] is True
+
+
+@pytest.mark.parametrize("by_label", [False, True])
+async def test_kueue_queue_label_and_suspended_job(cluster: Cluster, by_label: bool) -> None:
+    await cluster.start_operator()
+    if by_label:
+        body = finetunejob("queued", labels={"kueue.x-k8s.io/queue-name": "team-a"})
+    else:
+        body = finetunejob("queued", queue="team-a")
+    await cluster.apply(body)
+    status = await cluster.wait_phase("queued", "Queued")
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "WaitingForKueue"
+    [job] = cluster.jobs("kueue.x-k8s.io/queue-name=team-a")
+    assert job["spec"]["suspend"] is True
+
+    # Kueue admits it: unsuspends the Job; a pod starts.
+    await cluster.api.patch_object("jobs", NS, "queued-a1", {"spec": {"suspend": False}})
+    await cluster.run_pod(cluster.api.get("jobs", NS, "queued-a1"), "gpu-l4-1")  # type: ignore[arg-type]
+    await cluster.wait_phase("queued", "Running")
