@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import NS, Cluster, eventually, finetunejob
+from kt_cluster import NS, Cluster, eventually, finetunejob
 from kubetune_operator.resources import Owner, child_name
 
 from kubetune.planning.gpus import load_catalog
+from kubetune.spec import FineTuneJobStatus
 
 
 def affinity_classes(job: dict) -> set[str]:
@@ -57,6 +58,7 @@ async def test_jobs_land_on_the_planned_class(cluster: Cluster, name: str, model
     assert conditions["Stalled"]["status"] == "False"
     assert conditions["Ready"]["reason"] == "JobCreated"
     assert status["attempts"][0]["gpuClass"] == gpu.split()[0]
+    FineTuneJobStatus.model_validate(status)
 
     [job] = cluster.jobs()
     assert job["metadata"]["name"] == f"{name}-a1"
@@ -142,6 +144,7 @@ async def test_progress_from_the_trainer_then_success(cluster: Cluster, trainer_
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions == {"Ready": "True", "Reconciling": "False", "Stalled": "False"}
     assert status["attempts"][-1]["outcome"] == "Succeeded"
+    FineTuneJobStatus.model_validate(status)  # every field the operator writes is in the CRD's status schema
     reasons = await eventually(lambda: (r := [e["reason"] for e in cluster.events("run")]) and "Succeeded" in r and r)
     assert reasons.count("JobCreated") == 1 and "Training" in reasons
 
@@ -182,6 +185,7 @@ async def test_out_of_gpu_memory_escalates_one_class_up_and_resumes(cluster: Clu
     assert config["attempt"] == 2 and config["gpuClass"] == "A100-40GB"
     # the same output URI: the trainer resumes from <uri>/checkpoints/
     assert config["spec"]["output"]["uri"] == "s3://adapters/oom/"
+    FineTuneJobStatus.model_validate(status)
     text = operator.metrics.exposition().decode()
     assert 'kubetune_operator_oom_escalations_total{from_class="L4",to_class="A100-40GB"} 1.0' in text
 
