@@ -303,3 +303,24 @@ async def test_kueue_queue_label_and_suspended_job(cluster: Cluster, by_label: b
     await cluster.api.patch_object("jobs", NS, "queued-a1", {"spec": {"suspend": False}})
     await cluster.run_pod(cluster.api.get("jobs", NS, "queued-a1"), "gpu-l4-1")  # type: ignore[arg-type]
     await cluster.wait_phase("queued", "Running")
+
+
+async def test_the_examples_land_where_their_comments_say(cluster: Cluster) -> None:
+    import yaml
+
+    await cluster.start_operator()
+    root = Path(__file__).resolve().parents[2] / "examples"
+    expected = {"llama-8b-a10g.yaml": "A10G x1", "llama-70b-a100.yaml": "A100-80GB x1",
+                "pinned-h100.yaml": "H100-80GB x1", "kueue.yaml": "L4 x1"}
+    bodies = {name: yaml.safe_load((root / name).read_text()) for name in expected}
+    for body in bodies.values():
+        await cluster.apply(body)
+    for name, gpu in expected.items():
+        meta = bodies[name]["metadata"]
+        status = await eventually(lambda m=meta: (s := cluster.api.get("finetunejobs", m["namespace"], m["name"])
+                                                  or {}).get("status", {}).get("phase") == "Queued" and s["status"],
+                                  10, f"{name} to be Queued")
+        assert status["gpu"] == gpu, name
+    kueue_job = cluster.api.get("jobs", "team-a", "qwen-7b-team-a-a1")
+    assert kueue_job is not None and kueue_job["spec"]["suspend"] is True
+    assert kueue_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
