@@ -23,7 +23,6 @@ from kubetune.planning.vram import Estimate, GiB, TrainingShape, estimate
 from kubetune.spec import FineTuneJobSpec
 
 GPU_COUNTS = (1, 2, 4, 8)
-RECOMPUTE_COST = 1.33  # checkpointing replays each layer's forward during backward: ~1/3 more compute
 
 
 class _Out(BaseModel):
@@ -116,30 +115,25 @@ def _leanest(spec: FineTuneJobSpec) -> tuple[int, bool]:
     return (mb if isinstance(mb, int) else 1), (gc if isinstance(gc, bool) else True)
 
 
-def speed(shape: TrainingShape) -> float:
-    """Relative throughput: GPUs saturate as tokens per forward grow; checkpointing recomputes."""
-    tokens = shape.micro_batch * shape.seq_len
-    return tokens / (tokens + 1024) / (RECOMPUTE_COST if shape.gradient_checkpointing else 1.0)
-
-
 def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, count: int = 1
                   ) -> tuple[TrainingShape, Estimate] | None:
-    """The fastest (micro-batch, checkpointing) that fits in usable_bytes per GPU, or None."""
+    """The fastest (checkpointing, micro-batch) that fits in usable_bytes per GPU, or None.
+
+    Checkpointing off beats any micro-batch with it on (recomputing every layer's forward costs about
+    a third more compute); then the largest micro-batch that divides the effective batch.
+    """
     mb_spec = spec.training.micro_batch_size
     gc_spec = spec.training.gradient_checkpointing
     batch = effective_batch(spec)
     micro_batches = [mb_spec] if isinstance(mb_spec, int) else [d for d in range(batch, 0, -1) if batch % d == 0]
     checkpointing = [gc_spec] if isinstance(gc_spec, bool) else [False, True]
-    best: tuple[TrainingShape, Estimate] | None = None
     for gc in checkpointing:
         for mb in micro_batches:
             shape = _shape(spec, mb, gc, count)
             est = estimate(arch, shape)
-            if est.total > usable_bytes:
-                continue
-            if best is None or (speed(shape), -est.total) > (speed(best[0]), -best[1].total):
-                best = (shape, est)
-    return best
+            if est.total <= usable_bytes:
+                return shape, est
+    return None
 
 
 def _candidates(spec: FineTuneJobSpec, catalog: GpuCatalog, above: str | None) -> tuple[list[GpuClass], list[str]]:
@@ -233,7 +227,7 @@ def _knob_reasons(spec: FineTuneJobSpec, arch: Architecture, shape: TrainingShap
         without = estimate(arch, _shape(spec, 1, False, count)).total
         reasons.append(f"gradient checkpointing on: off would need {gib(without)} > {gib(usable)} usable")
     else:
-        reasons.append("gradient checkpointing off: it fits without recomputing activations (~25% faster)")
+        reasons.append("gradient checkpointing off: it fits without recomputing activations (~1/3 less compute)")
     batch = effective_batch(spec)
     if isinstance(spec.training.micro_batch_size, int):
         reasons.append(f"micro-batch {shape.micro_batch}: set by the spec")

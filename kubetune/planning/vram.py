@@ -19,6 +19,12 @@ QUANT_BLOCK = 64  # NF4 block size: one absmax constant per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # second-level block over the 8-bit constants
 ADAPTER_BYTES = 4  # PEFT keeps LoRA weights (and so their gradients) in fp32 on a 16-bit base
 ACT_BYTES = 2  # bf16 / fp16 activations
+# bf16 logits + the fp32 log-softmax kept for backward (6 B), then the fp32 gradient in and out at the start
+# of backward (8 B). Measured on the CPU: 12.1 B (tests/core/test_vram_activations.py); the CUDA
+# caching allocator rounds blocks up, so the estimate keeps 2 B of headroom.
+LOGITS_BYTES = 14
+LORA_INPUT_BYTES = 4  # the fp32 copy of a projection's input that lora_A keeps
+LORA_DROPOUT_BYTES = 4  # dropout on that input: fp32 output kept for lora_A plus the mask
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
 ALLOCATOR_FRAGMENTATION = 0.08  # caching-allocator slack on top of live tensors at the peak
 
@@ -79,26 +85,24 @@ def lora_param_count(arch: Architecture, shape: TrainingShape) -> int:
 
 
 def activation_bytes_per_token_layer(arch: Architecture, shape: TrainingShape) -> float:
-    """Tensors autograd keeps for one token through one decoder layer, without checkpointing.
+    """Bytes autograd keeps for one token through one decoder layer, without checkpointing.
 
-    Attention block: the fp32 RMSNorm input (4h) and its bf16 output (2h); q, k, v after RoPE and the
-    attention output, kept by SDPA; the per-head log-sum-exp (fp32).
-    MLP block: the RMSNorm pair again; gate and up outputs, SiLU(gate) and the product fed to down_proj
-    (four intermediate-sized tensors; MoE: once per routed expert).
-    LoRA: every wrapped projection keeps its own input to lora_A (bf16), plus a 1-byte dropout mask when
-    dropout > 0.
+    Calibrated against autograd's saved tensors for real transformers + PEFT Llama layers
+    (tests/core/test_vram_activations.py measures them on the CPU):
+    - base layer: 8h (RMSNorm fp32 inputs), 4q + 4kv (q, k, v and the attention output kept by SDPA),
+      4 x heads (fp32 log-sum-exp), 6I per routed expert (gate and up outputs and SiLU(gate), bf16);
+    - LoRA: each wrapped projection keeps an fp32 copy of its input for lora_A (4 B per input element;
+      PEFT casts the input to the fp32 adapter dtype), and with dropout > 0 the fp32 dropout output and
+      its mask (4 B more). Dropout is per projection, so q, k and v each pay for the same input.
     """
-    a = ACT_BYTES
     h, q, kv, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
-    norms = 2 * (4 * h + a * h)
-    attention = a * (q + 2 * kv) + a * q + 4 * arch.heads
-    mlp = 4 * a * i * arch.experts_per_token
-    per_input = a + (1 if shape.lora_dropout > 0 else 0)
+    base = 8 * h + 4 * q + 4 * kv + 4 * arch.heads + 6 * i * arch.experts_per_token
+    per_input = LORA_INPUT_BYTES + (LORA_DROPOUT_BYTES if shape.lora_dropout > 0 else 0)
     lora_inputs = sum(
         n_in * (arch.experts_per_token if n > 1 else 1)
         for n_in, _out, n in targeted(arch, shape.target_modules).values()
     )
-    return norms + attention + mlp + per_input * lora_inputs
+    return base + per_input * lora_inputs
 
 
 def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
@@ -126,8 +130,7 @@ def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
         activations = tokens * (layers_here * ACT_BYTES * arch.hidden + per_layer_token)
     else:
         activations = tokens * layers_here * per_layer_token
-    # bf16 logits + fp32 log-softmax kept for backward (6 B), then fp32 grad in and out at its start (8 B)
-    logits = tokens * arch.vocab * 14
+    logits = tokens * arch.vocab * LOGITS_BYTES
 
     optimizer_bytes = OPTIMIZER_BYTES_PER_PARAM.get(shape.optimizer, 8.0)
     parts = {
