@@ -1,4 +1,4 @@
-"""`kubetune plan | train | crd | operator` — one entry point for people and pipelines.
+"""`kubetune plan | train | crd | operator | api` — one entry point for people and pipelines.
 
 Exit codes: 0 ok, 2 invalid input (bad YAML, wrong kind, a bad field: the message names it),
 1 anything else. `kubetune train` adds the trainer's codes (3 out of GPU memory, 4 storage error).
@@ -149,6 +149,14 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return run_operator(args)
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    try:
+        from kubetune.api import run_api
+    except ImportError as exc:
+        raise KubetuneError(f"kubetune api needs the api extra: pip install 'kubetune[api]' ({exc})") from None
+    return run_api(args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune",
@@ -179,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--peering", default=None, help="kopf peering name for HA (default: standalone)")
     operator.add_argument("--metrics-port", type=int, default=8080, help="/metrics and /healthz port")
     operator.set_defaults(func=cmd_operator)
+    api = sub.add_parser("api", help="serve the self-serve REST API (FastAPI; OpenAPI docs at /docs)")
+    api.add_argument("--host", default="0.0.0.0")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(func=cmd_api)
     return parser
 
 
