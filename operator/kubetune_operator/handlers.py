@@ -1,29 +1,35 @@
-"""kopf handlers: thin glue. Read the FineTuneJob, call the pure functions, write status/children.
+"""kopf handlers: thin glue. Read the FineTuneJob, call the pure functions, write status and children.
 
-- create / resume / spec update -> `launch`: parse spec -> plan -> place -> ConfigMap + Job -> status
-- a timer per FineTuneJob -> `follow`: read the attempt's Job and pods (from kopf indexes fed by watches),
-  poll the trainer's /status, finish, fail, or escalate one GPU class up after running out of memory
-- indexes over Nodes, Pods, trainer Jobs: the cluster inventory for placement without extra requests
+One idempotent function, `reconcile(finetunejob)`, decides everything from the object and the cluster:
+- no status yet, a spec change, Pending -> `launch`: parse spec -> plan -> place -> ConfigMap + Job
+- a launched attempt -> `follow`: its Job and pods (from kopf indexes fed by watches) say waiting, running,
+  succeeded, failed, or out of memory (-> launch the next attempt one GPU class up)
 
-Everything the operator knows about a job is in its `.status` (and the cluster); a restarted operator
-picks up where the last one stopped. Children have deterministic names and are adopted on 409.
+It runs on every FineTuneJob event, on every event of a trainer Job or pod (for its FineTuneJob), and
+from a sweep every `poll_interval` seconds (which also polls running trainers' /status). Handlers are
+`on.event` and indexes only: kopf keeps no bookkeeping on the objects (no annotations, no finalizer),
+so the happy path costs 4 API requests per job (ConfigMap, Job, status, Event) and deleting a
+FineTuneJob never waits for the operator. Everything the operator knows about a job is in its
+`.status` and the cluster; children have deterministic names and are adopted on 409.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
 import kopf
 
 from kubetune.errors import PlanError, SpecError
-from kubetune.planning.gpus import GPU_RESOURCE, GpuCatalog
+from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.models import resolve_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, node_info, place, pod_gpus
 from kubetune.planning.plan import Plan, make_plan
-from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec, parse_spec
+from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, FineTuneJobSpec, parse_spec
 from kubetune_operator import kube, resources
 from kubetune_operator import status as st
 from kubetune_operator.metrics import Metrics
@@ -31,6 +37,8 @@ from kubetune_operator.settings import Settings
 
 FTJ = (API_GROUP, API_VERSION, PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
+FINISHED = ("OutOfMemory", "Failed", "Succeeded")
+log = logging.getLogger("kubetune.operator")
 
 
 def _s3_config_reader() -> Any:
@@ -39,12 +47,6 @@ def _s3_config_reader() -> Any:
     except ImportError:
         return None
     return read_remote_config
-
-
-def _inventory(nodes: kopf.Index, gpu_pods: kopf.Index) -> Inventory:
-    infos: list[NodeInfo] = [info for _, store in nodes.items() for info in store]
-    in_use = {node: sum(store) for node, store in gpu_pods.items()}
-    return Inventory(tuple(infos), in_use)
 
 
 def _oom_floor(attempts: Iterable[Mapping[str, Any]], catalog: GpuCatalog) -> str | None:
@@ -59,7 +61,7 @@ def _next_attempt(attempts: Iterable[Mapping[str, Any]]) -> int:
     last = max(attempts, key=lambda a: a.get("attempt", 0), default=None)
     if last is None:
         return 1
-    return int(last["attempt"]) + (1 if last.get("outcome") in ("OutOfMemory", "Failed", "Succeeded") else 0)
+    return int(last["attempt"]) + (1 if last.get("outcome") in FINISHED else 0)
 
 
 def _with_attempt(attempts: Iterable[Mapping[str, Any]], number: int, **fields: Any) -> list[dict[str, Any]]:
@@ -73,43 +75,77 @@ def _with_attempt(attempts: Iterable[Mapping[str, Any]], number: int, **fields: 
     return sorted(result, key=lambda a: a["attempt"])
 
 
+def _plain(body: Mapping[str, Any], keys: Iterable[str] = ("apiVersion", "kind", "metadata", "spec", "status")
+           ) -> dict[str, Any]:
+    """A detached copy of a watched body (kopf bodies are live views)."""
+    def copy(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy(v) for v in value]
+        return value
+
+    return {k: copy(body.get(k)) for k in keys}
+
+
+class Job:
+    """One FineTuneJob being reconciled: its snapshot, its status as last written, and the pending write."""
+
+    def __init__(self, body: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        self.body = body
+        self.meta: Mapping[str, Any] = body.get("metadata") or {}
+        self.spec: Mapping[str, Any] = body.get("spec") or {}
+        self.status: dict[str, Any] = dict(status)
+        self.patch: dict[str, Any] = {}
+        self.events: list[st.Event] = []
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.meta.get("namespace", ""), self.meta.get("name", "")
+
+    @property
+    def generation(self) -> int | None:
+        return self.meta.get("generation")
+
+    def write(self, *, phase: st.Phase, reason: str, message: str, warning: bool = False, **fields: Any) -> None:
+        changes, event = st.transition(self.status, phase=phase, reason=reason, message=message,
+                                       generation=self.generation, warning=warning, **fields)
+        self.set(**changes)
+        if event is not None:
+            self.events.append(event)
+
+    def set(self, **fields: Any) -> None:
+        self.patch.update(fields)
+        for key, value in fields.items():
+            if value is None:
+                self.status.pop(key, None)
+            else:
+                self.status[key] = value
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metrics, catalog: GpuCatalog) -> None:
     """Register every handler on `registry` (tests build one registry per operator instance)."""
 
-    phases: dict[str, str] = {}
-    metrics.count_phases_with(lambda: _count(phases.values()))
+    # Caches, not state: all of it is rebuilt from the cluster when the operator starts.
+    world: dict[str, Any] = {}  # kopf's settings and live indexes, captured from handler kwargs
+    written: dict[str, dict[str, Any]] = {}  # uid -> the status this operator last wrote (it is the only writer)
+    locks: dict[str, asyncio.Lock] = {}  # uid -> serializes reconciles of one FineTuneJob
+    phases: dict[str, str] = {}  # uid -> phase, for the jobs-by-phase gauge
 
-    def _count(values: Iterable[str]) -> dict[str, int]:
+    def count_phases() -> dict[str, int]:
         counts: dict[str, int] = {}
-        for value in values:
+        for value in phases.values():
             counts[value] = counts.get(value, 0) + 1
         return counts
 
-    def timed(name: str, fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        async def wrapper(**kwargs: Any) -> None:
-            started = time.perf_counter()
-            result = "error"
-            try:
-                await fn(**kwargs)
-                result = "ok"
-            finally:
-                metrics.reconciles.labels(name, result).inc()
-                metrics.reconcile_seconds.labels(name).observe(time.perf_counter() - started)
-        wrapper.__name__ = name
-        return wrapper
+    metrics.count_phases_with(count_phases)
 
-    def write(body: kopf.Body, current: Mapping[str, Any], patch: kopf.Patch, *, phase: st.Phase,
-              reason: str, message: str, warning: bool = False, **fields: Any) -> None:
-        changes, event = st.transition(
-            current, phase=phase, reason=reason, message=message,
-            generation=body.get("metadata", {}).get("generation"), warning=warning, **fields,
-        )
-        for key, value in changes.items():
-            patch.status[key] = value
-        if event is not None:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    def capture(kwargs: Mapping[str, Any]) -> None:
+        if "finetunejobs" not in world:
+            world.update({k: kwargs[k] for k in ("gpu_nodes", "gpu_pods", "trainer_jobs", "trainer_pods",
+                                                  "finetunejobs") if k in kwargs})
 
-    # --- inventory and children, fed by watches (no requests per job) ----------------------------------
+    # --- indexes: the cluster as the watches see it (no requests per job) ------------------------------
 
     @kopf.index("", "v1", "nodes", id="gpu_nodes", registry=registry)
     def gpu_nodes(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo] | None:
@@ -123,240 +159,281 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
 
     @kopf.index("", "v1", "pods", labels=MANAGED, id="trainer_pods", registry=registry)
     def trainer_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        key = (namespace, resources.child_name(labels.get(resources.LABEL_JOB, ""),
-                                               int(labels.get(resources.LABEL_ATTEMPT, "0") or 0)))
-        return {key: _plain(body)}
+        attempt = int(labels.get(resources.LABEL_ATTEMPT, "0") or 0)
+        return {(namespace, resources.child_name(labels.get(resources.LABEL_JOB, ""), attempt)): _plain(body)}
 
     @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="trainer_jobs", registry=registry)
     def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): _plain(body)}
 
-    @kopf.on.event(*FTJ, id="count_phase", registry=registry)
-    def count_phase(event: Mapping[str, Any], uid: str, status: Mapping[str, Any], **_: Any) -> None:
-        if event.get("type") == "DELETED":
-            phases.pop(uid, None)
-        else:
-            phases[uid] = status.get("phase") or "Pending"
+    @kopf.index(*FTJ, id="finetunejobs", registry=registry)
+    def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): _plain(body)}
 
-    # --- launching an attempt ------------------------------------------------------------------------
+    # --- the one reconcile ----------------------------------------------------------------------------
 
-    async def launch(*, body: kopf.Body, status_: Mapping[str, Any], patch: kopf.Patch, logger: Any,
-                     nodes: kopf.Index, pods: kopf.Index, attempt: int, reason: str | None = None,
-                     note: str = "") -> None:
-        meta = body["metadata"]
-        attempts = list(status_.get("attempts") or [])
-        floor = _oom_floor(attempts, catalog)
-        try:
-            spec = parse_spec(dict(body.get("spec") or {}))
-            plan = _plan(spec, floor)
-        except PlanError as exc:
-            failed_reason = "NoLargerGpuClass" if floor else "Unplannable"
-            write(body, status_, patch, phase="Failed", reason=failed_reason, message="; ".join(exc.problems))
-            return
-        except SpecError as exc:
-            write(body, status_, patch, phase="Failed", reason="InvalidSpec", message="; ".join(exc.problems))
-            return
+    def inventory() -> Inventory:
+        nodes = [info for _, store in world["gpu_nodes"].items() for info in store]
+        in_use = {node: sum(store) for node, store in world["gpu_pods"].items()}
+        return Inventory(tuple(nodes), in_use)
 
-        if floor and catalog.get(plan.gpu_class, "plan").memory_bytes <= catalog.get(floor, "plan").memory_bytes:
-            write(body, status_, patch, phase="Failed", reason="NoLargerGpuClass",
-                  message=f"the job ran out of GPU memory on {floor} and spec.resources.gpuClass pins "
-                          f"{plan.gpu_class}; set gpuClass: auto (with maxGpuClass) or pin a larger class")
-            return
-        fields = st.plan_fields(plan)
-        queue = resources.queue_name(spec, dict(meta.get("labels") or {}))
-        placement = place(plan.gpu_class, plan.gpu_count, _inventory(nodes, pods), catalog)
-        if placement.kind == "NoNodes" and settings.wait_for_nodes and not queue:
-            metrics.placement_failures.labels(plan.gpu_class).inc()
-            write(body, status_, patch, phase="Pending", reason="NoMatchingNodes", message=placement.message,
-                  warning=True, **fields)
-            return
-
-        owner = resources.Owner(meta["name"], meta["namespace"], meta["uid"], dict(meta.get("labels") or {}))
-        gpu = catalog.get(plan.gpu_class, "status.plan.gpuClass")
-        config = resources.config_map(owner, spec, plan, attempt, settings)
-        job = resources.trainer_job(owner, spec, plan, gpu, attempt, settings)
-        await kube.create_or_adopt(config, owner.uid, patch_settings(), logger)
-        _, created = await kube.create_or_adopt(job, owner.uid, patch_settings(), logger)
-        if created:
-            metrics.jobs_created.inc()
-        job_name = job["metadata"]["name"]
-        if spec.suspend:
-            phase: st.Phase = "Suspended"
-            why, text = "Suspended", f"spec.suspend is true; {job_name} is suspended"
-        elif queue:
-            phase, why = "Queued", "WaitingForKueue"
-            text = f"{job_name} on {plan.gpu_class} x{plan.gpu_count} waits for admission by Kueue queue {queue}"
-        else:
-            phase, why = "Queued", "JobCreated"
-            text = f"{job_name} on {plan.gpu_class} x{plan.gpu_count}, estimate {fields['vram']}: {placement.message}"
-        write(body, status_, patch, phase=phase, reason=reason or why, message=(note + text) if note else text,
-              warning=bool(note), jobName=job_name,
-              attempts=_with_attempt(attempts, attempt, gpuClass=plan.gpu_class, jobName=job_name,
-                                     outcome="Pending", startedAt=st.now_iso()),
-              **fields)
-
-    def _plan(spec: FineTuneJobSpec, above: str | None) -> Plan:
+    def plan_for(spec: FineTuneJobSpec, above: str | None) -> Plan:
         arch = resolve_architecture(spec.model.name, spec.model.source, _s3_config_reader())
         return make_plan(spec, arch, catalog, above=above)
 
-    kopf_settings: dict[str, kopf.OperatorSettings] = {}
-
-    def patch_settings() -> kopf.OperatorSettings:
-        return kopf_settings["settings"]
-
-    @kopf.on.startup(id="remember_settings", registry=registry)
-    def remember_settings(settings: kopf.OperatorSettings, **_: Any) -> None:
-        kopf_settings["settings"] = settings
-
-    # --- create / resume / spec changes --------------------------------------------------------------
-
-    async def on_create(body: kopf.Body, status: Mapping[str, Any], patch: kopf.Patch, logger: Any,
-                        gpu_nodes: kopf.Index, gpu_pods: kopf.Index, **_: Any) -> None:
-        phase = status.get("phase")
-        if phase and (phase in ("Succeeded", "Failed") or status.get("jobName")):
-            return  # already launched (the operator restarted after writing status)
-        await launch(body=body, status_=status, patch=patch, logger=logger, nodes=gpu_nodes, pods=gpu_pods,
-                     attempt=_next_attempt(status.get("attempts") or []))
-
-    async def on_spec(body: kopf.Body, status: Mapping[str, Any], patch: kopf.Patch, logger: Any,
-                      gpu_nodes: kopf.Index, gpu_pods: kopf.Index, diff: Any, **_: Any) -> None:
-        phase = status.get("phase")
-        attempts = status.get("attempts") or []
-        if phase == "Failed" or not status.get("jobName"):
-            await launch(body=body, status_=status, patch=patch, logger=logger, nodes=gpu_nodes, pods=gpu_pods,
-                         attempt=_next_attempt(attempts))
+    async def reconcile(body: Mapping[str, Any], *, poll: bool = False, source: str) -> None:
+        uid = (body.get("metadata") or {}).get("uid", "")
+        if not uid or (body.get("metadata") or {}).get("deletionTimestamp"):
             return
-        if phase == "Succeeded":
+        lock = locks.setdefault(uid, asyncio.Lock())
+        started = time.perf_counter()
+        result = "error"
+        try:
+            async with lock:
+                # Spec and metadata from the watch; status as this operator last wrote it when the watch lags.
+                job = Job(body, written.get(uid) or body.get("status") or {})
+                await decide(job, poll=poll)
+                await commit(job, uid)
+            result = "ok"
+        except kopf.PermanentError as exc:
+            log.error(f"{body['metadata'].get('namespace')}/{body['metadata'].get('name')}: {exc}")
+        except Exception:
+            log.exception(f"reconcile of {body['metadata'].get('namespace')}/{body['metadata'].get('name')} failed;"
+                          " the next event or sweep retries")
+        finally:
+            metrics.reconciles.labels(source, result).inc()
+            metrics.reconcile_seconds.labels(source).observe(time.perf_counter() - started)
+
+    async def commit(job: Job, uid: str) -> None:
+        if job.patch:
+            namespace, name = job.key
+            updated = await kube.patch_status(namespace, name, job.patch, world["settings"], log)
+            if updated is None:
+                return
+            written[uid] = dict(updated.get("status") or {})
+        phases[uid] = job.status.get("phase") or "Pending"
+        for event in job.events:
+            kopf.event(job.body, type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
+
+    async def decide(job: Job, *, poll: bool) -> None:
+        phase = job.status.get("phase")
+        spec_changed = job.status.get("observedGeneration") not in (None, job.generation)
+        if phase is None or (spec_changed and (phase == "Failed" or not job.status.get("jobName"))):
+            await launch(job, _next_attempt(job.status.get("attempts") or []))
             return
-        spec = body.get("spec") or {}
-        suspend = bool(spec.get("suspend"))
-        changed = {".".join(map(str, d[1])) for d in diff}
-        job_name = status["jobName"]
-        if suspend or not spec.get("queue") or (body["metadata"].get("labels") or {}).get(resources.QUEUE_LABEL):
-            await kube.set_job_suspend(body["metadata"]["namespace"], job_name, suspend, patch_settings(), logger)
-        if suspend:
-            write(body, status, patch, phase="Suspended", reason="Suspended",
-                  message=f"spec.suspend is true; {job_name} is suspended (checkpoints are kept)")
-        elif phase == "Suspended":
-            write(body, status, patch, phase="Queued", reason="Resumed",
-                  message=f"spec.suspend is false; {job_name} resumes from its last checkpoint")
-        others = sorted(c for c in changed if c not in ("suspend", ""))
-        if others:
-            kopf.event(body, type="Warning", reason="SpecChangeIgnored",
-                       message=f"{', '.join('spec.' + c for c in others)} changed while {job_name} runs; "
-                               f"changes apply to the next attempt (delete and re-apply to restart now)")
-            patch.status["observedGeneration"] = body["metadata"].get("generation")
-
-    kopf.on.create(*FTJ, id="launch", registry=registry)(timed("create", on_create))
-    kopf.on.resume(*FTJ, id="resume", registry=registry)(timed("resume", on_create))
-    kopf.on.update(*FTJ, id="spec", field="spec", registry=registry)(timed("update", on_spec))
-
-    # --- following the running attempt ----------------------------------------------------------------
-
-    async def follow(body: kopf.Body, status: Mapping[str, Any], patch: kopf.Patch, logger: Any,
-                     gpu_nodes: kopf.Index, gpu_pods: kopf.Index, trainer_jobs: kopf.Index,
-                     trainer_pods: kopf.Index, namespace: str, **_: Any) -> None:
-        phase = status.get("phase")
+        if spec_changed and phase == "Succeeded":
+            job.events.append(st.Event("Warning", "SpecChangeIgnored", "the fine-tune has succeeded; apply a new "
+                                       "FineTuneJob (another name) to train again"))
+            job.set(observedGeneration=job.generation)
+        elif spec_changed:
+            await apply_spec_change(job)
         if phase in st.TERMINAL_PHASES:
             return
-        attempts = list(status.get("attempts") or [])
-        job_name = status.get("jobName")
-        if not job_name:
-            # Pending: no node of the class yet, try placing again. No phase: the status write after a
-            # launch was lost (a conflict after kopf recorded the spec as handled); launch again (idempotent).
-            if phase in ("Pending", None):
-                await launch(body=body, status_=status, patch=patch, logger=logger, nodes=gpu_nodes,
-                             pods=gpu_pods, attempt=_next_attempt(attempts))
+        if not job.status.get("jobName"):  # Pending: no node of the class yet; place again
+            await launch(job, _next_attempt(job.status.get("attempts") or []))
             return
-        number = next((a["attempt"] for a in attempts if a.get("jobName") == job_name), max(1, len(attempts)))
-        job = next(iter(trainer_jobs.get((namespace, job_name), [])), None)
-        pods = list(trainer_pods.get((namespace, job_name), []))
-        outcome = st.observe(job, pods, settings.trainer_port)
-        spec = body.get("spec") or {}
-        plan = status.get("plan") or {}
+        await follow(job, poll=poll)
+
+    async def launch(job: Job, attempt: int, reason: str | None = None, note: str = "") -> None:
+        attempts = list(job.status.get("attempts") or [])
+        floor = _oom_floor(attempts, catalog)
+        try:
+            spec = parse_spec(dict(job.spec))
+            plan = plan_for(spec, floor)
+        except PlanError as exc:
+            job.write(phase="Failed", reason="NoLargerGpuClass" if floor else "Unplannable",
+                      message="; ".join(exc.problems))
+            return
+        except SpecError as exc:
+            job.write(phase="Failed", reason="InvalidSpec", message="; ".join(exc.problems))
+            return
+        if floor and catalog.get(plan.gpu_class, "plan").memory_bytes <= catalog.get(floor, "plan").memory_bytes:
+            job.write(phase="Failed", reason="NoLargerGpuClass",
+                      message=f"the job ran out of GPU memory on {floor} and spec.resources.gpuClass pins "
+                              f"{plan.gpu_class}; set gpuClass: auto (with maxGpuClass) or pin a larger class")
+            return
+
+        fields = st.plan_fields(plan)
+        labels = dict(job.meta.get("labels") or {})
+        queue = resources.queue_name(spec, labels)
+        placement = place(plan.gpu_class, plan.gpu_count, inventory(), catalog)
+        if placement.kind == "NoNodes" and settings.wait_for_nodes and not queue:
+            if job.status.get("phase") != "Pending":
+                metrics.placement_failures.labels(plan.gpu_class).inc()
+            job.write(phase="Pending", reason="NoMatchingNodes", message=note + placement.message, warning=True,
+                      **fields)
+            return
+
+        owner = resources.Owner(job.meta["name"], job.meta["namespace"], job.meta["uid"], labels)
+        gpu = catalog.get(plan.gpu_class, "status.plan.gpuClass")
+        config = resources.config_map(owner, spec, plan, attempt, settings)
+        trainer = resources.trainer_job(owner, spec, plan, gpu, attempt, settings)
+        # Independent objects: create both at once (the pod waits for its ConfigMap volume anyway).
+        _, (_, created) = await asyncio.gather(kube.create_or_adopt(config, owner.uid, world["settings"], log),
+                                               kube.create_or_adopt(trainer, owner.uid, world["settings"], log))
+        if created:
+            metrics.jobs_created.inc()
+        name = trainer["metadata"]["name"]
+        if spec.suspend:
+            phase: st.Phase = "Suspended"
+            why, text = "Suspended", f"spec.suspend is true; {name} is suspended"
+        elif queue:
+            phase, why = "Queued", "WaitingForKueue"
+            text = f"{name} on {plan.gpu_class} x{plan.gpu_count} waits for admission by Kueue queue {queue}"
+        else:
+            phase, why = "Queued", "JobCreated"
+            text = f"{name} on {plan.gpu_class} x{plan.gpu_count}, estimate {fields['vram']}: {placement.message}"
+        job.write(phase=phase, reason=reason or why, message=note + text, warning=bool(note), jobName=name,
+                  attempts=_with_attempt(attempts, attempt, gpuClass=plan.gpu_class, jobName=name,
+                                         outcome="Pending", startedAt=st.now_iso()),
+                  **fields)
+
+    async def apply_spec_change(job: Job) -> None:
+        """A spec change while an attempt exists: suspend/resume its Job; other fields wait for the next attempt."""
+        namespace, _ = job.key
+        name = job.status["jobName"]
+        trainer = next(iter(world["trainer_jobs"].get((namespace, name), [])), None)
+        suspend = bool(job.spec.get("suspend"))
+        queued = job.spec.get("queue") or (job.meta.get("labels") or {}).get(resources.QUEUE_LABEL)
+        job_suspended = bool(((trainer or {}).get("spec") or {}).get("suspend"))
+        if trainer is not None and suspend != job_suspended and (suspend or not queued):
+            await kube.set_job_suspend(namespace, name, suspend, world["settings"], log)
+            if suspend:
+                job.write(phase="Suspended", reason="Suspended",
+                          message=f"spec.suspend is true; {name} is suspended (checkpoints are kept)")
+            else:
+                job.write(phase="Queued", reason="Resumed",
+                          message=f"spec.suspend is false; {name} resumes from its last checkpoint")
+        elif suspend == job_suspended or trainer is None:
+            job.events.append(st.Event("Warning", "SpecChangeDeferred",
+                                       f"the spec changed while {name} exists; changes apply to the next attempt "
+                                       "(delete and re-apply the FineTuneJob to restart now)"))
+        job.set(observedGeneration=job.generation)
+
+    async def follow(job: Job, *, poll: bool) -> None:
+        namespace, _ = job.key
+        name = job.status["jobName"]
+        attempts = list(job.status.get("attempts") or [])
+        number = next((a["attempt"] for a in attempts if a.get("jobName") == name), max(1, len(attempts)))
+        trainer = next(iter(world["trainer_jobs"].get((namespace, name), [])), None)
+        pods = list(world["trainer_pods"].get((namespace, name), []))
+        outcome = st.observe(trainer, pods, settings.trainer_port)
+        log.debug(f"{namespace}/{name}: attempt {number} is {outcome.state}: {outcome.message}")
+        phase = job.status.get("phase")
+        plan = job.status.get("plan") or {}
 
         if outcome.state == "Running":
-            progress = await _poll_trainer(outcome.pod_ip, outcome.port, logger)
+            progress = await poll_trainer(outcome.pod_ip, outcome.port) if poll else None
             extra = st.progress_fields(progress) if progress else {}
-            write(body, status, patch, phase="Running", reason="Training", message=outcome.message,
-                  attempts=_with_attempt(attempts, number, outcome="Running"), **extra)
+            job.write(phase="Running", reason="Training", message=outcome.message,
+                      attempts=_with_attempt(attempts, number, outcome="Running"), **extra)
         elif outcome.state == "Succeeded":
             summary = outcome.summary
-            uri = summary.get("adapterUri") or summary.get("adapter_uri") or \
-                (spec.get("output") or {}).get("uri", "").rstrip("/") + "/adapter/"
-            progress = dict(status.get("progress") or {})
-            final_loss = summary.get("finalLoss", summary.get("final_loss", summary.get("loss")))
-            steps = summary.get("steps")
-            if final_loss is not None:
-                progress["loss"] = float(final_loss)
-            if steps is not None:
-                progress["step"] = int(steps)
+            uri = summary.get("adapterUri") or \
+                str((job.spec.get("output") or {}).get("uri", "")).rstrip("/") + "/adapter/"
+            progress = dict(job.status.get("progress") or {})
+            if summary.get("finalLoss") is not None:
+                progress["loss"] = float(summary["finalLoss"])
+            if summary.get("steps") is not None:
+                progress["step"] = int(summary["steps"])
+            if summary.get("totalSteps"):
+                progress["totalSteps"] = int(summary["totalSteps"])
             if summary.get("peakMemoryBytes") is not None:
                 progress["peakMemoryBytes"] = int(summary["peakMemoryBytes"])
             progress["updatedAt"] = st.now_iso()
-            write(body, status, patch, phase="Succeeded", reason="Succeeded",
-                  message=f"adapter written to {uri}", adapterUri=uri,
-                  attempts=_with_attempt(attempts, number, outcome="Succeeded", finishedAt=st.now_iso()),
-                  **st.progress_fields(progress))
+            job.write(phase="Succeeded", reason="Succeeded", message=f"adapter written to {uri}", adapterUri=uri,
+                      attempts=_with_attempt(attempts, number, outcome="Succeeded", finishedAt=st.now_iso()),
+                      **st.progress_fields(progress))
         elif outcome.state == "OutOfMemory":
-            done = _with_attempt(attempts, number, outcome="OutOfMemory", message=outcome.message,
-                                 finishedAt=st.now_iso())
             was = plan.get("gpuClass", "?")
-            interim = {**dict(status), "attempts": done}
-            patch.status["attempts"] = done
-            await launch(body=body, status_=interim, patch=patch, logger=logger, nodes=gpu_nodes, pods=gpu_pods,
-                         attempt=number + 1, reason="OutOfMemoryEscalated",
-                         note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned "
-                              f"one class up, resuming from the last checkpoint: ")
-            new_class = (patch.status.get("plan") or {}).get("gpuClass")
-            if patch.status.get("phase") != "Failed" and new_class:
+            job.set(attempts=_with_attempt(attempts, number, outcome="OutOfMemory", message=outcome.message,
+                                           finishedAt=st.now_iso()))
+            await launch(job, number + 1, reason="OutOfMemoryEscalated",
+                         note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned one "
+                              "class up, resuming from the last checkpoint: ")
+            new_class = (job.status.get("plan") or {}).get("gpuClass")
+            if job.status.get("phase") != "Failed" and new_class:
                 metrics.oom_escalations.labels(was, new_class).inc()
-            if not patch.status.get("jobName"):  # no larger class, or no node of it yet: this attempt is over
-                patch.status["jobName"] = None
+            if job.status.get("jobName") == name:  # no larger class, or no node of it yet: this attempt is over
+                job.set(jobName=None)
         elif outcome.state == "Failed":
-            write(body, status, patch, phase="Failed", reason="TrainingFailed", message=outcome.message,
-                  attempts=_with_attempt(attempts, number, outcome="Failed", message=outcome.message,
-                                         finishedAt=st.now_iso()))
+            job.write(phase="Failed", reason="TrainingFailed", message=outcome.message,
+                      attempts=_with_attempt(attempts, number, outcome="Failed", message=outcome.message,
+                                             finishedAt=st.now_iso()))
         elif outcome.state == "Suspended":
-            if spec.get("suspend"):
-                write(body, status, patch, phase="Suspended", reason="Suspended",
-                      message=f"spec.suspend is true; {job_name} is suspended (checkpoints are kept)")
+            if job.spec.get("suspend"):
+                job.write(phase="Suspended", reason="Suspended",
+                          message=f"spec.suspend is true; {name} is suspended (checkpoints are kept)")
             elif phase == "Running":
-                write(body, status, patch, phase="Queued", reason="Preempted",
-                      message=f"{job_name} was suspended (preempted by its queue); it resumes from its last "
-                              "checkpoint when admitted again", warning=True)
-        elif phase == "Running":  # Waiting after Running: the pod went away (disruption); the Job makes a new one
-            write(body, status, patch, phase="Queued", reason="Rescheduling", message=outcome.message)
+                job.write(phase="Queued", reason="Preempted", warning=True,
+                          message=f"{name} was suspended (preempted by its queue); it resumes from its last "
+                                  "checkpoint when admitted again")
+        elif phase == "Running":  # the pod went away (a disruption); the Job controller makes a new one
+            job.write(phase="Queued", reason="Rescheduling", message=outcome.message)
 
-    async def _poll_trainer(ip: str | None, port: int | None, logger: Any) -> dict[str, Any] | None:
+    async def poll_trainer(ip: str | None, port: int | None) -> dict[str, Any] | None:
         if not ip or not port:
             return None
         url = f"http://{ip}:{port}/status"
         try:
-            timeout = aiohttp.ClientTimeout(total=min(5.0, settings.poll_interval))
+            timeout = aiohttp.ClientTimeout(total=min(5.0, max(1.0, settings.poll_interval)))
             async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
                 if response.status != 200:
                     return None
                 data = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            logger.debug(f"trainer /status at {url} not reachable: {exc!r}")
+            log.debug(f"trainer /status at {url} not reachable: {exc!r}")
             return None
         return st.parse_trainer_status(data, st.now_iso()) if isinstance(data, dict) else None
 
-    kopf.timer(*FTJ, id="follow", interval=settings.poll_interval, initial_delay=settings.poll_interval,
-               registry=registry)(timed("follow", follow))
+    # --- what triggers a reconcile --------------------------------------------------------------------
+
+    @kopf.on.event(*FTJ, id="finetunejob", registry=registry)
+    async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, **kwargs: Any) -> None:
+        capture(kwargs)
+        if event.get("type") == "DELETED":
+            for cache in (written, locks, phases):
+                cache.pop(uid, None)
+            return
+        snapshot = _plain(body)
+        phases.setdefault(uid, (snapshot.get("status") or {}).get("phase") or "Pending")
+        await reconcile(snapshot, source="finetunejob")
+
+    async def on_child(namespace: str | None, labels: Mapping[str, str], kwargs: Mapping[str, Any]) -> None:
+        capture(kwargs)
+        parent = next(iter(world["finetunejobs"].get((namespace, labels.get(resources.LABEL_JOB, "")), [])), None)
+        if parent is not None and (parent.get("status") or {}).get("jobName"):
+            await reconcile(parent, source="trainer")
+
+    @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="trainer_job", registry=registry)
+    async def on_trainer_job(namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
+        await on_child(namespace, labels, kwargs)
+
+    @kopf.on.event("", "v1", "pods", labels=MANAGED, id="trainer_pod", registry=registry)
+    async def on_trainer_pod(namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
+        await on_child(namespace, labels, kwargs)
+
+    async def sweep() -> None:
+        """Every poll_interval: place Pending jobs again, poll running trainers, repair lost status writes."""
+        while True:
+            await asyncio.sleep(settings.poll_interval)
+            if "finetunejobs" not in world:
+                continue
+            snapshots = [body for _, store in list(world["finetunejobs"].items()) for body in store]
+            for body in snapshots:
+                if (body.get("status") or {}).get("phase") not in st.TERMINAL_PHASES:
+                    await reconcile(body, poll=True, source="sweep")
+
+    @kopf.on.startup(id="kubetune", registry=registry)
+    async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
+        world["settings"] = settings
+        world["sweeper"] = asyncio.create_task(sweep(), name="kubetune-sweep")
+
+    @kopf.on.cleanup(id="kubetune-cleanup", registry=registry)
+    async def stop(**_: Any) -> None:
+        task = world.get("sweeper")
+        if task is not None:
+            task.cancel()
 
 
-def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A detached copy of a watched body (kopf bodies are live views)."""
-    def copy(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {k: copy(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [copy(v) for v in value]
-        return value
-
-    return {k: copy(body.get(k)) for k in ("metadata", "spec", "status")}
-
-
-__all__ = ["GPU_RESOURCE", "register"]
+__all__ = ["KIND", "register"]

@@ -66,3 +66,16 @@ async def set_job_suspend(namespace: str, name: str, suspend: bool, settings: ko
     except errors.APINotFoundError:
         return False
     return True
+
+
+async def patch_status(namespace: str, name: str, status: Mapping[str, Any], settings: kopf.OperatorSettings,
+                       logger: logging.Logger | kopf.Logger) -> dict[str, Any] | None:
+    """Merge-patch a FineTuneJob's status subresource; the updated object, or None when it is gone."""
+    url = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status"
+    try:
+        result: dict[str, Any] = await api.patch(url, payload={"status": dict(status)}, settings=settings,
+                                                 logger=logger,
+                                                 headers={"Content-Type": "application/merge-patch+json"})
+    except errors.APINotFoundError:
+        return None
+    return result

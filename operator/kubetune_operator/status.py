@@ -227,6 +227,10 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         return Outcome("Succeeded", "the trainer Job completed")
     failed = _job_condition(job, "Failed")
+    if failed and any(_terminated(p) is None and (p.get("status") or {}).get("phase") in ("Pending", "Running")
+                      for p in ordered):
+        # The Job's watch stream ran ahead of the pods': wait for the pod's exit code (OOM or not).
+        return Outcome("Waiting", "the trainer Job failed; reading its pod's exit code")
     if failed:
         last = next((t for p in reversed(ordered) if (t := _terminated(p))), None)
         summary = termination_summary(last.get("message")) if last else {}

@@ -25,6 +25,7 @@ import copy
 import datetime as dt
 import json
 import re
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -145,6 +146,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     counts: dict[tuple[str, str], int] = attrs.field(factory=lambda: defaultdict(int), init=False)
     kinds: dict[ResKey, Kind] = attrs.field(factory=dict, init=False)
     revision: int = attrs.field(default=1000, init=False)
+    created_at: dict[ObjKey, float] = attrs.field(factory=dict, init=False)  # perf_counter() at creation
+    phase_at: dict[tuple[ObjKey, str], float] = attrs.field(factory=dict, init=False)  # first status.phase seen
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -257,6 +260,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return str(self.revision)
 
     def _emit(self, kind: Kind, etype: str, obj: dict[str, Any]) -> None:
+        phase = (obj.get("status") or {}).get("phase") if isinstance(obj.get("status"), dict) else None
+        if phase:
+            meta = obj["metadata"]
+            self.phase_at.setdefault(((kind.key, meta.get("namespace"), meta["name"]), phase), time.perf_counter())
         event = {"type": etype, "object": copy.deepcopy(obj)}
         self.log[kind.key].append((int(obj["metadata"]["resourceVersion"]), event))
         for queue in list(self.watchers[kind.key]):
@@ -293,6 +300,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         obj.setdefault("apiVersion", kind.api_version)
         obj.setdefault("kind", kind.kind)
         self.store[key] = obj
+        self.created_at[key] = time.perf_counter()
         self._emit(kind, "ADDED", obj)
         return obj
 

@@ -149,7 +149,7 @@ async def test_progress_from_the_trainer_then_success(cluster: Cluster, trainer_
     assert reasons.count("JobCreated") == 1 and "Training" in reasons
 
     text = operator.metrics.exposition().decode()
-    assert 'kubetune_operator_reconcile_total{handler="create",result="ok"} 1.0' in text
+    assert 'kubetune_operator_reconcile_total{handler="finetunejob",result="ok"}' in text
     assert 'kubetune_operator_jobs{phase="Succeeded"} 1.0' in text
     assert "kubetune_operator_reconcile_duration_seconds_bucket" in text
 
@@ -324,3 +324,19 @@ async def test_the_examples_land_where_their_comments_say(cluster: Cluster) -> N
     kueue_job = cluster.api.get("jobs", "team-a", "qwen-7b-team-a-a1")
     assert kueue_job is not None and kueue_job["spec"]["suspend"] is True
     assert kueue_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+
+
+async def test_a_failed_trainer_fails_the_job_with_its_error(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(finetunejob("broken"))
+    await cluster.wait_phase("broken", "Queued")
+    pod = await cluster.run_pod(cluster.jobs()[0], "gpu-l4-1")
+    await cluster.wait_phase("broken", "Running")
+    await cluster.finish_job("broken-a1", "Failed", "BackoffLimitExceeded")
+    await cluster.end_pod(pod, 4, json.dumps({"outcome": "StorageError", "error": "s3://adapters: AccessDenied"}))
+    status = await cluster.wait_phase("broken", "Failed")
+    assert status["message"] == "s3://adapters: AccessDenied"
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions["Stalled"] == ("True", "TrainingFailed")
+    assert status["attempts"][0]["outcome"] == "Failed"
+    assert len(cluster.jobs()) == 1

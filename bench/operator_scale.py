@@ -1,0 +1,183 @@
+"""Operator scale: N FineTuneJobs created at once against the Kubernetes emulator (not a test).
+
+    .venv/bin/python bench/operator_scale.py --jobs 500
+
+The emulator (kmock's, extended in tests/operator/kt_emulator.py) serves HTTP on 127.0.0.1 in this
+process; the operator is the real `kubetune operator` command in a child process, logged in through a
+kubeconfig that points at the emulator. Reported:
+
+- create -> Job latency per FineTuneJob (p50, p99, max): from the FineTuneJob's creation to its trainer
+  Job's creation, both timestamped by the emulator;
+- create -> status latency (the FineTuneJob's status says Queued);
+- API requests per job: every request the operator made from the first create until all statuses
+  settled, over N (the benchmark's own POSTs not counted), with the breakdown by verb and resource;
+- operator memory: the child's peak and final RSS (VmHWM, VmRSS), next to its RSS before the burst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "operator"))
+from kt_cluster import CLUSTER, node  # noqa: E402
+from kt_emulator import KubeEmulator  # noqa: E402
+
+NS = "bench"
+
+
+def ftj(index: int) -> dict[str, Any]:
+    models = ["meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "mistralai/Mistral-7B-v0.3",
+              "meta-llama/Llama-3.1-70B-Instruct"]
+    return {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": f"ftj-{index:04d}", "namespace": NS},
+        "spec": {
+            "model": {"name": models[index % len(models)]},
+            "dataset": {"source": f"s3://datasets/bench/{index}.jsonl"},
+            "training": {"maxSteps": 100},
+            "output": {"uri": f"s3://adapters/bench/{index}/", "credentialsSecret": "s3-creds"},
+        },
+    }
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def main(jobs: int, timeout: float) -> int:
+    async with KubeEmulator() as api, kmock.Server(api) as server:
+        url = str(server.url).rstrip("/")
+        for name, labels, gpus in CLUSTER:
+            await api.put_object("nodes", node(name, labels, gpus))
+        with tempfile.TemporaryDirectory() as tmp:
+            kubeconfig = Path(tmp) / "kubeconfig"
+            kubeconfig.write_text(yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+                "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+                "users": [{"name": "bench", "user": {"token": "bench"}}],
+                "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "bench"}}],
+            }))
+            env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_POLL_INTERVAL": "10"}
+            child = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from kubetune.cli import main; sys.exit(main())",
+                 "operator", "--metrics-port", "0"],
+                env=env, stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "operator.log", "w"),  # noqa: SIM115
+            )
+            try:
+                return await _measure(api, url, child, jobs, timeout, Path(tmp) / "operator.log")
+            finally:
+                child.terminate()
+                try:
+                    child.wait(15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+
+
+async def _measure(api: KubeEmulator, url: str, child: subprocess.Popen[bytes], jobs: int, timeout: float,
+                   log: Path) -> int:
+    # Ready when the operator watches FineTuneJobs (a watch request arrived) and has settled.
+    deadline = time.perf_counter() + 60
+    while api.request_count("GET", "finetunejobs") == 0:
+        if child.poll() is not None or time.perf_counter() > deadline:
+            print(log.read_text()[-3000:], file=sys.stderr)
+            raise SystemExit("the operator did not start")
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2.0)
+    idle_rss = memory_kib(child.pid)
+    before = dict(api.counts)
+    operator_cpu, bench_cpu = cpu_seconds(child.pid), time.process_time()
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def create(body: dict[str, Any]) -> None:
+            path = f"{url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs"
+            async with session.post(path, json=body) as response:
+                assert response.status == 201, await response.text()
+
+        await asyncio.gather(*(create(ftj(i)) for i in range(jobs)))
+    posted = time.perf_counter() - started
+
+    ftj_key = api.kind_of("finetunejobs").key
+
+    def queued() -> int:
+        return sum(1 for i in range(jobs) if ((ftj_key, NS, f"ftj-{i:04d}"), "Queued") in api.phase_at)
+
+    deadline = started + timeout
+    while queued() < jobs and time.perf_counter() < deadline:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # let trailing Events land before counting requests
+    peak_rss = memory_kib(child.pid)
+    operator_cpu, bench_cpu = cpu_seconds(child.pid) - operator_cpu, time.process_time() - bench_cpu
+
+    job_key = api.kind_of("jobs").key
+    latencies, status_latencies = [], []
+    for i in range(jobs):
+        name = f"ftj-{i:04d}"
+        created = api.created_at.get((ftj_key, NS, name))
+        job_created = api.created_at.get((job_key, NS, f"{name}-a1"))
+        if created is not None and job_created is not None:
+            latencies.append(job_created - created)
+        status_at = api.phase_at.get(((ftj_key, NS, name), "Queued"))
+        if created is not None and status_at is not None:
+            status_latencies.append(status_at - created)
+
+    delta = {k: v - before.get(k, 0) for k, v in api.counts.items() if v - before.get(k, 0)}
+    delta[("POST", "finetunejobs")] = delta.get(("POST", "finetunejobs"), 0) - jobs  # the benchmark's own
+    operator_requests = sum(delta.values())
+    made = len(latencies)
+    print(f"Operator scale: {jobs} FineTuneJobs created at once (POSTs took {posted:.2f} s)")
+    print(f"  trainer Jobs created:        {made}/{jobs}; statuses Queued: {queued()}/{jobs}")
+    if latencies:
+        print(f"  create -> Job     p50 {statistics.median(latencies):.3f} s   p99 {percentile(latencies, 0.99):.3f} s"
+              f"   max {max(latencies):.3f} s")
+    if status_latencies:
+        print(f"  create -> status  p50 {statistics.median(status_latencies):.3f} s   "
+              f"p99 {percentile(status_latencies, 0.99):.3f} s   max {max(status_latencies):.3f} s")
+    print(f"  API requests by the operator: {operator_requests} = {operator_requests / jobs:.2f} per job")
+    for (method, plural), count in sorted(delta.items(), key=lambda kv: -kv[1]):
+        if count:
+            print(f"    {method:6} {plural:14} {count:6}  ({count / jobs:.2f} per job)")
+    print(f"  operator RSS: idle {idle_rss['VmRSS'] / 1024:.0f} MiB, after the burst "
+          f"{peak_rss['VmRSS'] / 1024:.0f} MiB, peak {peak_rss['VmHWM'] / 1024:.0f} MiB")
+    print(f"  CPU during the burst: operator {operator_cpu:.1f} s, emulator + benchmark {bench_cpu:.1f} s "
+          f"(this machine: {os.cpu_count()} cores)")
+    ok = made == jobs and latencies and percentile(latencies, 0.99) < 2.0 and operator_requests / jobs <= 8
+    print(f"  targets (p99 < 2 s, <= 8 requests per job): {'met' if ok else 'NOT met'}")
+    return 0 if made == jobs else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all Jobs")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(args.jobs, args.timeout)))
