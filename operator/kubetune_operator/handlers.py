@@ -269,8 +269,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
         config = resources.config_map(owner, spec, plan, attempt, settings)
         trainer = resources.trainer_job(owner, spec, plan, gpu, attempt, settings)
         # Independent objects: create both at once (the pod waits for its ConfigMap volume anyway).
-        _, (_, created) = await asyncio.gather(kube.create_or_adopt(config, owner.uid, world["settings"], log),
-                                               kube.create_or_adopt(trainer, owner.uid, world["settings"], log))
+        results = await asyncio.gather(kube.create_or_adopt(config, owner.uid, world["settings"], log),
+                                       kube.create_or_adopt(trainer, owner.uid, world["settings"], log))
+        created = results[1][1]
         if created:
             metrics.jobs_created.inc()
         name = trainer["metadata"]["name"]
