@@ -146,28 +146,30 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
                                                   "finetunejobs") if k in kwargs})
 
     # --- indexes: the cluster as the watches see it (no requests per job) ------------------------------
+    # (async: kopf runs sync handlers in a thread pool, which costs more than these take)
 
     @kopf.index("", "v1", "nodes", id="gpu_nodes", registry=registry)
-    def gpu_nodes(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo] | None:
+    async def gpu_nodes(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo] | None:
         info = node_info(body)
         return {name: info} if info.allocatable_gpus > 0 else None
 
     @kopf.index("", "v1", "pods", id="gpu_pods", registry=registry)
-    def gpu_pods(body: kopf.Body, **_: Any) -> dict[str, int] | None:
+    async def gpu_pods(body: kopf.Body, **_: Any) -> dict[str, int] | None:
         node, gpus = pod_gpus(body)
         return {node: gpus} if node and gpus else None
 
     @kopf.index("", "v1", "pods", labels=MANAGED, id="trainer_pods", registry=registry)
-    def trainer_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    async def trainer_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body,
+                           **_: Any) -> dict[Any, Any]:
         attempt = int(labels.get(resources.LABEL_ATTEMPT, "0") or 0)
         return {(namespace, resources.child_name(labels.get(resources.LABEL_JOB, ""), attempt)): _plain(body)}
 
     @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="trainer_jobs", registry=registry)
-    def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    async def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): _plain(body)}
 
     @kopf.index(*FTJ, id="finetunejobs", registry=registry)
-    def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    async def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): _plain(body)}
 
     # --- the one reconcile ----------------------------------------------------------------------------
