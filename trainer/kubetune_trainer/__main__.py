@@ -1,0 +1,73 @@
+"""`python -m kubetune_trainer --config /etc/kubetune/job.json`: what the trainer Job's pod runs.
+
+The config is the TrainerConfig JSON the operator put in the job's ConfigMap (spec + resolved plan).
+Exit codes: 0 success, 2 bad input, 3 out of GPU memory, 4 storage error, 143 SIGTERM (checkpoint
+written), 1 anything else; the JSON summary goes to /dev/termination-log (or --termination-log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from kubetune.spec import format_errors
+from kubetune_trainer.config import TrainerConfig
+
+DEFAULT_CONFIG = "/etc/kubetune/job.json"
+DEFAULT_METRICS_PORT = 9090
+
+
+def load_config(path: str) -> TrainerConfig:
+    from kubetune.errors import SpecError
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SpecError(f"--config {path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise SpecError(f"--config {path}: not valid JSON ({exc})") from None
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_errors(exc, TrainerConfig, prefix="config")) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=os.environ.get("KUBETUNE_CONFIG", DEFAULT_CONFIG),
+                        help=f"TrainerConfig JSON (default {DEFAULT_CONFIG})")
+    parser.add_argument("--metrics-port", type=int,
+                        default=int(os.environ.get("KUBETUNE_METRICS_PORT", DEFAULT_METRICS_PORT)),
+                        help=f"/metrics /healthz /readyz /status port (default {DEFAULT_METRICS_PORT}; 0: off)")
+    parser.add_argument("--termination-log", default=None,
+                        help="where the JSON summary goes (default $KUBETUNE_TERMINATION_LOG or /dev/termination-log)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from kubetune.errors import KubetuneError
+
+    args = build_parser().parse_args(argv)
+    from kubetune_trainer.loop import Result, RunOptions
+    from kubetune_trainer.runner import run_job, write_termination
+
+    try:
+        config = load_config(args.config)
+    except KubetuneError as exc:
+        print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
+        write_termination(args.termination_log, Result(outcome="InvalidInput", error=str(exc)), exc.exit_code)
+        return exc.exit_code
+    options = RunOptions(device=args.device, metrics_port=args.metrics_port, termination_log=args.termination_log)
+    code, _ = run_job(config, options)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

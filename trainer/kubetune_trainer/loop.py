@@ -1,0 +1,433 @@
+"""The training recipe: one explicit loop, torchtune-style (setup / train / checkpoint / resume / save).
+
+Why not TRL's SFTTrainer: the trainer's contract is mostly what happens around the loop: resume that
+reproduces the uninterrupted run step for step (data position = step, RNG restored), a checkpoint on
+SIGTERM between two optimizer steps, metrics and /status updated from inside the step, loss computed only
+on the positions that carry labels, and exit codes the operator acts on. Doing those through Trainer
+callbacks and overrides is more code than the ~40 lines of the loop itself, and harder to read.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches of `micro_batch_size` packed rows. The loss
+is the mean over all loss-carrying tokens of the step (not a mean of per-micro-batch means), so packing and
+accumulation do not change what is optimized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from kubetune_trainer import data as data_mod
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.metrics import Stopwatch, Telemetry
+from kubetune_trainer.model import LoadedModel, compute_dtype, load_model, pick_device, resolve_model_dir
+from kubetune_trainer.progress import Log
+from kubetune_trainer.storage import Storage, fetch_input, open_storage, sha256_file
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+MERGED = "merged"
+COMPLETE = "COMPLETE"
+KEEP_CHECKPOINTS = 2
+LOSS_CHUNK = 2048  # tokens per lm_head + cross-entropy chunk: full logits are never materialized
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written. The pod's restart resumes from it."""
+
+
+@dataclass
+class RunOptions:
+    device: str = "auto"
+    metrics_port: int = 0
+    termination_log: str | None = None
+    prompt: str | None = None  # print the model's answer before and after training (the quickstart)
+    threads: int | None = None
+
+
+@dataclass
+class Result:
+    outcome: str = "Failed"
+    steps: int = 0
+    total_steps: int = 0
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    peak_memory_bytes: int = 0
+    adapter_uri: str | None = None
+    error: str | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+    samples: dict[str, str] = field(default_factory=dict)
+
+
+def chunked_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """Sum of token cross-entropies over the positions that carry a label, LOSS_CHUNK at a time.
+
+    Only labelled positions go through lm_head (a chat prompt or an alpaca instruction costs no logits), and
+    when there are more than LOSS_CHUNK of them each chunk is recomputed in backward instead of keeping its
+    fp32 logits: peak logits memory is LOSS_CHUNK x vocab, whatever the batch."""
+    def ce(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+
+    n = hidden.shape[0]
+    if n <= LOSS_CHUNK:
+        return ce(hidden, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, LOSS_CHUNK):
+        part = activation_checkpoint(ce, hidden[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK],
+                                     use_reentrant=False)
+        total = total + part
+    return total
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainerConfig, device: torch.device,
+                   log: Log) -> torch.optim.Optimizer:
+    t = config.spec.training
+    if device.type == "cuda" and t.optimizer.startswith("paged_"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW32bit if t.optimizer == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
+        optimizer: torch.optim.Optimizer = cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        return optimizer
+    if t.optimizer != "adamw_torch":
+        log.event("optimizer", f"{t.optimizer} pages through CUDA unified memory; on {device.type} the same "
+                  "AdamW math runs as torch.optim.AdamW (fp32 states)")
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_ratio: float, total: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = math.ceil(warmup_ratio * total)
+    kind = {"constant": "constant_with_warmup"}.get(name, name)
+    return get_scheduler(kind, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def fingerprint(config: TrainerConfig) -> str:
+    """What makes two runs the same run: a checkpoint from another spec is never resumed."""
+    spec = config.spec.model_dump(mode="json")
+    training = dict(spec["training"])
+    for volatile in ("checkpoint_steps", "logging_steps"):
+        training.pop(volatile, None)
+    relevant = {"model": spec["model"], "dataset": spec["dataset"], "method": spec["method"], "lora": spec["lora"],
+                "training": training, "knobs": config.knobs.model_dump(exclude={"compute_dtype"})}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Recipe:
+    def __init__(self, config: TrainerConfig, options: RunOptions, telemetry: Telemetry, log: Log) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.options = options
+        self.telemetry = telemetry
+        self.log = log
+        self.result = Result()
+        self.stop_requested = False
+        self.step = 0
+        self.total_steps = 0
+        self.tokens_seen = 0
+        self.last_loss: float | None = None
+        self.device = pick_device(options.device)
+        self.dtype = compute_dtype(self.device, config.knobs.compute_dtype)
+        self.storage: Storage = open_storage(self.spec.output.uri, self.spec.output.endpoint_url)
+        self.fingerprint = fingerprint(config)
+
+    # --- setup ------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Everything that can fail on bad input happens here, before the model loads: output writable,
+        dataset readable, every row valid."""
+        spec, knobs = self.spec, self.config.knobs
+        torch.manual_seed(spec.training.seed)
+        random.seed(spec.training.seed)
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        self.telemetry.phase("Preparing", "checking output and dataset")
+        self.storage.check()
+        model_dir = resolve_model_dir(spec, spec.output.endpoint_url)
+        from kubetune_trainer.model import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+        self.train_data, self.eval_data = self.load_data(tokenizer)
+        self.schedule = data_mod.Schedule(len(self.train_data.rows), knobs.micro_batch_size,
+                                          knobs.gradient_accumulation_steps, spec.training.seed)
+        self.total_steps = self.schedule.total_steps(spec.training.epochs, spec.training.max_steps)
+        self.log.event("data", f"{self.train_data.examples} examples, {self.train_data.tokens} tokens "
+                       f"({self.train_data.loss_tokens} with loss) packed into {len(self.train_data.rows)} rows of "
+                       f"<= {knobs.max_seq_length}; {self.total_steps} steps of {knobs.gradient_accumulation_steps}"
+                       f" x {knobs.micro_batch_size} rows"
+                       + (f"; {self.train_data.dropped_too_long} rows longer than maxSeqLength skipped"
+                          if self.train_data.dropped_too_long else ""))
+
+        self.telemetry.phase("Loading", "loading the base model")
+        started = time.perf_counter()
+        self.loaded: LoadedModel = load_model(spec, self.device, self.dtype, knobs.gradient_checkpointing,
+                                              spec.output.endpoint_url, seed=spec.training.seed)
+        self.model = self.loaded.model
+        self.pad_id = int(self.loaded.tokenizer.pad_token_id)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.log.event("model", f"{spec.method} {self.loaded.model_dir.name}: "
+                       f"{sum(p.numel() for p in self.params):,} trainable LoRA parameters, compute "
+                       f"{str(self.dtype).removeprefix('torch.')} on {self.device.type}, checkpointing "
+                       f"{'on' if knobs.gradient_checkpointing else 'off'} "
+                       f"(loaded in {time.perf_counter() - started:.1f}s)")
+        self.optimizer = make_optimizer(self.params, self.config, self.device, self.log)
+        self.scheduler = make_scheduler(self.optimizer, spec.training.lr_scheduler, spec.training.warmup_ratio,
+                                        self.total_steps)
+        self.telemetry.set_total(0, self.total_steps)
+        self.resume()
+
+    def load_data(self, tokenizer: Any) -> tuple[data_mod.Dataset, data_mod.Dataset | None]:
+        spec = self.spec
+        cache = Path(tempfile.gettempdir()) / "kubetune-data"
+        source = spec.dataset.source
+        rows = data_mod.read_rows(fetch_input(source, cache, spec.output.endpoint_url), "spec.dataset.source "
+                                  + Path(source).name)
+        eval_rows: list[tuple[str, dict[str, Any]]] = []
+        eval_label = "spec.dataset.evalSource"
+        if spec.dataset.eval_source:
+            eval_rows = data_mod.read_rows(fetch_input(spec.dataset.eval_source, cache, spec.output.endpoint_url),
+                                           eval_label + " " + Path(spec.dataset.eval_source).name)
+            eval_label += " " + Path(spec.dataset.eval_source).name
+        else:
+            rows, eval_rows = data_mod.split_eval(rows, spec.dataset.eval_fraction, spec.training.seed)
+            eval_label = "spec.dataset.source (eval split)"
+        tokenize = data_mod.Tokenizing(tokenizer, spec.dataset.format)
+        max_len, packing, seed = self.config.knobs.max_seq_length, spec.training.packing, spec.training.seed
+        train = data_mod.build(rows, tokenize, "spec.dataset.source " + Path(source).name, max_len, packing, seed)
+        evaluation = data_mod.build(eval_rows, tokenize, eval_label, max_len, packing, seed) if eval_rows else None
+        return train, evaluation
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inner = self.model.get_base_model()
+        decoder = getattr(inner, inner.base_model_prefix)
+        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         use_cache=False).last_hidden_state
+        mask = batch["targets"] != data_mod.IGNORE
+        return chunked_loss_sum(hidden[mask], batch["targets"][mask], inner.get_output_embeddings())
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, step: int) -> tuple[float, int, float]:
+        rows = self.train_data.rows
+        batches = [data_mod.collate([rows[i] for i in idx], self.pad_id) for idx in self.schedule.step_rows(step)]
+        loss_tokens = sum(int((b["targets"] != data_mod.IGNORE).sum()) for b in batches)
+        tokens = sum(sum(len(e) for i in idx for e in rows[i]) for idx in self.schedule.step_rows(step))
+        total = 0.0
+        for batch in batches:
+            loss = self.loss_sum(self.to_device(batch))
+            (loss / loss_tokens).backward()
+            total += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.spec.training.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / max(loss_tokens, 1), tokens, grad_norm
+
+    def train(self) -> Result:
+        spec = self.spec
+        self.model.train()
+        self.telemetry.phase("Training", None)
+        watch = Stopwatch()
+        self.started = time.perf_counter()
+        while self.step < self.total_steps:
+            loss, tokens, grad_norm = self.train_step(self.step)
+            self.step += 1
+            self.tokens_seen += tokens
+            self.last_loss = loss
+            watch.add(tokens)
+            if self.step % spec.training.logging_steps == 0 or self.step == self.total_steps:
+                rate, eta, window_tokens = watch.flush(self.total_steps - self.step)
+                lr = float(self.scheduler.get_last_lr()[0])
+                self.telemetry.update(step=self.step, total=self.total_steps, loss=loss, lr=lr, grad_norm=grad_norm,
+                                      tokens=window_tokens, tokens_per_second=rate, eta_seconds=eta)
+                self.log.step(step=self.step, total=self.total_steps, loss=loss, lr=lr, grad_norm=grad_norm,
+                              tokens_per_second=rate, eta_seconds=eta, memory_bytes=self.telemetry.memory())
+            if self.stop_requested:
+                self.checkpoint()
+                raise Preempted(f"stopped by SIGTERM after step {self.step}/{self.total_steps}; checkpoint written")
+            if self.step % spec.training.checkpoint_steps == 0 and self.step < self.total_steps:
+                self.checkpoint()
+                if self.eval_data:
+                    self.evaluate()
+        self.result.seconds = time.perf_counter() - self.started
+        if self.eval_data:
+            self.evaluate()
+        return self.result
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        assert self.eval_data is not None
+        self.telemetry.phase("Evaluating")
+        self.model.eval()
+        total, count = 0.0, 0
+        for rows in data_mod.iter_batches(self.eval_data.rows, self.config.knobs.micro_batch_size):
+            batch = data_mod.collate(rows, self.pad_id)
+            total += float(self.loss_sum(self.to_device(batch)))
+            count += int((batch["targets"] != data_mod.IGNORE).sum())
+        self.model.train()
+        loss = total / max(count, 1)
+        self.telemetry.record_eval(loss)
+        self.result.eval_loss = loss
+        self.log.event("eval", f"eval loss {loss:.4f} at step {self.step}", evalLoss=loss, step=self.step)
+        self.telemetry.phase("Training")
+        return loss
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def request_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self.log.event("signal", f"received {signal.Signals(signum).name}: checkpointing after this step")
+        self.stop_requested = True
+
+    def checkpoint(self) -> None:
+        """adapter + optimizer + scheduler + RNG + data position under checkpoints/step-NNNNNNNN/; the COMPLETE
+        marker goes last, so a checkpoint without it (killed mid-upload) is never resumed."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        self.telemetry.phase("Checkpointing")
+        started = time.perf_counter()
+        name = f"{CHECKPOINTS}/step-{self.step:08d}"
+        state = {"step": self.step, "epoch": self.schedule.epoch_of(self.step), "totalSteps": self.total_steps,
+                 "fingerprint": self.fingerprint, "loss": self.last_loss, "tokens": self.tokens_seen}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            adapter = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self.model).items()}
+            save_file(adapter, str(folder / "adapter_model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": rng_state()}, folder / "trainer_state.pt")
+            (folder / "state.json").write_text(json.dumps(state, indent=2))
+            written = self.storage.put_dir(folder, name)
+            written += self.storage.put_bytes(json.dumps(state).encode(), f"{name}/{COMPLETE}")
+        self.telemetry.record_upload(written)
+        for old in self.complete_checkpoints()[:-KEEP_CHECKPOINTS]:
+            self.storage.delete_prefix(f"{CHECKPOINTS}/step-{old:08d}")
+        seconds = time.perf_counter() - started
+        self.telemetry.record_checkpoint(seconds)
+        self.log.event("checkpoint", f"checkpoint at step {self.step} -> {self.storage.join(name)} "
+                       f"({written / 1e6:.1f} MB, {seconds:.1f}s)", step=self.step, seconds=round(seconds, 2))
+        self.telemetry.phase("Training")
+
+    def complete_checkpoints(self) -> list[int]:
+        steps = []
+        for key in self.storage.list(f"{CHECKPOINTS}/"):
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2] == COMPLETE and parts[1].startswith("step-"):
+                steps.append(int(parts[1].removeprefix("step-")))
+        return sorted(steps)
+
+    def resume(self) -> None:
+        """Continue from the latest complete checkpoint of this same run (same fingerprint), if any."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        for step in reversed(self.complete_checkpoints()):
+            name = f"{CHECKPOINTS}/step-{step:08d}"
+            state = json.loads(self.storage.get_bytes(f"{name}/{COMPLETE}"))
+            if state.get("fingerprint") != self.fingerprint:
+                self.log.event("resume", f"ignoring {name}: written by a different spec")
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(tmp)
+                self.storage.get_dir(name, folder)
+                set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors"),
+                                                                device=str(self.device)))
+                saved = torch.load(folder / "trainer_state.pt", map_location=self.device, weights_only=False)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            set_rng_state(saved["rng"])
+            self.step, self.tokens_seen, self.last_loss = state["step"], state["tokens"], state["loss"]
+            self.telemetry.set_total(self.step, self.total_steps)
+            self.log.event("resume", f"resumed from {self.storage.join(name)} at step {self.step}/{self.total_steps}",
+                           step=self.step)
+            return
+
+    # --- the result -------------------------------------------------------------------------------
+
+    def save(self) -> str:
+        """adapter files + tokenizer to <output>/adapter/, (optionally the merged model to <output>/merged/),
+        then manifest.json with every file's sha256: written last, so its presence means complete."""
+        self.telemetry.phase("Uploading", "writing the adapter")
+        files: dict[str, dict[str, Any]] = {}
+        written = 0
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / ADAPTER
+            self.model.save_pretrained(str(folder))
+            self.loaded.tokenizer.save_pretrained(str(folder))
+            (folder / "README.md").unlink(missing_ok=True)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                rel = path.relative_to(folder).as_posix()
+                written += self.storage.put_file(path, f"{ADAPTER}/{rel}")
+                files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            merged: dict[str, dict[str, Any]] = {}
+            if self.spec.output.merged_model:
+                merged, nbytes = self.save_merged(folder, Path(tmp) / MERGED)
+                written += nbytes
+            metrics = {"steps": self.step, "finalLoss": self.last_loss, "evalLoss": self.result.eval_loss,
+                       "tokens": self.tokens_seen, "peakMemoryBytes": self.telemetry.memory(),
+                       "trainSeconds": round(getattr(self.result, "seconds", 0.0), 2)}
+            manifest = {
+                "kind": "kubetune.io/adapter-manifest", "version": 1,
+                "job": self.config.job.model_dump(),
+                "baseModel": self.spec.model.model_dump(mode="json", by_alias=True),
+                "method": self.spec.method,
+                "spec": self.spec.model_dump(mode="json", by_alias=True),
+                "knobs": self.config.knobs.model_dump(by_alias=True),
+                "files": files,
+                "merged": {"uri": self.storage.join(MERGED), "files": merged} if merged else None,
+                "metrics": metrics,
+                "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            written += self.storage.put_bytes(json.dumps(manifest, indent=2).encode(), f"{ADAPTER}/manifest.json")
+        self.telemetry.record_upload(written)
+        self.storage.delete_prefix(CHECKPOINTS)  # the adapter is the result; checkpoints only served resume
+        uri = self.storage.join(ADAPTER)
+        self.telemetry.status.adapter_uri = uri
+        return uri
+
+    def save_merged(self, adapter_dir: Path, out: Path) -> tuple[dict[str, dict[str, Any]], int]:
+        """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        self.log.event("merge", "merging the adapter into a 16-bit copy of the base model")
+        base = AutoModelForCausalLM.from_pretrained(str(self.loaded.model_dir), dtype=torch.bfloat16)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(str(out))
+        self.loaded.tokenizer.save_pretrained(str(out))
+        files, written = {}, 0
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            rel = path.relative_to(out).as_posix()
+            written += self.storage.put_file(path, f"{MERGED}/{rel}")
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        return files, written
