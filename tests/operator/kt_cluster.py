@@ -86,6 +86,11 @@ class Cluster:
     url: str
     operators: list[RunningOperator] = field(default_factory=list)
 
+    async def add_namespaces(self, *names: str) -> None:
+        for name in names:
+            await self.api.put_object("namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                     "metadata": {"name": name}})
+
     async def add_nodes(self, nodes: list[tuple[str, dict[str, str], int]] = CLUSTER) -> None:
         for name, labels, gpus in nodes:
             await self.api.put_object("nodes", node(name, labels, gpus))
@@ -220,6 +225,7 @@ class RunningOperator:
 async def cluster() -> AsyncIterator[Cluster]:
     async with KubeEmulator() as api, kmock.Server(api) as server:
         world = Cluster(api, str(server.url).rstrip("/"))
+        await world.add_namespaces("default", NS, "team-a", "kubetune-system")
         await world.add_nodes()
         try:
             yield world
