@@ -146,3 +146,18 @@ def test_install_yaml_is_the_default_render() -> None:
     assert [d["kind"] for d in docs[:2]] == ["Namespace", "CustomResourceDefinition"]
     for doc in docs:
         validate(doc)
+
+
+def test_operator_dockerfile_is_slim_and_non_root() -> None:
+    text = (ROOT / "Dockerfile.operator").read_text()
+    stages = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
+    assert stages and all(image.endswith("-slim") for image in stages)
+    user = next(line.split()[1] for line in text.splitlines() if line.startswith("USER "))
+    assert user.split(":")[0].isdigit() and user.split(":")[0] != "0"  # numeric, so runAsNonRoot can check it
+    assert '".[operator]"' in text and "[trainer]" not in text and "[all]" not in text  # no torch in this image
+    for line in text.splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), source
+    deployment = next(o for o in RENDER.render() if o["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(user.split(":")[0])
