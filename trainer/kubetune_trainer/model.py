@@ -99,7 +99,8 @@ def _hub_snapshot(name: str, revision: str | None) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+        cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at import: tests and pods set it late
+        return Path(snapshot_download(name, revision=revision, local_files_only=True, cache_dir=cache))
     except (LocalEntryNotFoundError, OSError, ValueError) as exc:
         raise SpecError(
             f"spec.model.name: {name!r} is not in the Hugging Face cache ({exc.__class__.__name__}); "
