@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kopf._core.intents.registries import SmartOperatorRegistry  # logs in in-cluster or via kubeconfig
@@ -21,16 +21,29 @@ from kubetune_operator.settings import Settings
 PREFIX = "kubetune.io"
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kubetune registers no change-detecting handlers (on.create/update/delete), only on.event and indexes,
+    so kopf needs no "last handled" copy of each object. Skipping it saves a deep copy of every body on
+    every watch event, and kopf never writes its annotations or a finalizer onto FineTuneJobs."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return cast(kopf.BodyEssence, {})
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def kopf_settings(settings: kopf.OperatorSettings, *, backoffs: tuple[float, ...] | None = None) -> None:
     """How kopf keeps its own bookkeeping and retries API errors.
 
-    Bookkeeping lives in annotations (`kubetune.io/...`), never in `.status.kopf`: the CRD's status schema
-    is strict and a real API server would prune unknown status fields.
+    Any bookkeeping would live in annotations (`kubetune.io/...`), never in `.status.kopf`: the CRD's status
+    schema is strict and a real API server prunes unknown status fields.
     """
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration",
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.posting.level = logging.WARNING  # Events come from the handlers (kopf.event), not from logs
     settings.watching.server_timeout = 300
