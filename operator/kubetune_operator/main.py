@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from dataclasses import replace
 from typing import Any, cast
@@ -95,7 +96,10 @@ def run_operator(args: argparse.Namespace) -> int:
     if getattr(args, "metrics_port", None) is not None:
         overrides["metrics_port"] = args.metrics_port
     settings = replace(Settings.from_env(), **overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:  # kopf logs every handler call at INFO: noise, and CPU at hundreds of jobs
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
     async def main() -> None:
         stop = asyncio.Event()
