@@ -78,6 +78,9 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
             import torch
 
             torch.cuda.reset_peak_memory_stats()
+            fraction = os.environ.get("KUBETUNE_GPU_MEMORY_FRACTION")
+            if fraction:  # behave like a smaller card (a cheaper class) on a big one: tests, dry runs
+                torch.cuda.set_per_process_memory_fraction(float(fraction))
         signal.signal(signal.SIGTERM, recipe.request_stop)
         recipe.setup()
         before = recipe_answer(recipe, options.prompt) if options.prompt else None

@@ -1,0 +1,52 @@
+"""Dockerfile.trainer, checked statically (no container engine here): a CUDA runtime base, multi-stage,
+no build tools or pip in the final stage, non-root, the trainer module as entry point."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    text = (ROOT / "Dockerfile.trainer").read_text().replace("\\\n", " ")
+    out: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        if instruction.upper() == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((instruction.upper(), rest.strip()))
+    return out
+
+
+def test_multi_stage_on_a_cuda_runtime_base() -> None:
+    text = (ROOT / "Dockerfile.trainer").read_text()
+    base = re.search(r"ARG CUDA_IMAGE=(\S+)", text)
+    assert base and base.group(1).startswith("nvidia/cuda:") and "-runtime-" in base.group(1)
+    build, final = stages()
+    assert build[0] == ("FROM", "${CUDA_IMAGE} AS build") and final[0] == ("FROM", "${CUDA_IMAGE}")
+    assert any(i == "RUN" and '".[trainer]"' in r for i, r in build)
+    assert any(i == "RUN" and 'torch==${TORCH_VERSION}' in r for i, r in build)
+
+
+def test_final_stage_has_no_build_tools_and_runs_as_non_root() -> None:
+    final = stages()[-1]
+    runs = " ".join(r for i, r in final if i == "RUN")
+    for tool in ("build-essential", "gcc", "g++", "make", "python3-dev", "python3-pip", "pip install", "-devel"):
+        assert tool not in runs, tool
+    assert any(i == "COPY" and r.startswith("--from=build /opt/kubetune") for i, r in final)
+    users = [r for i, r in final if i == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert int(users[-1].split(":")[0]) >= 1000
+
+
+def test_entrypoint_is_the_trainer_module() -> None:
+    final = dict(stages()[-1])
+    assert json.loads(final["ENTRYPOINT"]) == ["python", "-m", "kubetune_trainer"]
+    assert json.loads(final["CMD"]) == ["--config", "/etc/kubetune/job.json"]
