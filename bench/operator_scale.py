@@ -1,6 +1,6 @@
 """Operator scale: N FineTuneJobs created at once against the Kubernetes emulator (not a test).
 
-    .venv/bin/python bench/operator_scale.py --jobs 500
+    .venv/bin/python bench/operator_scale.py --jobs 500 --compare 50
 
 The emulator (kmock's, extended in tests/operator/kt_emulator.py) serves HTTP on 127.0.0.1 in this
 process; the operator is the real `kubetune operator` command in a child process, logged in through a
@@ -11,7 +11,8 @@ kubeconfig that points at the emulator. Reported:
 - create -> status latency (the FineTuneJob's status says Queued);
 - API requests per job: every request the operator made from the first create until all statuses
   settled, over N (the benchmark's own POSTs not counted), with the breakdown by verb and resource;
-- operator memory: the child's peak and final RSS (VmHWM, VmRSS), next to its RSS before the burst.
+- operator memory: the child's peak and final RSS (VmHWM, VmRSS), next to its RSS before the burst;
+- side by side with a small burst (--compare): per-job requests, CPU and p99, and their ratios.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def main(jobs: int, timeout: float) -> int:
+async def run_one(jobs: int, timeout: float) -> dict[str, Any]:
+    """A fresh emulator and operator process; one burst of `jobs` FineTuneJobs."""
     async with KubeEmulator() as api, kmock.Server(api) as server:
         url = str(server.url).rstrip("/")
         for name, labels, gpus in CLUSTER:
@@ -103,7 +105,7 @@ async def main(jobs: int, timeout: float) -> int:
 
 
 async def _measure(api: KubeEmulator, url: str, child: subprocess.Popen[bytes], jobs: int, timeout: float,
-                   log: Path) -> int:
+                   log: Path) -> dict[str, Any]:
     # Ready when the operator watches FineTuneJobs (a watch request arrived) and has settled.
     deadline = time.perf_counter() + 60
     while api.request_count("GET", "finetunejobs") == 0:
@@ -152,32 +154,70 @@ async def _measure(api: KubeEmulator, url: str, child: subprocess.Popen[bytes], 
 
     delta = {k: v - before.get(k, 0) for k, v in api.counts.items() if v - before.get(k, 0)}
     delta[("POST", "finetunejobs")] = delta.get(("POST", "finetunejobs"), 0) - jobs  # the benchmark's own
-    operator_requests = sum(delta.values())
-    made = len(latencies)
-    print(f"Operator scale: {jobs} FineTuneJobs created at once (POSTs took {posted:.2f} s)")
-    print(f"  trainer Jobs created:        {made}/{jobs}; statuses Queued: {queued()}/{jobs}")
+    return {
+        "jobs": jobs, "posted": posted, "made": len(latencies), "queued": queued(),
+        "latencies": latencies, "status_latencies": status_latencies,
+        "requests": {k: v for k, v in delta.items() if v}, "idle_rss": idle_rss, "peak_rss": peak_rss,
+        "operator_cpu": operator_cpu, "bench_cpu": bench_cpu,
+    }
+
+
+def report(r: dict[str, Any]) -> None:
+    jobs, latencies, status_latencies = r["jobs"], r["latencies"], r["status_latencies"]
+    total = sum(r["requests"].values())
+    print(f"Operator scale: {jobs} FineTuneJobs created at once (the POSTs took {r['posted']:.2f} s)")
+    print(f"  trainer Jobs created: {r['made']}/{jobs}; statuses Queued: {r['queued']}/{jobs}")
     if latencies:
         print(f"  create -> Job     p50 {statistics.median(latencies):.3f} s   p99 {percentile(latencies, 0.99):.3f} s"
               f"   max {max(latencies):.3f} s")
     if status_latencies:
         print(f"  create -> status  p50 {statistics.median(status_latencies):.3f} s   "
               f"p99 {percentile(status_latencies, 0.99):.3f} s   max {max(status_latencies):.3f} s")
-    print(f"  API requests by the operator: {operator_requests} = {operator_requests / jobs:.2f} per job")
-    for (method, plural), count in sorted(delta.items(), key=lambda kv: -kv[1]):
-        if count:
-            print(f"    {method:6} {plural:14} {count:6}  ({count / jobs:.2f} per job)")
-    print(f"  operator RSS: idle {idle_rss['VmRSS'] / 1024:.0f} MiB, after the burst "
-          f"{peak_rss['VmRSS'] / 1024:.0f} MiB, peak {peak_rss['VmHWM'] / 1024:.0f} MiB")
-    print(f"  CPU during the burst: operator {operator_cpu:.1f} s, emulator + benchmark {bench_cpu:.1f} s "
-          f"(this machine: {os.cpu_count()} cores)")
-    ok = made == jobs and latencies and percentile(latencies, 0.99) < 2.0 and operator_requests / jobs <= 8
-    print(f"  targets (p99 < 2 s, <= 8 requests per job): {'met' if ok else 'NOT met'}")
-    return 0 if made == jobs else 1
+    print(f"  API requests by the operator: {total} = {total / jobs:.2f} per job")
+    for (method, plural), count in sorted(r["requests"].items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"    {method:6} {plural:14} {count:6}  ({count / jobs:.2f} per job)")
+    print(f"  operator RSS: idle {r['idle_rss']['VmRSS'] / 1024:.0f} MiB, after the burst "
+          f"{r['peak_rss']['VmRSS'] / 1024:.0f} MiB, peak {r['peak_rss']['VmHWM'] / 1024:.0f} MiB")
+    print(f"  CPU during the burst: operator {r['operator_cpu']:.2f} s ({r['operator_cpu'] / jobs * 1000:.1f} ms per "
+          f"job), emulator + benchmark {r['bench_cpu']:.2f} s (this machine: {os.cpu_count()} cores)")
+
+
+def compare(small: dict[str, Any], large: dict[str, Any]) -> None:
+    """Side by side: does the cost per job stay flat from the small burst to the large one?"""
+    def per_job(r: dict[str, Any]) -> tuple[float, float, float]:
+        return (sum(r["requests"].values()) / r["jobs"], r["operator_cpu"] / r["jobs"] * 1000,
+                percentile(r["latencies"], 0.99))
+
+    (rq_s, cpu_s, p99_s), (rq_l, cpu_l, p99_l) = per_job(small), per_job(large)
+    a, b = small["jobs"], large["jobs"]
+    print(f"Side by side, {a} vs {b} jobs ({b / a:.0f}x the burst):")
+    print(f"  API requests per job  {rq_s:6.2f} vs {rq_l:6.2f}   ratio {rq_l / rq_s:.2f}")
+    print(f"  operator CPU per job  {cpu_s:6.1f} vs {cpu_l:6.1f} ms  ratio {cpu_l / cpu_s:.2f}")
+    print(f"  create -> Job p99     {p99_s:6.3f} vs {p99_l:6.3f} s   ratio {p99_l / p99_s:.2f}")
+
+
+async def main(sizes: list[int], timeout: float) -> int:
+    results = []
+    for jobs in sizes:
+        result = await run_one(jobs, timeout)
+        report(result)
+        results.append(result)
+    if len(results) > 1:
+        compare(results[0], results[-1])
+    large = results[-1]
+    ok = large["made"] == large["jobs"] and percentile(large["latencies"], 0.99) < 2.0 and \
+        sum(large["requests"].values()) / large["jobs"] <= 8
+    print(f"Targets for {large['jobs']} jobs (p99 create -> Job < 2 s, <= 8 API requests per job): "
+          f"{'met' if ok else 'NOT met'}")
+    return 0 if all(r["made"] == r["jobs"] for r in results) else 1
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--jobs", type=int, default=500, help="FineTuneJobs in the measured burst")
+    parser.add_argument("--compare", type=int, default=50,
+                        help="also run a burst this size first and print the per-job ratios (0: off)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all Jobs")
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.jobs, args.timeout)))
+    sizes = ([args.compare] if args.compare else []) + [args.jobs]
+    sys.exit(asyncio.run(main(sizes, args.timeout)))

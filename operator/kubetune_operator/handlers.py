@@ -5,8 +5,9 @@ One idempotent function, `reconcile(finetunejob)`, decides everything from the o
 - a launched attempt -> `follow`: its Job and pods (from kopf indexes fed by watches) say waiting, running,
   succeeded, failed, or out of memory (-> launch the next attempt one GPU class up)
 
-It runs on every FineTuneJob event, on every event of a trainer Job or pod (for its FineTuneJob), and
-from a sweep every `poll_interval` seconds (which also polls running trainers' /status). Handlers are
+It runs on every FineTuneJob event (except the echo of its own status write), on every event of a trainer
+pod (for its FineTuneJob), and from a sweep every `poll_interval` seconds, which also polls running
+trainers' /status and notices Job-level changes (Kueue admission, a Job that failed without a pod). Handlers are
 `on.event` and indexes only: kopf keeps no bookkeeping on the objects (no annotations, no finalizer),
 so the happy path costs 4 API requests per job (ConfigMap, Job, status, Event) and deleting a
 FineTuneJob never waits for the operator. Everything the operator knows about a job is in its
@@ -125,6 +126,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
     written: dict[str, dict[str, Any]] = {}  # uid -> the status this operator last wrote (it is the only writer)
     locks: dict[str, asyncio.Lock] = {}  # uid -> serializes reconciles of one FineTuneJob
     phases: dict[str, str] = {}  # uid -> phase, for the jobs-by-phase gauge
+    echoes: dict[str, str | None] = {}  # uid -> resourceVersion of our last status write (its watch echo)
 
     def count_phases() -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -207,6 +209,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
             if updated is None:
                 return
             written[uid] = dict(updated.get("status") or {})
+            echoes[uid] = (updated.get("metadata") or {}).get("resourceVersion")
         phases[uid] = job.status.get("phase") or "Pending"
         for event in job.events:
             kopf.event(job.body, type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
@@ -389,11 +392,13 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
     async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, **kwargs: Any) -> None:
         capture(kwargs)
         if event.get("type") == "DELETED":
-            for cache in (written, locks, phases):
+            for cache in (written, locks, phases, echoes):
                 cache.pop(uid, None)
             return
         snapshot = _plain(body)
         phases.setdefault(uid, (snapshot.get("status") or {}).get("phase") or "Pending")
+        if body.get("metadata", {}).get("resourceVersion") == echoes.pop(uid, None):
+            return  # the echo of this operator's own status write: nothing new to decide
         await reconcile(snapshot, source="finetunejob")
 
     async def on_child(namespace: str | None, labels: Mapping[str, str], kwargs: Mapping[str, Any]) -> None:
@@ -401,10 +406,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
         parent = next(iter(world["finetunejobs"].get((namespace, labels.get(resources.LABEL_JOB, "")), [])), None)
         if parent is not None and (parent.get("status") or {}).get("jobName"):
             await reconcile(parent, source="trainer")
-
-    @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="trainer_job", registry=registry)
-    async def on_trainer_job(namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
-        await on_child(namespace, labels, kwargs)
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED, id="trainer_pod", registry=registry)
     async def on_trainer_pod(namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
