@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     train.add_argument("--metrics-port", type=int, default=0, help="serve /metrics and /status here (0: off)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.add_argument("--prompt", help="print the model's answer to this prompt before and after training "
+                       "(default: the job's kubetune.io/sample-prompt annotation)")
+    train.add_argument("--termination-log", help="also write the trainer's JSON summary to this file")
     train.set_defaults(func=cmd_train)
 
     operator = sub.add_parser("operator", help="run the FineTuneJob operator (kopf)")
