@@ -175,9 +175,16 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
         in_use = {node: sum(store) for node, store in world["gpu_pods"].items()}
         return Inventory(tuple(nodes), in_use)
 
+    plans: dict[tuple[str, str | None], Plan] = {}  # a pure function's results, keyed by what it reads
+
     def plan_for(spec: FineTuneJobSpec, above: str | None) -> Plan:
-        arch = resolve_architecture(spec.model.name, spec.model.source, _s3_config_reader())
-        return make_plan(spec, arch, catalog, above=above)
+        key = (spec.model_dump_json(include={"model", "method", "lora", "training", "resources"}), above)
+        if key not in plans:
+            arch = resolve_architecture(spec.model.name, spec.model.source, _s3_config_reader())
+            if len(plans) >= 1024:
+                plans.clear()
+            plans[key] = make_plan(spec, arch, catalog, above=above)
+        return plans[key]
 
     async def reconcile(body: Mapping[str, Any], *, poll: bool = False, source: str) -> None:
         uid = (body.get("metadata") or {}).get("uid", "")
