@@ -418,16 +418,21 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
     async def on_trainer_pod(namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
         await on_child(namespace, labels, kwargs)
 
+    gate = asyncio.Semaphore(32)  # a slow trainer /status must not hold up the others
+
+    async def swept(body: Mapping[str, Any], gate: asyncio.Semaphore) -> None:
+        async with gate:
+            await reconcile(body, poll=True, source="sweep")
+
     async def sweep() -> None:
         """Every poll_interval: place Pending jobs again, poll running trainers, repair lost status writes."""
         while True:
             await asyncio.sleep(settings.poll_interval)
             if "finetunejobs" not in world:
                 continue
-            snapshots = [body for _, store in list(world["finetunejobs"].items()) for body in store]
-            for body in snapshots:
-                if (body.get("status") or {}).get("phase") not in st.TERMINAL_PHASES:
-                    await reconcile(body, poll=True, source="sweep")
+            snapshots = [body for _, store in list(world["finetunejobs"].items()) for body in store
+                         if (body.get("status") or {}).get("phase") not in st.TERMINAL_PHASES]
+            await asyncio.gather(*(swept(body, gate) for body in snapshots))
 
     @kopf.on.startup(id="kubetune", registry=registry)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
