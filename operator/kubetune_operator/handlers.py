@@ -274,10 +274,13 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
         gpu = catalog.get(plan.gpu_class, "status.plan.gpuClass")
         config = resources.config_map(owner, spec, plan, attempt, settings)
         trainer = resources.trainer_job(owner, spec, plan, gpu, attempt, settings)
-        # Independent objects: create both at once (the pod waits for its ConfigMap volume anyway).
-        results = await asyncio.gather(kube.create_or_adopt(config, owner.uid, world["settings"], log),
-                                       kube.create_or_adopt(trainer, owner.uid, world["settings"], log))
-        created = results[1][1]
+        # The ConfigMap first: a Job must never start on a ConfigMap of that name that is not ours.
+        try:
+            await kube.create_or_adopt(config, owner.uid, world["settings"], log)
+            _, created = await kube.create_or_adopt(trainer, owner.uid, world["settings"], log)
+        except kube.NotOurs as exc:
+            job.write(phase="Failed", reason="ChildNameTaken", message=str(exc))
+            return
         if created:
             metrics.jobs_created.inc()
         name = trainer["metadata"]["name"]

@@ -340,3 +340,15 @@ async def test_a_failed_trainer_fails_the_job_with_its_error(cluster: Cluster) -
     assert conditions["Stalled"] == ("True", "TrainingFailed")
     assert status["attempts"][0]["outcome"] == "Failed"
     assert len(cluster.jobs()) == 1
+
+
+async def test_a_foreign_object_with_the_child_name_is_not_adopted(cluster: Cluster) -> None:
+    await cluster.api.put_object("configmaps", {"apiVersion": "v1", "kind": "ConfigMap",
+                                                "metadata": {"name": "taken-a1", "namespace": NS}, "data": {}})
+    await cluster.start_operator()
+    await cluster.apply(finetunejob("taken"))
+    status = await cluster.wait_phase("taken", "Failed")
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Stalled"] == "ChildNameTaken"
+    assert "ConfigMap ml/taken-a1 exists and is not owned by this FineTuneJob" in status["message"]
+    assert cluster.jobs() == []
+    assert "ownerReferences" not in cluster.api.get("configmaps", NS, "taken-a1")["metadata"]  # type: ignore[index]
