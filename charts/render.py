@@ -47,7 +47,7 @@ def render(values: dict[str, Any] | None = None, *, name: str = RELEASE,
         rendered = chart.render(values=values or {}, name=name, namespace=namespace, is_install=True)
     finally:
         chart.close()
-    objects = []
+    objects: list[dict[str, Any]] = []
     for path, text in sorted(rendered.items()):
         if not path.endswith((".yaml", ".yml")):
             continue  # NOTES.txt

@@ -109,7 +109,7 @@ class Cluster:
             return response.status, await response.json()
 
     def ftj(self, name: str) -> dict[str, Any]:
-        return self.api.get("finetunejobs", NS, name) or {}
+        return self.api.read("finetunejobs", NS, name) or {}
 
     def status(self, name: str) -> dict[str, Any]:
         return dict(self.ftj(name).get("status") or {})

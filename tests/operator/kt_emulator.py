@@ -174,7 +174,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return kind
         raise KeyError(plural)
 
-    def get(self, plural: str, namespace: str | None, name: str, group: str | None = None) -> dict[str, Any] | None:
+    def read(self, plural: str, namespace: str | None, name: str,
+             group: str | None = None) -> dict[str, Any] | None:
         kind = self.kind_of(plural, group)
         obj = self.store.get((kind.key, namespace if kind.namespaced else None, name))
         return copy.deepcopy(obj) if obj else None
@@ -223,9 +224,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         resource = request.resource
-        if resource is None or (resource.group, resource.version, resource.plural) not in self.kinds:
+        key = (str(resource.group), str(resource.version), str(resource.plural)) if resource is not None else None
+        if key is None or key not in self.kinds:
             return await super()._handle(request)  # discovery, version, unknown paths: kmock's own answers
-        kind = self.kinds[(resource.group, resource.version, resource.plural)]
+        kind = self.kinds[key]
         method = str(request.method.value).upper()
         self.counts[(method, kind.plural)] += 1
         try:
@@ -242,7 +244,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return await self._watch(request, kind, namespace)
             if method == "GET" and request.name is None:
                 return self._json(self._list(kind, namespace, params))
-            if method == "GET":
+            if method == "GET" and request.name:
                 return self._json(self._fetch(kind, namespace, request.name))
             if method == "POST" and request.name is None:
                 return self._json(self._create(kind, namespace, request.data or {}), 201)

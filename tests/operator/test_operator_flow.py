@@ -68,7 +68,7 @@ async def test_jobs_land_on_the_planned_class(cluster: Cluster, name: str, model
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == gpu[-1]
 
-    config = cluster.api.get("configmaps", NS, f"{name}-a1")
+    config = cluster.api.read("configmaps", NS, f"{name}-a1")
     assert config is not None
     trainer_config = json.loads(config["data"]["job.json"])
     assert trainer_config["gpuClass"] == gpu.split()[0]
@@ -179,9 +179,9 @@ async def test_out_of_gpu_memory_escalates_one_class_up_and_resumes(cluster: Clu
     assert [(a["attempt"], a["gpuClass"], a["outcome"]) for a in status["attempts"]] == [
         (1, "L4", "OutOfMemory"), (2, "A100-40GB", "Pending")]
     assert sorted(j["metadata"]["name"] for j in cluster.jobs()) == ["oom-a1", "oom-a2"]
-    job2 = cluster.api.get("jobs", NS, "oom-a2")
+    job2 = cluster.api.read("jobs", NS, "oom-a2")
     assert job2 is not None and affinity_classes(job2) == {"A100-40GB"}
-    config = json.loads(cluster.api.get("configmaps", NS, "oom-a2")["data"]["job.json"])  # type: ignore[index]
+    config = json.loads(cluster.api.read("configmaps", NS, "oom-a2")["data"]["job.json"])
     assert config["attempt"] == 2 and config["gpuClass"] == "A100-40GB"
     # the same output URI: the trainer resumes from <uri>/checkpoints/
     assert config["spec"]["output"]["uri"] == "s3://adapters/oom/"
@@ -255,7 +255,7 @@ async def test_deletion_cascades_to_the_children(cluster: Cluster) -> None:
     await cluster.run_pod(job, "gpu-l4-1")
     code, _ = await cluster.request("DELETE", f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/gone")
     assert code == 200
-    await eventually(lambda: cluster.api.get("finetunejobs", NS, "gone") is None)
+    await eventually(lambda: cluster.api.read("finetunejobs", NS, "gone") is None)
     assert cluster.jobs() == [] and cluster.api.items("configmaps", NS) == [] and cluster.api.items("pods", NS) == []
 
 
@@ -267,14 +267,14 @@ async def test_suspend_and_resume(cluster: Cluster) -> None:
 
     await cluster.request("PATCH", path, {"spec": {"suspend": True}}, "application/merge-patch+json")
     status = await cluster.wait_phase("pause", "Suspended")
-    assert cluster.api.get("jobs", NS, "pause-a1")["spec"]["suspend"] is True  # type: ignore[index]
+    assert cluster.api.read("jobs", NS, "pause-a1")["spec"]["suspend"] is True
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions == {"Ready": "False", "Reconciling": "False", "Stalled": "False"}
     await eventually(lambda: any(e["reason"] == "Suspended" for e in cluster.events("pause")), 5, "Suspended event")
 
     await cluster.request("PATCH", path, {"spec": {"suspend": False}}, "application/merge-patch+json")
     await cluster.wait_phase("pause", "Queued")
-    assert cluster.api.get("jobs", NS, "pause-a1")["spec"]["suspend"] is False  # type: ignore[index]
+    assert cluster.api.read("jobs", NS, "pause-a1")["spec"]["suspend"] is False
     assert len(cluster.jobs()) == 1
 
 
@@ -301,7 +301,7 @@ async def test_kueue_queue_label_and_suspended_job(cluster: Cluster, by_label: b
 
     # Kueue admits it: unsuspends the Job; a pod starts.
     await cluster.api.patch_object("jobs", NS, "queued-a1", {"spec": {"suspend": False}})
-    await cluster.run_pod(cluster.api.get("jobs", NS, "queued-a1"), "gpu-l4-1")  # type: ignore[arg-type]
+    await cluster.run_pod(cluster.api.read("jobs", NS, "queued-a1"), "gpu-l4-1")
     await cluster.wait_phase("queued", "Running")
 
 
@@ -317,11 +317,11 @@ async def test_the_examples_land_where_their_comments_say(cluster: Cluster) -> N
         await cluster.apply(body)
     for name, gpu in expected.items():
         meta = bodies[name]["metadata"]
-        status = await eventually(lambda m=meta: (s := cluster.api.get("finetunejobs", m["namespace"], m["name"])
+        status = await eventually(lambda m=meta: (s := cluster.api.read("finetunejobs", m["namespace"], m["name"])
                                                   or {}).get("status", {}).get("phase") == "Queued" and s["status"],
                                   10, f"{name} to be Queued")
         assert status["gpu"] == gpu, name
-    kueue_job = cluster.api.get("jobs", "team-a", "qwen-7b-team-a-a1")
+    kueue_job = cluster.api.read("jobs", "team-a", "qwen-7b-team-a-a1")
     assert kueue_job is not None and kueue_job["spec"]["suspend"] is True
     assert kueue_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
 
@@ -351,4 +351,4 @@ async def test_a_foreign_object_with_the_child_name_is_not_adopted(cluster: Clus
     assert {c["type"]: c["reason"] for c in status["conditions"]}["Stalled"] == "ChildNameTaken"
     assert "ConfigMap ml/taken-a1 exists and is not owned by this FineTuneJob" in status["message"]
     assert cluster.jobs() == []
-    assert "ownerReferences" not in cluster.api.get("configmaps", NS, "taken-a1")["metadata"]  # type: ignore[index]
+    assert "ownerReferences" not in cluster.api.read("configmaps", NS, "taken-a1")["metadata"]

@@ -53,7 +53,7 @@ async def test_kubetune_operator_command(cluster: Cluster, tmp_path: Path) -> No
             await cluster.apply(finetunejob("from-cli"))
             status = await cluster.wait_phase("from-cli", "Queued", timeout=10)
             assert status["gpu"] == "L4 x1"
-            job = cluster.api.get("jobs", NS, "from-cli-a1")
+            job = cluster.api.read("jobs", NS, "from-cli-a1")
             assert job is not None
             assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/kubetune-trainer:test"
             code, text = await get("/metrics")
