@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
+import socket
 from dataclasses import replace
 from typing import Any, cast
 
@@ -69,6 +71,13 @@ def build_registry(settings: Settings, metrics: Metrics, login: Any = None) -> k
     return registry
 
 
+def peering_priority(name: str | None = None) -> int:
+    """kopf pauses every replica whose peer has the same priority; replicas of one Deployment differ by pod
+    name, so a priority derived from it makes exactly one of them (the highest) active."""
+    digest = hashlib.sha256((name or socket.gethostname()).encode()).digest()
+    return 1 + int.from_bytes(digest[:4], "big") % 100_000
+
+
 async def run_async(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     metrics = Metrics()
     ready = asyncio.Event()
@@ -80,6 +89,7 @@ async def run_async(settings: Settings, *, stop: asyncio.Event | None = None) ->
             namespaces=list(settings.namespaces),
             standalone=settings.peering is None,
             peering_name=settings.peering,
+            priority=peering_priority() if settings.peering else None,
             ready_flag=ready,
             stop_flag=stop,
         )

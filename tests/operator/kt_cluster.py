@@ -17,6 +17,7 @@ import aiohttp.web
 import kmock
 import kopf
 import pytest
+from kopf._core.engines.peering import Identity  # one identity per in-process operator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kt_emulator import KubeEmulator
@@ -124,8 +125,9 @@ class Cluster:
         return dict(await eventually(lambda: self.status(name) if self.status(name).get("phase") == phase else None,
                                      timeout, f"{name} to reach {phase} (now {self.status(name)})"))
 
-    async def start_operator(self, **overrides: Any) -> RunningOperator:
-        operator = RunningOperator(self.url, Settings(**{"poll_interval": 0.3, "metrics_port": 0, **overrides}))
+    async def start_operator(self, priority: int = 0, **overrides: Any) -> RunningOperator:
+        operator = RunningOperator(self.url, Settings(**{"poll_interval": 0.3, "metrics_port": 0, **overrides}),
+                                   priority)
         await operator.start()
         self.operators.append(operator)
         return operator
@@ -172,8 +174,9 @@ class RunningOperator:
     its loop on exit, and the emulator must outlive it.
     """
 
-    def __init__(self, url: str, settings: Settings) -> None:
+    def __init__(self, url: str, settings: Settings, priority: int = 0) -> None:
         self.url = url
+        self.priority = priority
         self.settings = settings
         self.metrics = Metrics()
         self.thread: threading.Thread | None = None
@@ -196,7 +199,9 @@ class RunningOperator:
             settings.queueing.exit_timeout = 2
 
         try:
-            asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True,
+            asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=self.settings.peering is None,
+                                      peering_name=self.settings.peering, priority=self.priority,
+                                      identity=Identity(f"test-operator-{id(self)}"),
                                       stop_flag=self.stop_flag, ready_flag=self.ready))
         except BaseException as exc:  # reported by crashed() and stop()
             self.error = exc

@@ -70,6 +70,8 @@ KINDS = [
     Kind("batch", "v1", "jobs", "Job", namespaced=True),
     Kind("events.k8s.io", "v1", "events", "Event", namespaced=True, status_subresource=False),
     Kind("kubetune.io", "v1alpha1", "finetunejobs", "FineTuneJob", namespaced=True),
+    Kind("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering", namespaced=False, status_subresource=False),
+    Kind("kopf.dev", "v1", "kopfpeerings", "KopfPeering", namespaced=True, status_subresource=False),
 ]
 
 

@@ -352,3 +352,29 @@ async def test_a_foreign_object_with_the_child_name_is_not_adopted(cluster: Clus
     assert "ConfigMap ml/taken-a1 exists and is not owned by this FineTuneJob" in status["message"]
     assert cluster.jobs() == []
     assert "ownerReferences" not in cluster.api.read("configmaps", NS, "taken-a1")["metadata"]
+
+
+async def test_two_replicas_with_peering_fail_over(cluster: Cluster) -> None:
+    await cluster.api.put_object("clusterkopfpeerings", {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                                                         "metadata": {"name": "kubetune"}})
+    leader = await cluster.start_operator(priority=200, peering="kubetune")
+    standby = await cluster.start_operator(priority=100, peering="kubetune")
+    await cluster.apply(finetunejob("first"))
+    await cluster.wait_phase("first", "Queued")
+
+    def priorities() -> list[int]:
+        peers = (cluster.api.read("clusterkopfpeerings", None, "kubetune") or {}).get("status") or {}
+        return sorted(p["priority"] for p in peers.values() if p)
+
+    await eventually(lambda: priorities() == [100, 200], 10, "both replicas in the peering object")
+    await cluster.apply(finetunejob("during"))
+    await cluster.wait_phase("during", "Queued")
+    assert 'handler="finetunejob"' in leader.metrics.exposition().decode()
+    assert 'handler="finetunejob"' not in standby.metrics.exposition().decode()  # paused by the peering
+
+    await leader.stop()  # a clean exit removes the leader from the peering object; the standby resumes
+    await cluster.apply(finetunejob("second"))
+    await cluster.wait_phase("second", "Queued", timeout=20)
+    assert sorted(j["metadata"]["name"] for j in cluster.jobs()) == ["during-a1", "first-a1", "second-a1"]
+    assert 'handler="finetunejob"' in standby.metrics.exposition().decode()
+    assert standby.crashed() is None
