@@ -208,3 +208,30 @@ def test_unreadable_config_exits_2(tmp_path: Path) -> None:
     assert main(["--config", str(bad), "--metrics-port", "0", "--termination-log", str(termination)]) == 2
     error = json.loads(termination.read_text())["error"]
     assert "config.spec.model" in error and "config.knobs.microBatchSize: is required" in error
+
+
+def test_kubetune_train_cli_plans_and_trains_here(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from kubetune.cli import main
+
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": "local-run", "annotations": {"kubetune.io/sample-prompt": "What is the code word 3?"}},
+           "spec": {"model": {"source": str(tiny_model_dir)}, "dataset": {"source": str(chat_file)},
+                    "lora": {"r": 4}, "training": {"maxSeqLength": 128, "gradientAccumulationSteps": 2},
+                    "output": {"uri": "s3://not-used/when-overridden"}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    out = tmp_path / "local-out"
+    termination = tmp_path / "summary.json"
+    code = main(["train", "-f", str(path), "--output", str(out), "--max-steps", "2", "--device", "cpu",
+                 "--termination-log", str(termination)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"Adapter: {out / 'adapter'}" in printed
+    assert "Prompt: What is the code word 3?" in printed and "before:" in printed and "after:" in printed
+    assert json.loads(termination.read_text())["steps"] == 2
+    assert (out / "adapter" / "manifest.json").exists()
+    assert main(["train", "-f", str(path), "--max-steps", "0"]) == 2
+    assert "--max-steps: must be >= 1, got 0" in capsys.readouterr().err

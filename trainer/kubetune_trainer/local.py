@@ -101,7 +101,8 @@ def run_local(args: argparse.Namespace) -> int:
 def report(result: Any, prompt: str | None, seconds: float) -> None:
     out = sys.stdout
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "?"
-    print(f"\nTrained {result.steps} steps in {seconds:.0f}s (final loss {loss}).", file=out)
+    first = f"{result.first_loss:.4f} -> " if result.first_loss is not None else ""
+    print(f"\nTrained {result.steps} steps in {seconds:.0f}s (train loss {first}{loss}).", file=out)
     print(f"Adapter: {result.adapter_uri}", file=out)
     if prompt and result.samples:
         print(f"\nPrompt: {prompt}", file=out)

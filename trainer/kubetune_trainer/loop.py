@@ -31,7 +31,14 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from kubetune_trainer import data as data_mod
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.metrics import Stopwatch, Telemetry
-from kubetune_trainer.model import LoadedModel, compute_dtype, load_model, pick_device, resolve_model_dir
+from kubetune_trainer.model import (
+    LoadedModel,
+    compute_dtype,
+    load_model,
+    mixed_precision,
+    pick_device,
+    resolve_model_dir,
+)
 from kubetune_trainer.progress import Log
 from kubetune_trainer.storage import Storage, fetch_input, open_storage, sha256_file
 
@@ -62,6 +69,7 @@ class Result:
     steps: int = 0
     total_steps: int = 0
     final_loss: float | None = None
+    first_loss: float | None = None
     eval_loss: float | None = None
     peak_memory_bytes: int = 0
     adapter_uri: str | None = None
@@ -187,8 +195,10 @@ class Recipe:
         self.telemetry.phase("Loading", "loading the base model")
         started = time.perf_counter()
         self.loaded: LoadedModel = load_model(spec, self.device, self.dtype, knobs.gradient_checkpointing,
-                                              spec.output.endpoint_url, seed=spec.training.seed)
+                                              spec.output.endpoint_url, seed=spec.training.seed,
+                                              gpu_count=self.config.gpu_count)
         self.model = self.loaded.model
+        self.input_device = self.model.get_input_embeddings().weight.device
         self.pad_id = int(self.loaded.tokenizer.pad_token_id)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.log.event("model", f"{spec.method} {self.loaded.model_dir.name}: "
@@ -226,17 +236,22 @@ class Recipe:
     # --- the loop ---------------------------------------------------------------------------------
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of token losses of one micro-batch. Runs under autocast in the compute dtype, so the fp32 LoRA
+        weights are used in 16-bit for the matmuls (their gradients and Adam states stay fp32)."""
         inner = self.model.get_base_model()
         decoder = getattr(inner, inner.base_model_prefix)
-        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                         use_cache=False).last_hidden_state
-        mask = batch["targets"] != data_mod.IGNORE
-        return chunked_loss_sum(hidden[mask], batch["targets"][mask], inner.get_output_embeddings())
+        with mixed_precision(self.model, self.input_device.type, self.dtype):
+            hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             use_cache=False).last_hidden_state
+            targets = batch["targets"].to(hidden.device, non_blocking=True)  # no-op unless layers span GPUs
+            mask = targets != data_mod.IGNORE
+            return chunked_loss_sum(hidden[mask], targets[mask], inner.get_output_embeddings())
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.device.type == "cpu":
+        """One pinned host-to-device copy per tensor, asynchronous; nothing on a CPU run."""
+        if self.input_device.type == "cpu":
             return batch
-        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.pin_memory().to(self.input_device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self, step: int) -> tuple[float, int, float]:
         rows = self.train_data.rows
@@ -265,6 +280,8 @@ class Recipe:
             self.step += 1
             self.tokens_seen += tokens
             self.last_loss = loss
+            if self.result.first_loss is None:
+                self.result.first_loss = loss
             watch.add(tokens)
             if self.step % spec.training.logging_steps == 0 or self.step == self.total_steps:
                 rate, eta, window_tokens = watch.flush(self.total_steps - self.step)

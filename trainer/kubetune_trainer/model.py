@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,15 +193,22 @@ def quantization_config(dtype: torch.dtype) -> Any:
     )
 
 
-def load_base(model_dir: Path, method: str, device: torch.device, dtype: torch.dtype) -> Any:
+def load_base(model_dir: Path, method: str, device: torch.device, dtype: torch.dtype, gpu_count: int = 1) -> Any:
+    """gpu_count > 1: the planner split the layers over the node's GPUs; accelerate places them evenly
+    (a pipeline, one GPU busy at a time, as vram.py assumes)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    split = device.type == "cuda" and gpu_count > 1 and torch.cuda.device_count() >= gpu_count
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(dtype)
+    if split:
+        kwargs["device_map"] = "balanced"
+        kwargs["max_memory"] = {i: torch.cuda.get_device_properties(i).total_memory for i in range(gpu_count)}
+    elif method == "qlora":
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    if method != "qlora":
+    if method != "qlora" and not split:
         model.to(device)
     model.config.use_cache = False
     keep_trainable_4bit_layout(model)
@@ -264,11 +273,25 @@ def apply_lora(model: nn.Module, spec: FineTuneJobSpec) -> Any:
     return peft_model
 
 
+@contextmanager
+def mixed_precision(model: Any, device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """The training forward: autocast in the compute dtype, and peft's input casting off, so the LoRA matmuls
+    take each projection's 16-bit input as it is. No fp32 copy of every projection's input is made, so none
+    is kept for backward either; LoRA weights, their gradients and Adam states stay fp32."""
+    if dtype == torch.float32:
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    with torch.autocast(device_type, dtype=dtype), disable_input_dtype_casting(model):
+        yield
+
+
 def load_model(spec: FineTuneJobSpec, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool,
-               endpoint_url: str | None = None, seed: int = 42) -> LoadedModel:
+               endpoint_url: str | None = None, seed: int = 42, gpu_count: int = 1) -> LoadedModel:
     model_dir = resolve_model_dir(spec, endpoint_url)
     tokenizer = load_tokenizer(model_dir)
-    base = load_base(model_dir, spec.method, device, dtype)
+    base = load_base(model_dir, spec.method, device, dtype, gpu_count)
     prepare_for_kbit(base, gradient_checkpointing)
     _norm_dtype_hook(base, dtype)
     torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter
