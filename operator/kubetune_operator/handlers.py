@@ -127,6 +127,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
     locks: dict[str, asyncio.Lock] = {}  # uid -> serializes reconciles of one FineTuneJob
     phases: dict[str, str] = {}  # uid -> phase, for the jobs-by-phase gauge
     echoes: dict[str, str | None] = {}  # uid -> resourceVersion of our last status write (its watch echo)
+    finetunejobs: dict[tuple[str | None, str], dict[str, Any]] = {}  # (namespace, name) -> latest snapshot
 
     def count_phases() -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -137,9 +138,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
     metrics.count_phases_with(count_phases)
 
     def capture(kwargs: Mapping[str, Any]) -> None:
-        if "finetunejobs" not in world:
-            world.update({k: kwargs[k] for k in ("gpu_nodes", "gpu_pods", "trainer_jobs", "trainer_pods",
-                                                  "finetunejobs") if k in kwargs})
+        if "gpu_nodes" not in world:
+            world.update({k: kwargs[k] for k in ("gpu_nodes", "gpu_pods", "trainer_jobs", "trainer_pods")
+                          if k in kwargs})
 
     # --- indexes: the cluster as the watches see it (no requests per job) ------------------------------
     # (async: kopf runs sync handlers in a thread pool, which costs more than these take)
@@ -162,10 +163,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
 
     @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="trainer_jobs", registry=registry)
     async def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): _plain(body)}
-
-    @kopf.index(*FTJ, id="finetunejobs", registry=registry)
-    async def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): _plain(body)}
 
     # --- the one reconcile ----------------------------------------------------------------------------
@@ -399,13 +396,15 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
     # --- what triggers a reconcile --------------------------------------------------------------------
 
     @kopf.on.event(*FTJ, id="finetunejob", registry=registry)
-    async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, **kwargs: Any) -> None:
+    async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, namespace: str | None, name: str,
+                             **kwargs: Any) -> None:
         capture(kwargs)
         if event.get("type") == "DELETED":
             for cache in (written, locks, phases, echoes):
                 cache.pop(uid, None)
+            finetunejobs.pop((namespace, name), None)
             return
-        snapshot = _plain(body)
+        snapshot = finetunejobs[(namespace, name)] = _plain(body)
         phases.setdefault(uid, (snapshot.get("status") or {}).get("phase") or "Pending")
         if body.get("metadata", {}).get("resourceVersion") == echoes.pop(uid, None):
             return  # the echo of this operator's own status write: nothing new to decide
@@ -413,7 +412,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
 
     async def on_child(namespace: str | None, labels: Mapping[str, str], kwargs: Mapping[str, Any]) -> None:
         capture(kwargs)
-        parent = next(iter(world["finetunejobs"].get((namespace, labels.get(resources.LABEL_JOB, "")), [])), None)
+        parent = finetunejobs.get((namespace, labels.get(resources.LABEL_JOB, "")))
         if parent is not None and (parent.get("status") or {}).get("jobName"):
             await reconcile(parent, source="trainer")
 
@@ -431,9 +430,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
         """Every poll_interval: place Pending jobs again, poll running trainers, repair lost status writes."""
         while True:
             await asyncio.sleep(settings.poll_interval)
-            if "finetunejobs" not in world:
+            if "gpu_nodes" not in world:
                 continue
-            snapshots = [body for _, store in list(world["finetunejobs"].items()) for body in store
+            snapshots = [body for body in list(finetunejobs.values())
                          if (body.get("status") or {}).get("phase") not in st.TERMINAL_PHASES]
             await asyncio.gather(*(swept(body, gate) for body in snapshots))
 
