@@ -331,7 +331,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
 
         if outcome.state == "Running":
             progress = await poll_trainer(outcome.pod_ip, outcome.port) if poll else None
-            extra = st.progress_fields(progress) if progress else {}
+            before = {k: v for k, v in (job.status.get("progress") or {}).items() if k != "updatedAt"}
+            moved = progress and {k: v for k, v in progress.items() if k != "updatedAt"} != before
+            extra = st.progress_fields(progress) if progress and moved else {}  # no write for a trainer at rest
             job.write(phase="Running", reason="Training", message=outcome.message,
                       attempts=_with_attempt(attempts, number, outcome="Running"), **extra)
         elif outcome.state == "Succeeded":
