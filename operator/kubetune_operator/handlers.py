@@ -331,8 +331,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
 
         if outcome.state == "Running":
             progress = await poll_trainer(outcome.pod_ip, outcome.port) if poll else None
-            before = {k: v for k, v in (job.status.get("progress") or {}).items() if k != "updatedAt"}
-            moved = progress and {k: v for k, v in progress.items() if k != "updatedAt"} != before
+            def essence(p: Mapping[str, Any]) -> dict[str, Any]:
+                return {k: v for k, v in p.items() if k != "updatedAt" and v is not None}
+
+            moved = progress and essence(progress) != essence(job.status.get("progress") or {})
             extra = st.progress_fields(progress) if progress and moved else {}  # no write for a trainer at rest
             job.write(phase="Running", reason="Training", message=outcome.message,
                       attempts=_with_attempt(attempts, number, outcome="Running"), **extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -134,6 +135,9 @@ async def test_progress_from_the_trainer_then_success(cluster: Cluster, trainer_
 
     trainer.update(step=480, loss=0.9)
     await eventually(lambda: cluster.status("run").get("step") == "480/500")
+    writes = cluster.api.request_count("PATCH", "finetunejobs")
+    await asyncio.sleep(1.0)  # three sweeps poll the trainer at rest: nothing to write
+    assert cluster.api.request_count("PATCH", "finetunejobs") == writes
 
     summary = {"outcome": "succeeded", "steps": 500, "finalLoss": 0.8123, "peakMemoryBytes": 19_500_000_000,
                "adapterUri": "s3://adapters/run/adapter/", "error": None}
