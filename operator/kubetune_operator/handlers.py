@@ -303,15 +303,17 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
         suspend = bool(job.spec.get("suspend"))
         queued = job.spec.get("queue") or (job.meta.get("labels") or {}).get(resources.QUEUE_LABEL)
         job_suspended = bool(((trainer or {}).get("spec") or {}).get("suspend"))
-        if trainer is not None and suspend != job_suspended and (suspend or not queued):
-            await kube.set_job_suspend(namespace, name, suspend, world["settings"], log)
+        if suspend != (job.status.get("phase") == "Suspended"):  # the change is (also) to spec.suspend
+            if trainer is not None and suspend != job_suspended and (suspend or not queued):
+                await kube.set_job_suspend(namespace, name, suspend, world["settings"], log)
             if suspend:
                 job.write(phase="Suspended", reason="Suspended",
                           message=f"spec.suspend is true; {name} is suspended (checkpoints are kept)")
             else:
                 job.write(phase="Queued", reason="Resumed",
-                          message=f"spec.suspend is false; {name} resumes from its last checkpoint")
-        elif suspend == job_suspended or trainer is None:
+                          message=f"spec.suspend is false; {name} resumes from its last checkpoint"
+                                  + (f" when Kueue queue {queued} admits it" if queued else ""))
+        else:
             job.events.append(st.Event("Warning", "SpecChangeDeferred",
                                        f"the spec changed while {name} exists; changes apply to the next attempt "
                                        "(delete and re-apply the FineTuneJob to restart now)"))

@@ -382,3 +382,20 @@ async def test_two_replicas_with_peering_fail_over(cluster: Cluster) -> None:
     assert sorted(j["metadata"]["name"] for j in cluster.jobs()) == ["during-a1", "first-a1", "second-a1"]
     assert 'handler="finetunejob"' in standby.metrics.exposition().decode()
     assert standby.crashed() is None
+
+
+async def test_suspending_a_queued_job_leaves_admission_to_kueue(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await cluster.apply(finetunejob("kq", queue="team-a"))
+    await cluster.wait_phase("kq", "Queued")
+    path = f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/kq"
+    await cluster.request("PATCH", path, {"spec": {"suspend": True}}, "application/merge-patch+json")
+    await cluster.wait_phase("kq", "Suspended")
+    await cluster.request("PATCH", path, {"spec": {"suspend": False}}, "application/merge-patch+json")
+    status = await cluster.wait_phase("kq", "Queued")
+    assert status["message"].endswith("when Kueue queue team-a admits it")
+    assert cluster.api.read("jobs", NS, "kq-a1")["spec"]["suspend"] is True
+    await cluster.request("PATCH", path, {"spec": {"lora": {"r": 8}}}, "application/merge-patch+json")
+    await eventually(lambda: any(e["reason"] == "SpecChangeDeferred" for e in cluster.events("kq")), 5,
+                     "a SpecChangeDeferred event")
+    assert cluster.status("kq")["observedGeneration"] == 4
