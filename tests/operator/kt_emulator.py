@@ -176,6 +176,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return kind
         raise KeyError(plural)
 
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        """`get(plural, namespace, name)` reads a stored object (as `read`); `get("/path")` is kmock's HTTP GET."""
+        if args and isinstance(args[0], str) and not args[0].startswith(("/", "http:", "https:")):
+            return self.read(*args, **kwargs)
+        return super().get(*args, **kwargs)
+
     def read(self, plural: str, namespace: str | None, name: str,
              group: str | None = None) -> dict[str, Any] | None:
         kind = self.kind_of(plural, group)
