@@ -141,6 +141,13 @@ def _candidates(spec: FineTuneJobSpec, catalog: GpuCatalog, above: str | None) -
     resources = spec.resources
     if resources.gpu_class != "auto":
         pinned = catalog.get(resources.gpu_class, "spec.resources.gpuClass")
+        floor = catalog.get(above, "status.plan.gpuClass") if above else None
+        if floor and pinned.memory_bytes <= floor.memory_bytes:
+            raise PlanError(
+                f"spec.resources.gpuClass: pinned to {pinned.name}, and a pinned class is never escalated; the job "
+                f"ran out of GPU memory on {floor.name}. Set gpuClass: auto (with maxGpuClass as the limit), pin a "
+                "larger class, or lower training.microBatchSize / training.maxSeqLength"
+            )
         return [pinned], [f"gpuClass pinned to {pinned.name} by the spec"]
     classes = catalog.by_price()
     if resources.max_gpu_class:

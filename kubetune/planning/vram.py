@@ -20,8 +20,8 @@ DOUBLE_QUANT_BLOCK = 256  # second-level block over the 8-bit constants
 ADAPTER_BYTES = 4  # PEFT keeps LoRA weights (and so their gradients) in fp32 on a 16-bit base
 ACT_BYTES = 2  # bf16 / fp16 activations
 # bf16 logits + the fp32 log-softmax kept for backward (6 B), then the fp32 gradient in and out at the start
-# of backward (8 B). Measured on the CPU: 12.1 B (tests/core/test_vram_activations.py); the CUDA
-# caching allocator rounds blocks up, so the estimate keeps 2 B of headroom.
+# of backward (8 B). Measured on the CPU with the model output kept through backward, as training loops
+# keep it: 14.0 B (tests/core/test_vram_activations.py).
 LOGITS_BYTES = 14
 LORA_INPUT_BYTES = 4  # the fp32 copy of a projection's input that lora_A keeps
 LORA_DROPOUT_BYTES = 4  # dropout on that input: fp32 output kept for lora_A plus the mask

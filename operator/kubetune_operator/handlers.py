@@ -250,11 +250,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
         except SpecError as exc:
             job.write(phase="Failed", reason="InvalidSpec", message="; ".join(exc.problems))
             return
-        if floor and catalog.get(plan.gpu_class, "plan").memory_bytes <= catalog.get(floor, "plan").memory_bytes:
-            job.write(phase="Failed", reason="NoLargerGpuClass",
-                      message=f"the job ran out of GPU memory on {floor} and spec.resources.gpuClass pins "
-                              f"{plan.gpu_class}; set gpuClass: auto (with maxGpuClass) or pin a larger class")
-            return
 
         fields = st.plan_fields(plan)
         labels = dict(job.meta.get("labels") or {})

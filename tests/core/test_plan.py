@@ -93,6 +93,13 @@ def test_oom_escalation_respects_max_gpu_class() -> None:
         plan("meta-llama/Llama-3.1-70B", above="A100-80GB", resources={"maxGpuClass": "A100-80GB"})
 
 
+def test_a_pinned_class_is_never_escalated() -> None:
+    with pytest.raises(PlanError, match=r"spec\.resources\.gpuClass: pinned to A10G, and a pinned class is never"):
+        plan("meta-llama/Llama-3.1-8B", above="A10G", resources={"gpuClass": "A10G"})
+    # pinning a larger class after the OOM is the user's way out
+    assert plan("meta-llama/Llama-3.1-8B", above="A10G", resources={"gpuClass": "A100-40GB"}).gpu_class == "A100-40GB"
+
+
 def test_nothing_fits_is_a_clear_error() -> None:
     with pytest.raises(PlanError, match="no class in the catalog holds it"):
         plan("meta-llama/Llama-3.1-405B", method="lora", training={"maxSeqLength": 131072})

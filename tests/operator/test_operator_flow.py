@@ -201,7 +201,7 @@ async def test_oom_on_a_pinned_class_fails_instead_of_looping(cluster: Cluster) 
     pod = await cluster.run_pod(cluster.jobs()[0], "gpu-a10g-1")
     await cluster.end_pod(pod, 0, "", reason="OOMKilled")
     status = await cluster.wait_phase("pinned", "Failed")
-    assert "pins A10G" in status["message"]
+    assert "pinned to A10G, and a pinned class is never escalated" in status["message"]
     assert len(cluster.jobs()) == 1
 
 
