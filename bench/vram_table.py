@@ -42,6 +42,7 @@ class Row:
             seq_len=s["seq"],
             micro_batch=s["microBatch"],
             gradient_checkpointing=s["checkpointing"],
+            recipe="hf",  # the sources trained with the plain transformers + PEFT recipe
         )
         parts = estimate(arch, shape).parts
         total = parts["base_weights"] + parts["quant_constants"] if self.part == "base" else sum(parts.values())

@@ -23,8 +23,10 @@ ACT_BYTES = 2  # bf16 / fp16 activations
 # of backward (8 B). Measured on the CPU with the model output kept through backward, as training loops
 # keep it: 14.0 B (tests/core/test_vram_activations.py).
 LOGITS_BYTES = 14
-LORA_INPUT_BYTES = 4  # the fp32 copy of a projection's input that lora_A keeps
-LORA_DROPOUT_BYTES = 4  # dropout on that input: fp32 output kept for lora_A plus the mask
+LOSS_CHUNK = 2048  # the kubetune trainer's lm_head + cross-entropy chunk (kubetune_trainer.loop.LOSS_CHUNK)
+HF_LORA_INPUT_BYTES = 4  # plain PEFT: the fp32 copy of each wrapped projection's input that lora_A keeps
+HF_LORA_DROPOUT_BYTES = 4  # plain PEFT dropout on that copy: fp32 output kept for lora_A plus the mask
+KT_LORA_DROPOUT_BYTES = 3  # kubetune trainer (autocast): bf16 dropout output plus the mask
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
 ALLOCATOR_FRAGMENTATION = 0.08  # caching-allocator slack on top of live tensors at the peak
 
@@ -56,6 +58,9 @@ class TrainingShape:
     optimizer: str = "paged_adamw_32bit"
     double_quant: bool = True
     gpu_count: int = 1
+    # "kubetune": the kubetune trainer (autocast, no per-projection input copies, chunked loss);
+    # "hf": the plain transformers + PEFT recipe most published figures were measured with.
+    recipe: Literal["kubetune", "hf"] = "kubetune"
 
 
 @dataclass(frozen=True)
@@ -87,22 +92,36 @@ def lora_param_count(arch: Architecture, shape: TrainingShape) -> int:
 def activation_bytes_per_token_layer(arch: Architecture, shape: TrainingShape) -> float:
     """Bytes autograd keeps for one token through one decoder layer, without checkpointing.
 
-    Calibrated against autograd's saved tensors for real transformers + PEFT Llama layers
-    (tests/core/test_vram_activations.py measures them on the CPU):
+    Measured on real Llama layers (tests/core/test_vram_activations.py records autograd's saved tensors):
     - base layer: 8h (RMSNorm fp32 inputs), 4q + 4kv (q, k, v and the attention output kept by SDPA),
       4 x heads (fp32 log-sum-exp), 6I per routed expert (gate and up outputs and SiLU(gate), bf16);
-    - LoRA: each wrapped projection keeps an fp32 copy of its input for lora_A (4 B per input element;
-      PEFT casts the input to the fp32 adapter dtype), and with dropout > 0 the fp32 dropout output and
-      its mask (4 B more). Dropout is per projection, so q, k and v each pay for the same input.
+    - LoRA, kubetune recipe (autocast, PEFT's input casting off): each distinct projection input is kept
+      once in bf16 for lora_A, shared by q/k/v and by gate/up (3h each, measured with the norm output),
+      2.4I for down_proj; dropout > 0 adds a bf16 output and a mask per wrapped projection (3 B/element);
+    - LoRA, plain recipe: PEFT casts every wrapped projection's input to the fp32 adapter dtype and lora_A
+      keeps that copy (4 B/element per projection); dropout keeps its fp32 output and mask (4 B more).
     """
     h, q, kv, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
-    base = 8 * h + 4 * q + 4 * kv + 4 * arch.heads + 6 * i * arch.experts_per_token
-    per_input = LORA_INPUT_BYTES + (LORA_DROPOUT_BYTES if shape.lora_dropout > 0 else 0)
-    lora_inputs = sum(
-        n_in * (arch.experts_per_token if n > 1 else 1)
-        for n_in, _out, n in targeted(arch, shape.target_modules).values()
+    k = arch.experts_per_token
+    base = 8 * h + 4 * q + 4 * kv + 4 * arch.heads + 6 * i * k
+    wrapped = targeted(arch, shape.target_modules)
+    inputs_per_projection = sum(n_in * (k if n > 1 else 1) for n_in, _out, n in wrapped.values())
+    dropout = shape.lora_dropout > 0
+    if shape.recipe == "hf":
+        return base + (HF_LORA_INPUT_BYTES + HF_LORA_DROPOUT_BYTES * dropout) * inputs_per_projection
+    shared = (
+        3 * h * any(p in wrapped for p in ("q_proj", "k_proj", "v_proj"))
+        + 3 * h * any(p in wrapped for p in ("gate_proj", "up_proj"))
+        + 2.4 * i * k * ("down_proj" in wrapped)
     )
-    return base + per_input * lora_inputs
+    return base + shared + KT_LORA_DROPOUT_BYTES * dropout * inputs_per_projection
+
+
+def logits_tokens(shape: TrainingShape) -> int:
+    """Tokens whose logits are alive at once: all of them in the plain recipe; the kubetune trainer runs
+    lm_head + cross-entropy over at most LOSS_CHUNK labelled positions at a time."""
+    tokens = shape.micro_batch * shape.seq_len
+    return tokens if shape.recipe == "hf" else min(tokens, LOSS_CHUNK)
 
 
 def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
@@ -130,7 +149,7 @@ def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
         activations = tokens * (layers_here * ACT_BYTES * arch.hidden + per_layer_token)
     else:
         activations = tokens * layers_here * per_layer_token
-    logits = tokens * arch.vocab * LOGITS_BYTES
+    logits = logits_tokens(shape) * arch.vocab * LOGITS_BYTES
 
     optimizer_bytes = OPTIMIZER_BYTES_PER_PARAM.get(shape.optimizer, 8.0)
     parts = {

@@ -36,7 +36,7 @@ def plan(model: str, catalog=None, above: str | None = None, **spec):
         ("meta-llama/Llama-3.1-70B-Instruct", "qlora", "A100-80GB", 1),
         ("Qwen/Qwen2.5-72B-Instruct", "qlora", "A100-80GB", 1),
         ("mistralai/Mixtral-8x7B-Instruct-v0.1", "qlora", "A100-40GB", 1),
-        ("meta-llama/Llama-3.1-405B-Instruct", "qlora", "A100-80GB", 4),
+        ("meta-llama/Llama-3.1-405B-Instruct", "qlora", "H200-141GB", 2),
     ],
 )
 def test_catalog_models_land_on_sensible_classes(model, method, gpu_class, count) -> None:

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from contextlib import nullcontext
+from typing import Any
 
 import pytest
 
@@ -25,15 +27,28 @@ from kubetune.planning.vram import LOGITS_BYTES, TrainingShape, activation_bytes
 TOKENS = 2 * 64
 
 
-def saved_bytes(layers: int, h: int, i: int, heads: int, kv_heads: int, dropout: float) -> int:
+def lora_model(layers: int, h: int, i: int, heads: int, kv_heads: int, dropout: float, recipe: str) -> Any:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         hidden_size=h, intermediate_size=i, num_attention_heads=heads, num_key_value_heads=kv_heads,
         num_hidden_layers=layers, vocab_size=512, attn_implementation="sdpa",
     )
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
-                                                       target_modules="all-linear"))
+    if recipe == "hf":
+        return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                                          target_modules="all-linear")), nullcontext()
+    trainer = pytest.importorskip("kubetune_trainer.model")
+    from kubetune.spec import parse_spec
+
+    spec = parse_spec({"model": {"name": "probe"}, "dataset": {"source": "d.jsonl"}, "output": {"uri": "out/"},
+                       "lora": {"r": 8, "alpha": 16, "dropout": dropout}})
+    trainer.prepare_for_kbit(model, False)
+    trainer._norm_dtype_hook(model, torch.bfloat16)
+    return trainer.apply_lora(model, spec, torch.bfloat16), trainer.mixed_precision("cpu", torch.bfloat16)
+
+
+def saved_bytes(layers: int, h: int, i: int, heads: int, kv_heads: int, dropout: float, recipe: str) -> int:
+    model, precision = lora_model(layers, h, i, heads, kv_heads, dropout, recipe)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -45,18 +60,21 @@ def saved_bytes(layers: int, h: int, i: int, heads: int, kv_heads: int, dropout:
         return t
 
     ids = torch.randint(0, 512, (2, TOKENS // 2))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision:
         model(input_ids=ids, labels=ids)
     return sum(storages.values())
 
 
 @pytest.mark.parametrize(("h", "i", "heads", "kv_heads"), [(256, 688, 8, 4), (384, 2048, 6, 6)])
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_activation_formula_matches_saved_tensors(h: int, i: int, heads: int, kv_heads: int, dropout: float) -> None:
-    measured = (saved_bytes(4, h, i, heads, kv_heads, dropout) - saved_bytes(2, h, i, heads, kv_heads, dropout))
-    per_token_layer = measured / 2 / TOKENS
+@pytest.mark.parametrize("recipe", ["kubetune", "hf"])
+def test_activation_formula_matches_saved_tensors(h: int, i: int, heads: int, kv_heads: int, dropout: float,
+                                                  recipe: str) -> None:
+    """recipe 'kubetune': the trainer's own LoRA setup under its autocast; 'hf': plain PEFT."""
+    layers = [saved_bytes(n, h, i, heads, kv_heads, dropout, recipe) for n in (4, 2)]
+    per_token_layer = (layers[0] - layers[1]) / 2 / TOKENS
     arch = Architecture("probe", 4, h, i, heads, kv_heads, 512, False)
-    estimated = activation_bytes_per_token_layer(arch, TrainingShape(lora_dropout=dropout))
+    estimated = activation_bytes_per_token_layer(arch, TrainingShape(lora_dropout=dropout, recipe=recipe))
     assert estimated / per_token_layer == pytest.approx(1.0, abs=0.10), (estimated, per_token_layer)
 
 
@@ -96,3 +114,31 @@ def test_logits_term_covers_peak_memory_of_the_loss() -> None:
     # the code path is the same, so the lower bound is loose; the upper bound is the one that matters:
     # the estimate must not be below what the loss really takes.
     assert LOGITS_BYTES * 0.7 <= bytes_per_token_vocab <= LOGITS_BYTES * 1.03
+
+
+CHUNKED_PROBE = textwrap.dedent(
+    """
+    import resource, torch
+    from kubetune_trainer.loop import LOSS_CHUNK, chunked_loss_sum
+    torch.set_num_threads(1)
+    V, T = 32000, 4 * LOSS_CHUNK
+    head = torch.nn.Linear(64, V, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(T, 64, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, V, (T,))
+    chunked_loss_sum(hidden[:8], targets[:8], head).backward()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    chunked_loss_sum(hidden, targets, head).backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024 / (LOSS_CHUNK * V))
+    """
+)
+
+
+def test_trainer_loss_keeps_one_chunk_of_logits() -> None:
+    """The kubetune trainer's loss over 4 chunks peaks at about one chunk's logits, as vram.py charges."""
+    pytest.importorskip("kubetune_trainer.loop")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run([sys.executable, "-c", CHUNKED_PROBE], capture_output=True, text=True, timeout=300,
+                         check=True, env=env)
+    per_chunk_token_vocab = float(run.stdout.strip().splitlines()[-1])
+    assert per_chunk_token_vocab <= LOGITS_BYTES * 1.03
