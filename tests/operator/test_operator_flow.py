@@ -104,7 +104,7 @@ async def test_invalid_spec_fails_with_the_field_named_and_no_job(cluster: Clust
 
 async def test_no_node_of_the_class_is_pending_with_a_reason_then_placed(cluster: Cluster) -> None:
     await cluster.start_operator()
-    await cluster.apply(finetunejob("long", training={"maxSeqLength": 8192}))  # plans onto A100-40GB
+    await cluster.apply(finetunejob("long", method="lora"))  # 16-bit 8B: plans onto A100-40GB
     status = await cluster.wait_phase("long", "Pending")
 
     assert status["plan"]["gpuClass"] == "A100-40GB"
