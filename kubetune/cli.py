@@ -100,7 +100,7 @@ def render_plan(job: FineTuneJob, plan: Plan) -> None:
         console.print(f"  - {reason}")
     if plan.alternatives:
         alts = Table(title="Runner-up classes that also fit", title_justify="left")
-        for column in ("class", "GPUs", "estimate GiB", "cost/h", "vs chosen"):
+        for column in ("class", "GPUs", "needs GiB (leanest)", "cost/h", "vs chosen"):
             alts.add_column(column, justify="left" if column == "class" else "right")
         for alt in plan.alternatives:
             alts.add_row(alt.gpu_class, str(alt.gpu_count), f"{alt.vram_estimate_bytes / GiB:.1f}",
