@@ -154,10 +154,38 @@ def test_operator_dockerfile_is_slim_and_non_root() -> None:
     assert stages and all(image.endswith("-slim") for image in stages)
     user = next(line.split()[1] for line in text.splitlines() if line.startswith("USER "))
     assert user.split(":")[0].isdigit() and user.split(":")[0] != "0"  # numeric, so runAsNonRoot can check it
-    assert '".[operator]"' in text and "[trainer]" not in text and "[all]" not in text  # no torch in this image
+    assert '".[operator,api]"' in text and "[trainer]" not in text and "[all]" not in text  # no torch in this image
     for line in text.splitlines():
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), source
     deployment = next(o for o in RENDER.render() if o["kind"] == "Deployment")
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(user.split(":")[0])
+
+
+def test_api_is_off_by_default_and_hardened_when_on(default_objects: list[dict[str, Any]]) -> None:
+    assert not [o for o in default_objects if o["metadata"]["name"].endswith("-api")]
+    objects = RENDER.render({"api": {"enabled": True}})
+    for obj in objects:
+        validate(obj)
+    api = [o for o in objects if o["metadata"]["name"].endswith("-api")]
+    assert sorted(o["kind"] for o in api) == ["Deployment", "Service", "ServiceAccount"]  # passthrough: no RBAC
+    [deployment] = [o for o in api if o["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    [container] = pod["containers"]
+    assert container["args"] == ["api", "--port=8000"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_api_in_serviceaccount_mode_gets_only_finetunejob_rights() -> None:
+    objects = RENDER.render({"api": {"enabled": True, "auth": "serviceaccount"}})
+    for obj in objects:
+        validate(obj)
+    [role] = [o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith("-api")]
+    assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
+                              "verbs": ["get", "list", "create", "patch", "delete"]}]
+    [deployment] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-api")]
+    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
