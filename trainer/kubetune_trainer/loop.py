@@ -240,7 +240,7 @@ class Recipe:
         weights are used in 16-bit for the matmuls (their gradients and Adam states stay fp32)."""
         inner = self.model.get_base_model()
         decoder = getattr(inner, inner.base_model_prefix)
-        with mixed_precision(self.model, self.input_device.type, self.dtype):
+        with mixed_precision(self.input_device.type, self.dtype):
             hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                              use_cache=False).last_hidden_state
             targets = batch["targets"].to(hidden.device, non_blocking=True)  # no-op unless layers span GPUs

@@ -251,7 +251,7 @@ def _norm_dtype_hook(model: nn.Module, dtype: torch.dtype) -> None:
             module.register_forward_hook(cast)
 
 
-def apply_lora(model: nn.Module, spec: FineTuneJobSpec) -> Any:
+def apply_lora(model: nn.Module, spec: FineTuneJobSpec, dtype: torch.dtype = torch.float32) -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets = spec.lora.target_modules
@@ -270,20 +270,22 @@ def apply_lora(model: nn.Module, spec: FineTuneJobSpec) -> Any:
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()  # LoRA weights (and so grads and Adam states) in fp32
+    if dtype != torch.float32:
+        layer: Any
+        for layer in peft_model.modules():
+            if hasattr(layer, "cast_input_dtype_enabled"):
+                layer.cast_input_dtype_enabled = False  # forwards run under `mixed_precision`
     return peft_model
 
 
 @contextmanager
-def mixed_precision(model: Any, device_type: str, dtype: torch.dtype) -> Iterator[None]:
-    """The training forward: autocast in the compute dtype, and peft's input casting off, so the LoRA matmuls
-    take each projection's 16-bit input as it is. No fp32 copy of every projection's input is made, so none
-    is kept for backward either; LoRA weights, their gradients and Adam states stay fp32."""
-    if dtype == torch.float32:
-        yield
-        return
-    from peft.helpers import disable_input_dtype_casting
-
-    with torch.autocast(device_type, dtype=dtype), disable_input_dtype_casting(model):
+def mixed_precision(device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """Every forward of a 16-bit model runs under autocast in the compute dtype (training, eval, sampling,
+    and the recompute of checkpointed layers, which restores the autocast state). With that, peft's input
+    casting is off (see `apply_lora`): the LoRA matmuls take each projection's 16-bit input as it is, so no
+    fp32 copy of every projection's input is made or kept for backward. LoRA weights, their gradients and
+    Adam states stay fp32."""
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
         yield
 
 
@@ -295,7 +297,7 @@ def load_model(spec: FineTuneJobSpec, device: torch.device, dtype: torch.dtype, 
     prepare_for_kbit(base, gradient_checkpointing)
     _norm_dtype_hook(base, dtype)
     torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter
-    model = apply_lora(base, spec)
+    model = apply_lora(base, spec, dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, model_dir=model_dir, dtype=dtype)
 
 
@@ -306,7 +308,8 @@ def describe(model_dir: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def answer(model: Any, tokenizer: Any, prompt: str, device: torch.device, max_new_tokens: int = 80) -> str:
+def answer(model: Any, tokenizer: Any, prompt: str, device: torch.device, max_new_tokens: int = 80,
+           dtype: torch.dtype = torch.float32) -> str:
     """Greedy answer to one user prompt (the model's chat template when it has one)."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -317,8 +320,9 @@ def answer(model: Any, tokenizer: Any, prompt: str, device: torch.device, max_ne
     was_training = model.training
     model.eval()
     model.config.use_cache = True
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with mixed_precision(device.type, dtype):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
     model.config.use_cache = False
     if was_training:
         model.train()

@@ -135,4 +135,4 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
 def recipe_answer(recipe: Recipe, prompt: str) -> str:
     from kubetune_trainer.model import answer
 
-    return answer(recipe.model, recipe.loaded.tokenizer, prompt, recipe.device)
+    return answer(recipe.model, recipe.loaded.tokenizer, prompt, recipe.input_device, dtype=recipe.dtype)
