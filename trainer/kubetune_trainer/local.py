@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from kubetune.errors import SpecError
@@ -103,8 +104,18 @@ def report(result: Any, prompt: str | None, seconds: float) -> None:
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "?"
     first = f"{result.first_loss:.4f} -> " if result.first_loss is not None else ""
     print(f"\nTrained {result.steps} steps in {seconds:.0f}s (train loss {first}{loss}).", file=out)
-    print(f"Adapter: {result.adapter_uri}", file=out)
+    print(f"Adapter: {shown(result.adapter_uri)}", file=out)
     if prompt and result.samples:
         print(f"\nPrompt: {prompt}", file=out)
         print(f"  before: {result.samples.get('before', '')}", file=out)
         print(f"  after:  {result.samples.get('after', '')}", file=out)
+
+
+def shown(uri: str | None) -> str:
+    """A local path below the working directory as ./relative (what the user typed), anything else as is."""
+    if not uri or uri.startswith("s3://"):
+        return str(uri)
+    try:
+        return "./" + Path(uri).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return uri
