@@ -275,6 +275,8 @@ class Recipe:
         self.telemetry.phase("Training", None)
         watch = Stopwatch()
         self.started = time.perf_counter()
+        if self.stop_requested:  # SIGTERM while loading: nothing new to save, the restart starts over here
+            raise Preempted(f"stopped by SIGTERM before training resumed at step {self.step}")
         while self.step < self.total_steps:
             loss, tokens, grad_norm = self.train_step(self.step)
             self.step += 1
