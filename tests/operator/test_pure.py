@@ -117,6 +117,8 @@ def test_job_and_configmap_are_valid_kubernetes_objects_with_the_pod_hardening()
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob" and 3 in rules[0]["onExitCodes"]["values"]
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[2] == {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                            "values": [143]}}
     assert pod["restartPolicy"] == "Never"
 
     trainer = json.loads(config["data"]["job.json"])
