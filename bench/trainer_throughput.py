@@ -72,13 +72,12 @@ class PeakRss:
 
 
 def process_peak(device: str) -> int:
-    import resource
-
     import torch
+    from kubetune_trainer.metrics import process_peak_rss_bytes
 
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return process_peak_rss_bytes()
 
 
 def run_ours(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str, Any]:

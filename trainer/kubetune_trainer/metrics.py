@@ -26,8 +26,14 @@ def process_rss_bytes() -> int:
 
 
 def process_peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    """This process's resident-memory high-water mark. On Linux VmHWM, not ru_maxrss: a process started
+    with vfork (Python's subprocess) inherits its parent's ru_maxrss as a floor."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def memory_bytes(device_type: str) -> tuple[int, int, int]:
