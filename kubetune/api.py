@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kubetune.errors import KubetuneError, SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
-from kubetune.planning.models import resolve_architecture
+from kubetune.planning.models import model_architecture
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, FineTuneJob, parse_job
 
@@ -147,7 +147,7 @@ KubeDep = Annotated[Kube, Depends(kube_client)]
 
 
 def plan_for(job: FineTuneJob, catalog: GpuCatalog) -> Plan:
-    return make_plan(job.spec, resolve_architecture(job.spec.model.name, job.spec.model.source), catalog)
+    return make_plan(job.spec, model_architecture(job.spec.model.name, job.spec.model.source), catalog)
 
 
 def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None = None) -> FastAPI:

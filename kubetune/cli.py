@@ -18,7 +18,7 @@ import yaml
 
 from kubetune.errors import KubetuneError, SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
-from kubetune.planning.models import resolve_architecture
+from kubetune.planning.models import model_architecture
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.planning.vram import GiB
 from kubetune.spec import FineTuneJob, parse_job
@@ -58,16 +58,7 @@ def load_jobs(path: str) -> list[FineTuneJob]:
 
 
 def plan_job(job: FineTuneJob, catalog: GpuCatalog) -> Plan:
-    arch = resolve_architecture(job.spec.model.name, job.spec.model.source, _s3_config_reader())
-    return make_plan(job.spec, arch, catalog)
-
-
-def _s3_config_reader() -> Any:
-    try:
-        from kubetune_trainer.storage import read_remote_config
-    except ImportError:
-        return None
-    return read_remote_config
+    return make_plan(job.spec, model_architecture(job.spec.model.name, job.spec.model.source), catalog)
 
 
 def render_plan(job: FineTuneJob, plan: Plan) -> None:

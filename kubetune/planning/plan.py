@@ -246,20 +246,22 @@ def _knob_reasons(spec: FineTuneJobSpec, arch: Architecture, shape: TrainingShap
     return reasons
 
 
+def _cheapest_anywhere(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, lean_mb: int,
+                       lean_gc: bool) -> str | None:
+    """The cheapest class (fewest GPUs first) in the whole catalog that would hold the job, ignoring limits."""
+    for count in GPU_COUNTS:
+        per_gpu = estimate(arch, _shape(spec, lean_mb, lean_gc, count)).total
+        gpu = next((g for g in catalog.by_price() if per_gpu <= catalog.usable_bytes(g)), None)
+        if gpu:
+            return f"{count}x {gpu.name}" if count > 1 else gpu.name
+    return None
+
+
 def _no_fit(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, classes: list[GpuClass],
             counts: list[int], lean_mb: int, lean_gc: bool, above: str | None) -> PlanError:
     lean = estimate(arch, _shape(spec, lean_mb, lean_gc, 1)).total
     need = f"the job needs {gib(lean)} on one GPU at the leanest settings"
-    # the smallest class (and count) in the whole catalog that would hold it
-    would = None
-    for count in GPU_COUNTS:
-        per_gpu = estimate(arch, _shape(spec, lean_mb, lean_gc, count)).total
-        would = next((g for g in catalog.by_price() if per_gpu <= catalog.usable_bytes(g)), None)
-        if would:
-            would_text = f"{count}x {would.name}" if count > 1 else would.name
-            break
-    else:
-        would_text = None
+    would_text = _cheapest_anywhere(spec, arch, catalog, lean_mb, lean_gc)
     hint = f"; the cheapest that would hold it is {would_text}" if would_text else (
         "; no class in the catalog holds it even 8 to a node: lower training.maxSeqLength or lora.r, "
         "or use method: qlora"

@@ -27,7 +27,7 @@ import kopf
 
 from kubetune.errors import PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
-from kubetune.planning.models import resolve_architecture
+from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, node_info, place, pod_gpus
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, FineTuneJobSpec, parse_spec
@@ -40,14 +40,6 @@ FTJ = (API_GROUP, API_VERSION, PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
 FINISHED = ("OutOfMemory", "Failed", "Succeeded")
 log = logging.getLogger("kubetune.operator")
-
-
-def _s3_config_reader() -> Any:
-    try:
-        from kubetune_trainer.storage import read_remote_config
-    except ImportError:
-        return None
-    return read_remote_config
 
 
 def _oom_floor(attempts: Iterable[Mapping[str, Any]], catalog: GpuCatalog) -> str | None:
@@ -177,7 +169,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
     def plan_for(spec: FineTuneJobSpec, above: str | None) -> Plan:
         key = (spec.model_dump_json(include={"model", "method", "lora", "training", "resources"}), above)
         if key not in plans:
-            arch = resolve_architecture(spec.model.name, spec.model.source, _s3_config_reader())
+            arch = model_architecture(spec.model.name, spec.model.source)
             if len(plans) >= 1024:
                 plans.clear()
             plans[key] = make_plan(spec, arch, catalog, above=above)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import SpecError
-from kubetune.planning.models import Architecture, resolve_architecture
+from kubetune.planning.models import Architecture, model_architecture
 from kubetune.planning.plan import Knobs, effective_batch, fastest_knobs
 from kubetune.spec import FineTuneJobSpec, parse_spec
 from kubetune_trainer.config import JobRef, TrainerConfig
@@ -28,17 +28,6 @@ def with_overrides(spec: FineTuneJobSpec, output: str | None, max_steps: int | N
     except SpecError as exc:
         raise SpecError([line.replace("spec.output.uri", "--output").replace("spec.training.maxSteps", "--max-steps")
                          for line in exc.problems]) from None
-
-
-def architecture(spec: FineTuneJobSpec) -> Architecture:
-    from kubetune_trainer.storage import read_remote_config
-
-    source = spec.model.source
-    if source and source.startswith("bundled://"):
-        from kubetune_trainer.model import bundled_gguf, convert_gguf
-
-        source = str(convert_gguf(bundled_gguf(source.removeprefix("bundled://"))))
-    return resolve_architecture(spec.model.name, source, read_remote_config)
 
 
 def local_knobs(spec: FineTuneJobSpec, arch: Architecture, device_type: str) -> tuple[Knobs, int, str | None]:
@@ -82,7 +71,7 @@ def run_local(args: argparse.Namespace) -> int:
     device = pick_device(getattr(args, "device", "auto") or "auto")
     log = Log()
     started = time.perf_counter()
-    arch = architecture(spec)
+    arch = model_architecture(spec.model.name, spec.model.source)
     knobs, estimate, gpu = local_knobs(spec, arch, device.type)
     log.event("plan", f"{job.metadata.namespace}/{job.metadata.name}: {arch.name} {spec.method} on "
               f"{gpu or 'the CPU'}: micro-batch {knobs.micro_batch_size} x accumulation "
