@@ -21,6 +21,7 @@ which produce the same watch events as API requests.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import datetime as dt
 import json
@@ -65,6 +66,8 @@ KINDS = [
     Kind("", "v1", "nodes", "Node", namespaced=False),
     Kind("", "v1", "pods", "Pod", namespaced=True),
     Kind("", "v1", "configmaps", "ConfigMap", namespaced=True, status_subresource=False),
+    Kind("", "v1", "secrets", "Secret", namespaced=True, status_subresource=False),
+    Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", namespaced=True),
     Kind("", "v1", "events", "Event", namespaced=True, status_subresource=False),
     Kind("", "v1", "namespaces", "Namespace", namespaced=False),
     Kind("batch", "v1", "jobs", "Job", namespaced=True),
@@ -150,6 +153,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
     revision: int = attrs.field(default=1000, init=False)
     created_at: dict[ObjKey, float] = attrs.field(factory=dict, init=False)  # perf_counter() at creation
     phase_at: dict[tuple[ObjKey, str], float] = attrs.field(factory=dict, init=False)  # first status.phase seen
+    # Set by a kubelet (tests/cluster/kt_kubelet.py): deleting a running pod bound to a node only marks it
+    # (deletionTimestamp, deletionGracePeriodSeconds); the kubelet stops its containers, then deletes it again.
+    graceful_pods: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -206,9 +212,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         kind = self.kind_of(plural, group)
         return self._patch(kind, namespace if kind.namespaced else None, name, patch, subresource="*")
 
-    async def remove_object(self, plural: str, namespace: str | None, name: str, group: str | None = None) -> None:
+    async def remove_object(self, plural: str, namespace: str | None, name: str, group: str | None = None,
+                            grace_seconds: int | None = None) -> None:
         kind = self.kind_of(plural, group)
-        self._delete(kind, namespace if kind.namespaced else None, name)
+        self._delete(kind, namespace if kind.namespaced else None, name, grace_seconds)
 
     def request_count(self, method: str | None = None, plural: str | None = None) -> int:
         return sum(n for (m, p), n in self.counts.items()
@@ -269,7 +276,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return self._json(self._replace(kind, namespace, request.name, request.data or {},
                                                 subresource=request.subresource))
             if method == "DELETE" and request.name:
-                return self._json(self._delete(kind, namespace, request.name))
+                body = request.data if isinstance(request.data, dict) else {}
+                grace = params.get("gracePeriodSeconds", body.get("gracePeriodSeconds"))
+                return self._json(self._delete(kind, namespace, request.name,
+                                               None if grace is None else int(grace)))
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
         except ApiError as exc:
             return self._json({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
@@ -323,6 +333,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         meta.update(uid=str(uuid.uuid4()), resourceVersion=self._bump(), creationTimestamp=_now(), generation=1)
         obj.setdefault("apiVersion", kind.api_version)
         obj.setdefault("kind", kind.kind)
+        if kind.plural == "secrets" and "stringData" in obj:  # write-only: the API server stores it base64'd
+            obj["data"] = {**(obj.get("data") or {}), **{k: base64.b64encode(str(v).encode()).decode()
+                                                          for k, v in (obj.pop("stringData") or {}).items()}}
         self.store[key] = obj
         self.created_at[key] = time.perf_counter()
         self._emit(kind, "ADDED", obj)
@@ -339,7 +352,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         new["metadata"]["resourceVersion"] = self._bump()
         self.store[key] = new
         meta = new["metadata"]
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        stopping = kind.plural == "pods" and self.graceful_pods and (new.get("spec") or {}).get("nodeName") and \
+            (new.get("status") or {}).get("phase") not in ("Succeeded", "Failed")  # its kubelet is still at it
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not stopping:
             self._delete(kind, key[1], key[2])
         else:
             self._emit(kind, "MODIFIED", new)
@@ -412,14 +427,23 @@ class KubeEmulator(kmock.KubernetesEmulator):
             new["status"] = copy.deepcopy(old.get("status"))
         return self._apply(kind, (kind.key, namespace, name), new)
 
-    def _delete(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any]:
+    def _delete(self, kind: Kind, namespace: str | None, name: str,
+                grace_seconds: int | None = None) -> dict[str, Any]:
         key = (kind.key, namespace, name)
         obj = self._fetch(kind, namespace, name)
+        graceful = kind.plural == "pods" and self.graceful_pods and (obj.get("spec") or {}).get("nodeName") and \
+            (obj.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and grace_seconds != 0
+        if (obj["metadata"].get("finalizers") or graceful) and not obj["metadata"].get("deletionTimestamp"):
+            new = copy.deepcopy(obj)
+            new["metadata"]["deletionTimestamp"] = _now()
+            if kind.plural == "pods":
+                default = (obj.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+                new["metadata"]["deletionGracePeriodSeconds"] = default if grace_seconds is None else grace_seconds
+            new["metadata"]["resourceVersion"] = self._bump()
+            self.store[key] = new  # not through _apply: a marked pod without finalizers stays until its kubelet
+            self._emit(kind, "MODIFIED", new)  # has stopped it
+            return new
         if obj["metadata"].get("finalizers"):
-            if not obj["metadata"].get("deletionTimestamp"):
-                new = copy.deepcopy(obj)
-                new["metadata"]["deletionTimestamp"] = _now()
-                return self._apply(kind, key, new)
             return obj
         del self.store[key]
         gone = copy.deepcopy(obj)

@@ -1,0 +1,794 @@
+"""A test kubelet, scheduler and Job controller for the KubeEmulator: each Job's pod runs as a local process.
+
+Together they give the emulator what a cluster adds to an API server, so one test can follow a Job from
+creation to the trainer's exit code. They act on the emulator in-process (`put_object`, `patch_object`,
+`remove_object`), which produces the same watch events as API requests, and wake on the emulator's own
+watch queues.
+
+Job controller (batch/v1, NonIndexed and Indexed):
+- creates pods from `spec.template` (labels `batch.kubernetes.io/job-name`, `controller-uid`, the owner
+  reference, the `batch.kubernetes.io/job-tracking` finalizer it removes once it has counted the pod);
+- `parallelism`/`completions`; `Indexed` mode gives each pod its index (annotation, env `JOB_COMPLETION_INDEX`,
+  hostname `<job>-<index>`);
+- `suspend`: active pods are deleted (gracefully) and the `Suspended` condition set; unsuspending starts
+  pods again;
+- a failed pod goes through `podFailurePolicy` (first matching rule: `FailJob`, `Ignore`, `Count`;
+  `onExitCodes` with `In`/`NotIn`, `onPodConditions` such as `DisruptionTarget`), then `backoffLimit`
+  (the Job fails when counted failures exceed it); conditions `FailureTarget` + `Failed` (reasons
+  `PodFailurePolicy`, `BackoffLimitExceeded`) or `SuccessCriteriaMet` + `Complete`; status counters
+  `active`, `succeeded`, `failed`, `ready`, `startTime`, `completionTime`.
+
+Scheduler: binds a pending pod to a Ready node that satisfies `nodeSelector`, required node affinity
+(`In`, `NotIn`, `Exists`, `DoesNotExist`, `Gt`, `Lt`), whose `NoSchedule`/`NoExecute` taints the pod
+tolerates, and with enough free extended resources (`nvidia.com/gpu`, counted over the node's
+non-terminal pods); otherwise `PodScheduled=False` with reason `Unschedulable` and why.
+
+Kubelet (one for every node): runs each container of a bound pod (containers run one after another,
+the first that fails ends the pod; a trainer pod has one) as a process in its own session:
+- argv = `command` + `args` (`$(VAR)` expanded from the container env); `python` and other names are
+  looked up on the image PATH, which is this test interpreter's bin folder first (the "image" is this
+  checkout, installed in the venv);
+- env = the image env (PATH, LANG and what the test passes as `image_env`) + the container's `env`:
+  `value`, `secretKeyRef` and `configMapKeyRef` (from objects in the emulator; a missing one that is
+  not `optional` keeps the pod Pending with `CreateContainerConfigError`, as a kubelet does), `fieldRef`
+  (metadata.name/namespace/uid, status.podIP, spec.nodeName); `envFrom` likewise;
+- volumes become host folders under the kubelet's root: `configMap` and `secret` as files (all keys, or
+  `items`), `emptyDir` per pod, `persistentVolumeClaim` per claim (shared by every pod that mounts it and
+  outliving them; the claim must exist), `subPath` honoured;
+- PATHS. A process cannot see a mount at `/etc/kubetune`, so the kubelet maps container paths to those
+  host folders: every argv item, env value and `workingDir` that equals a `mountPath` or starts with
+  `mountPath + "/"` is rewritten to the host folder (longest mount first). The `terminationMessagePath`
+  is mapped the same way to a per-container host file. A volume mounted at `/tmp` also sets `TMPDIR`.
+  Paths that reach the process any other way (inside a config file) are not rewritten;
+- network: the pod shares the host network; `podIP` is 127.0.0.1 and the port the process binds is
+  reachable there (so two pods of one test must use different ports, as hostNetwork pods must);
+- status: `Pending` -> `Running` (containerStatuses `running`, `Ready`) -> `Succeeded`/`Failed` with the
+  exit code (a signal N gives 128+N, a command that does not start gives 128 `StartError`), the reason
+  (`Completed`, `Error`) and the termination message: the first 4096 bytes of the message file, or with
+  `FallbackToLogsOnError` and a failure, the last 80 lines of the log (at most 2048 bytes). Logs are in
+  `<root>/pods/<namespace>_<pod>/<container>.log`;
+- deletion: the emulator (with `graceful_pods`) marks a running pod with `deletionTimestamp` and
+  `deletionGracePeriodSeconds` (from the delete request or `terminationGracePeriodSeconds`, default 30);
+  the kubelet sends SIGTERM to the process group, waits that long, sends SIGKILL, writes the final status
+  and deletes the pod (finalizers still hold it until the Job controller has counted it).
+
+Not emulated: probes (Ready follows Running), resource limits, securityContext (the processes run as this
+user), image pulls, init containers, restartPolicy other than Never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import os
+import re
+import shutil
+import signal
+import sys
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kt_emulator import KubeEmulator
+
+TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
+GPU = "nvidia.com/gpu"
+MESSAGE_LIMIT = 4096
+LOG_FALLBACK_LINES, LOG_FALLBACK_BYTES = 80, 2048
+TERMINAL = ("Succeeded", "Failed")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# --- pure decisions: scheduling, Job semantics, path mapping -------------------------------------------
+
+def _expression_matches(expr: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    key, op, values = expr["key"], expr["operator"], list(expr.get("values") or [])
+    value = labels.get(key)
+    if op == "In":
+        return value in values
+    if op == "NotIn":
+        return value not in values
+    if op == "Exists":
+        return key in labels
+    if op == "DoesNotExist":
+        return key not in labels
+    if op in ("Gt", "Lt"):
+        try:
+            number, bound = int(value or ""), int(values[0])
+        except (ValueError, IndexError):
+            return False
+        return number > bound if op == "Gt" else number < bound
+    raise ValueError(f"node selector operator {op!r}: allowed In, NotIn, Exists, DoesNotExist, Gt, Lt")
+
+
+def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:
+    for tol in tolerations:
+        if tol.get("effect") and tol["effect"] != taint.get("effect"):
+            continue
+        if tol.get("operator", "Equal") == "Exists":
+            if not tol.get("key") or tol["key"] == taint.get("key"):
+                return True
+        elif tol.get("key") == taint.get("key") and tol.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def pod_requests(pod: Mapping[str, Any], resource: str) -> int:
+    total = 0
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        res = container.get("resources") or {}
+        value = (res.get("requests") or {}).get(resource, (res.get("limits") or {}).get(resource, 0))
+        total += int(value)
+    return total
+
+
+def unfit_reason(pod: Mapping[str, Any], node: Mapping[str, Any],
+                 pods_on_node: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why `pod` cannot go on `node` (None: it fits)."""
+    spec = pod.get("spec") or {}
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    if not any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (node.get("status") or {}).get("conditions") or []):
+        return "node(s) were not ready"
+    if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
+        return "node(s) didn't match Pod's node affinity/selector"
+    required = ((((spec.get("affinity") or {}).get("nodeAffinity") or {})
+                 .get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms"))
+    if required and not any(all(_expression_matches(e, labels) for e in term.get("matchExpressions") or [])
+                            for term in required):
+        return "node(s) didn't match Pod's node affinity/selector"
+    for taint in (node.get("spec") or {}).get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerated(taint, spec.get("tolerations") or []):
+            return f"node(s) had untolerated taint {{{taint.get('key')}: {taint.get('value', '')}}}"
+    want = pod_requests(pod, GPU)
+    if want:
+        allocatable = int(((node.get("status") or {}).get("allocatable") or {}).get(GPU, 0))
+        used = sum(pod_requests(p, GPU) for p in pods_on_node
+                   if (p.get("status") or {}).get("phase") not in TERMINAL)
+        if used + want > allocatable:
+            return f"Insufficient {GPU}"
+    return None
+
+
+def schedule(pod: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
+             pods: Iterable[Mapping[str, Any]]) -> tuple[str | None, str]:
+    """(node name, "") or (None, the scheduler's message)."""
+    pods = list(pods)
+    reasons: dict[str, int] = {}
+    nodes = list(nodes)
+    for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
+        name = node["metadata"]["name"]
+        why = unfit_reason(pod, node, [p for p in pods if (p.get("spec") or {}).get("nodeName") == name])
+        if why is None:
+            return name, ""
+        reasons[why] = reasons.get(why, 0) + 1
+    detail = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
+    return None, f"0/{len(nodes)} nodes are available: {detail}." if nodes else "0/0 nodes are available."
+
+
+def _container_exit_codes(pod: Mapping[str, Any], container: str | None) -> list[int]:
+    codes = []
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (status.get("state") or {}).get("terminated")
+        if term is not None and (container is None or status.get("name") == container):
+            codes.append(int(term.get("exitCode", 0)))
+    return codes
+
+
+def failure_action(pod: Mapping[str, Any], policy: Mapping[str, Any] | None) -> tuple[str, int | None]:
+    """The podFailurePolicy action for a failed pod (`FailJob`, `Ignore`, `Count`) and the rule's index."""
+    for index, rule in enumerate((policy or {}).get("rules") or []):
+        if exits := rule.get("onExitCodes"):
+            values = set(exits.get("values") or [])
+            codes = _container_exit_codes(pod, exits.get("containerName"))
+            if exits.get("operator") == "In":
+                hit = any(c in values for c in codes)
+            else:  # NotIn: exit code 0 never matches
+                hit = any(c not in values and c != 0 for c in codes)
+            if hit:
+                return rule["action"], index
+        for cond in rule.get("onPodConditions") or []:
+            if any(c.get("type") == cond.get("type") and c.get("status") == cond.get("status", "True")
+                   for c in (pod.get("status") or {}).get("conditions") or []):
+                return rule["action"], index
+    return "Count", None
+
+
+def map_path(value: str, mounts: Mapping[str, Path]) -> str:
+    """A container path -> the host path of the mount that holds it (longest mount first); other values as is."""
+    for mount in sorted(mounts, key=len, reverse=True):
+        if value == mount:
+            return str(mounts[mount])
+        if value.startswith(mount.rstrip("/") + "/"):
+            return str(mounts[mount]) + value[len(mount.rstrip("/")):]
+    return value
+
+
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion (`$$` escapes; an unknown reference stays as written)."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return _VAR.sub(sub, value)
+
+
+# --- the running parts ----------------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """A reference the kubelet cannot resolve (missing Secret/ConfigMap/key/PVC): the pod waits."""
+
+
+@dataclass
+class RunningPod:
+    uid: str
+    namespace: str
+    name: str
+    folder: Path
+    task: asyncio.Task[None] | None = None
+    stopper: asyncio.Task[None] | None = None
+    process: asyncio.subprocess.Process | None = None
+    stopping: bool = False
+    exit_codes: list[int] = field(default_factory=list)
+
+
+class Kubelet:
+    """Scheduler + Job controller + one kubelet for every node, for the emulator `api`."""
+
+    def __init__(self, api: KubeEmulator, root: Path, *, image_env: Mapping[str, str] | None = None,
+                 backoff_seconds: float = 0.0, tick: float = 0.2) -> None:
+        self.api = api
+        self.root = root
+        self.image_env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin",
+                                                   "/bin"]), "LANG": "C.UTF-8", **(image_env or {})}
+        self.backoff_seconds = backoff_seconds
+        self.tick = tick
+        self.pods: dict[str, RunningPod] = {}
+        self.extra_env: list[tuple[Any, dict[str, str]]] = []  # (predicate(pod), env): fault injection
+        self.counted: set[str] = set()
+        self.removed: set[str] = set()  # pods the Job controller deleted (suspend, a failed Job)
+        self.task: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.errors: list[BaseException] = []
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    async def start(self) -> Kubelet:
+        self.api.graceful_pods = True
+        for plural in ("pods", "jobs", "nodes", "secrets", "configmaps", "persistentvolumeclaims"):
+            self.api.watchers[self.api.kind_of(plural).key].add(self.queue)
+        self.task = asyncio.create_task(self._run(), name="kt-kubelet")
+        return self
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+        for queues in self.api.watchers.values():
+            queues.discard(self.queue)
+        for running in list(self.pods.values()):
+            if running.process is not None and running.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(running.process.pid, signal.SIGKILL)
+                await running.process.wait()
+            if running.task is not None:
+                running.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await running.task
+        self.api.graceful_pods = False
+
+    async def __aenter__(self) -> Kubelet:
+        return await self.start()
+
+    async def __aexit__(self, *_: Any) -> None:
+        await self.stop()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.queue.get(), self.tick)
+                while not self.queue.empty():
+                    self.queue.get_nowait()
+            except TimeoutError:
+                pass
+            try:
+                await self.sync()
+            except Exception as exc:  # kept for the test to see; the loop goes on, as a controller's does
+                self.errors.append(exc)
+                if len(self.errors) > 100:
+                    raise
+
+    async def sync(self) -> None:
+        await self.sync_jobs()
+        await self.sync_scheduler()
+        await self.sync_kubelet()
+
+    # --- test helpers -----------------------------------------------------------------------------------
+
+    def inject_env(self, predicate: Any, env: Mapping[str, str]) -> None:
+        """Add `env` to the containers of pods for which `predicate(pod)` is true (faults the node injects)."""
+        self.extra_env.append((predicate, dict(env)))
+
+    def process_of(self, namespace: str, name: str) -> asyncio.subprocess.Process | None:
+        for running in self.pods.values():
+            if (running.namespace, running.name) == (namespace, name):
+                return running.process
+        return None
+
+    def log(self, namespace: str, name: str, container: str | None = None) -> str:
+        folder = self.root / "pods" / f"{namespace}_{name}"
+        files = sorted(folder.glob(f"{container or '*'}.log"))
+        return "".join(f.read_text(errors="replace") for f in files)
+
+    async def evict(self, namespace: str, name: str) -> None:
+        """What the Eviction API does: the DisruptionTarget condition, then a graceful delete."""
+        pod = self.api.read("pods", namespace, name)
+        if pod is None:
+            return
+        conditions = [c for c in (pod.get("status") or {}).get("conditions") or []
+                      if c.get("type") != "DisruptionTarget"]
+        conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                           "message": "Eviction API: evicting", "lastTransitionTime": now()})
+        await self.api.patch_object("pods", namespace, name, {"status": {"conditions": conditions}})
+        await self.api.remove_object("pods", namespace, name)
+
+    # --- the Job controller -----------------------------------------------------------------------------
+
+    async def sync_jobs(self) -> None:
+        jobs = {j["metadata"]["uid"]: j for j in self.api.items("jobs")}
+        pods = self.api.items("pods")
+        for pod in pods:  # orphans (their Job is gone): release them
+            owner = _controller_uid(pod)
+            meta = pod["metadata"]
+            if owner and owner not in jobs and TRACKING_FINALIZER in (meta.get("finalizers") or []) and \
+                    ((pod.get("status") or {}).get("phase") in TERMINAL or not (pod.get("spec") or {}).get("nodeName")):
+                await self._release(pod)
+        for job in jobs.values():
+            await self.sync_job(job, [p for p in pods if _controller_uid(p) == job["metadata"]["uid"]])
+
+    async def sync_job(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+        meta, spec = job["metadata"], job.get("spec") or {}
+        status = dict(job.get("status") or {})
+        conditions = list(status.get("conditions") or [])
+        finished = _has(conditions, "Complete") or _has(conditions, "Failed")
+        patch: dict[str, Any] = {}
+        succeeded, failed = int(status.get("succeeded", 0)), int(status.get("failed", 0))
+        done_indexes = set(_parse_indexes(status.get("completedIndexes", "")))
+        fail_job: str | None = None
+        for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", "")):
+            phase = (pod.get("status") or {}).get("phase")
+            uid = pod["metadata"]["uid"]
+            if phase not in TERMINAL or uid in self.counted:
+                continue
+            if phase == "Succeeded":
+                succeeded += 1
+                index = (pod["metadata"].get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
+                if index is not None:
+                    done_indexes.add(int(index))
+            else:
+                action, rule = failure_action(pod, spec.get("podFailurePolicy"))
+                if action == "FailJob" and fail_job is None:
+                    codes = _container_exit_codes(pod, None)
+                    fail_job = (f"Container {_first_failed_container(pod)} for pod {meta['namespace']}/"
+                                f"{pod['metadata']['name']} failed with exit code {codes[0] if codes else '?'} "
+                                f"matching FailJob rule at index {rule}")
+                if action in ("Count", "FailJob") and uid not in self.removed:  # suspension is no failure
+                    failed += 1
+            self.counted.add(uid)
+            await self._release(pod)
+        active = [p for p in pods if (p.get("status") or {}).get("phase") not in TERMINAL
+                  and not p["metadata"].get("deletionTimestamp")]
+        completions = int(spec.get("completions") or 1)
+        parallelism = int(spec.get("parallelism", 1) if spec.get("parallelism") is not None else 1)
+        indexed = spec.get("completionMode") == "Indexed"
+        patch.update(succeeded=succeeded, failed=failed)
+        if indexed:
+            patch["completedIndexes"] = _format_indexes(done_indexes)
+        if not finished:
+            if fail_job or failed > int(spec.get("backoffLimit", 6)):
+                reason = "PodFailurePolicy" if fail_job else "BackoffLimitExceeded"
+                message = fail_job or "Job has reached the specified backoff limit"
+                conditions += [_condition("FailureTarget", reason, message), _condition("Failed", reason, message)]
+                finished = True
+                for pod in active:
+                    self.removed.add(pod["metadata"]["uid"])
+                    await self.api.remove_object("pods", meta["namespace"], pod["metadata"]["name"])
+                active = []
+            elif (len(done_indexes) if indexed else succeeded) >= completions:
+                message = "Reached expected number of succeeded pods"
+                conditions += [_condition("SuccessCriteriaMet", "CompletionsReached", message),
+                               _condition("Complete", "CompletionsReached", message)]
+                patch["completionTime"] = now()
+                finished = True
+            elif spec.get("suspend"):
+                for pod in active:
+                    self.removed.add(pod["metadata"]["uid"])
+                    await self.api.remove_object("pods", meta["namespace"], pod["metadata"]["name"])
+                active = []
+                if not _has(conditions, "Suspended"):
+                    conditions = [c for c in conditions if c.get("type") != "Suspended"]
+                    conditions.append(_condition("Suspended", "JobSuspended", "Job suspended"))
+            else:
+                if _has(conditions, "Suspended"):
+                    conditions = [{**c, "status": "False", "reason": "JobResumed", "message": "Job resumed",
+                                   "lastTransitionTime": now()} if c.get("type") == "Suspended" else c
+                                  for c in conditions]
+                patch.setdefault("startTime", status.get("startTime") or now())
+                terminating = [p for p in pods if p["metadata"].get("deletionTimestamp")
+                               and (p.get("status") or {}).get("phase") not in TERMINAL]
+                if not terminating:  # podReplacementPolicy TerminatingOrFailed: no replacement while one stops
+                    if indexed:
+                        busy = {int((p["metadata"].get("annotations") or {})
+                                    .get("batch.kubernetes.io/job-completion-index", -1)) for p in active}
+                        wanted = [i for i in range(completions) if i not in done_indexes and i not in busy]
+                        for index in wanted[: max(0, parallelism - len(active))]:
+                            active.append(await self._create_pod(job, index))
+                    else:
+                        want = min(parallelism, completions - succeeded) - len(active)
+                        for _ in range(max(0, want)):
+                            if failed and self.backoff_seconds:
+                                await asyncio.sleep(min(self.backoff_seconds * 2 ** (failed - 1), 6 * 60))
+                            active.append(await self._create_pod(job, None))
+        patch["active"] = len(active)
+        patch["ready"] = sum(1 for p in active if _has((p.get("status") or {}).get("conditions") or [], "Ready"))
+        if conditions != list(status.get("conditions") or []):
+            patch["conditions"] = conditions
+        if any(status.get(k) != v for k, v in patch.items()):
+            await self.api.patch_object("jobs", meta["namespace"], meta["name"], {"status": patch})
+
+    async def _release(self, pod: Mapping[str, Any]) -> None:
+        meta = pod["metadata"]
+        rest = [f for f in meta.get("finalizers") or [] if f != TRACKING_FINALIZER]
+        if len(rest) != len(meta.get("finalizers") or []):
+            await self.api.patch_object("pods", meta["namespace"], meta["name"],
+                                        {"metadata": {"finalizers": rest or None}})
+
+    async def _create_pod(self, job: Mapping[str, Any], index: int | None) -> dict[str, Any]:
+        meta = job["metadata"]
+        template = (job.get("spec") or {}).get("template") or {}
+        tmeta = template.get("metadata") or {}
+        job_name, uid = meta["name"], meta["uid"]
+        labels = {**(tmeta.get("labels") or {}), "batch.kubernetes.io/job-name": job_name, "job-name": job_name,
+                  "batch.kubernetes.io/controller-uid": uid, "controller-uid": uid}
+        annotations = dict(tmeta.get("annotations") or {})
+        spec = dict(template.get("spec") or {})
+        prefix = f"{job_name}-{index}-" if index is not None else f"{job_name}-"
+        if index is not None:
+            labels["batch.kubernetes.io/job-completion-index"] = str(index)
+            annotations["batch.kubernetes.io/job-completion-index"] = str(index)
+            spec.setdefault("hostname", f"{job_name}-{index}")
+            spec["containers"] = [{**c, "env": [*(c.get("env") or []),
+                                                {"name": "JOB_COMPLETION_INDEX", "value": str(index)}]}
+                                  for c in spec.get("containers") or []]
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": prefix + uuid.uuid4().hex[:5], "namespace": meta["namespace"], "labels": labels,
+                         "annotations": annotations, "finalizers": [TRACKING_FINALIZER],
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name, "uid": uid,
+                                              "controller": True, "blockOwnerDeletion": True}]},
+            "spec": spec,
+            "status": {"phase": "Pending"},
+        }
+        return await self.api.put_object("pods", pod)
+
+    # --- the scheduler ----------------------------------------------------------------------------------
+
+    async def sync_scheduler(self) -> None:
+        pods = self.api.items("pods")
+        nodes = self.api.items("nodes")
+        for pod in pods:
+            if (pod.get("spec") or {}).get("nodeName") or pod["metadata"].get("deletionTimestamp") or \
+                    (pod.get("status") or {}).get("phase") in TERMINAL:
+                continue
+            node, message = schedule(pod, nodes, pods)
+            meta = pod["metadata"]
+            if node is None:
+                cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+                old = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == "PodScheduled"]
+                if not old or {k: old[0].get(k) for k in cond} != cond:
+                    await self.api.patch_object("pods", meta["namespace"], meta["name"], {"status": {
+                        "conditions": [{**cond, "lastTransitionTime": now()}]}})
+                continue
+            await self.api.patch_object("pods", meta["namespace"], meta["name"], {
+                "spec": {"nodeName": node},
+                "status": {"conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now()}]},
+            })
+            pod["spec"]["nodeName"] = node  # later pods of this pass see the GPUs taken
+
+    # --- the kubelet ------------------------------------------------------------------------------------
+
+    async def sync_kubelet(self) -> None:
+        for pod in self.api.items("pods"):
+            meta, spec = pod["metadata"], pod.get("spec") or {}
+            phase = (pod.get("status") or {}).get("phase")
+            if not spec.get("nodeName"):
+                continue
+            running = self.pods.get(meta["uid"])
+            if meta.get("deletionTimestamp"):
+                if running is not None and running.task is not None and not running.stopping:
+                    running.stopping = True
+                    running.stopper = asyncio.create_task(
+                        self._terminate(running, int(meta.get("deletionGracePeriodSeconds", 30))))
+                elif running is None and phase not in TERMINAL:  # never started: nothing to stop
+                    await self._finish(pod, "Failed", [], reason="Terminated")
+                elif running is None or running.task is None or running.task.done():
+                    await self.api.remove_object("pods", meta["namespace"], meta["name"])
+                continue
+            if running is None and phase not in TERMINAL:
+                await self._start(pod)
+
+    async def _start(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        folder = self.root / "pods" / f"{meta['namespace']}_{meta['name']}"
+        try:
+            prepared = [self._prepare(pod, c, folder) for c in (pod.get("spec") or {}).get("containers") or []]
+        except ConfigError as exc:
+            await self._waiting(pod, "CreateContainerConfigError", str(exc))
+            return
+        running = RunningPod(meta["uid"], meta["namespace"], meta["name"], folder)
+        self.pods[meta["uid"]] = running
+        running.task = asyncio.create_task(self._run_pod(pod, running, prepared), name=f"pod {meta['name']}")
+
+    async def _waiting(self, pod: Mapping[str, Any], reason: str, message: str) -> None:
+        meta = pod["metadata"]
+        statuses = [{"name": c["name"], "ready": False, "restartCount": 0,
+                     "state": {"waiting": {"reason": reason, "message": message}}}
+                    for c in (pod.get("spec") or {}).get("containers") or []]
+        if (pod.get("status") or {}).get("containerStatuses") != statuses:
+            await self.api.patch_object("pods", meta["namespace"], meta["name"],
+                                        {"status": {"phase": "Pending", "containerStatuses": statuses}})
+
+    def _prepare(self, pod: Mapping[str, Any], container: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+        """argv, env, cwd and the message file of one container, with volumes made and paths mapped."""
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        mounts: dict[str, Path] = {}
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes.get(mount["name"])
+            if volume is None:
+                raise ConfigError(f"volumeMount {mount['name']!r}: no volume of that name in the pod")
+            host = self._volume(pod, volume, folder)
+            if mount.get("subPath"):
+                host = host / mount["subPath"]
+                host.mkdir(parents=True, exist_ok=True)
+            mounts[mount["mountPath"]] = host
+        name = container["name"]
+        message_file = folder / "termination" / name
+        message_file.parent.mkdir(parents=True, exist_ok=True)
+        message_file.write_text("")
+        message_path = container.get("terminationMessagePath", "/dev/termination-log")
+        paths = {**mounts, message_path: message_file}
+        env: dict[str, str] = dict(self.image_env)
+        if "/tmp" in mounts:
+            env["TMPDIR"] = str(mounts["/tmp"])
+        for source in container.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            if ref := source.get("configMapRef"):
+                data = self._object_data("configmaps", meta["namespace"], ref, None)
+            else:
+                data = self._object_data("secrets", meta["namespace"], source.get("secretRef") or {}, None)
+            env.update({prefix + k: v for k, v in (data or {}).items()})
+        for item in container.get("env") or []:
+            value = self._env_value(pod, item, env)
+            if value is not None:
+                env[item["name"]] = value
+        for predicate, extra in self.extra_env:
+            if predicate(pod):
+                env.update(extra)
+        env = {k: map_path(v, paths) for k, v in env.items()}
+        argv = [map_path(expand(a, env), paths) for a in [*(container.get("command") or []),
+                                                            *(container.get("args") or [])]]
+        if not argv:
+            raise ConfigError(f"container {name}: no command (image entrypoints are not emulated)")
+        cwd = map_path(container["workingDir"], paths) if container.get("workingDir") else str(folder)
+        return {"name": name, "argv": argv, "env": env, "cwd": cwd, "message_file": message_file,
+                "policy": container.get("terminationMessagePolicy", "File"), "log": folder / f"{name}.log"}
+
+    def _volume(self, pod: Mapping[str, Any], volume: Mapping[str, Any], folder: Path) -> Path:
+        namespace = pod["metadata"]["namespace"]
+        if "emptyDir" in volume:
+            path = folder / "volumes" / volume["name"]
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            if self.api.read("persistentvolumeclaims", namespace, claim) is None:
+                raise ConfigError(f'persistentvolumeclaim "{claim}" not found')
+            path = self.root / "pvcs" / f"{namespace}_{claim}"
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        for plural, key, ref_key in (("configmaps", "configMap", "name"), ("secrets", "secret", "secretName")):
+            if key in volume:
+                source = volume[key]
+                data = self._object_data(plural, namespace, {"name": source.get(ref_key),
+                                                             "optional": source.get("optional", False)}, None)
+                path = folder / "volumes" / volume["name"]
+                if path.exists():
+                    shutil.rmtree(path)
+                path.mkdir(parents=True)
+                items = source.get("items") or [{"key": k, "path": k} for k in sorted(data or {})]
+                for item in items:
+                    if item["key"] not in (data or {}):
+                        raise ConfigError(f'{key} "{source.get(ref_key)}": no key {item["key"]!r}')
+                    target = path / item["path"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text((data or {})[item["key"]])
+                return path
+        raise ConfigError(f"volume {volume['name']!r}: only emptyDir, persistentVolumeClaim, configMap and secret "
+                          "volumes are emulated")
+
+    def _object_data(self, plural: str, namespace: str, ref: Mapping[str, Any], key: str | None) -> Any:
+        obj = self.api.read(plural, namespace, ref.get("name", ""))
+        singular = plural.rstrip("s")
+        if obj is None:
+            if ref.get("optional"):
+                return None
+            raise ConfigError(f'{singular} "{ref.get("name")}" not found')
+        data = dict(obj.get("data") or {})
+        if plural == "secrets":
+            data = {k: base64.b64decode(v).decode() for k, v in data.items()}
+        if key is None:
+            return data
+        if key not in data:
+            if ref.get("optional"):
+                return None
+            raise ConfigError(f"couldn't find key {key} in {singular.capitalize()} {namespace}/{ref.get('name')}")
+        return data[key]
+
+    def _env_value(self, pod: Mapping[str, Any], item: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+        if "value" in item:
+            return expand(str(item["value"]), env)
+        source = item.get("valueFrom") or {}
+        namespace = pod["metadata"]["namespace"]
+        if ref := source.get("secretKeyRef"):
+            return self._object_data("secrets", namespace, ref, ref["key"])  # type: ignore[no-any-return]
+        if ref := source.get("configMapKeyRef"):
+            return self._object_data("configmaps", namespace, ref, ref["key"])  # type: ignore[no-any-return]
+        if ref := source.get("fieldRef"):
+            fields = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": namespace,
+                      "metadata.uid": pod["metadata"]["uid"], "status.podIP": "127.0.0.1",
+                      "spec.nodeName": (pod.get("spec") or {}).get("nodeName", "")}
+            if ref["fieldPath"] not in fields:
+                raise ConfigError(f"fieldRef {ref['fieldPath']}: allowed {', '.join(sorted(fields))}")
+            return fields[ref["fieldPath"]]
+        return "" if not source else None
+
+    async def _run_pod(self, pod: dict[str, Any], running: RunningPod, prepared: list[dict[str, Any]]) -> None:
+        meta = pod["metadata"]
+        started = now()
+        await self.api.patch_object("pods", meta["namespace"], meta["name"], {"status": {
+            "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "hostIP": "127.0.0.1",
+            "startTime": started,
+            "conditions": [{"type": t, "status": "True", "lastTransitionTime": started}
+                           for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+            "containerStatuses": [{"name": c["name"], "ready": True, "restartCount": 0, "started": True,
+                                   "state": {"running": {"startedAt": started}}} for c in prepared],
+        }})
+        statuses: list[dict[str, Any]] = []
+        ok = True
+        for container in prepared:
+            if not ok or running.stopping:
+                break
+            terminated = await self._run_container(container, running)
+            statuses.append({"name": container["name"], "ready": False, "restartCount": 0, "started": False,
+                             "state": {"terminated": terminated}})
+            ok = terminated["exitCode"] == 0
+        await self._finish(pod, "Succeeded" if ok and not running.stopping and len(statuses) == len(prepared)
+                           else "Failed", statuses)
+
+    async def _run_container(self, container: Mapping[str, Any], running: RunningPod) -> dict[str, Any]:
+        started = now()
+        with open(container["log"], "ab") as log:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *container["argv"], env=container["env"], cwd=container["cwd"], stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                return {"exitCode": 128, "reason": "StartError", "startedAt": started, "finishedAt": now(),
+                        "message": f"failed to start {container['argv'][0]!r}: {exc.strerror}"}
+            running.process = process
+            code = await process.wait()
+        exit_code = 128 - code if code < 0 else code
+        message = container["message_file"].read_bytes()[:MESSAGE_LIMIT].decode(errors="replace")
+        if not message.strip() and exit_code != 0 and container["policy"] == "FallbackToLogsOnError":
+            lines = container["log"].read_bytes().decode(errors="replace").splitlines()[-LOG_FALLBACK_LINES:]
+            message = "\n".join(lines)[-LOG_FALLBACK_BYTES:]
+        running.exit_codes.append(exit_code)
+        return {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "message": message,
+                "startedAt": started, "finishedAt": now()}
+
+    async def _terminate(self, running: RunningPod, grace: int) -> None:
+        """SIGTERM, the grace period, SIGKILL (to the whole process group)."""
+        process = running.process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(process.wait()), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+        if running.task is not None:
+            with contextlib.suppress(Exception):
+                await running.task
+        with contextlib.suppress(Exception):
+            await self.api.remove_object("pods", running.namespace, running.name)
+
+    async def _finish(self, pod: Mapping[str, Any], phase: str, statuses: list[dict[str, Any]],
+                      reason: str | None = None) -> None:
+        meta = pod["metadata"]
+        current = self.api.read("pods", meta["namespace"], meta["name"])
+        if current is None:
+            return
+        conditions = [c for c in (current.get("status") or {}).get("conditions") or []
+                      if c.get("type") not in ("Ready", "ContainersReady")]
+        conditions += [{"type": t, "status": "False", "reason": "PodCompleted" if phase == "Succeeded" else "PodFailed",
+                        "lastTransitionTime": now()} for t in ("ContainersReady", "Ready")]
+        status: dict[str, Any] = {"phase": phase, "conditions": conditions}
+        if statuses:
+            status["containerStatuses"] = statuses
+        if reason:
+            status["reason"] = reason
+        await self.api.patch_object("pods", meta["namespace"], meta["name"], {"status": status})
+
+
+def _controller_uid(pod: Mapping[str, Any]) -> str | None:
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == "Job":
+            return str(ref.get("uid"))
+    return None
+
+
+def _first_failed_container(pod: Mapping[str, Any]) -> str:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (status.get("state") or {}).get("terminated") or {}
+        if term.get("exitCode"):
+            return str(status.get("name"))
+    return "?"
+
+
+def _has(conditions: Iterable[Mapping[str, Any]], ctype: str) -> bool:
+    return any(c.get("type") == ctype and c.get("status") == "True" for c in conditions)
+
+
+def _condition(ctype: str, reason: str, message: str) -> dict[str, Any]:
+    stamp = now()
+    return {"type": ctype, "status": "True", "reason": reason, "message": message, "lastProbeTime": stamp,
+            "lastTransitionTime": stamp}
+
+
+def _parse_indexes(text: str) -> list[int]:
+    result: list[int] = []
+    for part in (text or "").split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            result.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            result.append(int(part))
+    return result
+
+
+def _format_indexes(indexes: Iterable[int]) -> str:
+    ordered = sorted(set(indexes))
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
