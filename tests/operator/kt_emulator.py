@@ -31,14 +31,17 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
 import attrs
 import kmock
+import yaml
 from kmock._internal import rendering  # the parsed request type (kmock's own)
 
 ResKey = tuple[str, str, str]  # group, version, plural
+CRD_FILE = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
 ObjKey = tuple[ResKey, str | None, str]  # resource, namespace, name
 
 
@@ -157,10 +160,30 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # (deletionTimestamp, deletionGracePeriodSeconds); the kubelet stops its containers, then deletes it again.
     graceful_pods: bool = attrs.field(default=False, init=False)
 
+    crds: dict[ResKey, dict[str, Any]] = attrs.field(factory=dict, init=False)  # CRD version entries (kubectl)
+
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         for kind in KINDS:
             self.register(kind)
+        if CRD_FILE.exists():
+            self.register_crd(yaml.safe_load(CRD_FILE.read_text()))
+
+    def register_crd(self, crd: Mapping[str, Any]) -> None:
+        """Serve a CustomResourceDefinition as kube-apiserver does: discovery with short names and categories,
+        its schema under /openapi/v3, and Table responses from its additionalPrinterColumns."""
+        spec = crd["spec"]
+        names = spec["names"]
+        for version in spec["versions"]:
+            kind = Kind(spec["group"], version["name"], names["plural"], names["kind"],
+                        namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                        status_subresource="status" in (version.get("subresources") or {}))
+            self.register(kind)
+            info = self.resources[f"{kind.group}/{kind.version}/{kind.plural}"]
+            info.shortnames = set(names.get("shortNames") or [])
+            info.categories = set(names.get("categories") or [])
+            info.singular = names.get("singular") or kind.kind.lower()
+            self.crds[kind.key] = dict(version)
 
     def register(self, kind: Kind) -> None:
         self.kinds[kind.key] = kind
@@ -168,6 +191,27 @@ class KubeEmulator(kmock.KubernetesEmulator):
             kmock.ResourceInfo(kind=kind.kind, singular=kind.kind.lower(), namespaced=kind.namespaced, verbs=VERBS,
                                subresources={"status"} if kind.status_subresource else set())
         )
+
+    async def _serve_version(self, request: rendering.Request) -> Any:
+        """kmock's APIResourceList as kube-apiserver writes it: the core group is `v1` (not `/v1`), and
+        subresources carry no short names or categories."""
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and str(payload.get("groupVersion", "")).startswith("/"):
+            payload["groupVersion"] = payload["groupVersion"][1:]
+        for entry in payload.get("resources", []) if isinstance(payload, dict) else []:
+            if "/" in entry["name"]:
+                entry["shortNames"], entry["categories"] = [], []
+        return payload
+
+    def _validate_fields(self, kind: Kind, body: dict[str, Any], mode: str) -> None:
+        """`?fieldValidation=Strict|Warn|Ignore` (what kubectl sends) on a custom resource: unknown fields are a
+        400 under Strict, else pruned, as the structural schema prunes them. Requests without the parameter
+        (the operator's, the tests') are stored as sent."""
+        schema = (self.crds[kind.key].get("schema") or {}).get("openAPIV3Schema") or {}
+        unknown = prune_unknown(body, schema)
+        if unknown and mode == "Strict":
+            raise ApiError(400, "BadRequest", "strict decoding error: " + ", ".join(
+                f'unknown field "{path}"' for path in unknown))
 
     # --- test-side helpers ----------------------------------------------------------------------------
 
@@ -224,6 +268,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # --- the API ---------------------------------------------------------------------------------------
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw_request.path.startswith("/openapi/v3") and raw_request.method == "GET":
+            document = openapi_v3(self.crds, self.kinds, raw_request.path.removeprefix("/openapi/v3").strip("/"))
+            if document is None:
+                return self._json({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                                   "reason": "NotFound", "message": f"{raw_request.path} not found"}, 404)
+            return self._json(document)
         # kmock 0.8's path parser takes /api/v1/namespaces for the prefix of a namespaced path and fails;
         # kopf lists and watches namespaces when it serves a set of namespaces.
         if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method == "GET":
@@ -257,10 +307,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
             params = request.params
             if request.action == kmock.action.WATCH:
                 return await self._watch(request, kind, namespace)
+            as_table = "as=Table" in request.headers.get("Accept", "")
+            if method in ("POST", "PUT", "PATCH") and params.get("fieldValidation") and kind.key in self.crds \
+                    and isinstance(request.data, dict):
+                self._validate_fields(kind, request.data, params["fieldValidation"])
             if method == "GET" and request.name is None:
-                return self._json(self._list(kind, namespace, params))
+                listed = self._list(kind, namespace, params)
+                return self._json(table(listed["items"], self.crds.get(kind.key), listed["metadata"]) if as_table
+                                  else listed)
             if method == "GET" and request.name:
-                return self._json(self._fetch(kind, namespace, request.name))
+                found = self._fetch(kind, namespace, request.name)
+                return self._json(table([found], self.crds.get(kind.key), {}) if as_table else found)
             if method == "POST" and request.name is None:
                 return self._json(self._create(kind, namespace, request.data or {}), 201)
             if method == "PATCH" and request.name:
@@ -512,3 +569,146 @@ class KubeEmulator(kmock.KubernetesEmulator):
             for queue in list(queues):
                 queue.put_nowait({"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired",
                                                               "message": "watch closed by the emulator"}})
+
+
+# --- what kubectl needs: OpenAPI v3 from CRD schemas, Table responses from printer columns ---------------
+
+def openapi_v3(crds: Mapping[ResKey, Mapping[str, Any]], kinds: Mapping[ResKey, Kind],
+               path: str) -> dict[str, Any] | None:
+    """`/openapi/v3` (the index of group-versions) or `/openapi/v3/apis/<group>/<version>` (their schemas)."""
+    served = {f"apis/{g}/{v}": [(kinds[(g, v, p)], crd) for (g2, v2, p), crd in crds.items() if (g2, v2) == (g, v)]
+              for (g, v, _) in crds}
+    if not path:
+        return {"paths": {gv: {"serverRelativeURL": f"/openapi/v3/{gv}?hash={abs(hash(gv)):X}"} for gv in served}}
+    if path not in served:
+        return None
+    schemas: dict[str, Any] = {}
+    for kind, crd in served[path]:
+        reversed_group = ".".join(reversed(kind.group.split(".")))
+        schema = copy.deepcopy((crd.get("schema") or {}).get("openAPIV3Schema") or {"type": "object"})
+        schema.setdefault("properties", {})["metadata"] = {
+            "allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}]}
+        schema["x-kubernetes-group-version-kind"] = [{"group": kind.group, "version": kind.version,
+                                                      "kind": kind.kind}]
+        schemas[f"{reversed_group}.{kind.version}.{kind.kind}"] = schema
+        schemas[f"{reversed_group}.{kind.version}.{kind.kind}List"] = {
+            "type": "object", "required": ["items"],
+            "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                           "metadata": {"type": "object"},
+                           "items": {"type": "array", "items": {
+                               "$ref": f"#/components/schemas/{reversed_group}.{kind.version}.{kind.kind}"}}},
+            "x-kubernetes-group-version-kind": [{"group": kind.group, "version": kind.version,
+                                                 "kind": f"{kind.kind}List"}]}
+    schemas["io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"] = {
+        "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "generateName": {"type": "string"},
+                       "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                       "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}
+    paths: dict[str, Any] = {}
+    for kind, _ in served[path]:
+        gvk = {"group": kind.group, "version": kind.version, "kind": kind.kind}
+        scope = "/namespaces/{namespace}" if kind.namespaced else ""
+        params = [{"name": n, "in": "query", "schema": {"type": "string"}} for n in ("dryRun", "fieldManager",
+                                                                                      "fieldValidation")]
+        item = f"/apis/{kind.group}/{kind.version}{scope}/{kind.plural}/{{name}}"
+        paths[item] = {verb: {"x-kubernetes-action": verb, "x-kubernetes-group-version-kind": gvk,
+                              "parameters": params if verb in ("patch", "put") else [],
+                              "responses": {"200": {"description": "OK"}}}
+                       for verb in ("get", "put", "patch", "delete")}
+        paths[f"/apis/{kind.group}/{kind.version}{scope}/{kind.plural}"] = {"post": {
+            "x-kubernetes-action": "post", "x-kubernetes-group-version-kind": gvk, "parameters": params,
+            "responses": {"201": {"description": "Created"}}}}
+    return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": paths,
+            "components": {"schemas": schemas}}
+
+
+def prune_unknown(obj: Any, schema: Mapping[str, Any], path: str = "") -> list[str]:
+    """Remove (in place) the fields `schema` does not declare; returns their paths (`spec.foo`)."""
+    if not isinstance(obj, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        if isinstance(obj, list) and isinstance(schema.get("items"), Mapping):
+            return [u for i, v in enumerate(obj) for u in prune_unknown(v, schema["items"], f"{path}[{i}]")]
+        return []
+    props = schema.get("properties")
+    extra = schema.get("additionalProperties")
+    unknown: list[str] = []
+    for key in list(obj):
+        here = f"{path}.{key}" if path else key
+        if path == "" and key in ("apiVersion", "kind", "metadata"):
+            continue
+        if props is not None and key in props:
+            unknown += prune_unknown(obj[key], props[key], here)
+        elif isinstance(extra, Mapping):
+            unknown += prune_unknown(obj[key], extra, here)
+        elif props is not None or extra is False:
+            unknown.append(here)
+            del obj[key]
+    return unknown
+
+
+_STEP = re.compile(r"\.([A-Za-z0-9_-]+)|\[(\d+)\]|\[\?\(@\.([A-Za-z0-9_.-]+)\s*==\s*[\"']([^\"']*)[\"']\)\]")
+
+
+def json_path(obj: Any, path: str) -> Any:
+    """The subset of JSONPath printer columns use: `.a.b`, `[0]`, `[?(@.type=="Ready")]`."""
+    values = [obj]
+    position = 0
+    path = path.strip().removeprefix("{").removesuffix("}").strip()
+    while position < len(path):
+        m = _STEP.match(path, position)
+        if m is None:
+            raise ValueError(f"jsonPath {path!r}: unsupported at {path[position:]!r}")
+        position = m.end()
+        nxt: list[Any] = []
+        for value in values:
+            if m.group(1) is not None and isinstance(value, Mapping) and m.group(1) in value:
+                nxt.append(value[m.group(1)])
+            elif m.group(2) is not None and isinstance(value, list) and int(m.group(2)) < len(value):
+                nxt.append(value[int(m.group(2))])
+            elif m.group(3) is not None and isinstance(value, list):
+                nxt += [v for v in value
+                        if isinstance(v, Mapping) and str(json_path(v, "." + m.group(3))) == m.group(4)]
+        values = nxt
+    return values[0] if len(values) == 1 else (values or None)
+
+
+def _age(timestamp: str) -> str:
+    try:
+        then = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        return "<invalid>"
+    seconds = max(0, int((dt.datetime.now(dt.UTC) - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (2 if unit != "d" else 1):
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def table(items: Iterable[Mapping[str, Any]], crd: Mapping[str, Any] | None,
+          list_meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A meta.k8s.io/v1 Table, as kube-apiserver converts a CRD (Name + additionalPrinterColumns; dates as ages)
+    or, without columns, as its default convertor does (Name, Created At)."""
+    columns = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
+                "description": "Name must be unique within a namespace."}]
+    printer = list((crd or {}).get("additionalPrinterColumns") or [])
+    if crd is None or not printer:
+        printer = [{"name": "Created At", "type": "date", "jsonPath": ".metadata.creationTimestamp",
+                    "description": "CreationTimestamp is a timestamp representing the server time when this object "
+                                   "was created."}]
+    for column in printer:
+        columns.append({"name": column["name"], "type": column.get("type", "string"),
+                        "format": column.get("format", ""), "description": column.get("description", ""),
+                        "priority": column.get("priority", 0)})
+    rows = []
+    for obj in items:
+        cells: list[Any] = [obj["metadata"]["name"]]
+        for column in printer:
+            value = json_path(obj, column["jsonPath"])
+            if column.get("type") == "date" and isinstance(value, str):
+                value = _age(value)
+            cells.append(value)
+        meta = obj["metadata"]
+        rows.append({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                                                "metadata": meta}})
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": list_meta.get("resourceVersion", "")}, "columnDefinitions": columns,
+            "rows": rows}
