@@ -1,0 +1,30 @@
+"""Fixtures every test directory can use: the hub-compatible file server (tests/hub_server.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.append(str(Path(__file__).parent))  # for `import hub_server`
+
+from hub_server import HubServer, serve_smollm
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> Iterator[HubServer]:
+    """A hub on 127.0.0.1 serving the bundled SmolLM2 as `hub_server.SMOLLM_REPO` (public) and
+    `hub_server.GATED_REPO` (gated; `hub_server.TEST_TOKEN` has access), each with decoy files a training
+    download must skip. `hub_server.hub_env(server, token)` gives a process's HF_* environment."""
+    with HubServer() as server:
+        serve_smollm(server)
+        yield server
+
+
+@pytest.fixture
+def hub(hub_server: HubServer) -> HubServer:
+    """The session's hub with an empty request log (count downloads with `hub.file_downloads(repo)`)."""
+    hub_server.clear_log()
+    return hub_server
