@@ -19,7 +19,7 @@ Schema = dict[str, Any]
 
 _KEEP = {
     "type", "description", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
-    "minItems", "maxItems", "required", "format",
+    "minItems", "maxItems", "required", "format", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
 }
 
 

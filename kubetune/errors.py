@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from kubetune.contracts import ExitCode
+
 
 class KubetuneError(Exception):
     """Base class: str(error) is the message to show the user."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.ERROR
 
 
 class SpecError(KubetuneError):
     """The FineTuneJob (or a file it points at) is invalid. One line per problem, each naming the field."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.BAD_INPUT
 
     def __init__(self, problems: list[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)

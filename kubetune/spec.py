@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kubetune.contracts import ConditionType, Phase, Reason
 from kubetune.errors import SpecError
 
 API_GROUP = "kubetune.io"
@@ -231,9 +232,9 @@ class FineTuneJobSpec(_Model):
 class Condition(_Model):
     """kstatus-style condition: Ready, Reconciling, Stalled (Argo CD and Flux read these)."""
 
-    type: str
+    type: ConditionType = Field(description="Ready, Reconciling or Stalled (kubetune.contracts.ConditionType).")
     status: Literal["True", "False", "Unknown"]
-    reason: str
+    reason: Reason = Field(description="CamelCase, one meaning each (kubetune.contracts.Reason).")
     message: str = ""
     last_transition_time: str
     observed_generation: int | None = None
@@ -270,10 +271,12 @@ class Attempt(_Model):
 class FineTuneJobStatus(_Model):
     """What the operator writes. Flat display fields (gpu, vram, step) feed `kubectl get ftj` columns."""
 
-    phase: Literal["Pending", "Planning", "Queued", "Running", "Succeeded", "Failed", "Suspended"] = "Pending"
+    phase: Phase = Field(default=Phase.PENDING, description="Pending, Queued, Running, Suspended, Succeeded or "
+                         "Failed (kubetune.contracts.Phase); machines read the conditions.")
     message: str | None = None
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     plan: PlanStatus | None = None
     gpu: str | None = Field(default=None, description="e.g. 'A100-80GB x1'")
     vram: str | None = Field(default=None, description="e.g. '52.4Gi' (the planner's estimate)")

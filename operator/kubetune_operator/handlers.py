@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import kopf
 
+from kubetune.contracts import Phase, Reason, TrainerStatus
 from kubetune.errors import PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.models import model_architecture
@@ -94,7 +95,7 @@ class Job:
     def generation(self) -> int | None:
         return self.meta.get("generation")
 
-    def write(self, *, phase: st.Phase, reason: str, message: str, warning: bool = False, **fields: Any) -> None:
+    def write(self, *, phase: Phase, reason: Reason, message: str, warning: bool = False, **fields: Any) -> None:
         changes, event = st.transition(self.status, phase=phase, reason=reason, message=message,
                                        generation=self.generation, warning=warning, **fields)
         self.set(**changes)
@@ -208,7 +209,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
             echoes[uid] = (updated.get("metadata") or {}).get("resourceVersion")
         phases[uid] = job.status.get("phase") or "Pending"
         for event in job.events:
-            kopf.event(job.body, type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
+            kopf.event(job.body, type=event.type, reason=event.reason.value, message=event.message)  # type: ignore[arg-type]
 
     async def decide(job: Job, *, poll: bool) -> None:
         phase = job.status.get("phase")
@@ -217,8 +218,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
             await launch(job, _next_attempt(job.status.get("attempts") or []))
             return
         if spec_changed and phase == "Succeeded":
-            job.events.append(st.Event("Warning", "SpecChangeIgnored", "the fine-tune has succeeded; apply a new "
-                                       "FineTuneJob (another name) to train again"))
+            job.events.append(st.Event("Warning", Reason.SPEC_CHANGE_IGNORED, "the fine-tune has succeeded; apply a "
+                                       "new FineTuneJob (another name) to train again"))
             job.set(observedGeneration=job.generation)
         elif spec_changed:
             await apply_spec_change(job)
@@ -229,18 +230,18 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
             return
         await follow(job, poll=poll)
 
-    async def launch(job: Job, attempt: int, reason: str | None = None, note: str = "") -> None:
+    async def launch(job: Job, attempt: int, reason: Reason | None = None, note: str = "") -> None:
         attempts = list(job.status.get("attempts") or [])
         floor = _oom_floor(attempts, catalog)
         try:
             spec = parse_spec(dict(job.spec))
             plan = plan_for(spec, floor)
         except PlanError as exc:
-            job.write(phase="Failed", reason="NoLargerGpuClass" if floor else "Unplannable",
+            job.write(phase=Phase.FAILED, reason=Reason.NO_LARGER_GPU_CLASS if floor else Reason.UNPLANNABLE,
                       message="; ".join(exc.problems))
             return
         except SpecError as exc:
-            job.write(phase="Failed", reason="InvalidSpec", message="; ".join(exc.problems))
+            job.write(phase=Phase.FAILED, reason=Reason.INVALID_SPEC, message="; ".join(exc.problems))
             return
 
         fields = st.plan_fields(plan)
@@ -250,8 +251,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
         if placement.kind == "NoNodes" and settings.wait_for_nodes and not queue:
             if job.status.get("phase") != "Pending":
                 metrics.placement_failures.labels(plan.gpu_class).inc()
-            job.write(phase="Pending", reason="NoMatchingNodes", message=note + placement.message, warning=True,
-                      **fields)
+            job.write(phase=Phase.PENDING, reason=Reason.NO_MATCHING_NODES, message=note + placement.message,
+                      warning=True, **fields)
             return
 
         owner = resources.Owner(job.meta["name"], job.meta["namespace"], job.meta["uid"], labels)
@@ -263,19 +264,19 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
             await kube.create_or_adopt(config, owner.uid, world["settings"], log)
             _, created = await kube.create_or_adopt(trainer, owner.uid, world["settings"], log)
         except kube.NotOurs as exc:
-            job.write(phase="Failed", reason="ChildNameTaken", message=str(exc))
+            job.write(phase=Phase.FAILED, reason=Reason.CHILD_NAME_TAKEN, message=str(exc))
             return
         if created:
             metrics.jobs_created.inc()
         name = trainer["metadata"]["name"]
         if spec.suspend:
-            phase: st.Phase = "Suspended"
-            why, text = "Suspended", f"spec.suspend is true; {name} is suspended"
+            phase, why = Phase.SUSPENDED, Reason.SUSPENDED
+            text = f"spec.suspend is true; {name} is suspended"
         elif queue:
-            phase, why = "Queued", "WaitingForKueue"
+            phase, why = Phase.QUEUED, Reason.WAITING_FOR_KUEUE
             text = f"{name} on {plan.gpu_class} x{plan.gpu_count} waits for admission by Kueue queue {queue}"
         else:
-            phase, why = "Queued", "JobCreated"
+            phase, why = Phase.QUEUED, Reason.JOB_CREATED
             text = f"{name} on {plan.gpu_class} x{plan.gpu_count}, estimate {fields['vram']}: {placement.message}"
         job.write(phase=phase, reason=reason or why, message=note + text, warning=bool(note), jobName=name,
                   attempts=_with_attempt(attempts, attempt, gpuClass=plan.gpu_class, jobName=name,
@@ -294,14 +295,14 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
             if trainer is not None and suspend != job_suspended and (suspend or not queued):
                 await kube.set_job_suspend(namespace, name, suspend, world["settings"], log)
             if suspend:
-                job.write(phase="Suspended", reason="Suspended",
+                job.write(phase=Phase.SUSPENDED, reason=Reason.SUSPENDED,
                           message=f"spec.suspend is true; {name} is suspended (checkpoints are kept)")
             else:
-                job.write(phase="Queued", reason="Resumed",
+                job.write(phase=Phase.QUEUED, reason=Reason.RESUMED,
                           message=f"spec.suspend is false; {name} resumes from its last checkpoint"
                                   + (f" when Kueue queue {queued} admits it" if queued else ""))
         else:
-            job.events.append(st.Event("Warning", "SpecChangeDeferred",
+            job.events.append(st.Event("Warning", Reason.SPEC_CHANGE_DEFERRED,
                                        f"the spec changed while {name} exists; changes apply to the next attempt "
                                        "(delete and re-apply the FineTuneJob to restart now)"))
         job.set(observedGeneration=job.generation)
@@ -325,30 +326,31 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
 
             moved = progress and essence(progress) != essence(job.status.get("progress") or {})
             extra = st.progress_fields(progress) if progress and moved else {}  # no write for a trainer at rest
-            job.write(phase="Running", reason="Training", message=outcome.message,
+            job.write(phase=Phase.RUNNING, reason=Reason.TRAINING, message=outcome.message,
                       attempts=_with_attempt(attempts, number, outcome="Running"), **extra)
         elif outcome.state == "Succeeded":
             summary = outcome.summary
-            uri = summary.get("adapterUri") or \
+            uri = summary.adapter_uri or \
                 str((job.spec.get("output") or {}).get("uri", "")).rstrip("/") + "/adapter/"
             progress = dict(job.status.get("progress") or {})
-            if summary.get("finalLoss") is not None:
-                progress["loss"] = float(summary["finalLoss"])
-            if summary.get("steps") is not None:
-                progress["step"] = int(summary["steps"])
-            if summary.get("totalSteps"):
-                progress["totalSteps"] = int(summary["totalSteps"])
-            if summary.get("peakMemoryBytes") is not None:
-                progress["peakMemoryBytes"] = int(summary["peakMemoryBytes"])
+            if summary.final_loss is not None:
+                progress["loss"] = summary.final_loss
+            if summary.steps:
+                progress["step"] = summary.steps
+            if summary.total_steps:
+                progress["totalSteps"] = summary.total_steps
+            if summary.peak_memory_bytes is not None:
+                progress["peakMemoryBytes"] = summary.peak_memory_bytes
             progress["updatedAt"] = st.now_iso()
-            job.write(phase="Succeeded", reason="Succeeded", message=f"adapter written to {uri}", adapterUri=uri,
+            job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
+                      adapterUri=uri,
                       attempts=_with_attempt(attempts, number, outcome="Succeeded", finishedAt=st.now_iso()),
                       **st.progress_fields(progress))
         elif outcome.state == "OutOfMemory":
             was = plan.get("gpuClass", "?")
             job.set(attempts=_with_attempt(attempts, number, outcome="OutOfMemory", message=outcome.message,
                                            finishedAt=st.now_iso()))
-            await launch(job, number + 1, reason="OutOfMemoryEscalated",
+            await launch(job, number + 1, reason=Reason.OUT_OF_MEMORY_ESCALATED,
                          note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned one "
                               "class up, resuming from the last checkpoint: ")
             new_class = (job.status.get("plan") or {}).get("gpuClass")
@@ -357,19 +359,19 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
             if job.status.get("jobName") == name:  # no larger class, or no node of it yet: this attempt is over
                 job.set(jobName=None)
         elif outcome.state == "Failed":
-            job.write(phase="Failed", reason="TrainingFailed", message=outcome.message,
+            job.write(phase=Phase.FAILED, reason=Reason.TRAINING_FAILED, message=outcome.message,
                       attempts=_with_attempt(attempts, number, outcome="Failed", message=outcome.message,
                                              finishedAt=st.now_iso()))
         elif outcome.state == "Suspended":
             if job.spec.get("suspend"):
-                job.write(phase="Suspended", reason="Suspended",
+                job.write(phase=Phase.SUSPENDED, reason=Reason.SUSPENDED,
                           message=f"spec.suspend is true; {name} is suspended (checkpoints are kept)")
             elif phase == "Running":
-                job.write(phase="Queued", reason="Preempted", warning=True,
+                job.write(phase=Phase.QUEUED, reason=Reason.PREEMPTED, warning=True,
                           message=f"{name} was suspended (preempted by its queue); it resumes from its last "
                                   "checkpoint when admitted again")
         elif phase == "Running":  # the pod went away (a disruption); the Job controller makes a new one
-            job.write(phase="Queued", reason="Rescheduling", message=outcome.message)
+            job.write(phase=Phase.QUEUED, reason=Reason.RESCHEDULING, message=outcome.message)
 
     async def poll_trainer(ip: str | None, port: int | None) -> dict[str, Any] | None:
         if not ip or not port:
@@ -384,7 +386,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, metrics: Metri
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug(f"trainer /status at {url} not reachable: {exc!r}")
             return None
-        return st.parse_trainer_status(data, st.now_iso()) if isinstance(data, dict) else None
+        parsed = TrainerStatus.parse(data)
+        return st.trainer_progress(parsed, st.now_iso()) if parsed is not None else None
 
     # --- what triggers a reconcile --------------------------------------------------------------------
 

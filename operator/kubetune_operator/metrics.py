@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-PHASES = ("Pending", "Planning", "Queued", "Running", "Succeeded", "Failed", "Suspended")
+from kubetune.contracts import Phase
 
 
 class _PhaseCollector(Collector):
@@ -20,8 +20,8 @@ class _PhaseCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("kubetune_operator_jobs", "FineTuneJobs by phase", labels=["phase"])
         counts = self._counts()
-        for phase in PHASES:
-            family.add_metric([phase], float(counts.get(phase, 0)))
+        for phase in Phase:
+            family.add_metric([phase.value], float(counts.get(phase, 0)))
         yield family
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from kubetune_trainer.config import JobRef, TrainerConfig
 
+from kubetune.contracts import ExitCode
 from kubetune.planning.gpus import GPU_RESOURCE, GpuClass
 from kubetune.planning.plan import Plan
 from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
@@ -26,12 +27,6 @@ LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_ATTEMPT = "kubetune.io/attempt"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "kubetune-trainer"}
 MAX_NAME = 63  # Job names become a pod label value (job-name): 63 characters at most
-
-# Exit codes of the trainer (trainer/kubetune_trainer/__main__.py).
-EXIT_BAD_INPUT = 2
-EXIT_OOM = 3
-EXIT_STORAGE = 4
-EXIT_PREEMPTED = 143  # SIGTERM: the trainer wrote a checkpoint before exiting
 
 
 @dataclass(frozen=True)
@@ -222,13 +217,13 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
                 "rules": [
                     # Bad input or out of GPU memory: retrying on the same class cannot help.
                     {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                          "values": [EXIT_BAD_INPUT, EXIT_OOM]}},
+                                                          "values": [int(ExitCode.BAD_INPUT), int(ExitCode.OOM)]}},
                     # Preemption, node drain, eviction: not the trainer's fault, not counted.
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                     # SIGTERM without that condition (spot reclaim, node shutdown): the trainer checkpointed
                     # before exiting, so the replacement pod resumes and loses nothing; not counted either.
                     {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                         "values": [EXIT_PREEMPTED]}},
+                                                         "values": [int(ExitCode.PREEMPTED)]}},
                 ]
             },
             "template": {

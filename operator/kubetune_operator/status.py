@@ -13,28 +13,33 @@ Also here: reading a trainer attempt's outcome from its Job and pods (`observe`)
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kubetune.contracts import (
+    TERMINAL_PHASES,
+    ConditionType,
+    ExitCode,
+    Phase,
+    Reason,
+    TerminationSummary,
+    TrainerStatus,
+)
 from kubetune.planning.plan import Plan
 from kubetune.planning.vram import GiB
-from kubetune_operator.resources import CONTAINER, EXIT_BAD_INPUT, EXIT_OOM, EXIT_STORAGE
+from kubetune_operator.resources import CONTAINER
 
-Phase = Literal["Pending", "Planning", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
-ACTIVE_PHASES = ("Pending", "Planning", "Queued", "Running", "Suspended")
-TERMINAL_PHASES = ("Succeeded", "Failed")
+__all__ = ["TERMINAL_PHASES", "Phase", "Reason"]
 
 # (Ready, Reconciling, Stalled) per phase.
-_CONDITIONS: dict[str, tuple[str, str, str]] = {
-    "Pending": ("False", "True", "False"),
-    "Planning": ("False", "True", "False"),
-    "Queued": ("False", "True", "False"),
-    "Running": ("False", "True", "False"),
-    "Suspended": ("False", "False", "False"),
-    "Succeeded": ("True", "False", "False"),
-    "Failed": ("False", "False", "True"),
+_CONDITIONS: dict[Phase, tuple[str, str, str]] = {
+    Phase.PENDING: ("False", "True", "False"),
+    Phase.QUEUED: ("False", "True", "False"),
+    Phase.RUNNING: ("False", "True", "False"),
+    Phase.SUSPENDED: ("False", "False", "False"),
+    Phase.SUCCEEDED: ("True", "False", "False"),
+    Phase.FAILED: ("False", "False", "True"),
 }
 
 
@@ -45,30 +50,35 @@ def now_iso() -> str:
 @dataclass(frozen=True)
 class Event:
     type: Literal["Normal", "Warning"]
-    reason: str
+    reason: Reason
     message: str
 
 
-def conditions(previous: Iterable[Mapping[str, Any]], phase: str, reason: str, message: str,
+def conditions(previous: Iterable[Mapping[str, Any]], phase: Phase, reason: Reason, message: str,
                generation: int | None, now: str) -> list[dict[str, Any]]:
+    """Ready, Reconciling, Stalled. The transition's reason goes on Ready and on whichever of the others is
+    True; a False Reconciling or Stalled carries its own idle reason (kubetune.contracts.CONDITION_REASONS)."""
     old = {c.get("type"): c for c in previous}
-    ready, reconciling, stalled = _CONDITIONS[phase]
+    ready, reconciling, stalled = _CONDITIONS[Phase(phase)]
+    idle = {ConditionType.RECONCILING: Reason.NOT_RECONCILING, ConditionType.STALLED: Reason.NOT_STALLED}
     result = []
-    for ctype, cstatus in (("Ready", ready), ("Reconciling", reconciling), ("Stalled", stalled)):
+    for ctype, cstatus in ((ConditionType.READY, ready), (ConditionType.RECONCILING, reconciling),
+                           (ConditionType.STALLED, stalled)):
         prior = old.get(ctype) or {}
         changed = prior.get("status") != cstatus or not prior.get("lastTransitionTime")
+        own = ctype is ConditionType.READY or cstatus == "True"
         result.append({
-            "type": ctype,
+            "type": ctype.value,
             "status": cstatus,
-            "reason": reason,
-            "message": message,
+            "reason": Reason(reason).value if own else idle[ctype].value,
+            "message": message if own else "",
             "lastTransitionTime": now if changed else prior["lastTransitionTime"],
             "observedGeneration": generation,
         })
     return result
 
 
-def transition(current: Mapping[str, Any], *, phase: Phase, reason: str, message: str,
+def transition(current: Mapping[str, Any], *, phase: Phase, reason: Reason, message: str,
                generation: int | None, now: str | None = None,
                warning: bool = False, **fields: Any) -> tuple[dict[str, Any], Event | None]:
     """The status patch (only what changes) and the Event for it (None when phase and reason stay).
@@ -76,8 +86,9 @@ def transition(current: Mapping[str, Any], *, phase: Phase, reason: str, message
     `fields` are further status keys (camelCase) such as plan, gpu, vram, jobName, attempts.
     """
     when = now or now_iso()
+    phase, reason = Phase(phase), Reason(reason)
     desired: dict[str, Any] = {
-        "phase": phase,
+        "phase": phase.value,
         "message": message,
         "observedGeneration": generation,
         **{k: v for k, v in fields.items() if v is not None},
@@ -90,8 +101,8 @@ def transition(current: Mapping[str, Any], *, phase: Phase, reason: str, message
     old_reason = next((c.get("reason") for c in previous_conditions if c.get("type") == "Ready"), None)
     event = None
     if current.get("phase") != phase or old_reason != reason:
-        kind: Literal["Normal", "Warning"] = "Warning" if warning or phase == "Failed" else "Normal"
-        event = Event(kind, reason, f"{phase}: {message}")
+        kind: Literal["Normal", "Warning"] = "Warning" if warning or phase is Phase.FAILED else "Normal"
+        event = Event(kind, reason, f"{phase.value}: {message}")
     return patch, event
 
 
@@ -139,25 +150,15 @@ def progress_fields(progress: Mapping[str, Any]) -> dict[str, Any]:
             "loss": loss_text(progress.get("loss"))}
 
 
-def _first(data: Mapping[str, Any], *keys: str) -> Any:
-    return next((data[k] for k in keys if data.get(k) is not None), None)
-
-
-def parse_trainer_status(data: Mapping[str, Any], now: str) -> dict[str, Any]:
-    """The trainer's /status JSON (either key style) -> status.progress."""
-    def num(value: Any, kind: type) -> Any:
-        try:
-            return None if value is None else kind(value)
-        except (TypeError, ValueError):
-            return None
-
+def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:
+    """The trainer's /status document -> status.progress."""
     return {
-        "step": num(_first(data, "step", "globalStep", "global_step"), int) or 0,
-        "totalSteps": num(_first(data, "totalSteps", "total_steps", "total", "maxSteps"), int),
-        "loss": num(_first(data, "loss", "trainLoss", "train_loss"), float),
-        "tokensPerSecond": num(_first(data, "tokensPerSecond", "tokens_per_second", "tokensPerSec"), float),
-        "etaSeconds": num(_first(data, "etaSeconds", "eta_seconds", "eta"), float),
-        "peakMemoryBytes": num(_first(data, "peakMemoryBytes", "peak_memory_bytes", "peakMemory"), int),
+        "step": data.step,
+        "totalSteps": data.total_steps or None,
+        "loss": data.loss,
+        "tokensPerSecond": data.tokens_per_second,
+        "etaSeconds": data.eta_seconds,
+        "peakMemoryBytes": data.peak_memory_bytes or None,
         "updatedAt": now,
     }
 
@@ -171,19 +172,13 @@ OutcomeState = Literal["Waiting", "Suspended", "Running", "Succeeded", "OutOfMem
 class Outcome:
     state: OutcomeState
     message: str = ""
-    summary: Mapping[str, Any] = field(default_factory=dict)  # the trainer's termination message
+    summary: TerminationSummary = field(default_factory=TerminationSummary)  # the trainer's termination message
     pod_ip: str | None = None
     port: int | None = None
 
 
-def termination_summary(message: str | None) -> dict[str, Any]:
-    if not message:
-        return {}
-    try:
-        data = json.loads(message)
-    except ValueError:
-        return {"error": message.strip()[-500:]}
-    return data if isinstance(data, dict) else {"error": str(data)}
+def termination_summary(message: str | None) -> TerminationSummary:
+    return TerminationSummary.parse(message) or TerminationSummary()
 
 
 def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -200,9 +195,8 @@ def _job_condition(job: Mapping[str, Any], ctype: str) -> Mapping[str, Any] | No
     return None
 
 
-def _error_text(summary: Mapping[str, Any], fallback: str) -> str:
-    error = summary.get("error")
-    return str(error) if error else fallback
+def _error_text(summary: TerminationSummary, fallback: str) -> str:
+    return summary.error or fallback
 
 
 def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], default_port: int) -> Outcome:
@@ -212,16 +206,16 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
     ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
     for pod in ordered:  # out of memory on any pod ends the attempt: the same class cannot hold it
         term = _terminated(pod)
-        if term and (term.get("exitCode") == EXIT_OOM or term.get("reason") == "OOMKilled"):
+        if term and (term.get("exitCode") == ExitCode.OOM or term.get("reason") == "OOMKilled"):
             summary = termination_summary(term.get("message"))
-            what = "the trainer ran out of GPU memory" if term.get("exitCode") == EXIT_OOM else \
+            what = "the trainer ran out of GPU memory" if term.get("exitCode") == ExitCode.OOM else \
                 "the trainer pod was OOMKilled (host memory)"
             return Outcome("OutOfMemory", _error_text(summary, what), summary)
     for pod in reversed(ordered):
         term = _terminated(pod)
         if term and term.get("exitCode") == 0:
             return Outcome("Succeeded", "the trainer finished", termination_summary(term.get("message")))
-        if term and term.get("exitCode") in (EXIT_BAD_INPUT,):
+        if term and term.get("exitCode") in (ExitCode.BAD_INPUT,):
             summary = termination_summary(term.get("message"))
             return Outcome("Failed", _error_text(summary, "the trainer rejected its input (exit code 2)"), summary)
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
@@ -233,10 +227,10 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
         return Outcome("Waiting", "the trainer Job failed; reading its pod's exit code")
     if failed:
         last = next((t for p in reversed(ordered) if (t := _terminated(p))), None)
-        summary = termination_summary(last.get("message")) if last else {}
+        summary = termination_summary(last.get("message") if last else None)
         code = last.get("exitCode") if last else None
         default = f"the trainer Job failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
-        if code == EXIT_STORAGE:
+        if code == ExitCode.STORAGE:
             default = "the trainer could not read or write storage (exit code 4)"
         return Outcome("Failed", _error_text(summary, default), summary)
     if (job.get("spec") or {}).get("suspend"):

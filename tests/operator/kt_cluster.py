@@ -11,19 +11,20 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp.web
 import kmock
 import kopf
 import pytest
-from kopf._core.engines.peering import Identity  # one identity per in-process operator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kt_emulator import KubeEmulator
 from kubetune_operator.main import build_registry
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.settings import Settings
+
+from kubetune.contracts import TrainerPhase, TrainerStatus
 
 NS = "ml"
 
@@ -201,7 +202,7 @@ class RunningOperator:
         try:
             asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=self.settings.peering is None,
                                       peering_name=self.settings.peering, priority=self.priority,
-                                      identity=Identity(f"test-operator-{id(self)}"),
+                                      identity=cast(Any, f"test-operator-{id(self)}"),  # one per operator
                                       stop_flag=self.stop_flag, ready_flag=self.ready))
         except BaseException as exc:  # reported by crashed() and stop()
             self.error = exc
@@ -242,8 +243,9 @@ async def cluster() -> AsyncIterator[Cluster]:
 @pytest.fixture
 async def trainer_standin() -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """A trainer-like HTTP server on 127.0.0.1 serving /status (and /healthz, /metrics); mutate the dict."""
-    state: dict[str, Any] = {"phase": "training", "step": 120, "totalSteps": 500, "loss": 1.2345,
-                             "tokensPerSecond": 2100.0, "etaSeconds": 540.0, "peakMemoryBytes": 19_000_000_000}
+    state: dict[str, Any] = TrainerStatus(phase=TrainerPhase.TRAINING, step=120, total_steps=500, loss=1.2345,
+                                          tokens_per_second=2100.0, eta_seconds=540.0,
+                                          peak_memory_bytes=19_000_000_000).document()
 
     async def status_view(_: aiohttp.web.Request) -> aiohttp.web.Response:
         return aiohttp.web.json_response(state)

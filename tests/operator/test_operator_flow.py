@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kt_cluster import NS, Cluster, eventually, finetunejob
 from kubetune_operator.resources import Owner, child_name
 
+from kubetune.contracts import Outcome, TerminationSummary
 from kubetune.planning.gpus import load_catalog
 from kubetune.spec import FineTuneJobStatus
 
@@ -139,9 +140,9 @@ async def test_progress_from_the_trainer_then_success(cluster: Cluster, trainer_
     await asyncio.sleep(1.0)  # three sweeps poll the trainer at rest: nothing to write
     assert cluster.api.request_count("PATCH", "finetunejobs") == writes
 
-    summary = {"outcome": "succeeded", "steps": 500, "finalLoss": 0.8123, "peakMemoryBytes": 19_500_000_000,
-               "adapterUri": "s3://adapters/run/adapter/", "error": None}
-    await cluster.end_pod(pod, 0, json.dumps(summary))
+    summary = TerminationSummary(outcome=Outcome.SUCCEEDED, exit_code=0, steps=500, final_loss=0.8123,
+                                 peak_memory_bytes=19_500_000_000, adapter_uri="s3://adapters/run/adapter/")
+    await cluster.end_pod(pod, 0, summary.message())
     status = await cluster.wait_phase("run", "Succeeded")
     assert status["adapterUri"] == "s3://adapters/run/adapter/"
     assert status["loss"] == "0.812" and status["step"] == "500/500"
@@ -167,7 +168,8 @@ async def test_out_of_gpu_memory_escalates_one_class_up_and_resumes(cluster: Clu
 
     pod = await cluster.run_pod(job, "gpu-l4-1")
     await cluster.wait_phase("oom", "Running")
-    message = json.dumps({"outcome": "out_of_memory", "steps": 37, "error": "CUDA out of memory at step 38"})
+    message = TerminationSummary(outcome=Outcome.OUT_OF_MEMORY, exit_code=3, steps=37,
+                                 error="CUDA out of memory at step 38").message()
     await cluster.end_pod(pod, 3, message)
     await cluster.finish_job("oom-a1", "Failed", "PodFailurePolicy")
 
@@ -337,7 +339,8 @@ async def test_a_failed_trainer_fails_the_job_with_its_error(cluster: Cluster) -
     pod = await cluster.run_pod(cluster.jobs()[0], "gpu-l4-1")
     await cluster.wait_phase("broken", "Running")
     await cluster.finish_job("broken-a1", "Failed", "BackoffLimitExceeded")
-    await cluster.end_pod(pod, 4, json.dumps({"outcome": "StorageError", "error": "s3://adapters: AccessDenied"}))
+    await cluster.end_pod(pod, 4, TerminationSummary(outcome=Outcome.STORAGE_ERROR, exit_code=4,
+                                                     error="s3://adapters: AccessDenied").message())
     status = await cluster.wait_phase("broken", "Failed")
     assert status["message"] == "s3://adapters: AccessDenied"
     conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}

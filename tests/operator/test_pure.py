@@ -10,6 +10,17 @@ from kubetune_operator import resources
 from kubetune_operator import status as st
 from kubetune_operator.settings import Settings
 
+from kubetune.contracts import (
+    CONDITION_REASONS,
+    ConditionType,
+    ExitCode,
+    Outcome,
+    Phase,
+    Reason,
+    TerminationSummary,
+    TrainerPhase,
+    TrainerStatus,
+)
 from kubetune.planning.gpus import load_catalog
 from kubetune.planning.models import resolve_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, inventory_of, place
@@ -212,9 +223,56 @@ def test_observe(job: dict | None, pods: list[dict], state: str) -> None:
         assert outcome.message == "s3: access denied"
 
 
-def test_parse_trainer_status_accepts_both_key_styles() -> None:
-    camel = st.parse_trainer_status({"step": 3, "totalSteps": 10, "loss": 1.5, "tokensPerSecond": 9}, "T")
-    snake = st.parse_trainer_status({"global_step": 3, "total_steps": 10, "train_loss": 1.5,
-                                     "tokens_per_second": 9}, "T")
-    assert camel == snake
-    assert st.progress_fields(camel) == {"progress": camel, "step": "3/10", "loss": "1.500"}
+def test_the_operator_reads_the_document_the_trainer_serves() -> None:
+    served = TrainerStatus(phase=TrainerPhase.TRAINING, step=3, total_steps=10, loss=1.5, tokens_per_second=9,
+                           peak_memory_bytes=2**30).document()
+    assert served["totalSteps"] == 10 and served["tokensPerSecond"] == 9  # camelCase on the wire
+    parsed = TrainerStatus.parse(json.loads(json.dumps(served)))
+    assert parsed is not None
+    progress = st.trainer_progress(parsed, "T")
+    assert progress == {"step": 3, "totalSteps": 10, "loss": 1.5, "tokensPerSecond": 9.0, "etaSeconds": None,
+                        "peakMemoryBytes": 2**30, "updatedAt": "T"}
+    assert st.progress_fields(progress) == {"progress": progress, "step": "3/10", "loss": "1.500"}
+
+
+@pytest.mark.parametrize("body", [[1, 2], {"step": "many"}, {"phase": "Dancing"}, "text"])
+def test_a_status_document_that_breaks_the_contract_is_refused(body: object) -> None:
+    assert TrainerStatus.parse(body) is None
+
+
+def test_termination_summary_round_trip_and_the_4096_byte_limit() -> None:
+    summary = TerminationSummary(outcome=Outcome.OUT_OF_MEMORY, exit_code=ExitCode.OOM, steps=4, error="x" * 9000)
+    message = summary.message()
+    assert len(message.encode()) <= 4096
+    parsed = TerminationSummary.parse(message)
+    assert parsed is not None and parsed.outcome is Outcome.OUT_OF_MEMORY and parsed.steps == 4
+    assert TerminationSummary.parse("Traceback (most recent call last): boom") == TerminationSummary(
+        error="Traceback (most recent call last): boom")
+    assert TerminationSummary.parse("") is None
+
+
+def test_conditions_carry_a_reason_each_from_the_one_enum() -> None:
+    for phase in Phase:
+        for reason in Reason:
+            if reason in CONDITION_REASONS[ConditionType.READY]:
+                patch, _ = st.transition({}, phase=phase, reason=reason, message="m", generation=1, now="T")
+                for cond in patch["conditions"]:
+                    ctype = ConditionType(cond["type"])
+                    if cond["status"] == "True" or ctype is ConditionType.READY:
+                        continue
+                    assert Reason(cond["reason"]) in CONDITION_REASONS[ctype], (phase, reason, cond)
+    queued, _ = st.transition({}, phase=Phase.QUEUED, reason=Reason.JOB_CREATED, message="m", generation=1)
+    assert {c["type"]: c["reason"] for c in queued["conditions"]} == {
+        "Ready": "JobCreated", "Reconciling": "JobCreated", "Stalled": "NotStalled"}
+    failed, _ = st.transition({}, phase=Phase.FAILED, reason=Reason.INVALID_SPEC, message="m", generation=1)
+    assert {c["type"]: c["reason"] for c in failed["conditions"]} == {
+        "Ready": "InvalidSpec", "Reconciling": "NotReconciling", "Stalled": "InvalidSpec"}
+
+
+def test_exit_codes_in_the_pod_failure_policy_are_the_trainers() -> None:
+    s = spec()
+    plan = plan_for(s)
+    job = resources.trainer_job(OWNER, s, plan, CATALOG.get(plan.gpu_class, "x"), 1, Settings())
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["onExitCodes"]["values"] == [ExitCode.BAD_INPUT, ExitCode.OOM]
+    assert rules[2]["onExitCodes"]["values"] == [ExitCode.PREEMPTED]

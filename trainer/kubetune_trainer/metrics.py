@@ -8,10 +8,10 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kubetune.contracts import TrainerPhase, TrainerStatus
 
 LABELS = ("namespace", "job")
 
@@ -47,35 +47,12 @@ def memory_bytes(device_type: str) -> tuple[int, int, int]:
     return rss, rss, max(rss, process_peak_rss_bytes())
 
 
-@dataclass
-class Status:
-    """The /status document (camelCase keys match the FineTuneJob's status.progress)."""
-
-    phase: str = "Starting"
-    step: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    eval_loss: float | None = None
-    learning_rate: float | None = None
-    tokens_per_second: float | None = None
-    eta_seconds: float | None = None
-    peak_memory_bytes: int = 0
-    vram_estimate_bytes: int = 0
-    adapter_uri: str | None = None
-    message: str | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        from pydantic.alias_generators import to_camel
-
-        return {to_camel(k): v for k, v in asdict(self).items()}
-
-
 class Telemetry:
     def __init__(self, namespace: str, job: str, vram_estimate_bytes: int = 0, device_type: str = "cpu") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.device_type = device_type
         self.labels = {"namespace": namespace, "job": job}
-        self.status = Status(vram_estimate_bytes=vram_estimate_bytes)
+        self.status = TrainerStatus(vram_estimate_bytes=vram_estimate_bytes)
         self.lock = threading.Lock()
 
         def gauge(name: str, doc: str) -> Gauge:
@@ -107,9 +84,9 @@ class Telemetry:
         for metric in (self.tokens, self.uploaded):
             metric.labels(**self.labels)
 
-    def phase(self, phase: str, message: str | None = None) -> None:
+    def phase(self, phase: TrainerPhase | str, message: str | None = None) -> None:
         with self.lock:
-            self.status.phase = phase
+            self.status.phase = TrainerPhase(phase)
             if message is not None:
                 self.status.message = message
 
@@ -153,9 +130,9 @@ class Telemetry:
     def record_checkpoint(self, seconds: float) -> None:
         self.checkpoint_seconds.labels(**self.labels).observe(seconds)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> TrainerStatus:
         with self.lock:
-            return self.status.as_json()
+            return self.status.model_copy()
 
 
 class Stopwatch:

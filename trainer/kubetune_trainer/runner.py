@@ -8,13 +8,12 @@ final loss, peak memory, adapter URI, error. Kubernetes keeps the first 4096 byt
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import traceback
 from pathlib import Path
-from typing import Any
 
+from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loop import Preempted, Recipe, Result, RunOptions
@@ -22,9 +21,7 @@ from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
 from kubetune_trainer.server import MetricsServer
 
-EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_OOM, EXIT_STORAGE, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 143
 TERMINATION_LOG = "/dev/termination-log"
-MESSAGE_LIMIT = 4096
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -43,15 +40,12 @@ def write_termination(path: str | None, result: Result, exit_code: int) -> None:
         target = TERMINATION_LOG if Path(TERMINATION_LOG).exists() and os.access(TERMINATION_LOG, os.W_OK) else None
     if not target:
         return
-    summary: dict[str, Any] = {
-        "outcome": result.outcome, "exitCode": exit_code, "steps": result.steps, "totalSteps": result.total_steps,
-        "finalLoss": result.final_loss, "evalLoss": result.eval_loss, "peakMemoryBytes": result.peak_memory_bytes,
-        "adapterUri": result.adapter_uri, "error": result.error,
-    }
-    text = json.dumps(summary)
-    if len(text.encode()) > MESSAGE_LIMIT and result.error:
-        summary["error"] = result.error[: max(200, MESSAGE_LIMIT - len(text.encode()) + len(result.error) - 64)] + "…"
-        text = json.dumps(summary)
+    summary = TerminationSummary(
+        outcome=Outcome(result.outcome), exit_code=exit_code, steps=result.steps, total_steps=result.total_steps,
+        final_loss=result.final_loss, eval_loss=result.eval_loss, peak_memory_bytes=result.peak_memory_bytes,
+        adapter_uri=result.adapter_uri, error=result.error,
+    )
+    text = summary.message()
     try:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_text(text)
@@ -65,7 +59,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
     server: MetricsServer | None = None
     recipe: Recipe | None = None
     result = Result()
-    code = EXIT_ERROR
+    code: int = ExitCode.ERROR
     previous = signal.getsignal(signal.SIGTERM)
     try:
         if options.metrics_port:
@@ -90,22 +84,22 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
         result.adapter_uri = recipe.save()
         if options.prompt:
             result.samples["after"] = recipe_answer(recipe, options.prompt)
-        result.outcome, code = "Succeeded", EXIT_OK
-        telemetry.phase("Succeeded", f"adapter at {result.adapter_uri}")
+        result.outcome, code = Outcome.SUCCEEDED, ExitCode.OK
+        telemetry.phase(TrainerPhase.SUCCEEDED, f"adapter at {result.adapter_uri}")
     except Preempted as exc:
-        result.outcome, result.error, code = "Preempted", str(exc), EXIT_PREEMPTED
+        result.outcome, result.error, code = Outcome.PREEMPTED, str(exc), ExitCode.PREEMPTED
     except KubetuneError as exc:
-        result.outcome = {2: "InvalidInput", 4: "StorageError"}.get(exc.exit_code, "Failed")
-        result.error, code = str(exc), exc.exit_code
+        code = exc.exit_code
+        result.outcome, result.error = OUTCOME_OF_EXIT.get(code, Outcome.FAILED), str(exc)
     except Exception as exc:
         if is_oom(exc):
             peak = telemetry.memory()
-            result.outcome, code = "OutOfMemory", EXIT_OOM
+            result.outcome, code = Outcome.OUT_OF_MEMORY, ExitCode.OOM
             result.error = (f"out of GPU memory at step {recipe.step if recipe else 0}: peak "
                             f"{peak / 2**30:.2f} GiB allocated, planner estimate "
                             f"{config.vram_estimate_bytes / 2**30:.2f} GiB ({str(exc).splitlines()[0]})")
         else:
-            result.outcome, code = "Failed", EXIT_ERROR
+            result.outcome, code = Outcome.FAILED, ExitCode.ERROR
             result.error = f"{exc.__class__.__name__}: {exc}"
             log.event("traceback", traceback.format_exc())
     finally:
@@ -115,8 +109,8 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
             result.final_loss, result.tokens = recipe.last_loss, recipe.tokens_seen
             result.eval_loss = result.eval_loss if result.eval_loss is not None else recipe.result.eval_loss
         result.peak_memory_bytes = telemetry.memory()
-        if code != EXIT_OK:
-            telemetry.phase("Failed" if code != EXIT_PREEMPTED else "Preempted", result.error)
+        if code != ExitCode.OK:
+            telemetry.phase(TrainerPhase.PREEMPTED if code == ExitCode.PREEMPTED else TrainerPhase.FAILED, result.error)
             log.event("error", f"{result.outcome}: {result.error}", outcome=result.outcome, exitCode=code)
         write_termination(options.termination_log, result, code)
         log.event("done", f"{result.outcome}: {result.steps}/{result.total_steps} steps", outcome=result.outcome,

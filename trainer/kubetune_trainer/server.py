@@ -12,9 +12,11 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kubetune.contracts import TrainerPhase, TrainerStatus
 from kubetune_trainer.metrics import Telemetry
 
-READY_PHASES = ("Training", "Checkpointing", "Evaluating", "Uploading", "Succeeded")
+READY_PHASES = frozenset({TrainerPhase.TRAINING, TrainerPhase.CHECKPOINTING, TrainerPhase.EVALUATING,
+                          TrainerPhase.UPLOADING, TrainerPhase.SUCCEEDED})
 
 
 def build_app(telemetry: Telemetry) -> FastAPI:
@@ -31,13 +33,14 @@ def build_app(telemetry: Telemetry) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        status = telemetry.snapshot()
-        ready = status["phase"] in READY_PHASES
-        return JSONResponse({"ready": ready, "phase": status["phase"]}, status_code=200 if ready else 503)
+        phase = telemetry.snapshot().phase
+        ready = phase in READY_PHASES
+        return JSONResponse({"ready": ready, "phase": phase.value}, status_code=200 if ready else 503)
 
-    @app.get("/status")
+    @app.get("/status", response_model=TrainerStatus)
     def status() -> dict[str, Any]:
-        return telemetry.snapshot()
+        """The one /status document (kubetune.contracts.TrainerStatus), camelCase keys."""
+        return telemetry.snapshot().document()
 
     return app
 

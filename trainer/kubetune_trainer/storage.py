@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from kubetune.contracts import ExitCode
 from kubetune.errors import KubetuneError
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
@@ -26,7 +27,7 @@ MULTIPART_CHUNK = 16 * 1024 * 1024
 class StorageError(KubetuneError):
     """Reading or writing the output/model/dataset location failed (exit code 4)."""
 
-    exit_code = 4
+    exit_code: int = ExitCode.STORAGE
 
 
 def sha256_file(path: Path) -> str:
