@@ -186,6 +186,10 @@ def test_api_in_serviceaccount_mode_gets_only_finetunejob_rights() -> None:
         validate(obj)
     [role] = [o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith("-api")]
     assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
-                              "verbs": ["get", "list", "create", "patch", "delete"]}]
+                              "verbs": ["get", "list", "create", "patch", "delete"]},
+                             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                              "verbs": ["create"]},
+                             {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+                              "verbs": ["create"]}]
     [deployment] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-api")]
-    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False  # projected instead

@@ -1,0 +1,71 @@
+"""Issue 11 finding 2: the chart's API pod can reach the API server over verified TLS, in both modes.
+
+The rendered pod must hand the API exactly what ApiSettings.from_env reads: the cluster CA from the
+kube-root-ca.crt ConfigMap (every namespace has it), and in serviceaccount mode a projected, expiring
+token; never an automounted one. test_api_auth.py runs both modes over HTTPS with these settings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api import ApiSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("kubetune_chart_render_api", ROOT / "charts" / "render.py")
+assert spec and spec.loader
+RENDER = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(RENDER)
+
+
+def api_pod(auth: str) -> dict[str, Any]:
+    objects = RENDER.render({"api": {"enabled": True, "auth": auth}})
+    [deployment] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-api")]
+    return dict(deployment["spec"]["template"]["spec"])
+
+
+@pytest.mark.parametrize("auth", ["passthrough", "serviceaccount"])
+def test_api_pod_gets_the_cluster_ca_and_only_the_token_its_mode_needs(auth: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pod = api_pod(auth)
+    assert pod["automountServiceAccountToken"] is False
+    [container] = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    kube = mounts["/var/run/secrets/kubetune/kube"]
+    assert kube["readOnly"] is True
+    sources = volumes[kube["name"]]["projected"]["sources"]
+    assert {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in sources
+    tokens = [s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s]
+    assert env["KUBETUNE_KUBE_CA"] == "/var/run/secrets/kubetune/kube/ca.crt"
+    if auth == "serviceaccount":
+        assert tokens == [{"path": "token", "expirationSeconds": 3607}]
+        assert env["KUBETUNE_KUBE_TOKEN_FILE"] == "/var/run/secrets/kubetune/kube/token"
+    else:
+        assert tokens == [] and "KUBETUNE_KUBE_TOKEN_FILE" not in env
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert volumes[mounts["/tmp"]["name"]]["emptyDir"]["sizeLimit"]
+
+    for name, value in env.items():  # what the API process reads from that environment
+        monkeypatch.setenv(name, value)
+    settings = ApiSettings.from_env()
+    assert settings.auth == auth and settings.kube_url == "https://kubernetes.default.svc"
+    assert settings.ca_file == env["KUBETUNE_KUBE_CA"]
+    assert settings.token_file == env.get("KUBETUNE_KUBE_TOKEN_FILE")
+
+
+def test_bad_api_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.errors import KubetuneError
+
+    monkeypatch.setenv("KUBETUNE_API_AUTH", "none")
+    with pytest.raises(KubetuneError, match="KUBETUNE_API_AUTH: must be one of: passthrough, serviceaccount"):
+        ApiSettings.from_env()
+    monkeypatch.setenv("KUBETUNE_API_AUTH", "passthrough")
+    monkeypatch.setenv("KUBETUNE_API_PLAN_TIMEOUT", "soon")
+    with pytest.raises(KubetuneError, match="KUBETUNE_API_PLAN_TIMEOUT: must be a number"):
+        ApiSettings.from_env()
