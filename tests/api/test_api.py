@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-JOB: dict[str, Any] = {
-    "apiVersion": "kubetune.io/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "support-bot"},
-    "spec": {
-        "model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
-        "dataset": {"source": "s3://datasets/support/train.jsonl", "format": "chat"},
-        "output": {"uri": "s3://adapters/support-bot/", "credentialsSecret": "s3-credentials"},
-    },
-}
+from kt_api import JOB
+
 BASE = "/v1/namespaces/team-a/finetunejobs"
 
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_SA, MakeStack, Stack
+from kt_api import API_SA, JOB, MakeStack, Stack
 from kt_auth import make_ca
-from test_api import JOB
 
 from kubetune.api.auth import Caller, TtlCache, bearer_token
 from kubetune.api.kube import job_path

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FTJ, MakeStack, free_port
+from kt_api import FTJ, MakeStack, free_port
 from kt_auth import Rule, User
 
 EXAMPLES_PER_OPERATION = int(os.environ.get("KUBETUNE_FUZZ_EXAMPLES", "30"))
