@@ -3,12 +3,17 @@
 The built-in catalog lives in `kubetune/data/gpus.yaml`. A platform team replaces or extends it
 without code changes: `KUBETUNE_GPU_CATALOG=/path/gpus.yaml` (the Helm chart mounts `values.gpuCatalog`
 there). Entries with the name of a built-in class replace it; new names add classes.
+
+A class is `provisionable` when the platform scales its node pool up from zero (Karpenter, cluster-autoscaler,
+GKE node auto-provisioning): the planner may choose it although no node of it exists yet. Set it per class in
+the catalog (`provisionable: true`) or list the classes in `KUBETUNE_PROVISIONABLE_GPU_CLASSES` (Helm:
+`operator.provisionableGpuClasses`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -20,6 +25,7 @@ from kubetune.errors import SpecError
 
 GPU_RESOURCE = "nvidia.com/gpu"
 ENV_CATALOG = "KUBETUNE_GPU_CATALOG"
+ENV_PROVISIONABLE = "KUBETUNE_PROVISIONABLE_GPU_CLASSES"
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class GpuClass:
     # Any one of these label sets identifies a node of this class (GFD, EKS, GKE, AKS).
     node_labels: tuple[dict[str, str], ...] = field(default_factory=tuple)
     max_per_node: int = 8
+    provisionable: bool = False  # node pools of it scale up from zero (the planner may pick it with no node)
 
     @property
     def memory_gib(self) -> float:
@@ -69,6 +76,12 @@ class GpuCatalog:
         return next((g for g in self.classes if g.matches(labels)), None)
 
 
+def _flag(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise SpecError(f"{where}: must be true or false, got {value!r}")
+
+
 def _parse(raw: dict[str, Any], origin: str) -> tuple[list[GpuClass], float | None]:
     if not isinstance(raw, dict) or not isinstance(raw.get("classes"), list):
         raise SpecError(f"{origin}: must be a mapping with a 'classes' list")
@@ -84,6 +97,7 @@ def _parse(raw: dict[str, Any], origin: str) -> tuple[list[GpuClass], float | No
                     hourly_price=float(item["hourlyPrice"]),
                     node_labels=tuple(dict(labels) for labels in item.get("nodeLabels", [])),
                     max_per_node=int(item.get("maxPerNode", 8)),
+                    provisionable=_flag(item.get("provisionable", False), f"{where}.provisionable"),
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -92,7 +106,9 @@ def _parse(raw: dict[str, Any], origin: str) -> tuple[list[GpuClass], float | No
     return classes, float(headroom) if headroom is not None else None
 
 
-def load_catalog(override: Path | None = None) -> GpuCatalog:
+def load_catalog(override: Path | None = None, provisionable: tuple[str, ...] | None = None) -> GpuCatalog:
+    """The built-in catalog, merged with `override` (or $KUBETUNE_GPU_CATALOG); the classes named in
+    `provisionable` (or $KUBETUNE_PROVISIONABLE_GPU_CLASSES, comma-separated) are marked provisionable."""
     builtin = yaml.safe_load(resources.files("kubetune").joinpath("data/gpus.yaml").read_text())
     classes, headroom = _parse(builtin, "built-in catalog")
     path = override or (Path(os.environ[ENV_CATALOG]) if os.environ.get(ENV_CATALOG) else None)
@@ -102,7 +118,14 @@ def load_catalog(override: Path | None = None) -> GpuCatalog:
         by_name.update({g.name: g for g in extra})
         classes = list(by_name.values())
         headroom = extra_headroom if extra_headroom is not None else headroom
-    return GpuCatalog(tuple(classes), headroom if headroom is not None else 0.08)
+    catalog = GpuCatalog(tuple(classes), headroom if headroom is not None else 0.08)
+    if provisionable is None:
+        provisionable = tuple(n for n in os.environ.get(ENV_PROVISIONABLE, "").replace(",", " ").split() if n)
+    if provisionable:
+        names = {catalog.get(name, ENV_PROVISIONABLE).name for name in provisionable}
+        catalog = GpuCatalog(tuple(replace(g, provisionable=True) if g.name in names else g for g in classes),
+                             catalog.headroom)
+    return catalog
 
 
 @cache

@@ -99,6 +99,35 @@ def inventory_of(nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str,
     return Inventory(tuple(node_info(n) for n in nodes), in_use)
 
 
+@dataclass(frozen=True)
+class Supply:
+    """The GPU classes a cluster offers: those with schedulable nodes now (and the most GPUs one node has),
+    and those the platform can provision from zero. The planner chooses among these (kubetune.planning.plan)."""
+
+    nodes: tuple[tuple[str, int], ...] = ()  # (class, most allocatable GPUs on one schedulable node), sorted
+    provisionable: frozenset[str] = frozenset()
+
+    def why_not(self, gpu: GpuClass, count: int) -> str | None:
+        """None when `count` GPUs of the class can be had on one node; otherwise the reason, for the plan."""
+        if gpu.name in self.provisionable:
+            return None
+        most = dict(self.nodes).get(gpu.name)
+        if most is None:
+            return f"{gpu.name}: no nodes in the cluster and not provisionable"
+        if most < count:
+            return f"{gpu.name}: its nodes have at most {most} GPUs and it is not provisionable"
+        return None
+
+
+def supply_of(inventory: Inventory, catalog: GpuCatalog) -> Supply:
+    most: dict[str, int] = {}
+    for node in inventory.nodes:
+        gpu = catalog.class_of_node(dict(node.labels))
+        if gpu is not None and node.schedulable and node.allocatable_gpus > 0:
+            most[gpu.name] = max(most.get(gpu.name, 0), node.allocatable_gpus)
+    return Supply(tuple(sorted(most.items())), frozenset(g.name for g in catalog.classes if g.provisionable))
+
+
 def _labels_text(gpu: GpuClass) -> str:
     sets = [",".join(f"{k}={v}" for k, v in labels.items()) for labels in gpu.node_labels]
     return " or ".join(sets) if sets else "(no node labels in the catalog)"

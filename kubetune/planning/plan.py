@@ -7,6 +7,11 @@ Rules, in order:
    no single GPU can, the layers are split over 2, 4 or 8 GPUs of one class (cheapest total wins).
 3. On the chosen class, the fastest knobs that still fit: checkpointing off if it fits, then the
    largest micro-batch (a divisor of the effective batch, so accumulation keeps it unchanged).
+
+With a `Supply` (the classes a cluster has nodes of, or can provision), only those classes are candidates,
+and the reasons name the cheaper classes skipped and why. When none of them holds the job, the plan falls
+back to the whole catalog and says so: the job waits (Pending) for a node of that class.
+Without a supply (`kubetune plan` with no cluster) the whole catalog is the candidate set.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pydantic.alias_generators import to_camel
 from kubetune.errors import PlanError
 from kubetune.planning.gpus import GpuCatalog, GpuClass
 from kubetune.planning.models import Architecture
+from kubetune.planning.placement import Supply
 from kubetune.planning.vram import Estimate, GiB, TrainingShape, estimate
 from kubetune.spec import FineTuneJobSpec
 
@@ -161,12 +167,9 @@ def _candidates(spec: FineTuneJobSpec, catalog: GpuCatalog, above: str | None) -
     return classes, notes
 
 
-def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, above: str | None = None) -> Plan:
-    """Choose class, count and knobs. `above`: a class the job ran out of memory on (OOM escalation)."""
-    classes, reasons = _candidates(spec, catalog, above)
+def _fits(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, classes: list[GpuClass],
+          counts: list[int], supply: Supply | None, skipped: dict[str, str]) -> list[_Fit]:
     lean_mb, lean_gc = _leanest(spec)
-    counts = [spec.resources.gpu_count] if isinstance(spec.resources.gpu_count, int) else list(GPU_COUNTS)
-
     fits: list[_Fit] = []
     for count in counts:
         for gpu in classes:
@@ -174,15 +177,46 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
                 continue
             shape = _shape(spec, lean_mb, lean_gc, count)
             est = estimate(arch, shape)
-            if est.total <= catalog.usable_bytes(gpu):
-                fits.append(_Fit(gpu, count, shape, est))
+            if est.total > catalog.usable_bytes(gpu):
+                continue
+            missing = supply.why_not(gpu, count) if supply is not None else None
+            if missing:
+                skipped.setdefault(gpu.name, missing)
+                continue
+            fits.append(_Fit(gpu, count, shape, est))
         if fits and spec.resources.gpu_count == "auto":
             break  # fewest GPUs first: sharding only when no single GPU (or smaller group) can hold it
+    return fits
+
+
+def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, above: str | None = None,
+              supply: Supply | None = None) -> Plan:
+    """Choose class, count and knobs. `above`: a class the job ran out of memory on (OOM escalation).
+    `supply`: the classes the cluster offers (None: the whole catalog)."""
+    classes, reasons = _candidates(spec, catalog, above)
+    lean_mb, lean_gc = _leanest(spec)
+    counts = [spec.resources.gpu_count] if isinstance(spec.resources.gpu_count, int) else list(GPU_COUNTS)
+
+    pinned = spec.resources.gpu_class != "auto"
+    skipped: dict[str, str] = {}
+    fits = _fits(spec, arch, catalog, classes, counts, None if pinned else supply, skipped)
+    lacking = ""
+    if not fits and skipped:  # the cluster offers no class that holds it: plan on the catalog and wait
+        fits = _fits(spec, arch, catalog, classes, counts, None, {})
+        lacking = ("no class the cluster has nodes of or can provision holds it (" + "; ".join(skipped.values())
+                   + "); planned on the cheapest class that does, and waits for a node of it")
     if not fits:
         raise _no_fit(spec, arch, catalog, classes, counts, lean_mb, lean_gc, above)
 
     fits.sort(key=lambda f: (f.cost, -f.gpu.memory_bytes))
     chosen = fits[0]
+    if lacking:
+        reasons.append(lacking)
+    else:
+        reasons.extend(why for name, why in skipped.items()
+                       if catalog.get(name, "plan").hourly_price < chosen.gpu.hourly_price)
+    if supply is not None and not lacking and chosen.gpu.name not in dict(supply.nodes) and not pinned:
+        reasons.append(f"{chosen.gpu.name}: no node yet, but provisionable (its node pool scales up from zero)")
     usable = catalog.usable_bytes(chosen.gpu)
     best = fastest_knobs(spec, arch, usable, chosen.count)
     assert best is not None  # the leanest shape fits, so the search finds at least that

@@ -1,25 +1,36 @@
-"""The few API writes the handlers make besides kopf's own status patches and events.
+"""The few API writes the operator makes itself (children, Job suspend, status), over aiohttp with the
+credentials kopf logged in with (`kopf.ConnectionInfo`, handed over by the `@kopf.on.login` handler).
 
-They go through kopf's API client, so they use the operator's login (in-cluster, kubeconfig) and kopf's
-retries on 5xx, 429 and dropped connections (`settings.networking.error_backoffs`).
+Retries on 429, 5xx and dropped connections with the operator's backoffs; 409 on create means "exists", and
+the child is adopted when this FineTuneJob owns it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import aiohttp
 import kopf
-from kopf._cogs.clients import api, errors  # kopf's own client: same credentials and retry policy
 
 _COLLECTIONS = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
 }
+MERGE_PATCH = "application/merge-patch+json"
+RETRIED = frozenset({429, 500, 502, 503, 504})
+log = logging.getLogger("kubetune.operator")
 
 
-class NotOurs(kopf.PermanentError):
+class ApiError(Exception):
+    def __init__(self, status: int, method: str, path: str, text: str) -> None:
+        super().__init__(f"{method} {path}: HTTP {status}: {text[:300]}")
+        self.status = status
+
+
+class NotOurs(Exception):
     """An object with the child's name exists but another owner controls it."""
 
 
@@ -32,50 +43,78 @@ def object_url(obj: Mapping[str, Any]) -> str:
     return f"{collection_url(obj)}/{obj['metadata']['name']}"
 
 
-def _owned_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
+def owned_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return any(ref.get("uid") == owner_uid for ref in refs)
 
 
-async def create_or_adopt(obj: Mapping[str, Any], owner_uid: str, settings: kopf.OperatorSettings,
-                          logger: logging.Logger | kopf.Logger) -> tuple[dict[str, Any], bool]:
-    """POST the object; on 409 read the existing one and adopt it if this FineTuneJob owns it.
+class Kube:
+    """A small Kubernetes API client on the operator's login."""
 
-    Returns (object, created). A replayed event or a restarted operator lands in the 409 branch.
-    """
-    try:
-        created = await api.post(collection_url(obj), payload=obj, settings=settings, logger=logger)
-        return created, True
-    except errors.APIConflictError:
-        existing = await api.get(object_url(obj), settings=settings, logger=logger)
-        if not _owned_by(existing, owner_uid):
-            raise NotOurs(
-                f"{obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']} exists and is not owned "
-                f"by this FineTuneJob; delete it or rename the FineTuneJob"
-            ) from None
+    def __init__(self, info: kopf.ConnectionInfo, backoffs: Sequence[float] = (0.2, 0.5, 1, 2, 4)) -> None:
+        self.server = info.server.rstrip("/")
+        self.backoffs = tuple(backoffs)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+            headers={**info.as_http_headers(), "User-Agent": "kubetune-operator"},
+            proxy=info.proxy_url,
+            trust_env=info.trust_env,
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def request(self, method: str, path: str, payload: Any = None,
+                      content_type: str = "application/json") -> dict[str, Any]:
+        for delay in (*self.backoffs, None):
+            try:
+                async with self.session.request(method, self.server + path, json=payload,
+                                                headers={"Content-Type": content_type}) as response:
+                    if response.status < 300:
+                        return dict(await response.json())
+                    text = await response.text()
+                    if response.status not in RETRIED or delay is None:
+                        raise ApiError(response.status, method, path, text)
+            except (aiohttp.ClientConnectionError, TimeoutError):
+                if delay is None:
+                    raise
+            log.debug(f"{method} {path}: retrying in {delay}s")
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def create_or_adopt(self, obj: Mapping[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
+        """POST the object; on 409 read the existing one and adopt it if this FineTuneJob owns it.
+
+        Returns (object, created). A replayed event or a restarted operator lands in the 409 branch.
+        """
+        try:
+            return await self.request("POST", collection_url(obj), dict(obj)), True
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        existing = await self.request("GET", object_url(obj))
+        if not owned_by(existing, owner_uid):
+            raise NotOurs(f"{obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']} exists and is not "
+                          "owned by this FineTuneJob; delete it or rename the FineTuneJob")
         return existing, False
 
+    async def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> bool:
+        """Patch batch/v1 Job spec.suspend; False when the Job is gone."""
+        try:
+            await self.request("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+                               {"spec": {"suspend": suspend}}, MERGE_PATCH)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
-async def set_job_suspend(namespace: str, name: str, suspend: bool, settings: kopf.OperatorSettings,
-                          logger: logging.Logger | kopf.Logger) -> bool:
-    """Patch batch/v1 Job spec.suspend; False when the Job is gone."""
-    url = f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}"
-    try:
-        await api.patch(url, payload={"spec": {"suspend": suspend}}, settings=settings, logger=logger,
-                        headers={"Content-Type": "application/merge-patch+json"})
-    except errors.APINotFoundError:
-        return False
-    return True
-
-
-async def patch_status(namespace: str, name: str, status: Mapping[str, Any], settings: kopf.OperatorSettings,
-                       logger: logging.Logger | kopf.Logger) -> dict[str, Any] | None:
-    """Merge-patch a FineTuneJob's status subresource; the updated object, or None when it is gone."""
-    url = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status"
-    try:
-        result: dict[str, Any] = await api.patch(url, payload={"status": dict(status)}, settings=settings,
-                                                 logger=logger,
-                                                 headers={"Content-Type": "application/merge-patch+json"})
-    except errors.APINotFoundError:
-        return None
-    return result
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch a FineTuneJob's status subresource; the updated object, or None when it is gone."""
+        url = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status"
+        try:
+            return await self.request("PATCH", url, {"status": dict(status)}, MERGE_PATCH)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise

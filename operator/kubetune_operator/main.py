@@ -14,10 +14,9 @@ from dataclasses import replace
 from typing import Any, cast
 
 import kopf
-from kopf._core.intents.registries import SmartOperatorRegistry  # logs in in-cluster or via kubeconfig
 
 from kubetune.planning.gpus import load_catalog
-from kubetune_operator.handlers import register
+from kubetune_operator.handlers import Runtime, register
 from kubetune_operator.metrics import Metrics, serve
 from kubetune_operator.settings import Settings
 
@@ -56,19 +55,20 @@ def kopf_settings(settings: kopf.OperatorSettings, *, backoffs: tuple[float, ...
         settings.networking.error_backoffs = backoffs
 
 
-def build_registry(settings: Settings, metrics: Metrics, login: Any = None) -> kopf.OperatorRegistry:
-    """A registry with kubetune's handlers; `login`: an activity handler (tests point kopf at an emulator)."""
-    registry: kopf.OperatorRegistry = SmartOperatorRegistry() if login is None else kopf.OperatorRegistry()
-    catalog = load_catalog(settings.gpu_catalog)
+def build_operator(settings: Settings, metrics: Metrics, login: Any = None) -> tuple[kopf.OperatorRegistry, kopf.Memo]:
+    """kubetune's handlers in a registry, and the memo they share; `login`: a login function returning a
+    `kopf.ConnectionInfo` (tests point the operator at an emulator); default: in-cluster, then kubeconfig."""
+    registry = kopf.OperatorRegistry()
+    runtime = Runtime(settings, metrics, load_catalog(settings.gpu_catalog, settings.provisionable_gpu_classes),
+                      login=login)
+    metrics.count_phases_with(runtime.count_phases)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         kopf_settings(settings)
 
-    if login is not None:
-        kopf.on.login(registry=registry)(login)
-    register(registry, settings, metrics, catalog)
-    return registry
+    register(registry, settings)
+    return registry, kopf.Memo(kubetune=runtime)
 
 
 def peering_priority(name: str | None = None) -> int:
@@ -82,9 +82,11 @@ async def run_async(settings: Settings, *, stop: asyncio.Event | None = None) ->
     metrics = Metrics()
     ready = asyncio.Event()
     runner = await serve(metrics, settings.metrics_port, ready)
+    registry, memo = build_operator(settings, metrics)
     try:
         await kopf.operator(
-            registry=build_registry(settings, metrics),
+            registry=registry,
+            memo=memo,
             clusterwide=not settings.namespaces,
             namespaces=list(settings.namespaces),
             standalone=settings.peering is None,

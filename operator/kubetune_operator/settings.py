@@ -25,6 +25,7 @@ class Settings:
     peering: str | None = None  # kopf peering name for HA (None: standalone)
     metrics_port: int = 8080
     gpu_catalog: Path | None = None  # KUBETUNE_GPU_CATALOG (None: built-in catalog)
+    provisionable_gpu_classes: tuple[str, ...] = ()  # classes whose node pools scale up from zero
     default_s3_endpoint: str | None = None  # used when spec.output.endpointUrl is unset
     trainer_port: int = 8000  # the trainer's /metrics, /healthz, /readyz, /status port
     cpu_per_gpu: str = "3"
@@ -47,6 +48,8 @@ class Settings:
             peering=os.environ.get("KUBETUNE_PEERING") or None,
             metrics_port=int(_env("KUBETUNE_METRICS_PORT", str(cls.metrics_port))),
             gpu_catalog=Path(catalog) if catalog else None,
+            provisionable_gpu_classes=tuple(
+                n for n in _env("KUBETUNE_PROVISIONABLE_GPU_CLASSES", "").replace(",", " ").split() if n),
             default_s3_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT") or None,
             trainer_port=int(_env("KUBETUNE_TRAINER_PORT", str(cls.trainer_port))),
             cpu_per_gpu=_env("KUBETUNE_CPU_PER_GPU", cls.cpu_per_gpu),

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kt_emulator import KubeEmulator
-from kubetune_operator.main import build_registry
+from kubetune_operator.main import build_operator
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.settings import Settings
 
@@ -191,7 +191,7 @@ class RunningOperator:
         def login(**_: Any) -> kopf.ConnectionInfo:
             return kopf.ConnectionInfo(server=url, insecure=True, default_namespace=NS)
 
-        registry = build_registry(self.settings, self.metrics, login=login)
+        registry, memo = build_operator(self.settings, self.metrics, login=login)
 
         @kopf.on.startup(registry=registry)
         def fast_retries(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -200,7 +200,8 @@ class RunningOperator:
             settings.queueing.exit_timeout = 2
 
         try:
-            asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=self.settings.peering is None,
+            asyncio.run(kopf.operator(registry=registry, memo=memo, clusterwide=True,
+                                      standalone=self.settings.peering is None,
                                       peering_name=self.settings.peering, priority=self.priority,
                                       identity=cast(Any, f"test-operator-{id(self)}"),  # one per operator
                                       stop_flag=self.stop_flag, ready_flag=self.ready))

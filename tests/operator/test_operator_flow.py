@@ -105,7 +105,8 @@ async def test_invalid_spec_fails_with_the_field_named_and_no_job(cluster: Clust
 
 async def test_no_node_of_the_class_is_pending_with_a_reason_then_placed(cluster: Cluster) -> None:
     await cluster.start_operator()
-    await cluster.apply(finetunejob("long", method="lora"))  # 16-bit 8B: plans onto A100-40GB
+    # Pinned to a class the cluster lacks (an unpinned job plans onto a class the cluster has: test_cluster_plans).
+    await cluster.apply(finetunejob("long", method="lora", resources={"gpuClass": "A100-40GB"}))
     status = await cluster.wait_phase("long", "Pending")
 
     assert status["plan"]["gpuClass"] == "A100-40GB"
@@ -161,7 +162,8 @@ async def test_progress_from_the_trainer_then_success(cluster: Cluster, trainer_
 
 async def test_out_of_gpu_memory_escalates_one_class_up_and_resumes(cluster: Cluster) -> None:
     operator = await cluster.start_operator()
-    await cluster.apply(finetunejob("oom"))
+    # maxGpuClass A100-40GB: the only class above L4 within the limit is one the cluster has no node of yet.
+    await cluster.apply(finetunejob("oom", resources={"maxGpuClass": "A100-40GB"}))
     await cluster.wait_phase("oom", "Queued")
     [job] = cluster.jobs()
     assert cluster.status("oom")["gpu"] == "L4 x1"

@@ -1,0 +1,291 @@
+"""Every decision the operator makes about one FineTuneJob, as one pure function: `reconcile(snapshot) -> Actions`.
+
+The snapshot is what the operator knows (the FineTuneJob, its status as last written, the current attempt's
+Job and pods, the cluster's GPU inventory, the trainer's /status when polled); the actions are what to do
+(children to create, a Job to suspend or resume, the status patch, the Events, metric increments). The
+handlers read, call this, and apply the actions; nothing here does I/O, so the tables in
+tests/operator/test_reconcile.py cover every phase transition.
+
+One reconcile:
+
+    no status, a new spec after Failed, or Pending -> launch: parse spec -> plan -> place -> children
+    Succeeded + new spec                           -> Event SpecChangeIgnored
+    an attempt exists + new spec                   -> suspend/resume its Job, or Event SpecChangeDeferred
+    an attempt exists                              -> follow: observe(Job, pods) -> Running / Succeeded /
+                                                      OutOfMemory (-> launch the next attempt one class up) /
+                                                      Failed / Suspended / Preempted / Rescheduling
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kubetune.contracts import TERMINAL_PHASES, Phase, Reason, TrainerStatus
+from kubetune.errors import PlanError, SpecError
+from kubetune.planning.gpus import GpuCatalog
+from kubetune.planning.placement import Inventory, place
+from kubetune.planning.plan import Plan
+from kubetune.spec import FineTuneJobSpec, parse_spec
+from kubetune_operator import resources
+from kubetune_operator import status as st
+from kubetune_operator.settings import Settings
+
+FINISHED = ("OutOfMemory", "Failed", "Succeeded")  # attempt outcomes after which the next launch is a new attempt
+
+Planner = Callable[[FineTuneJobSpec, "str | None"], Plan]  # (spec, OOM floor class) -> Plan
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    body: Mapping[str, Any]  # the FineTuneJob (metadata and spec from the watch)
+    status: Mapping[str, Any]  # its status as this operator last wrote it
+    trainer_job: Mapping[str, Any] | None  # the current attempt's Job (status.jobName), if any
+    pods: tuple[Mapping[str, Any], ...]  # that Job's pods
+    inventory: Inventory
+    catalog: GpuCatalog
+    settings: Settings
+    planner: Planner  # make_plan against the cluster's supply (the handlers cache it)
+    now: str
+    trainer_status: TrainerStatus | None = None  # the running trainer's /status, when the timer polled it
+    polled: bool = False  # the timer polled (a /status that did not answer leaves progress as it is)
+    child_conflict: str | None = None  # creating a child met an object of that name that is not ours
+
+
+Counter = Literal["placement_failures", "oom_escalations", "jobs_created"]
+
+
+@dataclass
+class Actions:
+    status: dict[str, Any] = field(default_factory=dict)  # merge patch for .status (None deletes a key)
+    events: list[st.Event] = field(default_factory=list)
+    create: list[dict[str, Any]] = field(default_factory=list)  # children, in order (ConfigMap before Job)
+    suspend_job: tuple[str, bool] | None = None  # (Job name, spec.suspend)
+    counters: list[tuple[Counter, tuple[str, ...]]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.status or self.events or self.create or self.suspend_job)
+
+
+class _Job:
+    """The FineTuneJob being decided: its status as it will be after the patch, and the actions so far."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+        self.meta: Mapping[str, Any] = snap.body.get("metadata") or {}
+        self.spec: Mapping[str, Any] = snap.body.get("spec") or {}
+        self.status: dict[str, Any] = dict(snap.status)
+        self.actions = Actions()
+
+    @property
+    def generation(self) -> int | None:
+        return self.meta.get("generation")
+
+    def write(self, *, phase: Phase, reason: Reason, message: str, warning: bool = False, **fields: Any) -> None:
+        changes, event = st.transition(self.status, phase=phase, reason=reason, message=message,
+                                       generation=self.generation, warning=warning, now=self.snap.now, **fields)
+        self.set(**changes)
+        if event is not None:
+            self.actions.events.append(event)
+
+    def set(self, **fields: Any) -> None:
+        self.actions.status.update(fields)
+        for key, value in fields.items():
+            if value is None:
+                self.status.pop(key, None)
+            else:
+                self.status[key] = value
+
+    def event(self, reason: Reason, message: str) -> None:
+        self.actions.events.append(st.Event("Warning", reason, message))
+
+
+# --- attempts (status.attempts) -----------------------------------------------------------------------------
+
+def oom_floor(attempts: Iterable[Mapping[str, Any]], catalog: GpuCatalog) -> str | None:
+    """The largest class an earlier attempt ran out of memory on: re-plans go strictly above it."""
+    classes = [a["gpuClass"] for a in attempts if a.get("outcome") == "OutOfMemory" and a.get("gpuClass")]
+    known = [catalog.get(c, "status.attempts.gpuClass") for c in classes if c in catalog.names]
+    return max(known, key=lambda g: g.memory_bytes).name if known else None
+
+
+def next_attempt(attempts: Iterable[Mapping[str, Any]]) -> int:
+    """The attempt to launch: the last one again unless it finished (a launch is idempotent per number)."""
+    last = max(attempts, key=lambda a: a.get("attempt", 0), default=None)
+    if last is None:
+        return 1
+    return int(last["attempt"]) + (1 if last.get("outcome") in FINISHED else 0)
+
+
+def with_attempt(attempts: Iterable[Mapping[str, Any]], number: int, **fields: Any) -> list[dict[str, Any]]:
+    """The attempts list with entry `number` created or updated (lists are replaced whole by merge patches)."""
+    result = [dict(a) for a in attempts]
+    for entry in result:
+        if entry.get("attempt") == number:
+            entry.update({k: v for k, v in fields.items() if v is not None})
+            return result
+    result.append({"attempt": number, **{k: v for k, v in fields.items() if v is not None}})
+    return sorted(result, key=lambda a: a["attempt"])
+
+
+# --- the one decision ---------------------------------------------------------------------------------------
+
+def reconcile(snap: Snapshot) -> Actions:
+    job = _Job(snap)
+    phase = job.status.get("phase")
+    spec_changed = job.status.get("observedGeneration") not in (None, job.generation)
+    if phase is None or (spec_changed and (phase == Phase.FAILED or not job.status.get("jobName"))):
+        _launch(job, next_attempt(job.status.get("attempts") or []))
+        return job.actions
+    if spec_changed and phase == Phase.SUCCEEDED:
+        job.event(Reason.SPEC_CHANGE_IGNORED, "the fine-tune has succeeded; apply a new FineTuneJob (another name) "
+                                              "to train again")
+        job.set(observedGeneration=job.generation)
+    elif spec_changed:
+        _spec_change(job)
+    if phase in TERMINAL_PHASES:
+        return job.actions
+    if not job.status.get("jobName"):  # Pending: no node of the class yet; plan and place again
+        _launch(job, next_attempt(job.status.get("attempts") or []))
+        return job.actions
+    _follow(job)
+    return job.actions
+
+
+def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "") -> None:
+    snap = job.snap
+    attempts = list(job.status.get("attempts") or [])
+    floor = oom_floor(attempts, snap.catalog)
+    try:
+        spec = parse_spec(dict(job.spec))
+        plan = snap.planner(spec, floor)
+    except PlanError as exc:
+        job.write(phase=Phase.FAILED, reason=Reason.NO_LARGER_GPU_CLASS if floor else Reason.UNPLANNABLE,
+                  message="; ".join(exc.problems))
+        return
+    except SpecError as exc:
+        job.write(phase=Phase.FAILED, reason=Reason.INVALID_SPEC, message="; ".join(exc.problems))
+        return
+
+    fields = st.plan_fields(plan)
+    labels = dict(job.meta.get("labels") or {})
+    queue = resources.queue_name(spec, labels)
+    gpu = snap.catalog.get(plan.gpu_class, "status.plan.gpuClass")
+    placement = place(plan.gpu_class, plan.gpu_count, snap.inventory, snap.catalog)
+    if placement.kind == "NoNodes" and snap.settings.wait_for_nodes and not queue and not gpu.provisionable:
+        if job.status.get("phase") != Phase.PENDING:
+            job.actions.counters.append(("placement_failures", (plan.gpu_class,)))
+        job.write(phase=Phase.PENDING, reason=Reason.NO_MATCHING_NODES, message=note + placement.message,
+                  warning=True, **fields)
+        return
+    if snap.child_conflict:
+        job.write(phase=Phase.FAILED, reason=Reason.CHILD_NAME_TAKEN, message=snap.child_conflict)
+        return
+
+    owner = resources.Owner(job.meta["name"], job.meta["namespace"], job.meta["uid"], labels)
+    job.actions.create = [resources.config_map(owner, spec, plan, attempt, snap.settings),
+                          resources.trainer_job(owner, spec, plan, gpu, attempt, snap.settings)]
+    name = resources.child_name(owner.name, attempt)
+    if spec.suspend:
+        phase, why = Phase.SUSPENDED, Reason.SUSPENDED
+        text = f"spec.suspend is true; {name} is suspended"
+    elif queue:
+        phase, why = Phase.QUEUED, Reason.WAITING_FOR_KUEUE
+        text = f"{name} on {plan.gpu_class} x{plan.gpu_count} waits for admission by Kueue queue {queue}"
+    else:
+        phase, why = Phase.QUEUED, Reason.JOB_CREATED
+        where = placement.message if placement.kind != "NoNodes" else \
+            f"no node yet; {plan.gpu_class} is provisionable, the Job's pending pod asks the autoscaler for one"
+        text = f"{name} on {plan.gpu_class} x{plan.gpu_count}, estimate {fields['vram']}: {where}"
+    job.write(phase=phase, reason=reason or why, message=note + text, warning=bool(note), jobName=name,
+              attempts=with_attempt(attempts, attempt, gpuClass=plan.gpu_class, jobName=name, outcome="Pending",
+                                    startedAt=snap.now),
+              **fields)
+
+
+def _spec_change(job: _Job) -> None:
+    """A spec change while an attempt exists: suspend/resume its Job; other fields wait for the next attempt."""
+    name = job.status["jobName"]
+    trainer = job.snap.trainer_job
+    suspend = bool(job.spec.get("suspend"))
+    queued = job.spec.get("queue") or (job.meta.get("labels") or {}).get(resources.QUEUE_LABEL)
+    job_suspended = bool(((trainer or {}).get("spec") or {}).get("suspend"))
+    if suspend != (job.status.get("phase") == Phase.SUSPENDED):  # the change is (also) to spec.suspend
+        if trainer is not None and suspend != job_suspended and (suspend or not queued):
+            job.actions.suspend_job = (name, suspend)
+        if suspend:
+            job.write(phase=Phase.SUSPENDED, reason=Reason.SUSPENDED,
+                      message=f"spec.suspend is true; {name} is suspended (checkpoints are kept)")
+        else:
+            job.write(phase=Phase.QUEUED, reason=Reason.RESUMED,
+                      message=f"spec.suspend is false; {name} resumes from its last checkpoint"
+                              + (f" when Kueue queue {queued} admits it" if queued else ""))
+    else:
+        job.event(Reason.SPEC_CHANGE_DEFERRED, f"the spec changed while {name} exists; changes apply to the next "
+                                               "attempt (delete and re-apply the FineTuneJob to restart now)")
+    job.set(observedGeneration=job.generation)
+
+
+def _essence(progress: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in progress.items() if k != "updatedAt" and v is not None}
+
+
+def _follow(job: _Job) -> None:
+    snap = job.snap
+    name = job.status["jobName"]
+    attempts = list(job.status.get("attempts") or [])
+    number = next((a["attempt"] for a in attempts if a.get("jobName") == name), max(1, len(attempts)))
+    outcome = st.observe(snap.trainer_job, snap.pods, snap.settings.trainer_port)
+    phase = job.status.get("phase")
+    plan = job.status.get("plan") or {}
+
+    if outcome.state == "Running":
+        progress = st.trainer_progress(snap.trainer_status, snap.now) if snap.trainer_status else None
+        moved = progress and _essence(progress) != _essence(job.status.get("progress") or {})
+        extra = st.progress_fields(progress) if progress and moved else {}  # no write for a trainer at rest
+        job.write(phase=Phase.RUNNING, reason=Reason.TRAINING, message=outcome.message,
+                  attempts=with_attempt(attempts, number, outcome="Running"), **extra)
+    elif outcome.state == "Succeeded":
+        summary = outcome.summary
+        uri = summary.adapter_uri or str((job.spec.get("output") or {}).get("uri", "")).rstrip("/") + "/adapter/"
+        progress = dict(job.status.get("progress") or {})
+        if summary.final_loss is not None:
+            progress["loss"] = summary.final_loss
+        if summary.steps:
+            progress["step"] = summary.steps
+        if summary.total_steps:
+            progress["totalSteps"] = summary.total_steps
+        if summary.peak_memory_bytes is not None:
+            progress["peakMemoryBytes"] = summary.peak_memory_bytes
+        progress["updatedAt"] = snap.now
+        job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
+                  adapterUri=uri, attempts=with_attempt(attempts, number, outcome="Succeeded", finishedAt=snap.now),
+                  **st.progress_fields(progress))
+    elif outcome.state == "OutOfMemory":
+        was = plan.get("gpuClass", "?")
+        job.set(attempts=with_attempt(attempts, number, outcome="OutOfMemory", message=outcome.message,
+                                      finishedAt=snap.now))
+        _launch(job, number + 1, reason=Reason.OUT_OF_MEMORY_ESCALATED,
+                note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned one class "
+                     "up, resuming from the last checkpoint: ")
+        new_class = (job.status.get("plan") or {}).get("gpuClass")
+        if job.status.get("phase") != Phase.FAILED and new_class:
+            job.actions.counters.append(("oom_escalations", (was, new_class)))
+        if job.status.get("jobName") == name:  # no larger class, or no node of it yet: this attempt is over
+            job.set(jobName=None)
+    elif outcome.state == "Failed":
+        job.write(phase=Phase.FAILED, reason=Reason.TRAINING_FAILED, message=outcome.message,
+                  attempts=with_attempt(attempts, number, outcome="Failed", message=outcome.message,
+                                        finishedAt=snap.now))
+    elif outcome.state == "Suspended":
+        if job.spec.get("suspend"):
+            job.write(phase=Phase.SUSPENDED, reason=Reason.SUSPENDED,
+                      message=f"spec.suspend is true; {name} is suspended (checkpoints are kept)")
+        elif phase == Phase.RUNNING:
+            job.write(phase=Phase.QUEUED, reason=Reason.PREEMPTED, warning=True,
+                      message=f"{name} was suspended (preempted by its queue); it resumes from its last checkpoint "
+                              "when admitted again")
+    elif phase == Phase.RUNNING:  # the pod went away (a disruption); the Job controller makes a new one
+        job.write(phase=Phase.QUEUED, reason=Reason.RESCHEDULING, message=outcome.message)

@@ -1,0 +1,94 @@
+"""The two bugs of issue 10, as a user meets them: the operator plans onto the GPU classes the cluster really
+has (nodes now, or provisionable), re-plans a Pending job when the inventory changes, and every transition
+emits its Event, whether a watch event or the periodic timer decided it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import kmock
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kt_cluster import Cluster, eventually, finetunejob
+from kt_emulator import KubeEmulator
+
+# The cluster of the bug report: two A10G nodes (EKS g5) and one A100-80GB node (p4d), no L4.
+G5_P4D = [
+    ("g5-1", {"nvidia.com/gpu.product": "NVIDIA-A10G"}, 1),
+    ("g5-2", {"karpenter.k8s.aws/instance-gpu-name": "a10g"}, 1),
+    ("p4d-1", {"karpenter.k8s.aws/instance-gpu-name": "a100", "karpenter.k8s.aws/instance-gpu-memory": "81920"}, 8),
+]
+A10G_ONLY = G5_P4D[:1]
+
+
+@pytest.fixture
+async def bare() -> AsyncIterator[Cluster]:
+    """The emulator with namespaces and no nodes: each test adds the cluster it needs."""
+    async with KubeEmulator() as api, kmock.Server(api) as server:
+        world = Cluster(api, str(server.url).rstrip("/"))
+        await world.add_namespaces("default", "ml")
+        try:
+            yield world
+        finally:
+            for operator in world.operators:
+                await operator.stop()
+
+
+@pytest.mark.parametrize("model", ["meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"])
+async def test_small_jobs_run_on_the_a10g_nodes_the_cluster_has(bare: Cluster, model: str) -> None:
+    await bare.add_nodes(G5_P4D)
+    await bare.start_operator()
+    await bare.apply(finetunejob("small", model))
+    status = await bare.wait_phase("small", "Queued")
+    assert status["gpu"] == "A10G x1"
+    assert "L4: no nodes in the cluster and not provisionable" in status["plan"]["reasons"]
+    assert [j["metadata"]["name"] for j in bare.jobs()] == ["small-a1"]
+
+
+async def test_a_provisionable_class_is_planned_and_its_job_created_for_the_autoscaler(bare: Cluster) -> None:
+    await bare.add_nodes(G5_P4D)
+    await bare.start_operator(provisionable_gpu_classes=("L4",))
+    await bare.apply(finetunejob("scale-up"))
+    status = await bare.wait_phase("scale-up", "Queued")
+    assert status["gpu"] == "L4 x1"  # no L4 node yet: Karpenter adds one when the pod is pending
+    assert [j["metadata"]["name"] for j in bare.jobs()] == ["scale-up-a1"]
+
+
+async def test_a_pending_job_is_replanned_when_a_node_that_holds_it_joins(bare: Cluster) -> None:
+    await bare.add_nodes(A10G_ONLY)
+    await bare.start_operator()
+    await bare.apply(finetunejob("big", method="lora"))  # 16-bit 8B: more than an A10G holds
+    status = await bare.wait_phase("big", "Pending")
+    assert any("waits for a node of it" in r for r in status["plan"]["reasons"])
+    assert bare.jobs() == []
+
+    # A p4d node joins: nothing about the FineTuneJob changed, the timer re-plans it onto the new class.
+    await bare.add_nodes(G5_P4D[2:])
+    status = await bare.wait_phase("big", "Queued")
+    assert status["gpu"] == "A100-80GB x1"
+    assert [j["metadata"]["name"] for j in bare.jobs()] == ["big-a1"]
+    # The periodic path decided this transition, and its Event is there.
+    await eventually(lambda: any(e["reason"] == "JobCreated" for e in bare.events("big")), 5, "a JobCreated event")
+
+
+async def test_events_from_the_watch_path_and_the_periodic_path(bare: Cluster) -> None:
+    await bare.add_nodes(A10G_ONLY)
+    await bare.start_operator()
+    # Watch path: the FineTuneJob's own event decides Pending (pinned to a class the cluster lacks).
+    await bare.apply(finetunejob("pinned", resources={"gpuClass": "A100-40GB"}))
+    await bare.wait_phase("pinned", "Pending")
+    await eventually(lambda: any(e["reason"] == "NoMatchingNodes" for e in bare.events("pinned")), 5,
+                     "the NoMatchingNodes event (watch path)")
+    # Periodic path: a node appears; no FineTuneJob or trainer pod event, only the timer sees it.
+    await bare.add_nodes([("a100-40-1", {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}, 1)])
+    await bare.wait_phase("pinned", "Queued")
+    await eventually(lambda: any(e["reason"] == "JobCreated" for e in bare.events("pinned")), 5,
+                     "the JobCreated event (periodic path)")
+    # Periodic path again: the Job fails without a pod (deadline), which no pod event announces.
+    await bare.finish_job("pinned-a1", "Failed", "DeadlineExceeded")
+    await bare.wait_phase("pinned", "Failed")
+    await eventually(lambda: any(e["reason"] == "TrainingFailed" and e["type"] == "Warning"
+                                 for e in bare.events("pinned")), 5, "the TrainingFailed event (periodic path)")
