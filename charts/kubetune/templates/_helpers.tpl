@@ -34,6 +34,7 @@ app.kubernetes.io/component: operator
 
 {{/* Rules on namespaced resources: the FineTuneJobs, their children, pods and events. */}}
 {{- define "kubetune.namespacedRules" -}}
+# patch: kopf adds and removes its finalizer (kubetune.io/finalizer), which the operator's @kopf.timer needs
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
   verbs: [get, list, watch, patch]
