@@ -180,6 +180,8 @@ class TrainerStatus(_Contract):
     resumed_from_step: int | None = Field(default=None, ge=0, description="The checkpoint step this attempt "
                                           "resumed from (None: started fresh).")
     adapter_uri: str | None = None
+    model_commit: str | None = Field(default=None, description="The hub commit of the base model (a hub id), "
+                                     "once resolved.")
     message: str | None = None
 
     def document(self) -> dict[str, object]:
@@ -227,6 +229,7 @@ class TerminationSummary(_Contract):
     peak_memory_bytes: int | None = None
     adapter_uri: str | None = None
     resumed_from_step: int | None = None
+    model_commit: str | None = None  # the hub commit of the base model (a hub id)
     error: str | None = None
 
     def message(self) -> str:

@@ -31,6 +31,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -133,6 +134,7 @@ class HubServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.repos: dict[str, Repo] = {}
+        self.seconds_per_mib = 0.0  # > 0: file bodies trickle out (to kill a downloader mid-file)
         self._log: list[Request] = []
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -330,8 +332,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.hub.record(Request(self.command, self.path, status, repo_id, name, "Authorization" in self.headers))
         if body:
-            for chunk in blob.open_range(start):
-                self.wfile.write(chunk)
+            try:
+                for chunk in blob.open_range(start):
+                    for offset in range(0, len(chunk), 1 << 20):
+                        self.wfile.write(chunk[offset:offset + (1 << 20)])
+                        if self.hub.seconds_per_mib:
+                            time.sleep(self.hub.seconds_per_mib)
+            except ConnectionError:  # the client went away (a killed downloader)
+                self.close_connection = True
 
     # ---- responses -----------------------------------------------------------------------------------
 

@@ -123,7 +123,7 @@ def test_sigterm_writes_a_checkpoint_first(tmp_path: Path, tiny_model_dir: Path,
     assert {"adapter_model.safetensors", "trainer_state.pt", "state.json"} <= {p.name for p in marker.parent.iterdir()}
 
 
-def test_hub_id_loads_from_the_hugging_face_cache(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
+def test_hub_id_offline_loads_from_the_hugging_face_cache(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
                                                   spec_for: Callable[..., dict[str, Any]],
                                                   write_config: Callable[..., Path],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,7 +140,7 @@ def test_hub_id_loads_from_the_hugging_face_cache(tmp_path: Path, tiny_model_dir
     spec["model"] = {"name": "kubetune-test/not-cached"}
     code, _, summary = run_inprocess(write_config(spec), tmp_path)
     assert code == 2 and summary["outcome"] == "InvalidInput"
-    assert "spec.model.name: 'kubetune-test/not-cached' is not in the Hugging Face cache" in summary["error"]
+    assert "'kubetune-test/not-cached' is not in the model cache and downloads are off" in summary["error"]
 
 
 def test_lora_method_with_merged_model(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,

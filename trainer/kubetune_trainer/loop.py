@@ -37,7 +37,7 @@ from kubetune_trainer.model import (
     load_model,
     mixed_precision,
     pick_device,
-    resolve_model_dir,
+    resolve_model,
 )
 from kubetune_trainer.progress import Log
 from kubetune_trainer.storage import Storage, fetch_input, open_storage, sha256_file
@@ -61,6 +61,7 @@ class RunOptions:
     termination_log: str | None = None
     prompt: str | None = None  # print the model's answer before and after training (the quickstart)
     threads: int | None = None
+    download_progress: bool = False  # a byte progress bar while a hub model downloads (local runs at a TTY)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Result:
     tokens: int = 0
     seconds: float = 0.0
     samples: dict[str, str] = field(default_factory=dict)
+    model_commit: str | None = None  # the hub commit the base model came from
 
 
 def chunked_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
@@ -160,6 +162,7 @@ class Recipe:
         self.total_steps = 0
         self.tokens_seen = 0
         self.last_loss: float | None = None
+        self.model_commit: str | None = None
         self.device = pick_device(options.device)
         self.dtype = compute_dtype(self.device, config.knobs.compute_dtype)
         self.storage: Storage = open_storage(self.spec.output.uri, self.spec.output.endpoint_url)
@@ -177,7 +180,11 @@ class Recipe:
             torch.set_num_threads(self.options.threads)
         self.telemetry.phase("Preparing", "checking output and dataset")
         self.storage.check()
-        model_dir = resolve_model_dir(spec, spec.output.endpoint_url)
+        self.telemetry.phase("Preparing", "fetching the base model")
+        files = resolve_model(spec, spec.output.endpoint_url, say=lambda m: self.log.event("download", m),
+                              progress=self.options.download_progress)
+        model_dir, self.model_commit = files.path, files.commit
+        self.telemetry.status.model_commit = files.commit
         from kubetune_trainer.model import load_tokenizer
 
         tokenizer = load_tokenizer(model_dir)
@@ -196,7 +203,7 @@ class Recipe:
         started = time.perf_counter()
         self.loaded: LoadedModel = load_model(spec, self.device, self.dtype, knobs.gradient_checkpointing,
                                               spec.output.endpoint_url, seed=spec.training.seed,
-                                              gpu_count=self.config.gpu_count)
+                                              gpu_count=self.config.gpu_count, model_dir=model_dir)
         self.model = self.loaded.model
         self.input_device = self.model.get_input_embeddings().weight.device
         self.pad_id = int(self.loaded.tokenizer.pad_token_id)
@@ -418,7 +425,8 @@ class Recipe:
             manifest = {
                 "kind": "kubetune.io/adapter-manifest", "version": 1,
                 "job": self.config.job.model_dump(),
-                "baseModel": self.spec.model.model_dump(mode="json", by_alias=True),
+                "baseModel": {**self.spec.model.model_dump(mode="json", by_alias=True),
+                              "commit": self.model_commit},
                 "method": self.spec.method,
                 "spec": self.spec.model_dump(mode="json", by_alias=True),
                 "knobs": self.config.knobs.model_dump(by_alias=True),

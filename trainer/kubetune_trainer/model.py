@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,41 +95,44 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def _hub_snapshot(name: str, revision: str | None) -> Path:
-    """A hub id from the local Hugging Face cache (offline: kubetune never downloads weights itself)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+@dataclass(frozen=True)
+class ModelFiles:
+    """A local folder with config.json, weights and tokenizer; `commit` is the hub commit it came from."""
 
-    try:
-        cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at import: tests and pods set it late
-        return Path(snapshot_download(name, revision=revision, local_files_only=True, cache_dir=cache))
-    except (LocalEntryNotFoundError, OSError, ValueError) as exc:
-        raise SpecError(
-            f"spec.model.name: {name!r} is not in the Hugging Face cache ({exc.__class__.__name__}); "
-            "run `huggingface-cli download` first or set spec.model.source"
-        ) from None
+    path: Path
+    commit: str | None = None
 
 
-def resolve_model_dir(spec: FineTuneJobSpec, endpoint_url: str | None = None) -> Path:
-    """A local folder with config.json, weights and tokenizer for spec.model."""
+def resolve_model(spec: FineTuneJobSpec, endpoint_url: str | None = None,
+                  say: Callable[[str], None] = lambda _m: None, progress: bool = False) -> ModelFiles:
+    """spec.model as local files: a bundled or local GGUF (converted once), a local folder, an s3:// prefix,
+    or a hub id downloaded into the model cache (kubetune_trainer.hub)."""
     source, name = spec.model.source, spec.model.name
     if source and source.startswith("bundled://"):
-        return convert_gguf(bundled_gguf(source.removeprefix("bundled://")))
+        return ModelFiles(convert_gguf(bundled_gguf(source.removeprefix("bundled://"))))
     if source and source.startswith("s3://"):
         from kubetune_trainer.storage import download_prefix
 
-        return download_prefix(source, cache_dir() / "s3", endpoint_url)
+        return ModelFiles(download_prefix(source, cache_dir() / "s3", endpoint_url))
     if source:
         path = Path(source).expanduser()
         if source.endswith(".gguf"):
             if not path.is_file():
                 raise SpecError(f"spec.model.source: {source} is not a file")
-            return convert_gguf(path)
+            return ModelFiles(convert_gguf(path))
         if not (path / "config.json").is_file():
             raise SpecError(f"spec.model.source: {source} is not a directory with config.json")
-        return path
+        return ModelFiles(path)
     assert name is not None  # the spec requires name or source
-    return _hub_snapshot(name, spec.model.revision)
+    from kubetune_trainer.hub import download
+
+    snapshot = download(name, spec.model.revision, say=say, progress=progress)
+    return ModelFiles(snapshot.path, snapshot.commit)
+
+
+def resolve_model_dir(spec: FineTuneJobSpec, endpoint_url: str | None = None) -> Path:
+    """A local folder with config.json, weights and tokenizer for spec.model."""
+    return resolve_model(spec, endpoint_url).path
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -290,8 +293,9 @@ def mixed_precision(device_type: str, dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(spec: FineTuneJobSpec, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool,
-               endpoint_url: str | None = None, seed: int = 42, gpu_count: int = 1) -> LoadedModel:
-    model_dir = resolve_model_dir(spec, endpoint_url)
+               endpoint_url: str | None = None, seed: int = 42, gpu_count: int = 1,
+               model_dir: Path | None = None) -> LoadedModel:
+    model_dir = model_dir or resolve_model_dir(spec, endpoint_url)
     tokenizer = load_tokenizer(model_dir)
     base = load_base(model_dir, spec.method, device, dtype, gpu_count)
     prepare_for_kbit(base, gradient_checkpointing)

@@ -43,7 +43,7 @@ def write_termination(path: str | None, result: Result, exit_code: int) -> None:
     summary = TerminationSummary(
         outcome=Outcome(result.outcome), exit_code=exit_code, steps=result.steps, total_steps=result.total_steps,
         final_loss=result.final_loss, eval_loss=result.eval_loss, peak_memory_bytes=result.peak_memory_bytes,
-        adapter_uri=result.adapter_uri, error=result.error,
+        adapter_uri=result.adapter_uri, model_commit=result.model_commit, error=result.error,
     )
     text = summary.message()
     try:
@@ -107,6 +107,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
         if recipe is not None:
             result.steps, result.total_steps = recipe.step, recipe.total_steps
             result.final_loss, result.tokens = recipe.last_loss, recipe.tokens_seen
+            result.model_commit = recipe.model_commit
             result.eval_loss = result.eval_loss if result.eval_loss is not None else recipe.result.eval_loss
         result.peak_memory_bytes = telemetry.memory()
         if code != ExitCode.OK:
