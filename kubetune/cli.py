@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prompt", help="print the model's answer to this prompt before and after training "
                        "(default: the job's kubetune.io/sample-prompt annotation)")
     train.add_argument("--termination-log", help="also write the trainer's JSON summary to this file")
+    train.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                       help="data-parallel ranks on this machine, started by torchrun (one per GPU; gloo on the "
+                            "CPU). The same optimizer steps as one rank: the accumulation is divided across ranks")
     train.set_defaults(func=cmd_train)
 
     operator = sub.add_parser("operator", help="run the FineTuneJob operator (kopf)")

@@ -30,8 +30,10 @@ def with_overrides(spec: FineTuneJobSpec, output: str | None, max_steps: int | N
                          for line in exc.problems]) from None
 
 
-def local_knobs(spec: FineTuneJobSpec, arch: Architecture, device_type: str) -> tuple[Knobs, int, str | None]:
-    """The planner's fastest knobs for the memory this machine has: the GPU's, or (CPU) half the free RAM."""
+def local_knobs(spec: FineTuneJobSpec, arch: Architecture, device_type: str,
+                ranks: int = 1) -> tuple[Knobs, int, str | None]:
+    """The planner's fastest knobs for the memory this machine has: the GPU's, or (CPU) half the free RAM
+    shared by `ranks` processes that each hold a full copy (DDP)."""
     import torch
 
     if device_type == "cuda":
@@ -40,7 +42,7 @@ def local_knobs(spec: FineTuneJobSpec, arch: Architecture, device_type: str) -> 
     else:
         import psutil
 
-        usable, gpu = int(psutil.virtual_memory().available * 0.5), None
+        usable, gpu = int(psutil.virtual_memory().available * 0.5) // max(1, ranks), None
     best = fastest_knobs(spec, arch, usable)
     mb = spec.training.micro_batch_size
     gc = spec.training.gradient_checkpointing
@@ -72,20 +74,59 @@ def run_local(args: argparse.Namespace) -> int:
     log = Log()
     started = time.perf_counter()
     arch = model_architecture(spec.model.name, spec.model.source)
-    knobs, estimate, gpu = local_knobs(spec, arch, device.type)
+    nproc = getattr(args, "nproc_per_node", 1) or 1
+    if nproc < 1:
+        raise SpecError(f"--nproc-per-node: must be >= 1, got {nproc}")
+    if device.type == "cuda" and nproc > torch_cuda_count():
+        raise SpecError(f"--nproc-per-node: {nproc} ranks need {nproc} GPUs, this machine has {torch_cuda_count()}")
+    knobs, estimate, gpu = local_knobs(spec, arch, device.type, nproc)
     log.event("plan", f"{job.metadata.namespace}/{job.metadata.name}: {arch.name} {spec.method} on "
               f"{gpu or 'the CPU'}: micro-batch {knobs.micro_batch_size} x accumulation "
               f"{knobs.gradient_accumulation_steps}, checkpointing {'on' if knobs.gradient_checkpointing else 'off'}, "
-              f"{knobs.max_seq_length} tokens")
+              f"{knobs.max_seq_length} tokens" + (f"; {nproc} ranks (torchrun, "
+                                                   f"{'nccl' if device.type == 'cuda' else 'gloo'})" if nproc > 1 else ""))
     config = TrainerConfig(job=JobRef(name=job.metadata.name, namespace=job.metadata.namespace), spec=spec,
                            knobs=knobs, gpu_class=gpu, vram_estimate_bytes=estimate)
     prompt = getattr(args, "prompt", None) or job.metadata.annotations.get(SAMPLE_PROMPT_ANNOTATION)
     options = RunOptions(device=device.type, metrics_port=getattr(args, "metrics_port", 0) or 0,
                          termination_log=getattr(args, "termination_log", None), prompt=prompt)
-    code, result = run_job(config, options, log)
+    if nproc > 1:
+        code, result = run_ranks(config, options, nproc)
+    else:
+        code, result = run_job(config, options, log)
     if code == 0:
         report(result, prompt, time.perf_counter() - started)
     return code
+
+
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def run_ranks(config: TrainerConfig, options: Any, nproc: int) -> tuple[int, Any]:
+    """The trainer as `nproc` local ranks under torchrun (launch.py), as a pod with several GPUs runs it; the
+    result is read back from rank 0's JSON summary."""
+    import json
+    import tempfile
+    from types import SimpleNamespace
+
+    from kubetune_trainer.launch import launch
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-train-") as tmp:
+        path = Path(tmp) / "job.json"
+        path.write_text(config.model_dump_json(by_alias=True))
+        summary = Path(options.termination_log or Path(tmp) / "summary.json")
+        if options.prompt:
+            print("kubetune: --prompt samples are shown on single-rank runs only", file=sys.stderr)
+        code = launch(["--standalone", "--nproc-per-node", str(nproc), "-m", "kubetune_trainer",
+                       "--config", str(path), "--device", options.device, "--metrics-port", str(options.metrics_port),
+                       "--termination-log", str(summary)])
+        fields = json.loads(summary.read_text()) if summary.exists() else {}
+    result = SimpleNamespace(steps=fields.get("steps", 0), final_loss=fields.get("finalLoss"), first_loss=None,
+                             adapter_uri=fields.get("adapterUri"), samples={})
+    return code, result
 
 
 def report(result: Any, prompt: str | None, seconds: float) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from kubetune_trainer import data as data_mod
+from kubetune_trainer import distributed
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.metrics import Stopwatch, Telemetry
 from kubetune_trainer.model import (
@@ -163,7 +164,8 @@ class Recipe:
         self.tokens_seen = 0
         self.last_loss: float | None = None
         self.model_commit: str | None = None
-        self.device = pick_device(options.device)
+        self.ranks = distributed.ranks_from_env()  # torchrun's RANK / WORLD_SIZE; 0 / 1 for a plain run
+        self.device = distributed.device_of(self.ranks, pick_device(options.device))
         self.dtype = compute_dtype(self.device, config.knobs.compute_dtype)
         self.storage: Storage = open_storage(self.spec.output.uri, self.spec.output.endpoint_url)
         self.fingerprint = fingerprint(config)
@@ -203,8 +205,11 @@ class Recipe:
         started = time.perf_counter()
         self.loaded: LoadedModel = load_model(spec, self.device, self.dtype, knobs.gradient_checkpointing,
                                               spec.output.endpoint_url, seed=spec.training.seed,
-                                              gpu_count=self.config.gpu_count, model_dir=model_dir)
+                                              gpu_count=1 if self.ranks.distributed else self.config.gpu_count,
+                                              model_dir=model_dir)
         self.model = self.loaded.model
+        inner = self.model.get_base_model()
+        self.decoder = distributed.wrap(getattr(inner, inner.base_model_prefix), self.ranks, self.device)
         self.input_device = self.model.get_input_embeddings().weight.device
         self.pad_id = int(self.loaded.tokenizer.pad_token_id)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -246,9 +251,8 @@ class Recipe:
         """Sum of token losses of one micro-batch. Runs under autocast in the compute dtype, so the fp32 LoRA
         weights are used in 16-bit for the matmuls (their gradients and Adam states stay fp32)."""
         inner = self.model.get_base_model()
-        decoder = getattr(inner, inner.base_model_prefix)
         with mixed_precision(self.input_device.type, self.dtype):
-            hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+            hidden = self.decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                              use_cache=False).last_hidden_state
             targets = batch["targets"].to(hidden.device, non_blocking=True)  # no-op unless layers span GPUs
             mask = targets != data_mod.IGNORE
@@ -266,10 +270,17 @@ class Recipe:
         loss_tokens = sum(int((b["targets"] != data_mod.IGNORE).sum()) for b in batches)
         tokens = sum(sum(len(e) for i in idx for e in rows[i]) for idx in self.schedule.step_rows(step))
         total = 0.0
-        for batch in batches:
-            loss = self.loss_sum(self.to_device(batch))
-            (loss / loss_tokens).backward()
-            total += float(loss.detach())
+        # this rank's share of the step's micro-batches; the loss is normalized by the step's GLOBAL count of
+        # labelled tokens (and scaled by the world size, which DDP's gradient averaging divides out again)
+        mine = distributed.micro_batches_of(len(batches), self.ranks)
+        for n, (i, weight) in enumerate(mine):
+            with distributed.sync_context(self.decoder, last=n == len(mine) - 1):
+                loss = self.loss_sum(self.to_device(batches[i]))
+                (loss * (weight * self.ranks.world / max(loss_tokens, 1))).backward()
+            total += weight * float(loss.detach())
+        if self.ranks.distributed:  # one small all-reduce: the step's loss, and whether any rank got SIGTERM
+            total, stop = distributed.sum_across([total, float(self.stop_requested)], self.ranks)
+            self.stop_requested = stop > 0
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.spec.training.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -282,6 +293,8 @@ class Recipe:
         self.telemetry.phase("Training", None)
         watch = Stopwatch()
         self.started = time.perf_counter()
+        if self.ranks.distributed:
+            self.stop_requested = distributed.sum_across([float(self.stop_requested)], self.ranks)[0] > 0
         if self.stop_requested:  # SIGTERM while loading: nothing new to save, the restart starts over here
             raise Preempted(f"stopped by SIGTERM before training resumed at step {self.step}")
         while self.step < self.total_steps:
@@ -293,6 +306,7 @@ class Recipe:
                 self.result.first_loss = loss
             watch.add(tokens)
             if self.step % spec.training.logging_steps == 0 or self.step == self.total_steps:
+                self.telemetry.record_rank_peaks(distributed.gather_int(self.telemetry.memory(), self.ranks))
                 rate, eta, window_tokens = watch.flush(self.total_steps - self.step)
                 lr = float(self.scheduler.get_last_lr()[0])
                 self.telemetry.update(step=self.step, total=self.total_steps, loss=loss, lr=lr, grad_norm=grad_norm,
@@ -317,12 +331,14 @@ class Recipe:
         self.telemetry.phase("Evaluating")
         self.model.eval()
         total, count = 0.0, 0
-        for rows in data_mod.iter_batches(self.eval_data.rows, self.config.knobs.micro_batch_size):
-            batch = data_mod.collate(rows, self.pad_id)
+        batches = list(data_mod.iter_batches(self.eval_data.rows, self.config.knobs.micro_batch_size))
+        for i in range(self.ranks.rank, len(batches), self.ranks.world):  # each rank its share
+            batch = data_mod.collate(batches[i], self.pad_id)
             total += float(self.loss_sum(self.to_device(batch)))
             count += int((batch["targets"] != data_mod.IGNORE).sum())
+        total, counted = distributed.sum_across([total, float(count)], self.ranks)
         self.model.train()
-        loss = total / max(count, 1)
+        loss = total / max(counted, 1)
         self.telemetry.record_eval(loss)
         self.result.eval_loss = loss
         self.log.event("eval", f"eval loss {loss:.4f} at step {self.step}", evalLoss=loss, step=self.step)
@@ -337,7 +353,11 @@ class Recipe:
 
     def checkpoint(self) -> None:
         """adapter + optimizer + scheduler + RNG + data position under checkpoints/step-NNNNNNNN/; the COMPLETE
-        marker goes last, so a checkpoint without it (killed mid-upload) is never resumed."""
+        marker goes last, so a checkpoint without it (killed mid-upload) is never resumed. Rank 0 writes (every
+        rank holds the same adapter and optimizer state); the others wait for it."""
+        if not self.ranks.main:
+            distributed.barrier(self.ranks)
+            return
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
@@ -363,6 +383,7 @@ class Recipe:
         self.log.event("checkpoint", f"checkpoint at step {self.step} -> {self.storage.join(name)} "
                        f"({written / 1e6:.1f} MB, {seconds:.1f}s)", step=self.step, seconds=round(seconds, 2))
         self.telemetry.phase("Training")
+        distributed.barrier(self.ranks)
 
     def complete_checkpoints(self) -> list[int]:
         steps = []

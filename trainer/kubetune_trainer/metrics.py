@@ -80,6 +80,10 @@ class Telemetry:
         )
         self.uploaded = Counter("kubetune_uploaded_bytes", "Bytes written to the output location", LABELS,
                                 registry=self.registry)
+        self.rank_peak = Gauge("kubetune_rank_memory_peak_bytes",
+                               "Peak memory of each rank of a distributed run, as kubetune_gpu_memory_peak_bytes "
+                               "(bounded: one series per rank, at most the GPU count)", (*LABELS, "rank"),
+                               registry=self.registry)
         self.estimate.labels(**self.labels).set(vram_estimate_bytes)
         for metric in (self.tokens, self.uploaded):
             metric.labels(**self.labels)
@@ -113,6 +117,13 @@ class Telemetry:
             s = self.status
             s.step, s.total_steps, s.loss, s.learning_rate = step, total, loss, lr
             s.tokens_per_second, s.eta_seconds = tokens_per_second, eta_seconds
+
+    def record_rank_peaks(self, peaks: list[int]) -> None:
+        """Every rank's peak memory (index = rank), gathered by rank 0; a one-rank run exports none."""
+        if len(peaks) < 2:
+            return
+        for rank, peak in enumerate(peaks):
+            self.rank_peak.labels(**self.labels, rank=str(rank)).set(peak)
 
     def set_total(self, step: int, total: int) -> None:
         self.step.labels(**self.labels).set(step)

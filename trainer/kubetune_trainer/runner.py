@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
+from kubetune_trainer import distributed
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loop import Preempted, Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
@@ -34,10 +35,16 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and "cuda" in str(exc).lower()
 
 
-def write_termination(path: str | None, result: Result, exit_code: int) -> None:
+def termination_target(path: str | None) -> str | None:
+    """--termination-log, else $KUBETUNE_TERMINATION_LOG, else /dev/termination-log when writable (a pod)."""
     target = path or os.environ.get("KUBETUNE_TERMINATION_LOG")
     if target is None:
         target = TERMINATION_LOG if Path(TERMINATION_LOG).exists() and os.access(TERMINATION_LOG, os.W_OK) else None
+    return target or None
+
+
+def write_termination(path: str | None, result: Result, exit_code: int) -> None:
+    target = termination_target(path)
     if not target:
         return
     summary = TerminationSummary(
@@ -54,7 +61,8 @@ def write_termination(path: str | None, result: Result, exit_code: int) -> None:
 
 
 def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) -> tuple[int, Result]:
-    log = log or Log()
+    ranks = distributed.ranks_from_env()  # torchrun's; rank 0 serves metrics, writes checkpoints and the adapter
+    log = (log or Log()) if ranks.main else distributed.RankLog(ranks.rank)
     telemetry = Telemetry(config.job.namespace, config.job.name, config.vram_estimate_bytes)
     server: MetricsServer | None = None
     recipe: Recipe | None = None
@@ -62,7 +70,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
     code: int = ExitCode.ERROR
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        if options.metrics_port:
+        if options.metrics_port and ranks.main:
             server = MetricsServer(telemetry, options.metrics_port)
             server.start()
             log.event("server", f"metrics and status on :{options.metrics_port} (/metrics /healthz /readyz /status)")
@@ -76,13 +84,14 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
             if fraction:  # behave like a smaller card (a cheaper class) on a big one: tests, dry runs
                 torch.cuda.set_per_process_memory_fraction(float(fraction))
         signal.signal(signal.SIGTERM, recipe.request_stop)
+        distributed.init(ranks, recipe.device.type)
         recipe.setup()
-        before = recipe_answer(recipe, options.prompt) if options.prompt else None
+        before = recipe_answer(recipe, options.prompt) if options.prompt and ranks.main else None
         result = recipe.train()
         if before is not None:
             result.samples["before"] = before
-        result.adapter_uri = recipe.save()
-        if options.prompt:
+        result.adapter_uri = recipe.save() if ranks.main else None
+        if options.prompt and ranks.main:
             result.samples["after"] = recipe_answer(recipe, options.prompt)
         result.outcome, code = Outcome.SUCCEEDED, ExitCode.OK
         telemetry.phase(TrainerPhase.SUCCEEDED, f"adapter at {result.adapter_uri}")
@@ -113,7 +122,11 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
         if code != ExitCode.OK:
             telemetry.phase(TrainerPhase.PREEMPTED if code == ExitCode.PREEMPTED else TrainerPhase.FAILED, result.error)
             log.event("error", f"{result.outcome}: {result.error}", outcome=result.outcome, exitCode=code)
-        write_termination(options.termination_log, result, code)
+        if ranks.main:
+            write_termination(options.termination_log, result, code)
+        elif (rank_summary := distributed.rank_summary_path(ranks)) is not None:
+            write_termination(rank_summary, result, code)
+        distributed.shutdown()
         log.event("done", f"{result.outcome}: {result.steps}/{result.total_steps} steps", outcome=result.outcome,
                   exitCode=code, steps=result.steps, finalLoss=result.final_loss, adapterUri=result.adapter_uri,
                   peakMemoryBytes=result.peak_memory_bytes)

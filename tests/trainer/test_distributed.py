@@ -1,0 +1,253 @@
+"""Data-parallel training on torch.distributed (gloo on the CPU), started by torchrun through launch.py: two
+ranks give the adapter one rank gives (same steps, same rows per step, loss over the global token count), a
+checkpoint from two ranks resumes on one, and the attempt exits with the trainer's codes, not torchrun's 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from kubetune_trainer.distributed import Ranks, micro_batches_of, ranks_from_env
+from kubetune_trainer.launch import exit_code, launch, threads_per_rank
+
+from kubetune.errors import SpecError
+
+from .conftest import ROOT, free_port
+
+ADAPTER = "adapter/adapter_model.safetensors"
+
+
+# --- pure parts -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("count", "rank", "world", "expected"), [
+    (4, 0, 1, [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0)]),
+    (4, 0, 2, [(0, 1.0), (2, 1.0)]),
+    (4, 1, 2, [(1, 1.0), (3, 1.0)]),
+    (3, 0, 2, [(0, 1.0), (2, 1.0)]),
+    (3, 1, 2, [(1, 1.0), (1, 0.0)]),          # fewer than rank 0: a weight-0 copy keeps DDP in step
+    (1, 1, 2, [(0, 0.0)]),                    # nothing left for rank 1 (end of an epoch)
+    (5, 3, 4, [(3, 1.0), (3, 0.0)]),
+])
+def test_micro_batches_are_dealt_round_robin(count: int, rank: int, world: int,
+                                              expected: list[tuple[int, float]]) -> None:
+    assert micro_batches_of(count, Ranks(rank, world)) == expected
+
+
+def test_every_micro_batch_runs_once_with_weight_one() -> None:
+    for world in (1, 2, 3, 4, 8):
+        for count in range(1, 20):
+            real = sorted(i for r in range(world) for i, w in micro_batches_of(count, Ranks(r, world)) if w)
+            assert real == list(range(count))
+            assert len({len(micro_batches_of(count, Ranks(r, world))) for r in range(world)}) == 1
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, Ranks(0, 1, 0)),
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, Ranks(3, 4, 1)),
+])
+def test_ranks_from_torchrun_env(env: dict[str, str], expected: Ranks) -> None:
+    assert ranks_from_env(env) == expected
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RANK": "two"}, "RANK='two': must be an integer"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "need 0 <= RANK < WORLD_SIZE"),
+])
+def test_bad_torchrun_env_is_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        ranks_from_env(env)
+
+
+@pytest.mark.parametrize(("failures", "expected"), [
+    ([(1, 3), (0, 1)], (1, 3)),               # rank 1 out of memory; rank 0 then lost its peer
+    ([(0, 1), (1, 3)], (1, 3)),               # the cause wins even if observed second
+    ([(0, 143), (1, 143)], (0, 143)),         # SIGTERM everywhere: preempted, checkpoint written
+    ([(1, -15), (0, 143)], (1, 143)),
+    ([(1, 1), (0, 143)], (1, 1)),
+    ([(0, -9)], (0, 137)),                    # SIGKILL as a shell reports it
+    ([(2, 4)], (2, 4)),
+])
+def test_attempt_exit_code_from_failed_ranks(failures: list[tuple[int, int]], expected: tuple[int, int]) -> None:
+    assert exit_code(failures) == expected
+
+
+def test_threads_are_shared_between_ranks() -> None:
+    assert threads_per_rank(2, 2) == 1
+    assert threads_per_rank(2, 16) == 8
+    assert threads_per_rank(4, 2) == 1
+    assert threads_per_rank(1, None) == 1
+
+
+# --- real runs: gloo on 127.0.0.1 -----------------------------------------------------------------------
+
+def ranks_argv(config: Path, termination: Path, nproc: int = 2, metrics_port: int = 0) -> list[str]:
+    return ["--standalone", "--nproc-per-node", str(nproc), "-m", "kubetune_trainer", "--config", str(config),
+            "--device", "cpu", "--metrics-port", str(metrics_port), "--termination-log", str(termination)]
+
+
+def run_one_rank(config: Path, termination: Path) -> int:
+    from kubetune_trainer.__main__ import main
+
+    return main(["--config", str(config), "--device", "cpu", "--metrics-port", "0",
+                 "--termination-log", str(termination)])
+
+
+def assert_same_adapter(a: dict[str, Any], b: dict[str, Any], atol: float = 2e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-3, atol=atol), \
+            (key, float((a[key].float() - b[key].float()).abs().max()))
+
+
+@pytest.fixture
+def trainer_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun starts `python -m kubetune_trainer` as new processes: they import what this checkout has."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "trainer")]))
+    monkeypatch.setenv("KUBETUNE_LOG_FORMAT", "json")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_one_rank_adapter(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
+                                              spec_for: Callable[..., dict[str, Any]],
+                                              write_config: Callable[..., Path], trainer_pythonpath: None,
+                                              adapter_tensors: Callable[[Path], dict[str, Any]]) -> None:
+    """3 micro-batches per step over 2 ranks (2 + 1 and a weight-0 pad): the uneven case, accumulation without
+    sync on rank 0, and an eval split sharded over the ranks."""
+    adapters, summaries = [], []
+    for nproc in (1, 2):
+        out = tmp_path / f"ranks-{nproc}"
+        spec = spec_for(tiny_model_dir, chat_file, str(out), maxSteps=4, microBatchSize=2,
+                        gradientAccumulationSteps=3, checkpointSteps=100)
+        spec["dataset"]["evalFraction"] = 0.25
+        termination = tmp_path / f"summary-{nproc}.json"
+        config = write_config(spec, name=f"ddp-{nproc}")
+        code = run_one_rank(config, termination) if nproc == 1 else launch(ranks_argv(config, termination, nproc))
+        summary = json.loads(termination.read_text())
+        assert code == 0, summary
+        summaries.append(summary)
+        adapters.append(adapter_tensors(out / ADAPTER))
+    one, two = summaries
+    assert one["steps"] == two["steps"] == 4
+    assert two["finalLoss"] == pytest.approx(one["finalLoss"], rel=1e-4)
+    assert two["evalLoss"] == pytest.approx(one["evalLoss"], rel=1e-4)
+    assert_same_adapter(adapters[0], adapters[1])
+
+
+@pytest.mark.slow
+def test_kubetune_train_nproc_per_node_gives_the_same_adapter(tmp_path: Path, tiny_model_dir: Path,
+                                                               chat_file: Path, trainer_pythonpath: None,
+                                                               adapter_tensors: Callable[[Path], dict[str, Any]],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from kubetune.cli import main
+
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "local-ranks"},
+           "spec": {"model": {"source": str(tiny_model_dir)}, "dataset": {"source": str(chat_file)},
+                    "lora": {"r": 4, "dropout": 0.0},
+                    "training": {"maxSeqLength": 128, "microBatchSize": 1, "gradientAccumulationSteps": 4,
+                                 "learningRate": 1e-3},
+                    "output": {"uri": "s3://not-used/when-overridden"}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    adapters = []
+    for extra in ([], ["--nproc-per-node", "2"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert main(["train", "-f", str(path), "--output", str(out), "--max-steps", "3", "--device", "cpu",
+                     *extra]) == 0
+        assert "Trained 3 steps" in capsys.readouterr().out
+        adapters.append(adapter_tensors(out / ADAPTER))
+    assert_same_adapter(adapters[0], adapters[1])
+    assert main(["train", "-f", str(path), "--nproc-per-node", "0"]) == 2
+    assert "--nproc-per-node: must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
+                                                  spec_for: Callable[..., dict[str, Any]],
+                                                  write_config: Callable[..., Path], trainer_env: dict[str, str],
+                                                  adapter_tensors: Callable[[Path], dict[str, Any]]) -> None:
+    """Elastic: two ranks are SIGKILLed after a checkpoint; the next attempt has one rank and ends with the
+    adapter of an uninterrupted one-rank run."""
+    steps = 8
+    reference = tmp_path / "reference"
+    spec = spec_for(tiny_model_dir, chat_file, str(reference), maxSteps=steps, checkpointSteps=3)
+    assert run_one_rank(write_config(spec, name="ref"), tmp_path / "ref.json") == 0
+
+    out = tmp_path / "elastic"
+    config = write_config(spec_for(tiny_model_dir, chat_file, str(out), maxSteps=steps, checkpointSteps=3),
+                          name="elastic")
+    log = (tmp_path / "ranks.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune_trainer.launch",
+                             *ranks_argv(config, tmp_path / "killed.json")], cwd=ROOT, env=trainer_env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    marker = out / "checkpoints" / "step-00000003" / "COMPLETE"
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, (tmp_path / "ranks.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint at step 3"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        log.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (out / "adapter").exists()
+
+    termination = tmp_path / "resumed.json"
+    assert run_one_rank(config, termination) == 0
+    assert json.loads(termination.read_text())["steps"] == steps
+    assert_same_adapter(adapter_tensors(reference / ADAPTER), adapter_tensors(out / ADAPTER))
+
+
+@pytest.mark.slow
+def test_storage_error_on_every_rank_exits_4_not_1(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
+                                                   s3_endpoint: str, spec_for: Callable[..., dict[str, Any]],
+                                                   write_config: Callable[..., Path], trainer_pythonpath: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(key, value)
+    spec = spec_for(tiny_model_dir, chat_file, "s3://no-such-bucket-for-ranks/out/")
+    termination = tmp_path / "summary.json"
+    assert launch(ranks_argv(write_config(spec), termination)) == 4
+    assert json.loads(termination.read_text())["outcome"] == "StorageError"
+
+
+@pytest.mark.slow
+def test_rank_peaks_are_exported_by_rank_zero(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
+                                             spec_for: Callable[..., dict[str, Any]],
+                                             write_config: Callable[..., Path], trainer_env: dict[str, str]) -> None:
+    port = free_port()
+    spec = spec_for(tiny_model_dir, chat_file, str(tmp_path / "out"), maxSteps=2, loggingSteps=1)
+    env = {**trainer_env, "KUBETUNE_METRICS_LINGER_SECONDS": "30"}
+    summary = tmp_path / "summary.json"
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune_trainer.launch",
+                             *ranks_argv(write_config(spec), summary, metrics_port=port)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        text = ""
+        while time.monotonic() < deadline and not summary.exists():
+            assert proc.poll() is None
+            time.sleep(0.2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    peaks = {line.split('rank="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+             for line in text.splitlines() if line.startswith("kubetune_rank_memory_peak_bytes{")}
+    assert set(peaks) == {"0", "1"} and all(v > 50e6 for v in peaks.values()), peaks
