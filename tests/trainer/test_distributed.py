@@ -120,14 +120,16 @@ def trainer_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_two_ranks_train_the_one_rank_adapter(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
                                               spec_for: Callable[..., dict[str, Any]],
                                               write_config: Callable[..., Path], trainer_pythonpath: None,
-                                              adapter_tensors: Callable[[Path], dict[str, Any]]) -> None:
+                                              adapter_tensors: Callable[[Path], dict[str, Any]],
+                                              capfd: pytest.CaptureFixture[str]) -> None:
     """3 micro-batches per step over 2 ranks (2 + 1 and a weight-0 pad): the uneven case, accumulation without
-    sync on rank 0, and an eval split sharded over the ranks."""
-    adapters, summaries = [], []
+    sync on rank 0, and an eval split sharded over the ranks. Adam hides a constant factor on the gradient, so
+    the logged pre-clipping gradient norms are compared too (rank 0's JSON log lines)."""
+    adapters, summaries, norms = [], [], []
     for nproc in (1, 2):
         out = tmp_path / f"ranks-{nproc}"
         spec = spec_for(tiny_model_dir, chat_file, str(out), maxSteps=4, microBatchSize=2,
-                        gradientAccumulationSteps=3, checkpointSteps=100)
+                        gradientAccumulationSteps=3, checkpointSteps=100, loggingSteps=1)
         spec["dataset"]["evalFraction"] = 0.25
         termination = tmp_path / f"summary-{nproc}.json"
         config = write_config(spec, name=f"ddp-{nproc}")
@@ -136,10 +138,13 @@ def test_two_ranks_train_the_one_rank_adapter(tmp_path: Path, tiny_model_dir: Pa
         assert code == 0, summary
         summaries.append(summary)
         adapters.append(adapter_tensors(out / ADAPTER))
+        lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith('{"ts"')]
+        norms.append([line["gradNorm"] for line in lines if line["event"] == "step"])
     one, two = summaries
     assert one["steps"] == two["steps"] == 4
     assert two["finalLoss"] == pytest.approx(one["finalLoss"], rel=1e-4)
     assert two["evalLoss"] == pytest.approx(one["evalLoss"], rel=1e-4)
+    assert len(norms[0]) == 4 and norms[1] == pytest.approx(norms[0], rel=1e-3)
     assert_same_adapter(adapters[0], adapters[1])
 
 
