@@ -52,7 +52,7 @@ def ranks_from_env(env: Mapping[str, str] | None = None) -> Ranks:
     for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
         raw = env.get(name)
         try:
-            values[name] = default if raw in (None, "") else int(raw)  # type: ignore[arg-type]
+            values[name] = default if raw in (None, "") else int(raw)
         except ValueError:
             raise SpecError(f"environment {name}={raw!r}: must be an integer (torchrun sets it)") from None
     ranks = Ranks(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
@@ -201,5 +201,5 @@ class RankLog(Log):
         if event in ("error", "traceback"):
             super().event(event, f"rank {self.rank}: {message}", rank=self.rank, **fields)
 
-    def step(self, **_fields: Any) -> None:  # type: ignore[override]
+    def step(self, **_fields: Any) -> None:
         return

@@ -74,7 +74,8 @@ def run_local(args: argparse.Namespace) -> int:
     log = Log()
     started = time.perf_counter()
     arch = model_architecture(spec.model.name, spec.model.source)
-    nproc = getattr(args, "nproc_per_node", 1) or 1
+    nproc = getattr(args, "nproc_per_node", None)
+    nproc = 1 if nproc is None else nproc
     if nproc < 1:
         raise SpecError(f"--nproc-per-node: must be >= 1, got {nproc}")
     if device.type == "cuda" and nproc > torch_cuda_count():
@@ -83,8 +84,8 @@ def run_local(args: argparse.Namespace) -> int:
     log.event("plan", f"{job.metadata.namespace}/{job.metadata.name}: {arch.name} {spec.method} on "
               f"{gpu or 'the CPU'}: micro-batch {knobs.micro_batch_size} x accumulation "
               f"{knobs.gradient_accumulation_steps}, checkpointing {'on' if knobs.gradient_checkpointing else 'off'}, "
-              f"{knobs.max_seq_length} tokens" + (f"; {nproc} ranks (torchrun, "
-                                                   f"{'nccl' if device.type == 'cuda' else 'gloo'})" if nproc > 1 else ""))
+              f"{knobs.max_seq_length} tokens"
+              + (f"; {nproc} ranks (torchrun, {'nccl' if device.type == 'cuda' else 'gloo'})" if nproc > 1 else ""))
     config = TrainerConfig(job=JobRef(name=job.metadata.name, namespace=job.metadata.namespace), spec=spec,
                            knobs=knobs, gpu_class=gpu, vram_estimate_bytes=estimate)
     prompt = getattr(args, "prompt", None) or job.metadata.annotations.get(SAMPLE_PROMPT_ANNOTATION)
