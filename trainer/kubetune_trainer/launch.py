@@ -18,11 +18,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from kubetune.contracts import ExitCode
 from kubetune_trainer.distributed import RANK_SUMMARIES_ENV
 
-# exit codes that name a cause the operator acts on: bad input, out of GPU memory, storage (runner.py)
-CAUSES = (2, 3, 4)
-PREEMPTED = 143
+# exit codes that name a cause the operator acts on: bad input, out of GPU memory, storage
+CAUSES = (ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.STORAGE)
+PREEMPTED = int(ExitCode.PREEMPTED)
 
 
 def exit_code(failures: Sequence[tuple[int, int]]) -> tuple[int, int]:
