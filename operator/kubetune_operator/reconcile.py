@@ -145,6 +145,8 @@ def reconcile(snap: Snapshot) -> Actions:
         job.set(observedGeneration=job.generation)
     elif spec_changed:
         _spec_change(job)
+        if job.actions.suspend_job is not None:
+            return job.actions  # the Job's own state shows the change on a later event; not followed before that
     if phase in TERMINAL_PHASES:
         return job.actions
     if not job.status.get("jobName"):  # Pending: no node of the class yet; plan and place again
@@ -240,6 +242,8 @@ def _follow(job: _Job) -> None:
     outcome = st.observe(snap.trainer_job, snap.pods, snap.settings.trainer_port)
     phase = job.status.get("phase")
     plan = job.status.get("plan") or {}
+    if phase == Phase.SUSPENDED and job.spec.get("suspend") and outcome.state in ("Running", "Waiting"):
+        return  # the Job is being suspended (its watch lags the patch); its pod stops on its own
 
     if outcome.state == "Running":
         progress = st.trainer_progress(snap.trainer_status, snap.now) if snap.trainer_status else None
