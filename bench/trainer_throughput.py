@@ -82,12 +82,13 @@ def process_peak(device: str) -> int:
 
 def run_ours(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str, Any]:
     from kubetune_trainer.config import JobRef, TrainerConfig
-    from kubetune_trainer.local import local_knobs
+    from kubetune_trainer.local import usable_memory
     from kubetune_trainer.loop import Recipe, RunOptions
     from kubetune_trainer.metrics import Telemetry
     from kubetune_trainer.progress import Log
 
     from kubetune.planning.models import catalog_lookup
+    from kubetune.planning.plan import local_knobs
     from kubetune.spec import parse_spec
 
     spec = parse_spec({
@@ -103,7 +104,7 @@ def run_ours(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str, 
     device = "cuda" if args.device == "cuda" else "cpu"
     arch = catalog_lookup(SMOLLM["name"])
     assert arch is not None
-    knobs, estimate, _ = local_knobs(spec, arch, device)
+    knobs, estimate = local_knobs(spec, arch, usable_memory(device)[0])
     config = TrainerConfig(job=JobRef(name="bench"), spec=spec, knobs=knobs, vram_estimate_bytes=estimate)
     log = Log(stream=open(os.devnull, "w"), fmt="json")  # noqa: SIM115
     recipe = Recipe(config, RunOptions(device=device), Telemetry("bench", "bench"), log)

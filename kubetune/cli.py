@@ -12,53 +12,22 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from kubetune.errors import KubetuneError, SpecError
+from kubetune.errors import KubetuneError
+from kubetune.jobfile import load_jobs
 from kubetune.planning.gpus import GpuCatalog, load_catalog
 from kubetune.planning.models import model_architecture
+from kubetune.planning.placement import Supply, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.planning.vram import GiB
-from kubetune.spec import FineTuneJob, parse_job
+from kubetune.spec import FineTuneJob
 
 
-def read_documents(path: str) -> list[dict[str, Any]]:
-    """Every non-empty YAML document in a file (or stdin for '-')."""
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"{path}:{where}: not valid YAML: {problem}") from None
-    if not docs:
-        raise SpecError(f"{path}: no FineTuneJob found (the file is empty)")
-    return docs
-
-
-def load_jobs(path: str) -> list[FineTuneJob]:
-    jobs: list[FineTuneJob] = []
-    problems: list[str] = []
-    docs = read_documents(path)
-    for index, doc in enumerate(docs):
-        try:
-            jobs.append(parse_job(doc))
-        except SpecError as exc:
-            label = f"document {index + 1}: " if len(docs) > 1 else ""
-            problems.extend(label + line for line in exc.problems)
-    if problems:
-        raise SpecError(problems)
-    return jobs
-
-
-def plan_job(job: FineTuneJob, catalog: GpuCatalog) -> Plan:
-    return make_plan(job.spec, model_architecture(job.spec.model.name, job.spec.model.source), catalog)
+def plan_job(job: FineTuneJob, catalog: GpuCatalog, supply: Supply | None = None) -> Plan:
+    return make_plan(job.spec, model_architecture(job.spec.model.name, job.spec.model.source), catalog,
+                     supply=supply)
 
 
 def render_plan(job: FineTuneJob, plan: Plan) -> None:
@@ -101,9 +70,15 @@ def render_plan(job: FineTuneJob, plan: Plan) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    catalog = load_catalog(Path(args.gpu_catalog) if args.gpu_catalog else None)
+    provisionable = tuple(n for n in args.provisionable.replace(",", " ").split() if n)
+    catalog = load_catalog(Path(args.gpu_catalog) if args.gpu_catalog else None, provisionable or None)
     jobs = load_jobs(args.file)
-    plans = [(job, plan_job(job, catalog)) for job in jobs]
+    supply = None
+    if args.kubeconfig or args.context:  # against a live cluster: the classes it has nodes of, or can provision
+        from kubetune.cluster import read_inventory
+
+        supply = supply_of(read_inventory(args.kubeconfig, args.context), catalog)
+    plans = [(job, plan_job(job, catalog, supply)) for job in jobs]
     if args.output == "json":
         out = [plan.summary() for _, plan in plans]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
@@ -160,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-f", "--file", required=True, help="FineTuneJob YAML (several documents allowed), or -")
     plan.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     plan.add_argument("--gpu-catalog", help="YAML that overrides or extends the GPU catalog")
+    plan.add_argument("--kubeconfig", help="plan against this cluster's GPU nodes (default without it and "
+                      "--context: the whole catalog)")
+    plan.add_argument("--context", help="the kubeconfig context to use (default: its current-context)")
+    plan.add_argument("--provisionable", default="", help="comma-separated GPU classes the cluster can scale up "
+                      "from zero (with --kubeconfig/--context)")
     plan.set_defaults(func=cmd_plan)
 
     crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")

@@ -221,14 +221,12 @@ def resolve_architecture(name: str | None, source: str | None,
 
 
 def model_architecture(name: str | None, source: str | None) -> Architecture:
-    """resolve_architecture with config.json readable from s3:// when boto3 (the trainer extra) is installed.
+    """resolve_architecture with config.json readable from s3:// (boto3 imported only for s3:// sources).
 
     The CLI, the REST API, the operator and `kubetune train` all plan through this one call."""
-    try:
-        from kubetune_trainer.storage import read_remote_config
-    except ImportError:
-        return resolve_architecture(name, source)
-    return resolve_architecture(name, source, read_remote_config)
+    from kubetune.s3 import read_s3_config
+
+    return resolve_architecture(name, source, read_s3_config)
 
 
 def architecture_from_gguf(path: Path) -> Architecture | None:

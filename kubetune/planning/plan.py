@@ -142,6 +142,20 @@ def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, 
     return None
 
 
+def local_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int) -> tuple[Knobs, int]:
+    """`kubetune train` on this machine: the fastest knobs that fit `usable_bytes`, and their estimate (0 when
+    even the leanest settings exceed it by the estimate: they are tried anyway, and the run tells)."""
+    best = fastest_knobs(spec, arch, usable_bytes)
+    lean_mb, lean_gc = _leanest(spec)
+    micro_batch, checkpointing, total = (lean_mb, lean_gc, 0) if best is None else \
+        (best[0].micro_batch, best[0].gradient_checkpointing, best[1].total)
+    knobs = Knobs(micro_batch_size=micro_batch,
+                  gradient_accumulation_steps=max(1, effective_batch(spec) // micro_batch),
+                  gradient_checkpointing=checkpointing, max_seq_length=spec.training.max_seq_length,
+                  compute_dtype="bfloat16")
+    return knobs, total
+
+
 def _candidates(spec: FineTuneJobSpec, catalog: GpuCatalog, above: str | None) -> tuple[list[GpuClass], list[str]]:
     notes: list[str] = []
     resources = spec.resources

@@ -16,8 +16,9 @@ from kubetune_trainer.storage import (
     StorageError,
     download_prefix,
     open_storage,
-    read_remote_config,
 )
+
+from kubetune.s3 import read_s3_config
 
 
 def roundtrip(store: Storage, tmp_path: Path) -> None:
@@ -76,8 +77,8 @@ def test_model_prefix_download_is_verified_and_cached(tmp_path: Path, s3: Any, b
     config = {"model_type": "llama", "hidden_size": 64}
     s3.put_object(Bucket=bucket, Key="models/m/config.json", Body=json.dumps(config).encode())
     s3.put_object(Bucket=bucket, Key="models/m/weights.bin", Body=b"w" * 4096)
-    assert read_remote_config(f"s3://{bucket}/models/m/") == config
-    assert read_remote_config(f"s3://{bucket}/models/none/") is None
+    assert read_s3_config(f"s3://{bucket}/models/m/") == config
+    assert read_s3_config(f"s3://{bucket}/models/none/") is None
     target = download_prefix(f"s3://{bucket}/models/m/", tmp_path / "cache")
     assert json.loads((target / "config.json").read_text()) == config
     assert (target / "weights.bin").read_bytes() == b"w" * 4096

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import SpecError
-from kubetune.planning.models import Architecture, model_architecture
-from kubetune.planning.plan import Knobs, effective_batch, fastest_knobs
+from kubetune.planning.models import model_architecture
+from kubetune.planning.plan import local_knobs
 from kubetune.spec import FineTuneJobSpec, parse_spec
 from kubetune_trainer.config import JobRef, TrainerConfig
 
@@ -30,36 +30,21 @@ def with_overrides(spec: FineTuneJobSpec, output: str | None, max_steps: int | N
                          for line in exc.problems]) from None
 
 
-def local_knobs(spec: FineTuneJobSpec, arch: Architecture, device_type: str,
-                ranks: int = 1) -> tuple[Knobs, int, str | None]:
-    """The planner's fastest knobs for the memory this machine has: the GPU's, or (CPU) half the free RAM
+def usable_memory(device_type: str, ranks: int = 1) -> tuple[int, str | None]:
+    """What this machine offers each rank: 92% of the GPU's memory (and its name), or (CPU) half the free RAM
     shared by `ranks` processes that each hold a full copy (DDP)."""
     import torch
 
     if device_type == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        usable, gpu = int(props.total_memory * 0.92), props.name
-    else:
-        import psutil
+        return int(props.total_memory * 0.92), props.name
+    import psutil
 
-        usable, gpu = int(psutil.virtual_memory().available * 0.5) // max(1, ranks), None
-    best = fastest_knobs(spec, arch, usable)
-    mb = spec.training.micro_batch_size
-    gc = spec.training.gradient_checkpointing
-    if best is None:  # too big by the estimate: try the leanest settings anyway, the run will tell
-        shape_mb, shape_gc, estimate = (mb if isinstance(mb, int) else 1), (gc if isinstance(gc, bool) else True), 0
-    else:
-        shape, est = best
-        shape_mb, shape_gc, estimate = shape.micro_batch, shape.gradient_checkpointing, est.total
-    batch = effective_batch(spec)
-    knobs = Knobs(micro_batch_size=shape_mb, gradient_accumulation_steps=max(1, batch // shape_mb),
-                  gradient_checkpointing=shape_gc, max_seq_length=spec.training.max_seq_length,
-                  compute_dtype="bfloat16")
-    return knobs, estimate, gpu
+    return int(psutil.virtual_memory().available * 0.5) // max(1, ranks), None
 
 
 def run_local(args: argparse.Namespace) -> int:
-    from kubetune.cli import load_jobs
+    from kubetune.jobfile import load_jobs
     from kubetune_trainer.loop import RunOptions
     from kubetune_trainer.model import pick_device
     from kubetune_trainer.progress import Log
@@ -80,7 +65,8 @@ def run_local(args: argparse.Namespace) -> int:
         raise SpecError(f"--nproc-per-node: must be >= 1, got {nproc}")
     if device.type == "cuda" and nproc > torch_cuda_count():
         raise SpecError(f"--nproc-per-node: {nproc} ranks need {nproc} GPUs, this machine has {torch_cuda_count()}")
-    knobs, estimate, gpu = local_knobs(spec, arch, device.type, nproc)
+    usable, gpu = usable_memory(device.type, nproc)
+    knobs, estimate = local_knobs(spec, arch, usable)
     log.event("plan", f"{job.metadata.namespace}/{job.metadata.name}: {arch.name} {spec.method} on "
               f"{gpu or 'the CPU'}: micro-batch {knobs.micro_batch_size} x accumulation "
               f"{knobs.gradient_accumulation_steps}, checkpointing {'on' if knobs.gradient_checkpointing else 'off'}, "

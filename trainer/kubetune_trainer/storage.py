@@ -19,6 +19,7 @@ from typing import Any
 
 from kubetune.contracts import ExitCode
 from kubetune.errors import KubetuneError
+from kubetune.s3 import s3_client
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MULTIPART_CHUNK = 16 * 1024 * 1024
@@ -144,17 +145,6 @@ class LocalStorage(Storage):
             raise StorageError(f"output {self.uri}: not writable ({exc.strerror or exc})") from None
 
 
-def s3_client(endpoint_url: str | None = None) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60,
-                    s3={"addressing_style": "path"} if endpoint else None)
-    return boto3.client("s3", endpoint_url=endpoint, config=config,
-                        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
-
-
 def _explain(exc: Exception, uri: str, action: str) -> StorageError:
     """One line a person can act on, for every way S3 fails."""
     from botocore.exceptions import (
@@ -263,19 +253,6 @@ def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
     if uri.startswith("s3://"):
         return S3Storage(uri, endpoint_url)
     return LocalStorage(uri)
-
-
-def read_remote_config(uri: str) -> dict[str, Any] | None:
-    """config.json under an s3:// model prefix (the planner's architecture reader), or None if absent."""
-    try:
-        data = S3Storage(uri).get_bytes("config.json")
-    except StorageError:
-        return None
-    try:
-        config = json.loads(data)
-    except ValueError:
-        return None
-    return config if isinstance(config, dict) else None
 
 
 def download_prefix(uri: str, cache_root: Path, endpoint_url: str | None = None) -> Path:
