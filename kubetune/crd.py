@@ -9,17 +9,19 @@ those are `x-kubernetes-preserve-unknown-fields` and the operator validates them
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
 
+from kubetune.cel import RULES
 from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, FineTuneJobSpec, FineTuneJobStatus
 
 Schema = dict[str, Any]
 
 _KEEP = {
     "type", "description", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
-    "minItems", "maxItems", "required", "format", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+    "minItems", "maxItems", "required", "format", "x-kubernetes-list-type", "x-kubernetes-list-map-keys", RULES,
 }
 
 
@@ -50,6 +52,8 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
                 out = {"x-kubernetes-preserve-unknown-fields": True}
             if description:
                 out["description"] = description
+            if RULES in node:
+                out[RULES] = node[RULES]
         if nullable:
             out["nullable"] = True
         return out
@@ -66,6 +70,7 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         out["type"] = "object"
         if "properties" in node:
             out["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
+            _lift_rules(out)
         elif isinstance(node.get("additionalProperties"), dict):
             value = _resolve(node["additionalProperties"], defs)
             if "anyOf" in value:
@@ -75,6 +80,18 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
     elif kind == "array":
         out["items"] = structural(node.get("items", {"type": "string"}), defs)
     return out
+
+
+def _lift_rules(obj: Schema) -> None:
+    """Move CEL rules off untyped properties (int-or-string, preserve-unknown-fields) onto the object that
+    holds them, where `self` is typed; each keeps its field in fieldPath, so errors still name the field."""
+    for name, prop in obj["properties"].items():
+        if "type" in prop or RULES not in prop:
+            continue
+        for rule in prop.pop(RULES):
+            body = re.sub(r"\bself\b", f"self.{name}", rule["rule"])
+            obj.setdefault(RULES, []).append(
+                {"rule": f"!has(self.{name}) || ({body})", "message": rule["message"], "fieldPath": f".{name}"})
 
 
 def model_schema(model: Any) -> Schema:

@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kubetune.cel import Cel, object_rule
 from kubetune.contracts import ConditionType, Phase, Reason
 from kubetune.errors import SpecError
 
@@ -86,9 +87,14 @@ def _target_modules(value: Any) -> Any:
 BUNDLED_MODELS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
+URI_MAX = 2048
+
+
 def _uri(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
+    if len(value) > URI_MAX:
+        raise ValueError(f"must be at most {URI_MAX} characters, got {len(value)}")
     if value.startswith("bundled://"):
         if value.removeprefix("bundled://") not in BUNDLED_MODELS:
             raise ValueError(f"unknown bundled model {value!r}; allowed: "
@@ -117,17 +123,40 @@ def _dns_subdomain(value: str) -> str:
     return value
 
 
-AutoOrInt = Annotated[int | Literal["auto"], BeforeValidator(_auto_or_positive_int)]
-GpuCount = Annotated[int | Literal["auto"], BeforeValidator(_auto_or_gpu_count)]
-AutoOrBool = Annotated[bool | Literal["auto"], BeforeValidator(_auto_or_bool)]
-TargetModules = Annotated[str | list[str], BeforeValidator(_target_modules)]
-Uri = Annotated[str, AfterValidator(_uri)]
-SecretName = Annotated[str, AfterValidator(_dns_subdomain)]
-QueueName = Annotated[str, AfterValidator(_dns_subdomain)]
+# Each validator above, once more as the CRD's CEL rule (kubetune.cel): `kubectl apply` refuses the same values.
+_DNS_SUBDOMAIN_CEL = Cel(
+    "self.matches('" + _DNS_SUBDOMAIN.pattern.replace("\\", "\\\\") + "')",
+    "must be a DNS subdomain name (lowercase a-z, 0-9, '-', '.', at most 253 chars)", max_length=253)
+AutoOrInt = Annotated[int | Literal["auto"], BeforeValidator(_auto_or_positive_int),
+                      Cel("type(self) == string ? self == 'auto' : self >= 1", "must be 'auto' or an integer >= 1")]
+GpuCount = Annotated[int | Literal["auto"], BeforeValidator(_auto_or_gpu_count),
+                     Cel("type(self) == string ? self == 'auto' : (self >= 1 && self <= 8)",
+                         "must be 'auto' or an integer from 1 to 8 (GPUs on one node)")]
+AutoOrBool = Annotated[bool | Literal["auto"], BeforeValidator(_auto_or_bool),
+                       Cel("type(self) == bool || (type(self) == string && self == 'auto')",
+                           "must be one of: auto, true, false")]
+TargetModules = Annotated[str | list[str], BeforeValidator(_target_modules),
+                          Cel("type(self) == string ? self == 'all-linear' : (type(self) == list && self.size() > 0)",
+                              "must be 'all-linear' or a non-empty list of module names (e.g. [q_proj, v_proj])")]
+Uri = Annotated[str, AfterValidator(_uri),
+                Cel("self.matches('\\\\S')", "must not be empty", max_length=URI_MAX),
+                Cel("!self.contains('://') || self.startsWith('s3://') || self.startsWith('bundled://')",
+                    "scheme is not supported; use s3://bucket/prefix or a local path"),
+                Cel("!self.startsWith('s3://') || self.matches('^s3://[a-z0-9][a-z0-9.\\\\-]{1,61}[a-z0-9](/|$)')",
+                    "s3 bucket name is not valid (3-63 chars: a-z, 0-9, '.', '-')"),
+                Cel("!self.startsWith('bundled://') || self in ["
+                    + ", ".join(f"'bundled://{m}'" for m in BUNDLED_MODELS) + "]",
+                    "unknown bundled model; allowed: " + ", ".join(f"bundled://{m}" for m in BUNDLED_MODELS))]
+SecretName = Annotated[str, AfterValidator(_dns_subdomain), _DNS_SUBDOMAIN_CEL]
+QueueName = Annotated[str, AfterValidator(_dns_subdomain), _DNS_SUBDOMAIN_CEL]
 
 
 class ModelSpec(_Model):
     """The base model: a Hugging Face hub id (`name`) and/or where its weights are (`source`)."""
+
+    model_config = ConfigDict(json_schema_extra=object_rule(
+        "has(self.name) || has(self.source)",
+        "set name (a hub id) or source (s3://…, a local directory or a .gguf file)"))
 
     name: str | None = Field(
         default=None,
