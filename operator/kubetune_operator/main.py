@@ -19,6 +19,8 @@ from kubetune.planning.gpus import load_catalog
 from kubetune_operator.handlers import Runtime, register
 from kubetune_operator.metrics import Metrics, serve
 from kubetune_operator.settings import Settings
+from kubetune_operator.webhook import WebhookSettings
+from kubetune_operator.webhook import install as install_webhook
 
 PREFIX = "kubetune.io"
 
@@ -68,6 +70,7 @@ def build_operator(settings: Settings, metrics: Metrics, login: Any = None) -> t
         kopf_settings(settings)
 
     register(registry, settings)
+    install_webhook(registry, runtime.catalog, WebhookSettings.from_env())  # optional: chart value webhook.enabled
     return registry, kopf.Memo(kubetune=runtime)
 
 
