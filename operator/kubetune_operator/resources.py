@@ -175,6 +175,7 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
             "privileged": False,
+            "readOnlyRootFilesystem": True,  # writable: /tmp and /dev/shm only, both size-limited emptyDirs
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -196,7 +197,7 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
         "volumes": [
             {"name": "config", "configMap": {"name": name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
-            {"name": "scratch", "emptyDir": {}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size}},
         ],
     }
     return {

@@ -34,7 +34,8 @@ class Settings:
     backoff_limit: int = 3  # pod failures (not disruptions) the Job tolerates before it fails
     poll_interval: float = 10.0  # seconds between status polls (Job/pod outcome and the trainer's /status)
     wait_for_nodes: bool = True  # no node of the class: stay Pending (False: create the Job; autoscalers add nodes)
-    run_as_user: int = 1000
+    run_as_user: int = 10001  # the trainer image's user (Dockerfile.trainer), one uid everywhere
+    scratch_size: str = "20Gi"  # sizeLimit of the trainer's writable /tmp (the root filesystem is read-only)
     extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -55,6 +56,7 @@ class Settings:
             cpu_per_gpu=_env("KUBETUNE_CPU_PER_GPU", cls.cpu_per_gpu),
             memory_per_gpu=_env("KUBETUNE_MEMORY_PER_GPU", cls.memory_per_gpu),
             shm_size=_env("KUBETUNE_SHM_SIZE", cls.shm_size),
+            scratch_size=_env("KUBETUNE_SCRATCH_SIZE", cls.scratch_size),
             backoff_limit=int(_env("KUBETUNE_BACKOFF_LIMIT", str(cls.backoff_limit))),
             poll_interval=float(_env("KUBETUNE_POLL_INTERVAL", str(cls.poll_interval))),
             wait_for_nodes=_env_bool("KUBETUNE_WAIT_FOR_NODES", cls.wait_for_nodes),

@@ -71,7 +71,7 @@ class WebhookSettings:
             return None
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise SpecError(f"KUBETUNE_WEBHOOK_PORT: must be a port number (1-65535), got {port!r}")
-        return cls(int(port), Path(os.environ.get("KUBETUNE_WEBHOOK_CERT_DIR", "/etc/kubetune/webhook")),
+        return cls(int(port), Path(os.environ.get("KUBETUNE_WEBHOOK_CERT_DIR", "/var/run/kubetune/webhook")),
                    os.environ.get("KUBETUNE_WEBHOOK_ADDR", cls.addr))
 
     def server(self) -> kopf.WebhookServer:

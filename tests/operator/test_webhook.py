@@ -131,4 +131,4 @@ def test_webhook_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         WebhookSettings.from_env()
     monkeypatch.setenv("KUBETUNE_WEBHOOK_PORT", "9443")
     settings = WebhookSettings.from_env()
-    assert settings is not None and settings.port == 9443 and settings.cert_dir == Path("/etc/kubetune/webhook")
+    assert settings is not None and settings.port == 9443 and settings.cert_dir == Path("/var/run/kubetune/webhook")
