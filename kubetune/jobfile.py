@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kubetune.errors import SpecError
 from kubetune.spec import FineTuneJob, parse_job
+from kubetune.yamlsafe import load_all
 
 
 def read_documents(path: str) -> list[dict[str, Any]]:
@@ -18,13 +17,7 @@ def read_documents(path: str) -> list[dict[str, Any]]:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"{path}:{where}: not valid YAML: {problem}") from None
+    docs = load_all(text, path)  # safe, and refuses alias bombs (kubetune.yamlsafe)
     if not docs:
         raise SpecError(f"{path}: no FineTuneJob found (the file is empty)")
     return docs

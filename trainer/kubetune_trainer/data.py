@@ -62,29 +62,21 @@ def read_rows(path: Path, label: str) -> list[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     rows: list[tuple[str, dict[str, Any]]] = []
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                line = _decode(raw, label, f"line {number}")
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise DataError(f"{label} line {number}: not valid JSON ({exc})") from None
-                rows.append((f"line {number}", row))
+                rows.append((f"line {number}", _json(line, label, f" line {number}")))
     elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise DataError(f"{label}: not valid JSON ({exc})") from None
+        data = _json(_decode(path.read_bytes(), label, "file"), label, "")
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise DataError(f"{label}: a .json dataset must be a list of objects (or {{'data': [...]}})")
         rows = [(f"row {i + 1}", row) for i, row in enumerate(data)]
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [(f"line {reader.line_num}", dict(row)) for row in reader]
+        rows = _csv_rows(path, label)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -98,6 +90,48 @@ def read_rows(path: Path, label: str) -> list[tuple[str, dict[str, Any]]]:
     for where, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{label} {where}: must be an object, got {type(row).__name__}")
+    return rows
+
+
+def _decode(raw: bytes, label: str, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{label} {where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "is this a binary file?") from None
+
+
+def _json(text: str, label: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{label}{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise DataError(f"{label}{where}: not valid JSON (nested too deeply)") from None
+
+
+def _csv_rows(path: Path, label: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a CSV file with a header; a row with more or fewer fields than the header is refused."""
+    text = _decode(path.read_bytes(), label, "file")
+    reader = csv.reader(text.splitlines(keepends=True))
+    rows: list[tuple[str, dict[str, Any]]] = []
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{label}: empty CSV file (a header row naming the fields comes first)")
+        for values in reader:
+            where = f"line {reader.line_num}"
+            if not values:
+                continue
+            if len(values) != len(header):
+                shown = ", ".join(header)
+                extra = f"; unexpected field {len(header) + 1} ({values[len(header)][:40]!r})" \
+                    if len(values) > len(header) else f"; field '{header[len(values)]}' is missing"
+                raise DataError(f"{label} {where}: {len(values)} fields, but the header names {len(header)} "
+                                f"({shown}){extra}")
+            rows.append((where, dict(zip(header, values, strict=True))))
+    except csv.Error as exc:
+        raise DataError(f"{label} line {reader.line_num}: not valid CSV ({exc})") from None
     return rows
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import random
 import signal
 import tempfile
@@ -407,9 +408,14 @@ class Recipe:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp)
                 self.storage.get_dir(name, folder)
+                try:  # tensors and plain containers only: a planted pickle cannot run code here
+                    saved = torch.load(folder / "trainer_state.pt", map_location=self.device, weights_only=True)
+                except pickle.UnpicklingError as exc:
+                    self.log.event("resume", f"ignoring {name}: trainer_state.pt holds more than tensors "
+                                   f"({str(exc).splitlines()[0]})")
+                    continue
                 set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors"),
                                                                 device=str(self.device)))
-                saved = torch.load(folder / "trainer_state.pt", map_location=self.device, weights_only=False)
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
             set_rng_state(saved["rng"])
@@ -425,6 +431,9 @@ class Recipe:
         """adapter files + tokenizer to <output>/adapter/, (optionally the merged model to <output>/merged/),
         then manifest.json with every file's sha256: written last, so its presence means complete."""
         self.telemetry.phase("Uploading", "writing the adapter")
+        # A re-run to the same output: the old manifest goes first, so no reader takes the files below,
+        # half-written, for a complete adapter described by the previous run's manifest.
+        self.storage.delete_key(f"{ADAPTER}/manifest.json")
         files: dict[str, dict[str, Any]] = {}
         written = 0
         with tempfile.TemporaryDirectory() as tmp:

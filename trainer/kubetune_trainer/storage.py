@@ -39,6 +39,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def contained(root: Path, key: str, what: str) -> Path:
+    """root / key, or StorageError when the key would land outside root: an absolute key, a '..' segment,
+    a NUL byte, or a path that resolves (through symlinks) elsewhere. Every key from a listing, a manifest
+    or a URI goes through here before anything is written or read on disk."""
+    parts = key.replace("\\", "/").split("/")
+    if key.startswith(("/", "\\")) or ".." in parts or "\x00" in key:
+        raise StorageError(f"{what}: key {key!r} would leave {root} ('..', an absolute path or a NUL byte); "
+                           "refusing it")
+    path = root / key
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise StorageError(f"{what}: key {key!r} resolves outside {root}; refusing it")
+    return path
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return bucket, key
@@ -62,6 +76,10 @@ class Storage(ABC):
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None: ...
+
+    @abstractmethod
+    def delete_key(self, key: str) -> None:
+        """Remove one object if it exists (no error when it does not)."""
 
     @abstractmethod
     def check(self) -> None:
@@ -92,7 +110,7 @@ class Storage(ABC):
 
     def get_dir(self, prefix: str, local: Path) -> None:
         for key in self.list(prefix + "/"):
-            self.get_file(key, local / key[len(prefix) + 1:])
+            self.get_file(key, contained(local, key[len(prefix) + 1:], self.join(key)))
 
     def join(self, key: str) -> str:
         return self.uri.rstrip("/") + "/" + key
@@ -104,7 +122,7 @@ class LocalStorage(Storage):
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        return contained(self.root, key, self.uri) if key else self.root
 
     def put_file(self, local: Path, key: str) -> int:
         target = self._path(key)
@@ -134,6 +152,12 @@ class LocalStorage(Storage):
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix), ignore_errors=True)
+
+    def delete_key(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"output {self.uri}: cannot delete {key} ({exc.strerror or exc})") from None
 
     def check(self) -> None:
         try:
@@ -230,6 +254,12 @@ class S3Storage(Storage):
             except Exception as exc:
                 raise _explain(exc, self.join(prefix), "delete") from None
 
+    def delete_key(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise _explain(exc, self.join(key), "delete") from None
+
     def check(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.bucket)
@@ -263,7 +293,7 @@ def download_prefix(uri: str, cache_root: Path, endpoint_url: str | None = None)
     `.complete` marker (written last) records what was verified, so a half-finished copy is redone.
     """
     store = S3Storage(uri, endpoint_url)
-    target = cache_root / store.bucket / (store.prefix or "_root")
+    target = contained(cache_root, f"{store.bucket}/{store.prefix or '_root'}", uri)
     marker = target / ".complete"
     keys = [k for k in store.list("") if k and not k.endswith("/")]
     if not keys:
@@ -276,7 +306,7 @@ def download_prefix(uri: str, cache_root: Path, endpoint_url: str | None = None)
         return target
     target.mkdir(parents=True, exist_ok=True)
     for key, head in listing.items():
-        local = target / key
+        local = contained(target, key, store.join(key))
         store.get_file(key, local)
         if local.stat().st_size != head.get("ContentLength"):
             raise StorageError(f"{store.join(key)}: size mismatch after download "
@@ -291,7 +321,8 @@ def download_prefix(uri: str, cache_root: Path, endpoint_url: str | None = None)
         files = json.loads(manifest.read_text()).get("files", {})
         for name, entry in files.items():
             want = entry.get("sha256") if isinstance(entry, dict) else entry
-            if want and (target / name).is_file() and sha256_file(target / name) != want:
+            if want and contained(target, name, store.join("manifest.json")).is_file() and \
+                    sha256_file(target / name) != want:
                 raise StorageError(f"{store.join(name)}: sha256 does not match manifest.json")
     marker.write_text(fingerprint)
     return target
@@ -305,6 +336,6 @@ def fetch_input(uri: str, cache_root: Path, endpoint_url: str | None = None) -> 
     if not key:
         raise StorageError(f"{uri}: a dataset source must name an object, not a bucket")
     store = S3Storage(f"s3://{bucket}", endpoint_url)
-    local = cache_root / bucket / key
+    local = contained(cache_root, f"{bucket}/{key}", uri)
     store.get_file(key, local)
     return local
