@@ -29,7 +29,7 @@ from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, Supply, node_info, pod_gpus, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
-from kubetune_operator import resources
+from kubetune_operator import resources, trust
 from kubetune_operator import status as st
 from kubetune_operator.kube import Kube, NotOurs
 from kubetune_operator.metrics import Metrics
@@ -154,8 +154,9 @@ async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any],
     namespace = (body.get("metadata") or {}).get("namespace")
     status = rt.written.get((body.get("metadata") or {}).get("uid", "")) or body.get("status") or {}
     name = status.get("jobName")
-    trainer = _first(indexes["trainer_jobs"], (namespace, name)) if name else None
-    pods = tuple(indexes["trainer_pods"].get((namespace, name), [])) if name else ()
+    uid = (body.get("metadata") or {}).get("uid")
+    trainer = trust.trusted_job(_first(indexes["trainer_jobs"], (namespace, name)) if name else None, uid)
+    pods = trust.trusted_pods(trainer, indexes["trainer_pods"].get((namespace, name), []) if name else [])
     cluster = inventory(indexes["gpu_nodes"], indexes["gpu_pods"])
     trainer_status = None
     if poll and name:
