@@ -67,6 +67,8 @@ class AuthEmulator(KubeEmulator):
     tokens: dict[str, User] = attrs.field(factory=dict)
     rules: list[Rule] = attrs.field(factory=list)
     reviews: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list, init=False)  # (kind, spec) as received
+    used: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)  # (user, verb, resource) allowed
+    denied: list[tuple[str, str, str, str | None]] = attrs.field(factory=list, init=False)  # (user, verb, res, ns)
 
     def allows(self, user: User, verb: str, resource: str, namespace: str | None) -> bool:
         subjects = {user.username, *user.groups}
@@ -83,7 +85,7 @@ class AuthEmulator(KubeEmulator):
         if path in _REVIEWS:
             return self._review(path, user, request.data if isinstance(request.data, dict) else {})
         resource = request.resource
-        if resource is not None and request.action is not None:
+        if resource is not None and resource.plural and request.action is not None:  # discovery: open to all
             plural = str(resource.plural)
             full = f"{plural}.{resource.group}" if resource.group else plural
             method = str(request.method.value).upper()
@@ -92,7 +94,10 @@ class AuthEmulator(KubeEmulator):
                 full = f"{plural}/{request.subresource}.{resource.group}" if resource.group else \
                     f"{plural}/{request.subresource}"
             namespace = request.namespace
-            if verb and not self.allows(user, verb, full, namespace):
+            if verb and self.allows(user, verb, full, namespace):
+                self.used.add((user.username, verb, full))
+            elif verb:
+                self.denied.append((user.username, verb, full, namespace))
                 where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
                 return _status(403, "Forbidden", f'{full} is forbidden: User "{user.username}" cannot {verb} '
                                                  f'resource "{plural}" in API group "{resource.group}"{where}')

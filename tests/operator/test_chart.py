@@ -95,7 +95,7 @@ def test_rbac_is_least_privilege(default_objects: list[dict[str, Any]]) -> None:
         assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
     granted = {(group, resource): set(rule["verbs"])
                for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"]}
-    assert granted[("", "nodes")] == {"get", "list", "watch"}
+    assert granted[("", "nodes")] == {"list", "watch"}
     assert granted[("batch", "jobs")] == {"get", "list", "watch", "create", "patch"}
     assert granted[("kubetune.io", "finetunejobs/status")] >= {"patch"}
 

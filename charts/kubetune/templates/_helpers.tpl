@@ -34,26 +34,35 @@ app.kubernetes.io/component: operator
 
 {{/* Rules on namespaced resources: the FineTuneJobs, their children, pods and events. */}}
 {{- define "kubetune.namespacedRules" -}}
-# patch: kopf adds and removes its finalizer (kubetune.io/finalizer), which the operator's @kopf.timer needs
+# Each verb and why (docs/security.md; tests/operator/test_rbac.py runs the operator with exactly these):
+# finetunejobs: list+watch (kopf's watch and index), get (kopf re-reads an object), patch (kopf's finalizer
+#   in metadata.finalizers, which its timer needs; the operator never writes spec or annotations)
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
   verbs: [get, list, watch, patch]
+# finetunejobs/status: patch (the operator's only write: status, as a merge patch)
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
+# jobs: list+watch (index), create (one per attempt), get (a create that conflicts: is it ours?),
+#   patch (spec.suspend for suspend/resume)
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch]
+# configmaps: create (the trainer config), get (a create that conflicts: is it ours?)
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create]
+# pods: list+watch (index: GPUs in use per node, trainer pods' exit codes and IPs)
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
-- apiGroups: ["", events.k8s.io]
+  verbs: [list, watch]
+# events: create (an Event per transition, posted by kopf)
+- apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- if .Values.ha.enabled }}
+# kopfpeerings: kopf's peering (one active replica)
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, patch]
