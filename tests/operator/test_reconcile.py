@@ -83,19 +83,22 @@ def trainer_job(suspend: bool = False, condition: str | None = None) -> dict[str
     return {"metadata": {"name": "j-a1"}, "spec": {"suspend": suspend}, "status": {"conditions": conditions}}
 
 
+OOM = TerminationSummary(outcome=Outcome.OUT_OF_MEMORY, exit_code=3, steps=37, error="CUDA out of memory").message()
+DONE = TerminationSummary(outcome=Outcome.SUCCEEDED, exit_code=0, steps=500, total_steps=500, final_loss=0.81,
+                          adapter_uri="s3://adapters/j/adapter/").message()
+BAD = TerminationSummary(outcome=Outcome.INVALID_INPUT, exit_code=2, error="dataset line 3: not JSON").message()
+
 QUEUED = settle(snapshot(body()))  # the status after the first launch: Queued on L4, attempt 1
 RUNNING = settle(snapshot(body(), QUEUED, job=trainer_job(), pods=(pod(),)))
+SUCCEEDED = settle(snapshot(body(), RUNNING, job=trainer_job(), pods=(pod(0, message=DONE),)))
+SUSPENDED = settle(snapshot(body(2, suspend=True), RUNNING, job=trainer_job(), pods=(pod(),)))
 
 
 def test_the_fixtures_are_what_the_tables_start_from() -> None:
     assert (QUEUED["phase"], QUEUED["jobName"], QUEUED["gpu"]) == ("Queued", "j-a1", "L4 x1")
     assert RUNNING["phase"] == "Running" and RUNNING["attempts"][0]["outcome"] == "Running"
+    assert (SUCCEEDED["phase"], SUSPENDED["phase"], SUSPENDED["observedGeneration"]) == ("Succeeded", "Suspended", 2)
 
-
-OOM = TerminationSummary(outcome=Outcome.OUT_OF_MEMORY, exit_code=3, steps=37, error="CUDA out of memory").message()
-DONE = TerminationSummary(outcome=Outcome.SUCCEEDED, exit_code=0, steps=500, total_steps=500, final_loss=0.81,
-                          adapter_uri="s3://adapters/j/adapter/").message()
-BAD = TerminationSummary(outcome=Outcome.INVALID_INPUT, exit_code=2, error="dataset line 3: not JSON").message()
 
 # (case, snapshot, phase after, reason of the Event (None: no Event), kinds created, suspend_job)
 CASES: list[tuple[str, Snapshot, str, str | None, list[str], tuple[str, bool] | None]] = [
@@ -148,20 +151,19 @@ CASES: list[tuple[str, Snapshot, str, str | None, list[str], tuple[str, bool] | 
     ("Running, the pod went away", snapshot(body(), RUNNING, job=trainer_job()), "Queued", "Rescheduling", [], None),
     ("spec.suspend set while running", snapshot(body(2, suspend=True), RUNNING, job=trainer_job(), pods=(pod(),)),
      "Suspended", "Suspended", [], ("j-a1", True)),
-    ("spec.suspend cleared: resume", snapshot(body(3), {**RUNNING, "phase": "Suspended", "observedGeneration": 2},
-                                              job=trainer_job(suspend=True)),
+    ("spec.suspend cleared: resume", snapshot(body(3), SUSPENDED, job=trainer_job(suspend=True)),
      "Queued", "Resumed", [], ("j-a1", False)),
-    ("resume of a Kueue job is left to Kueue", snapshot(
-        body(3, queue="team-a"), {**RUNNING, "phase": "Suspended", "observedGeneration": 2},
-        job=trainer_job(suspend=True)), "Queued", "Resumed", [], None),
+    ("resume of a Kueue job is left to Kueue", snapshot(body(3, queue="team-a"), SUSPENDED,
+                                                        job=trainer_job(suspend=True)),
+     "Queued", "Resumed", [], None),
     ("another spec change while running: deferred", snapshot(body(2, lora={"r": 8}), RUNNING, job=trainer_job(),
                                                              pods=(pod(),)),
      "Running", "SpecChangeDeferred", [], None),
-    ("spec changed after success: ignored", snapshot(body(2), {**RUNNING, "phase": "Succeeded"}), "Succeeded",
+    ("spec changed after success: ignored", snapshot(body(2), SUCCEEDED), "Succeeded",
      "SpecChangeIgnored", [], None),
     ("spec fixed after failure: relaunch", snapshot(body(2), settle(snapshot(body(lora={"r": -4})))), "Queued",
      "JobCreated", ["ConfigMap", "Job"], None),
-    ("Succeeded is terminal", snapshot(body(), {**RUNNING, "phase": "Succeeded"}, job=trainer_job()), "Succeeded",
+    ("Succeeded is terminal", snapshot(body(), SUCCEEDED, job=trainer_job()), "Succeeded",
      None, [], None),
 ]
 
