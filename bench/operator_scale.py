@@ -12,7 +12,11 @@ kubeconfig that points at the emulator. Reported:
 - API requests per job: every request the operator made from the first create until all statuses
   settled, over N (the benchmark's own POSTs not counted), with the breakdown by verb and resource;
 - operator memory: the child's peak and final RSS (VmHWM, VmRSS), next to its RSS before the burst;
-- side by side with a small burst (--compare): per-job requests, CPU and p99, and their ratios.
+- side by side with a small burst (--compare): per-job requests, CPU and p99, and their ratios;
+- with --baseline REV, the same bursts against the operator of an older commit (a temporary git worktree of
+  REV, put first on the child's PYTHONPATH), and the two side by side.
+
+    .venv/bin/python bench/operator_scale.py --jobs 500 --compare 50 --baseline 62803f5
 """
 
 from __future__ import annotations
@@ -74,8 +78,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def run_one(jobs: int, timeout: float) -> dict[str, Any]:
-    """A fresh emulator and operator process; one burst of `jobs` FineTuneJobs."""
+async def run_one(jobs: int, timeout: float, source: Path | None = None) -> dict[str, Any]:
+    """A fresh emulator and operator process (from `source`, a checkout, when given); one burst of `jobs`."""
     async with KubeEmulator() as api, kmock.Server(api) as server:
         url = str(server.url).rstrip("/")
         for name, labels, gpus in CLUSTER:
@@ -89,6 +93,9 @@ async def run_one(jobs: int, timeout: float) -> dict[str, Any]:
                 "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "bench"}}],
             }))
             env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_POLL_INTERVAL": "10"}
+            if source is not None:  # the older checkout's packages shadow the installed (editable) ones
+                paths = [str(source), str(source / "operator"), str(source / "trainer")]
+                env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
             child = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from kubetune.cli import main; sys.exit(main())",
                  "operator", "--metrics-port", "0"],
@@ -196,7 +203,42 @@ def compare(small: dict[str, Any], large: dict[str, Any]) -> None:
     print(f"  create -> Job p99     {p99_s:6.3f} vs {p99_l:6.3f} s   ratio {p99_l / p99_s:.2f}")
 
 
-async def main(sizes: list[int], timeout: float) -> int:
+def worktree(rev: str, into: Path) -> Path:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(into), rev], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return into
+
+
+def side_by_side(rev: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    def row(r: dict[str, Any]) -> tuple[float, float, float, float]:
+        return (percentile(r["latencies"], 0.99), statistics.median(r["latencies"]),
+                sum(r["requests"].values()) / r["jobs"], r["operator_cpu"] / r["jobs"] * 1000)
+
+    (p99_o, p50_o, rq_o, cpu_o), (p99_n, p50_n, rq_n, cpu_n) = row(old), row(new)
+    print(f"Side by side, {new['jobs']} jobs: {rev} (before) vs this checkout (after)")
+    print(f"  create -> Job p99     {p99_o:6.3f} vs {p99_n:6.3f} s   ratio {p99_n / p99_o:.2f}")
+    print(f"  create -> Job p50     {p50_o:6.3f} vs {p50_n:6.3f} s   ratio {p50_n / p50_o:.2f}")
+    print(f"  API requests per job  {rq_o:6.2f} vs {rq_n:6.2f}     ratio {rq_n / rq_o:.2f}")
+    print(f"  operator CPU per job  {cpu_o:6.1f} vs {cpu_n:6.1f} ms  ratio {cpu_n / cpu_o:.2f}")
+
+
+async def main(sizes: list[int], timeout: float, baseline: str | None = None) -> int:
+    before: dict[str, Any] | None = None
+    if baseline:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = worktree(baseline, Path(tmp) / "baseline")
+            try:
+                print(f"=== before: {baseline} ===")
+                runs = []
+                for jobs in sizes:
+                    runs.append(await run_one(jobs, timeout, source))
+                    report(runs[-1])
+                if len(runs) > 1:
+                    compare(runs[0], runs[-1])
+                before = runs[-1]
+            finally:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(source)], check=False)
+        print("=== after: this checkout ===")
     results = []
     for jobs in sizes:
         result = await run_one(jobs, timeout)
@@ -205,6 +247,8 @@ async def main(sizes: list[int], timeout: float) -> int:
     if len(results) > 1:
         compare(results[0], results[-1])
     large = results[-1]
+    if before is not None:
+        side_by_side(str(baseline), before, large)
     ok = large["made"] == large["jobs"] and percentile(large["latencies"], 0.99) < 2.0 and \
         sum(large["requests"].values()) / large["jobs"] <= 8
     print(f"Targets for {large['jobs']} jobs (p99 create -> Job < 2 s, <= 8 API requests per job): "
@@ -218,6 +262,7 @@ if __name__ == "__main__":
     parser.add_argument("--compare", type=int, default=50,
                         help="also run a burst this size first and print the per-job ratios (0: off)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all Jobs")
+    parser.add_argument("--baseline", help="a git revision whose operator runs the same bursts first")
     args = parser.parse_args()
     sizes = ([args.compare] if args.compare else []) + [args.jobs]
-    sys.exit(asyncio.run(main(sizes, args.timeout)))
+    sys.exit(asyncio.run(main(sizes, args.timeout, args.baseline)))

@@ -30,11 +30,6 @@ API_VERSION = "v1alpha1"
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 
-DATASET_FORMATS = ("chat", "alpaca", "prompt-completion", "text")
-METHODS = ("qlora", "lora")
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
-SCHEDULERS = ("cosine", "linear", "constant")
-
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -334,10 +329,6 @@ class FineTuneJob(BaseModel):
     metadata: Metadata
     spec: FineTuneJobSpec
     status: dict[str, Any] | None = None
-
-    @property
-    def queue_name(self) -> str | None:
-        return self.spec.queue or self.metadata.labels.get("kueue.x-k8s.io/queue-name")
 
 
 # --- validation messages ----------------------------------------------------------------------------

@@ -43,10 +43,6 @@ class GpuClass:
     def memory_gib(self) -> float:
         return self.memory_bytes / 1024**3
 
-    def node_selector(self) -> dict[str, str]:
-        """The label set used as the pod's nodeSelector hint (the first: GPU Feature Discovery)."""
-        return dict(self.node_labels[0]) if self.node_labels else {}
-
     def matches(self, labels: dict[str, str]) -> bool:
         return any(all(labels.get(k) == v for k, v in want.items()) for want in self.node_labels)
 

