@@ -38,6 +38,7 @@ from kubetune_operator.settings import Settings
 
 FTJ = (API_GROUP, API_VERSION, PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
+FINALIZER = "kubetune.io/finalizer"  # kopf's, for the per-job timer (main.kopf_settings)
 log = logging.getLogger("kubetune.operator")
 
 
@@ -55,12 +56,22 @@ class Runtime:
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # uid -> serializes reconciles of one job
     phases: dict[str, str] = field(default_factory=dict)  # uid -> phase, for the jobs-by-phase gauge
     plans: dict[tuple[str, str | None, Supply], Plan] = field(default_factory=dict)  # make_plan's results
+    supplies: dict[tuple[Any, ...], Supply] = field(default_factory=dict)  # the inventory's classes, by its nodes
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for value in self.phases.values():
             counts[value] = counts.get(value, 0) + 1
         return counts
+
+    def supply(self, inventory: Inventory) -> Supply:
+        key = tuple((n.name, n.allocatable_gpus, n.schedulable, tuple(sorted(n.labels.items())))
+                    for n in inventory.nodes)
+        if key not in self.supplies:
+            if len(self.supplies) >= 64:
+                self.supplies.clear()
+            self.supplies[key] = supply_of(inventory, self.catalog)
+        return self.supplies[key]
 
     def planner(self, supply: Supply) -> Callable[[FineTuneJobSpec, str | None], Plan]:
         def plan(spec: FineTuneJobSpec, above: str | None) -> Plan:
@@ -165,7 +176,7 @@ async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any],
             timeout = min(5.0, max(1.0, rt.settings.poll_interval))
             trainer_status = await poll_trainer(outcome.pod_ip, outcome.port, timeout)
     return Snapshot(body=body, status=status, trainer_job=trainer, pods=pods, inventory=cluster, catalog=rt.catalog,
-                    settings=rt.settings, planner=rt.planner(supply_of(cluster, rt.catalog)), now=st.now_iso(),
+                    settings=rt.settings, planner=rt.planner(rt.supply(cluster)), now=st.now_iso(),
                     trainer_status=trainer_status)
 
 
@@ -208,6 +219,8 @@ async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, me
     rt.phases.setdefault(uid, (body.get("status") or {}).get("phase") or "Pending")
     if body.get("metadata", {}).get("resourceVersion") == rt.echoes.pop(uid, None):
         return  # the echo of this operator's own status write: nothing new to decide
+    if _active(body.status) and FINALIZER not in (body.get("metadata", {}).get("finalizers") or []):
+        return  # kopf adds its finalizer first (for the timer); deciding now would race that patch
     await run_reconcile(_plain(body), rt, indexes, source="finetunejob")
 
 
@@ -222,7 +235,7 @@ async def on_timer(body: kopf.Body, memo: kopf.Memo, **indexes: Any) -> None:
     await run_reconcile(_plain(body), memo.kubetune, indexes, poll=True, source="timer")
 
 
-def _active(status: kopf.Status, **_: Any) -> bool:
+def _active(status: Mapping[str, Any], **_: Any) -> bool:
     return status.get("phase") not in TERMINAL_PHASES
 
 
@@ -258,4 +271,5 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index(*FTJ, id="finetunejobs", registry=registry)(finetunejobs)
     kopf.on.event(*FTJ, id="finetunejob", registry=registry)(on_finetunejob)
     kopf.on.event("", "v1", "pods", labels=MANAGED, id="trainer_pod", registry=registry)(on_trainer_pod)
-    kopf.timer(*FTJ, id="timer", interval=settings.poll_interval, when=_active, registry=registry)(on_timer)
+    kopf.timer(*FTJ, id="timer", interval=settings.poll_interval, initial_delay=settings.poll_interval,
+               when=_active, registry=registry)(on_timer)

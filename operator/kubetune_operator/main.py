@@ -16,7 +16,7 @@ from typing import Any, cast
 import kopf
 
 from kubetune.planning.gpus import load_catalog
-from kubetune_operator.handlers import Runtime, register
+from kubetune_operator.handlers import FINALIZER, Runtime, register
 from kubetune_operator.metrics import Metrics, serve
 from kubetune_operator.settings import Settings
 from kubetune_operator.webhook import WebhookSettings
@@ -28,7 +28,7 @@ PREFIX = "kubetune.io"
 class NoDiffBase(kopf.DiffBaseStorage):
     """kubetune registers no change-detecting handlers (on.create/update/delete), only on.event and indexes,
     so kopf needs no "last handled" copy of each object. Skipping it saves a deep copy of every body on
-    every watch event, and kopf never writes its annotations or a finalizer onto FineTuneJobs."""
+    every watch event, and kopf writes no annotations onto FineTuneJobs (only the timer's finalizer)."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
         return cast(kopf.BodyEssence, {})
@@ -48,7 +48,7 @@ def kopf_settings(settings: kopf.OperatorSettings, *, backoffs: tuple[float, ...
     """
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = NoDiffBase()
-    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING  # Events come from the handlers (kopf.event), not from logs
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
