@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -26,6 +26,7 @@ from kubetune.api.settings import ApiSettings
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
 from kubetune.planning.models import model_architecture
+from kubetune.planning.placement import Supply, inventory_of, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJob, parse_job
 
@@ -77,9 +78,21 @@ def summarize(obj: dict[str, Any]) -> JobSummary:
     )
 
 
-def plan_for(job: FineTuneJob, catalog: GpuCatalog) -> Plan:
-    """Blocking (may read config.json from S3 or disk): call through Offload."""
-    return make_plan(job.spec, model_architecture(job.spec.model.name, job.spec.model.source), catalog)
+def plan_for(job: FineTuneJob, catalog: GpuCatalog, supply: Supply | None = None) -> Plan:
+    """Blocking (may read config.json from S3 or disk): call through Offload. `supply`: the classes the
+    cluster offers (None: the whole catalog)."""
+    return make_plan(job.spec, model_architecture(job.spec.model.name, job.spec.model.source), catalog,
+                     supply=supply)
+
+
+async def cluster_supply(kube: Kube, catalog: GpuCatalog) -> Supply | None:
+    """The GPU classes the cluster has nodes of (or can provision), as the operator plans; None when this
+    identity may not list Nodes, and the plan is then against the whole catalog."""
+    try:
+        nodes = await kube.nodes()
+    except HTTPException:
+        return None
+    return supply_of(inventory_of(nodes, []), catalog)
 
 
 def access(verb: str) -> Callable[..., Awaitable[Kube]]:
@@ -161,7 +174,7 @@ def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None =
             raise SpecError(f"metadata.namespace: must match the URL's namespace {namespace!r}, "
                             f"got {metadata['namespace']!r}")
         job = parse_job(body)
-        plan = await offload.run("planning", plan_for, job, catalog)
+        plan = await offload.run("planning", plan_for, job, catalog, await cluster_supply(kube, catalog))
         created = await kube.create(namespace, body)
         return JobResponse(summary=summarize(created), plan=plan.summary(), resource=created)
 
@@ -195,13 +208,18 @@ def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None =
 
     @app.post("/v1/plan", tags=["plan"], responses=problems, openapi_extra=JOB_BODY,
               dependencies=[Depends(authenticated)])
-    async def plan(request: Request) -> dict[str, Any]:
-        """Plan a FineTuneJob without creating it (the same answer as `kubetune plan -o json`)."""
+    async def plan(request: Request, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        """Plan a FineTuneJob without creating it, against the cluster's GPU nodes when the caller (or, in
+        serviceaccount mode, the API) may list them (the same answer as `kubetune plan --kubeconfig`)."""
         body = await json_body(request)
         if isinstance(body, dict):
             body.setdefault("metadata", {"name": "plan-preview"})
         job = parse_job(body)
-        return (await offload.run("planning", plan_for, job, catalog)).summary()
+        own = request.app.state.own_token
+        kube = Kube(request.app.state.client, own.get() if settings.auth == "serviceaccount"
+                    else bearer_token(authorization))
+        supply = await cluster_supply(kube, catalog)
+        return (await offload.run("planning", plan_for, job, catalog, supply)).summary()
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -6,6 +6,7 @@ query string or another path to the URL Kubernetes sees.
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Any
 from urllib.parse import quote
@@ -62,3 +63,8 @@ class Kube:
 
     async def delete(self, namespace: str, name: str) -> dict[str, Any]:
         return await self._call("DELETE", job_path(namespace, name))
+
+    async def nodes(self) -> builtins.list[dict[str, Any]]:
+        """The cluster's Nodes (the planner's GPU inventory), when this identity may list them."""
+        items = (await self._call("GET", "/api/v1/nodes")).get("items") or []
+        return [item for item in items if isinstance(item, dict)]
