@@ -227,6 +227,16 @@ class ResourcesSpec(_Model):
         default=None, min_length=1, description="The most expensive class the planner (and OOM escalation) may use."
     )
     gpu_count: GpuCount = Field(default="auto", description="'auto' or the number of GPUs on one node (1-8).")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="How several GPUs train: ddp (data parallel, a full copy per GPU), fsdp (weights, gradients and "
+                    "optimizer states sharded over the GPUs, for models no single GPU holds), or auto (the planner "
+                    "picks by cost and time).",
+    )
+    max_gpu_count: int | None = Field(
+        default=None, ge=1, le=64, strict=True,
+        description="The most GPUs the planner may use for this job, over all its nodes (default: no cap).",
+    )
 
 
 class OutputSpec(_Model):

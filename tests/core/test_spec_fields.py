@@ -56,6 +56,10 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
                                            "L4, A10G, A100-40GB, A100-80GB, H100-80GB, H200-141GB"),
     ("spec.resources.maxGpuClass", "TPU-v5", "spec.resources.maxGpuClass: unknown GPU class 'TPU-v5'; allowed:"),
     ("spec.resources.gpuCount", 16, "spec.resources.gpuCount: must be 'auto' or an integer from 1 to 8"),
+    ("spec.resources.strategy", "pipeline", "spec.resources.strategy: must be one of: auto, ddp or fsdp; got "
+                                            "'pipeline'"),
+    ("spec.resources.maxGpuCount", 0, "spec.resources.maxGpuCount: must be >= 1, got 0"),
+    ("spec.resources.maxGpuCount", "4", "spec.resources.maxGpuCount: must be an integer, got '4'"),
     ("spec.output", None, "spec.output: must be a mapping, got None"),
     ("spec.output.uri", "gs://bucket/x/", "spec.output.uri: scheme 'gs' is not supported"),
     ("spec.output.credentialsSecret", "S3 Creds", "spec.output.credentialsSecret: must be a DNS subdomain name"),
