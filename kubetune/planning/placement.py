@@ -156,12 +156,15 @@ def describe_cluster(inventory: Inventory, catalog: GpuCatalog) -> str:
     return ", ".join(parts) if parts else "no nodes"
 
 
-def place(gpu_class: str, gpu_count: int, inventory: Inventory, catalog: GpuCatalog) -> Placement:
-    """Can `gpu_count` GPUs of `gpu_class` on one node be had now, later, or never (with today's nodes)?"""
+def place(gpu_class: str, gpu_count: int, inventory: Inventory, catalog: GpuCatalog, nodes: int = 1) -> Placement:
+    """Can `gpu_count` GPUs of `gpu_class` on one node (on each of `nodes` nodes: a multi-node job) be had now,
+    later, or never (with today's nodes)?"""
     gpu = catalog.get(gpu_class, "status.plan.gpuClass")
     of_class = [n for n in inventory.nodes if gpu.matches(dict(n.labels)) and n.schedulable]
     cluster = describe_cluster(inventory, catalog)
     want = f"{gpu_count}x {gpu.name}" if gpu_count > 1 else gpu.name
+    if nodes > 1:
+        want = f"{want} on each of {nodes} nodes"
     if not of_class:
         return Placement(
             "NoNodes", gpu.name, gpu_count,
@@ -169,6 +172,12 @@ def place(gpu_class: str, gpu_count: int, inventory: Inventory, catalog: GpuCata
                     f"the cluster has: {cluster}",
         )
     big_enough = [n for n in of_class if n.allocatable_gpus >= gpu_count]
+    if nodes > 1 and len(big_enough) < nodes:
+        return Placement(
+            "NoNodes", gpu.name, gpu_count,
+            message=f"the plan needs {want} but only {len(big_enough)} {gpu.name} node(s) have {gpu_count} "
+                    f"allocatable {GPU_RESOURCE}; the cluster has: {cluster}",
+        )
     if not big_enough:
         most = max(n.allocatable_gpus for n in of_class)
         return Placement(
@@ -177,7 +186,7 @@ def place(gpu_class: str, gpu_count: int, inventory: Inventory, catalog: GpuCata
                     f"allocatable {GPU_RESOURCE}; the cluster has: {cluster}",
         )
     ready = tuple(sorted(n.name for n in big_enough if inventory.free_gpus(n) >= gpu_count))
-    if ready:
+    if len(ready) >= nodes:
         return Placement("Placed", gpu.name, gpu_count, ready,
                          message=f"{want} free now on {len(ready)} node{'s' if len(ready) > 1 else ''}")
     return Placement(

@@ -17,6 +17,7 @@ import kopf
 
 _COLLECTIONS = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",
+    ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
 }
 MERGE_PATCH = "application/merge-patch+json"

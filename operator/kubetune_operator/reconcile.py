@@ -28,7 +28,7 @@ from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.placement import Inventory, place
 from kubetune.planning.plan import Plan
 from kubetune.spec import FineTuneJobSpec, parse_spec
-from kubetune_operator import resources
+from kubetune_operator import resources, scaleout
 from kubetune_operator import status as st
 from kubetune_operator.settings import Settings
 
@@ -175,7 +175,12 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
     labels = dict(job.meta.get("labels") or {})
     queue = resources.queue_name(spec, labels)
     gpu = snap.catalog.get(plan.gpu_class, "status.plan.gpuClass")
-    placement = place(plan.gpu_class, plan.gpu_count, snap.inventory, snap.catalog)
+    try:
+        shape = scaleout.shape_of(scaleout.strategy_of(spec, plan), plan.gpu_count, gpu)
+    except ValueError as exc:
+        job.write(phase=Phase.FAILED, reason=Reason.UNPLANNABLE, message=str(exc))
+        return
+    placement = place(plan.gpu_class, shape.gpus_per_node, snap.inventory, snap.catalog, nodes=shape.nodes)
     if placement.kind == "NoNodes" and snap.settings.wait_for_nodes and not queue and not gpu.provisionable:
         if job.status.get("phase") != Phase.PENDING:
             job.actions.counters.append(("placement_failures", (plan.gpu_class,)))
@@ -188,7 +193,7 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
 
     owner = resources.Owner(job.meta["name"], job.meta["namespace"], job.meta["uid"], labels)
     job.actions.create = [resources.config_map(owner, spec, plan, attempt, snap.settings),
-                          resources.trainer_job(owner, spec, plan, gpu, attempt, snap.settings)]
+                          *scaleout.trainer_children(owner, spec, plan, gpu, attempt, snap.settings)]
     name = resources.child_name(owner.name, attempt)
     if spec.suspend:
         phase, why = Phase.SUSPENDED, Reason.SUSPENDED

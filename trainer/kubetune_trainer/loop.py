@@ -307,7 +307,9 @@ class Recipe:
                 self.result.first_loss = loss
             watch.add(tokens)
             if self.step % spec.training.logging_steps == 0 or self.step == self.total_steps:
-                self.telemetry.record_rank_peaks(distributed.gather_int(self.telemetry.memory(), self.ranks))
+                peaks = distributed.gather_int(self.telemetry.memory(), self.ranks)
+                if self.ranks.main:
+                    self.telemetry.record_rank_peaks(peaks)
                 rate, eta, window_tokens = watch.flush(self.total_steps - self.step)
                 lr = float(self.scheduler.get_last_lr()[0])
                 self.telemetry.update(step=self.step, total=self.total_steps, loss=loss, lr=lr, grad_norm=grad_norm,

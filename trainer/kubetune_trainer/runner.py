@@ -70,7 +70,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
     code: int = ExitCode.ERROR
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        if options.metrics_port and ranks.main:
+        if options.metrics_port and ranks.local_rank == 0:  # every pod answers its probes; rank 0 tells the story
             server = MetricsServer(telemetry, options.metrics_port)
             server.start()
             log.event("server", f"metrics and status on :{options.metrics_port} (/metrics /healthz /readyz /status)")

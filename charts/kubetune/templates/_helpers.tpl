@@ -49,9 +49,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch]
-# configmaps: create (the trainer config), get (a create that conflicts: is it ours?)
+# configmaps, services: create (the trainer config; the headless Service of a multi-node attempt's rendezvous),
+#   get (a create that conflicts: is it ours?)
 - apiGroups: [""]
-  resources: [configmaps]
+  resources: [configmaps, services]
   verbs: [get, create]
 # pods: list+watch (index: GPUs in use per node, trainer pods' exit codes and IPs)
 - apiGroups: [""]
