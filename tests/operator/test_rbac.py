@@ -38,6 +38,8 @@ NOT_EXERCISED = {
     ("get", "jobs.batch"): "a create that conflicts (operator restart): is the existing Job ours?",
     ("get", "configmaps"): "a create that conflicts (operator restart): is the existing ConfigMap ours?",
     ("patch", "jobs.batch"): "suspend and resume (spec.suspend)",
+    ("create", "services"): "a multi-node attempt (its headless Service for the rendezvous)",
+    ("get", "services"): "a multi-node attempt's create that conflicts (operator restart)",
     ("get", "finetunejobs.kubetune.io"): "kopf re-reads an object after a conflicting patch",
     ("list", "customresourcedefinitions.apiextensions.k8s.io"): "kopf follows CRD changes",
     ("watch", "customresourcedefinitions.apiextensions.k8s.io"): "kopf follows CRD changes",

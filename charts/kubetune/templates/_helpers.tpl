@@ -49,10 +49,14 @@ app.kubernetes.io/component: operator
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch]
-# configmaps, services: create (the trainer config; the headless Service of a multi-node attempt's rendezvous),
-#   get (a create that conflicts: is it ours?)
+# configmaps: create (the trainer config), get (a create that conflicts: is it ours?)
 - apiGroups: [""]
-  resources: [configmaps, services]
+  resources: [configmaps]
+  verbs: [get, create]
+# services: create (the headless Service of a multi-node attempt: torchrun's rendezvous on pod 0), get (a
+#   create that conflicts: is it ours?)
+- apiGroups: [""]
+  resources: [services]
   verbs: [get, create]
 # pods: list+watch (index: GPUs in use per node, trainer pods' exit codes and IPs)
 - apiGroups: [""]
