@@ -300,6 +300,8 @@ class Attempt(_Model):
     message: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    resumed_from_step: int | None = Field(default=None, description="The checkpoint step this attempt resumed "
+                                          "from, as its trainer reports it (/status or termination summary)")
 
 
 class FineTuneJobStatus(_Model):

@@ -254,8 +254,9 @@ def _follow(job: _Job) -> None:
         progress = st.trainer_progress(snap.trainer_status, snap.now) if snap.trainer_status else None
         moved = progress and _essence(progress) != _essence(job.status.get("progress") or {})
         extra = st.progress_fields(progress) if progress and moved else {}  # no write for a trainer at rest
+        resumed = snap.trainer_status.resumed_from_step if snap.trainer_status else None
         job.write(phase=Phase.RUNNING, reason=Reason.TRAINING, message=outcome.message,
-                  attempts=with_attempt(attempts, number, outcome="Running"), **extra)
+                  attempts=with_attempt(attempts, number, outcome="Running", resumedFromStep=resumed), **extra)
     elif outcome.state == "Succeeded":
         summary = outcome.summary
         uri = summary.adapter_uri or str((job.spec.get("output") or {}).get("uri", "")).rstrip("/") + "/adapter/"
@@ -270,12 +271,13 @@ def _follow(job: _Job) -> None:
             progress["peakMemoryBytes"] = summary.peak_memory_bytes
         progress["updatedAt"] = snap.now
         job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
-                  adapterUri=uri, attempts=with_attempt(attempts, number, outcome="Succeeded", finishedAt=snap.now),
+                  adapterUri=uri, attempts=with_attempt(attempts, number, outcome="Succeeded", finishedAt=snap.now,
+                                                        resumedFromStep=summary.resumed_from_step),
                   **st.progress_fields(progress))
     elif outcome.state == "OutOfMemory":
         was = plan.get("gpuClass", "?")
         job.set(attempts=with_attempt(attempts, number, outcome="OutOfMemory", message=outcome.message,
-                                      finishedAt=snap.now))
+                                      finishedAt=snap.now, resumedFromStep=outcome.summary.resumed_from_step))
         _launch(job, number + 1, reason=Reason.OUT_OF_MEMORY_ESCALATED,
                 note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned one class "
                      "up, resuming from the last checkpoint: ")

@@ -245,3 +245,12 @@ def test_attempt_helpers() -> None:
     assert with_attempt([{"attempt": 1, "outcome": "Pending"}], 1, outcome="Running", message=None) == [
         {"attempt": 1, "outcome": "Running"}]
     assert st.trainer_progress(TrainerStatus(step=1), NOW)["totalSteps"] is None
+
+
+def test_the_step_an_attempt_resumed_from_is_recorded() -> None:
+    polled = TrainerStatus(phase=TrainerPhase.TRAINING, step=60, total_steps=500, resumed_from_step=50)
+    snap = snapshot(body(), RUNNING, job=trainer_job(), pods=(pod(),), trainer_status=polled)
+    assert after(snap, reconcile(snap))["attempts"][0]["resumedFromStep"] == 50
+    done = TerminationSummary(outcome=Outcome.SUCCEEDED, exit_code=0, steps=500, resumed_from_step=50).message()
+    snap = snapshot(body(), RUNNING, job=trainer_job(), pods=(pod(0, message=done),))
+    assert after(snap, reconcile(snap))["attempts"][0]["resumedFromStep"] == 50
