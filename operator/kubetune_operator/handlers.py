@@ -14,6 +14,7 @@ with (the watch lags), per-job locks, and caches. All of it is rebuilt from the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -24,8 +25,9 @@ import aiohttp
 import kopf
 
 from kubetune.contracts import TERMINAL_PHASES, TrainerStatus
+from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog
-from kubetune.planning.models import model_architecture
+from kubetune.planning.models import Architecture, model_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, Supply, node_info, pod_gpus, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
@@ -57,12 +59,36 @@ class Runtime:
     phases: dict[str, str] = field(default_factory=dict)  # uid -> phase, for the jobs-by-phase gauge
     plans: dict[tuple[str, str | None, Supply], Plan] = field(default_factory=dict)  # make_plan's results
     supplies: dict[tuple[Any, ...], Supply] = field(default_factory=dict)  # the inventory's classes, by its nodes
+    archs: dict[tuple[str | None, str | None], Architecture | SpecError] = field(default_factory=dict)
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for value in self.phases.values():
             counts[value] = counts.get(value, 0) + 1
         return counts
+
+    def architecture(self, name: str | None, source: str | None) -> Architecture:
+        """model_architecture, remembered (an s3:// source is read once, off the event loop: see prefetch)."""
+        if (name, source) not in self.archs:
+            if len(self.archs) >= 1024:
+                self.archs.clear()
+            try:
+                self.archs[(name, source)] = model_architecture(name, source)
+            except SpecError as exc:
+                self.archs[(name, source)] = exc
+        found = self.archs[(name, source)]
+        if isinstance(found, SpecError):
+            raise found
+        return found
+
+    async def prefetch(self, spec: Mapping[str, Any]) -> None:
+        """Read an s3:// model's config.json in a thread, so that planning never blocks the event loop."""
+        model = spec.get("model")
+        model = model if isinstance(model, Mapping) else {}
+        name, source = model.get("name"), model.get("source")
+        if isinstance(source, str) and source.startswith("s3://") and (name, source) not in self.archs:
+            with contextlib.suppress(SpecError):
+                await asyncio.to_thread(self.architecture, name, source)
 
     def supply(self, inventory: Inventory) -> Supply:
         key = tuple((n.name, n.allocatable_gpus, n.schedulable, tuple(sorted(n.labels.items())))
@@ -79,8 +105,8 @@ class Runtime:
             if key not in self.plans:
                 if len(self.plans) >= 1024:
                     self.plans.clear()
-                arch = model_architecture(spec.model.name, spec.model.source)
-                self.plans[key] = make_plan(spec, arch, self.catalog, above=above, supply=supply)
+                self.plans[key] = make_plan(spec, self.architecture(spec.model.name, spec.model.source),
+                                            self.catalog, above=above, supply=supply)
             return self.plans[key]
         return plan
 
@@ -169,6 +195,7 @@ async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any],
     trainer = trust.trusted_job(_first(indexes["trainer_jobs"], (namespace, name)) if name else None, uid)
     pods = trust.trusted_pods(trainer, indexes["trainer_pods"].get((namespace, name), []) if name else [])
     cluster = inventory(indexes["gpu_nodes"], indexes["gpu_pods"])
+    await rt.prefetch(body.get("spec") or {})
     trainer_status = None
     if poll and name:
         outcome = st.observe(trainer, pods, rt.settings.trainer_port)

@@ -4,9 +4,11 @@ emits its Event, whether a watch event or the periodic timer decided it."""
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import kmock
 import pytest
@@ -92,3 +94,38 @@ async def test_events_from_the_watch_path_and_the_periodic_path(bare: Cluster) -
     await bare.wait_phase("pinned", "Failed")
     await eventually(lambda: any(e["reason"] == "TrainingFailed" and e["type"] == "Warning"
                                  for e in bare.events("pinned")), 5, "the TrainingFailed event (periodic path)")
+
+
+@pytest.fixture
+def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """moto's S3 server on 127.0.0.1; the environment points the operator's boto3 (kubetune/s3.py) at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    finally:
+        server.stop()
+
+
+async def test_an_s3_model_source_is_planned_from_its_config_json(bare: Cluster, moto_s3: Any) -> None:
+    config = {"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 2048, "intermediate_size": 8192,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+              "tie_word_embeddings": True, "max_position_embeddings": 131072}
+    moto_s3.create_bucket(Bucket="models")
+    moto_s3.put_object(Bucket="models", Key="llama-1b/config.json", Body=json.dumps(config).encode())
+    await bare.add_nodes(G5_P4D)
+    await bare.start_operator()
+    body = finetunejob("from-s3")
+    body["spec"]["model"] = {"source": "s3://models/llama-1b/"}
+    await bare.apply(body)
+    status = await bare.wait_phase("from-s3", "Queued")
+    assert status["gpu"] == "A10G x1"
+    assert status["plan"]["reasons"][0].startswith("s3://models/llama-1b/")
