@@ -17,6 +17,7 @@ Without a supply (`kubetune plan` with no cluster) the whole catalog is the cand
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -25,10 +26,12 @@ from kubetune.errors import PlanError
 from kubetune.planning.gpus import GpuCatalog, GpuClass
 from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Supply
+from kubetune.planning.ranks import job_estimate, plan_strategy, step_time
 from kubetune.planning.vram import Estimate, GiB, TrainingShape, estimate
 from kubetune.spec import FineTuneJobSpec
 
 GPU_COUNTS = (1, 2, 4, 8)
+RANK_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # strategy ddp/fsdp: ranks may span nodes
 
 
 class _Out(BaseModel):
@@ -65,6 +68,7 @@ class Plan(_Out):
     knobs: Knobs
     reasons: list[str]
     alternatives: list[Alternative]
+    strategy: Literal["single", "pipeline", "ddp", "fsdp"] = "single"  # how gpu_count GPUs train (scaleout.py)
 
     def summary(self) -> dict[str, object]:
         """The `-o json` shape of `kubetune plan`."""
@@ -136,7 +140,7 @@ def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, 
     for gc in checkpointing:
         for mb in micro_batches:
             shape = _shape(spec, mb, gc, count)
-            est = estimate(arch, shape)
+            est = job_estimate(arch, shape, spec.resources.strategy)
             if est.total <= usable_bytes:
                 return shape, est
     return None
@@ -187,18 +191,18 @@ def _fits(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, classe
     fits: list[_Fit] = []
     for count in counts:
         for gpu in classes:
-            if count > gpu.max_per_node:
-                continue
+            if count > gpu.max_per_node and spec.resources.strategy == "auto":
+                continue  # the layer split stays on one node; DDP/FSDP ranks span nodes
             shape = _shape(spec, lean_mb, lean_gc, count)
-            est = estimate(arch, shape)
+            est = job_estimate(arch, shape, spec.resources.strategy)
             if est.total > catalog.usable_bytes(gpu):
                 continue
-            missing = supply.why_not(gpu, count) if supply is not None else None
+            missing = supply.why_not(gpu, min(count, gpu.max_per_node)) if supply is not None else None
             if missing:
                 skipped.setdefault(gpu.name, missing)
                 continue
             fits.append(_Fit(gpu, count, shape, est))
-        if fits and spec.resources.gpu_count == "auto":
+        if fits and spec.resources.gpu_count == "auto" and spec.resources.strategy == "auto":
             break  # fewest GPUs first: sharding only when no single GPU (or smaller group) can hold it
     return fits
 
@@ -209,7 +213,13 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
     `supply`: the classes the cluster offers (None: the whole catalog)."""
     classes, reasons = _candidates(spec, catalog, above)
     lean_mb, lean_gc = _leanest(spec)
-    counts = [spec.resources.gpu_count] if isinstance(spec.resources.gpu_count, int) else list(GPU_COUNTS)
+    counts = [spec.resources.gpu_count] if isinstance(spec.resources.gpu_count, int) else \
+        list(GPU_COUNTS if spec.resources.strategy == "auto" else RANK_COUNTS)
+    cap = spec.resources.max_gpu_count
+    if cap is not None:
+        if not [c for c in counts if c <= cap]:
+            raise PlanError(f"spec.resources.gpuCount: {counts[0]} is above spec.resources.maxGpuCount {cap}")
+        counts = [c for c in counts if c <= cap]
 
     pinned = spec.resources.gpu_class != "auto"
     skipped: dict[str, str] = {}
@@ -222,7 +232,11 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
     if not fits:
         raise _no_fit(spec, arch, catalog, classes, counts, lean_mb, lean_gc, above)
 
-    fits.sort(key=lambda f: (f.cost, -f.gpu.memory_bytes))
+    if spec.resources.strategy == "auto":
+        fits.sort(key=lambda f: (f.cost, -f.gpu.memory_bytes))
+    else:  # ranks: one big GPU against several small ones, by price x estimated step time
+        tokens = effective_batch(spec) * spec.training.max_seq_length
+        fits.sort(key=lambda f: (f.cost * _step_seconds(arch, f, spec.resources.strategy, tokens), f.count))
     chosen = fits[0]
     if lacking:
         reasons.append(lacking)
@@ -245,8 +259,23 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
         f"{where}: cheapest that holds it ({gib(usable)} usable of {chosen.gpu.memory_gib:.1f} GiB per GPU, "
         f"{chosen.cost:.2f}/h)"
     )
-    if chosen.count > 1:
+    strategy = plan_strategy(spec.resources.strategy, chosen.count)
+    if strategy == "pipeline":
         reasons.append(f"no single GPU holds it; layers are split over {chosen.count} GPUs of one node")
+    elif strategy == "ddp":
+        reasons.append(f"strategy ddp: {chosen.count} ranks, each with a full copy; each optimizer step's "
+                       "micro-batches are divided between them")
+    elif strategy == "fsdp":
+        reasons.append(f"strategy fsdp: weights, gradients and optimizer states sharded over {chosen.count} ranks "
+                       f"({gib(est.parts.get('communication', 0))} per GPU for all-gathers and NCCL)")
+    if spec.resources.strategy != "auto" and len(fits) > 1:
+        tokens = effective_batch(spec) * spec.training.max_seq_length
+        mine = chosen.cost * _step_seconds(arch, chosen, spec.resources.strategy, tokens)
+        for other in fits[1:3]:
+            theirs = other.cost * _step_seconds(arch, other, spec.resources.strategy, tokens)
+            label = f"{other.count}x {other.gpu.name}" if other.count > 1 else other.gpu.name
+            reasons.append(f"{label} also holds it but costs {theirs / mine:.2f}x as much per run "
+                           "(price x estimated step time)")
     reasons.extend(_knob_reasons(spec, arch, shape, est, usable, chosen.count))
 
     batch = effective_batch(spec)
@@ -268,8 +297,13 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
         model=arch.name, method=spec.method, gpu_class=chosen.gpu.name, gpu_count=chosen.count,
         gpu_memory_bytes=chosen.gpu.memory_bytes, usable_bytes_per_gpu=usable, hourly_cost=round(chosen.cost, 2),
         vram_estimate_bytes=est.total, breakdown=est.parts, lora_params=est.lora_params, knobs=knobs,
-        reasons=reasons, alternatives=alternatives,
+        reasons=reasons, alternatives=alternatives, strategy=strategy,
     )
+
+
+def _step_seconds(arch: Architecture, fit: _Fit, strategy: str, tokens: int) -> float:
+    nodes = -(-fit.count // fit.gpu.max_per_node)
+    return step_time(arch, fit.shape, plan_strategy(strategy, fit.count), fit.count, nodes, tokens, fit.gpu.name)
 
 
 def _knob_reasons(spec: FineTuneJobSpec, arch: Architecture, shape: TrainingShape, est: Estimate,

@@ -160,3 +160,18 @@ def choose(found: list[ShapeOption]) -> tuple[ShapeOption | None, list[str]]:
         o = min(tight, key=lambda x: x.hourly_cost)
         reasons.append(f"{o.label()} is cheaper per hour but needs {o.per_rank_bytes / GiB:.1f} GiB per GPU")
     return best, reasons
+
+
+def job_estimate(arch: Architecture, shape: TrainingShape, strategy: str) -> Estimate:
+    """Memory per GPU of `shape.gpu_count` GPUs under the spec's strategy: DDP/FSDP ranks, or (auto) the
+    layer split of vram.estimate."""
+    if strategy in ("ddp", "fsdp") and shape.gpu_count > 1:
+        return per_rank(arch, replace(shape, gpu_count=1), strategy, shape.gpu_count)  # type: ignore[arg-type]
+    return estimate(arch, shape)
+
+
+def plan_strategy(spec_strategy: str, gpu_count: int) -> Literal["single", "pipeline", "ddp", "fsdp"]:
+    """What the plan runs: one GPU, the layer split (auto over several GPUs of a node), or DDP/FSDP ranks."""
+    if gpu_count == 1:
+        return "single"
+    return "pipeline" if spec_strategy == "auto" else spec_strategy  # type: ignore[return-value]

@@ -58,13 +58,8 @@ class Shape:
 
 
 def strategy_of(spec: FineTuneJobSpec, plan: Plan) -> Strategy:
-    """The plan's strategy when it names one; else the spec's; `auto` over several GPUs is the layer split."""
-    planned = getattr(plan, "strategy", None)
-    if planned in ("single", "pipeline", "ddp", "fsdp"):
-        return planned
-    if plan.gpu_count == 1:
-        return "single"
-    return "pipeline" if spec.resources.strategy == "auto" else spec.resources.strategy
+    """The plan's strategy (kubetune.planning.ranks.plan_strategy of the spec's and the GPU count)."""
+    return plan.strategy
 
 
 def shape_of(strategy: Strategy, gpu_count: int, gpu: GpuClass) -> Shape:

@@ -98,3 +98,41 @@ def test_no_shape_fits_says_what_each_needs() -> None:
     huge = replace(SHAPE, micro_batch=64, seq_len=8192, gradient_checkpointing=False)
     best, reasons = choose(options(CATALOG["meta-llama/llama-3.1-405b"], huge, 64 * 8192, CLASSES[:2], max_gpus=2))
     assert best is None and "no shape fits" in reasons[0] and "GiB per GPU" in reasons[0]
+
+
+# --- the planner with resources.strategy and maxGpuCount ------------------------------------------------
+
+def plan_for(model: str, **resources: Any) -> Any:
+    from kubetune.planning.models import resolve_architecture
+    from kubetune.planning.plan import make_plan
+    from kubetune.spec import parse_spec
+
+    spec = parse_spec({"model": {"name": model}, "dataset": {"source": "s3://datasets/train.jsonl"},
+                       "output": {"uri": "s3://adapters/x/"}, "resources": resources})
+    return make_plan(spec, resolve_architecture(spec.model.name, None), GPUS)
+
+
+def test_fsdp_plans_70b_on_small_gpus_when_the_big_ones_are_ruled_out() -> None:
+    plan = plan_for("meta-llama/Llama-3.1-70B", strategy="fsdp", maxGpuClass="A10G")
+    assert (plan.gpu_class, plan.gpu_count, plan.strategy) == ("L4", 8, "fsdp")
+    assert plan.vram_estimate_bytes <= plan.usable_bytes_per_gpu and plan.breakdown["communication"] > 0
+    assert any("strategy fsdp: weights, gradients and optimizer states sharded over 8 ranks" in r
+               for r in plan.reasons)
+    assert any(r.startswith("16x L4 also holds it but costs") for r in plan.reasons)
+
+
+def test_the_count_cap_is_honoured_and_a_pinned_count_above_it_is_refused() -> None:
+    from kubetune.errors import PlanError
+
+    with pytest.raises(PlanError, match="cannot hold this job"):
+        plan_for("meta-llama/Llama-3.1-70B", strategy="fsdp", gpuClass="L4", maxGpuCount=4)
+    with pytest.raises(PlanError, match="spec.resources.gpuCount: 8 is above spec.resources.maxGpuCount 4"):
+        plan_for("meta-llama/Llama-3.1-70B", strategy="fsdp", gpuCount=8, maxGpuCount=4)
+
+
+def test_auto_strategy_keeps_the_one_node_layer_split_and_ddp_costs_its_copies() -> None:
+    auto = plan_for("meta-llama/Llama-3.1-70B", gpuClass="A10G")
+    assert auto.strategy == "pipeline" and auto.gpu_count <= 8
+    ddp = plan_for("meta-llama/Llama-3.1-8B", strategy="ddp", gpuClass="L4", gpuCount=4)
+    one = plan_for("meta-llama/Llama-3.1-8B", gpuClass="L4", gpuCount=1)
+    assert ddp.strategy == "ddp" and ddp.breakdown["base_weights"] == one.breakdown["base_weights"]

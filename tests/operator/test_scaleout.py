@@ -16,6 +16,7 @@ from kubetune.planning.gpus import load_catalog
 from kubetune.planning.models import resolve_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, place
 from kubetune.planning.plan import make_plan
+from kubetune.planning.ranks import plan_strategy
 from kubetune.spec import parse_spec
 
 CATALOG = load_catalog()
@@ -34,7 +35,8 @@ def job_spec(**resources_: Any) -> Any:
 
 def plan_on(spec: Any, gpu_class: str, count: int) -> Any:
     plan = make_plan(spec, resolve_architecture(spec.model.name, spec.model.source), CATALOG)
-    return plan.model_copy(update={"gpu_class": gpu_class, "gpu_count": count})
+    return plan.model_copy(update={"gpu_class": gpu_class, "gpu_count": count,
+                                   "strategy": plan_strategy(spec.resources.strategy, count)})
 
 
 def container(job: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def test_shapes_that_cannot_run_are_refused(strategy: Any, count: int, message: 
 @pytest.mark.parametrize(("spec_strategy", "count", "expected"), [
     ("auto", 1, "single"), ("auto", 2, "pipeline"), ("ddp", 2, "ddp"), ("fsdp", 4, "fsdp"), ("fsdp", 1, "single"),
 ])
-def test_strategy_from_the_spec_until_the_plan_names_one(spec_strategy: str, count: int, expected: str) -> None:
+def test_strategy_from_the_spec_and_the_count(spec_strategy: str, count: int, expected: str) -> None:
     spec = job_spec(strategy=spec_strategy)
     assert scaleout.strategy_of(spec, plan_on(spec, "A10G", count)) == expected
 
@@ -142,3 +144,11 @@ def test_placement_counts_free_gpus_on_each_node() -> None:
     assert busy.kind == "Busy"
     too_few = place("A10G", 4, Inventory(nodes=nodes), CATALOG, nodes=3)
     assert too_few.kind == "NoNodes" and "on each of 3 nodes" in too_few.message
+
+
+def test_the_plans_strategy_decides_the_shape() -> None:
+    spec = job_spec(strategy="fsdp", maxGpuClass="A10G")
+    plan = make_plan(spec, resolve_architecture("meta-llama/Llama-3.1-70B", None), CATALOG)
+    assert plan.strategy == "fsdp" and scaleout.strategy_of(spec, plan) == "fsdp"
+    _, job = scaleout.trainer_children(OWNER, spec, plan, A10G_4, 1, Settings())
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == plan.gpu_count // 4
