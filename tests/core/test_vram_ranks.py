@@ -126,7 +126,7 @@ def test_the_count_cap_is_honoured_and_a_pinned_count_above_it_is_refused() -> N
 
     with pytest.raises(PlanError, match="cannot hold this job"):
         plan_for("meta-llama/Llama-3.1-70B", strategy="fsdp", gpuClass="L4", maxGpuCount=4)
-    with pytest.raises(PlanError, match="spec.resources.gpuCount: 8 is above spec.resources.maxGpuCount 4"):
+    with pytest.raises(PlanError, match=r"spec\.resources\.gpuCount: 8 is above spec\.resources\.maxGpuCount 4"):
         plan_for("meta-llama/Llama-3.1-70B", strategy="fsdp", gpuCount=8, maxGpuCount=4)
 
 
