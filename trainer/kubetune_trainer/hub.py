@@ -100,6 +100,11 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
+def offline() -> bool:
+    """HF_HUB_OFFLINE as it is now: huggingface_hub reads it once, at import, which may predate the setting."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
@@ -176,7 +181,7 @@ def download(repo_id: str, revision: str | None = None, *, cache: Path | None = 
     """A complete snapshot of `repo_id` at `revision` (default: main) in the model cache. Safe for several
     processes (pods on one shared volume) at once: one downloads, the others wait and then reuse it."""
     from filelock import FileLock, Timeout
-    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     cache = cache or model_cache()
@@ -198,7 +203,7 @@ def download(repo_id: str, revision: str | None = None, *, cache: Path | None = 
             raise HubUnavailable(f"spec.model.name: another process held the download lock of {repo_id} in "
                                  f"{cache} for {LOCK_TIMEOUT_SECONDS}s") from None
     try:
-        if constants.HF_HUB_OFFLINE:
+        if offline():
             commit = _cached_commit(cache, repo_id, revision)
             snap = complete_snapshot(cache, repo_id, commit) if commit else None
             if snap is None:
