@@ -113,6 +113,8 @@ def trainer_env(owner: Owner, spec: FineTuneJobSpec, attempt: int, settings: Set
         {"name": "KUBETUNE_NAMESPACE", "value": owner.namespace},
         {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
         {"name": "KUBETUNE_METRICS_PORT", "value": str(settings.trainer_port)},
+        # The container's terminationMessagePath, said explicitly (a kubelet that maps paths can follow it).
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
     ]

@@ -1,0 +1,84 @@
+"""Fixtures for the whole-life tests: kubectl -> the emulator -> the real kopf operator -> the test kubelet
+running the real trainer (`python -m kubetune_trainer`) -> the test hub and moto's S3."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
+
+from kt_cluster import NS, Cluster, cluster
+from kt_kubectl import Kubectl
+from kt_kubelet import Kubelet
+from kt_life import CREDENTIALS, DATA, World, free_port
+
+__all__ = ["cluster"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's standalone S3 server (one per session; each test has its own bucket)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **{
+        k.lower(): v for k, v in CREDENTIALS.items()})
+
+
+@pytest.fixture
+def bucket(s3: Any, request: pytest.FixtureRequest) -> str:
+    name = "e2e-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.monotonic_ns() % 100000}"
+    s3.create_bucket(Bucket=name)
+    s3.upload_file(str(DATA), name, "data/train.jsonl")
+    return name
+
+
+@pytest.fixture
+def model(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "source": "bundled://smollm2-135m-instruct"}
+
+
+@pytest.fixture
+async def world(cluster: Cluster, tmp_path: Path, s3: Any, s3_endpoint: str, bucket: str,
+                model: dict[str, Any]) -> AsyncIterator[World]:
+    await cluster.api.put_object("secrets", {"apiVersion": "v1", "kind": "Secret",
+                                             "metadata": {"name": "s3-creds", "namespace": NS},
+                                             "stringData": CREDENTIALS})
+    image_env = {  # what the trainer image would bake in
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "KUBETUNE_CACHE_DIR": os.environ.get("KUBETUNE_CACHE_DIR", str(Path.home() / ".cache" / "kubetune")),
+        "KUBETUNE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
+    }
+    port = free_port()
+    async with Kubelet(cluster.api, tmp_path / "kubelet", image_env=image_env) as kubelet:
+        world = World(cluster, kubelet, Kubectl(cluster.url, tmp_path / "kubectl", namespace=NS), s3, bucket,
+                      s3_endpoint, port, tmp_path, model)
+        await cluster.start_operator(trainer_port=port, poll_interval=0.5)
+        try:
+            yield world
+        finally:
+            for task in world.pollers:
+                task.cancel()
+            for operator in list(cluster.operators):
+                await operator.stop()
+            cluster.operators.clear()
+    assert not kubelet.errors, kubelet.errors
