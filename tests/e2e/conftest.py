@@ -64,7 +64,7 @@ async def world(cluster: Cluster, tmp_path: Path, s3: Any, s3_endpoint: str, buc
                                              "metadata": {"name": "s3-creds", "namespace": NS},
                                              "stringData": CREDENTIALS})
     image_env = {  # what the trainer image would bake in
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "OMP_NUM_THREADS": "1",  # 2 cores shared: spinning OpenMP threads would fight
         "KUBETUNE_CACHE_DIR": os.environ.get("KUBETUNE_CACHE_DIR", str(Path.home() / ".cache" / "kubetune")),
         "KUBETUNE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
     }
