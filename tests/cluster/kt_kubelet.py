@@ -1,27 +1,11 @@
-"""A test kubelet, scheduler and Job controller for the KubeEmulator: each Job's pod runs as a local process.
+"""A test kubelet for the KubeEmulator (with its scheduler and Job controller): each pod runs as a local process.
 
 Together they give the emulator what a cluster adds to an API server, so one test can follow a Job from
 creation to the trainer's exit code. They act on the emulator in-process (`put_object`, `patch_object`,
 `remove_object`), which produces the same watch events as API requests, and wake on the emulator's own
 watch queues.
 
-Job controller (batch/v1, NonIndexed and Indexed):
-- creates pods from `spec.template` (labels `batch.kubernetes.io/job-name`, `controller-uid`, the owner
-  reference, the `batch.kubernetes.io/job-tracking` finalizer it removes once it has counted the pod);
-- `parallelism`/`completions`; `Indexed` mode gives each pod its index (annotation, env `JOB_COMPLETION_INDEX`,
-  hostname `<job>-<index>`);
-- `suspend`: active pods are deleted (gracefully) and the `Suspended` condition set; unsuspending starts
-  pods again;
-- a failed pod goes through `podFailurePolicy` (first matching rule: `FailJob`, `Ignore`, `Count`;
-  `onExitCodes` with `In`/`NotIn`, `onPodConditions` such as `DisruptionTarget`), then `backoffLimit`
-  (the Job fails when counted failures exceed it); conditions `FailureTarget` + `Failed` (reasons
-  `PodFailurePolicy`, `BackoffLimitExceeded`) or `SuccessCriteriaMet` + `Complete`; status counters
-  `active`, `succeeded`, `failed`, `ready`, `startTime`, `completionTime`.
-
-Scheduler: binds a pending pod to a Ready node that satisfies `nodeSelector`, required node affinity
-(`In`, `NotIn`, `Exists`, `DoesNotExist`, `Gt`, `Lt`), whose `NoSchedule`/`NoExecute` taints the pod
-tolerates, and with enough free extended resources (`nvidia.com/gpu`, counted over the node's
-non-terminal pods); otherwise `PodScheduled=False` with reason `Unschedulable` and why.
+The Job controller is kt_jobs.py, the scheduler kt_scheduling.py; `Kubelet` runs all three.
 
 Kubelet (one for every node): runs each container of a bound pod (containers run one after another,
 the first that fails ends the pod; a trainer pod has one) as a process in its own session:
@@ -61,144 +45,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime as dt
 import os
 import re
 import shutil
 import signal
 import sys
-import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kt_emulator import KubeEmulator
+from kt_jobs import TERMINAL, JobController, now
+from kt_scheduling import sync_scheduler
 
-TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
-GPU = "nvidia.com/gpu"
 MESSAGE_LIMIT = 4096
 LOG_FALLBACK_LINES, LOG_FALLBACK_BYTES = 80, 2048
-TERMINAL = ("Succeeded", "Failed")
-
-
-def now() -> str:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-# --- pure decisions: scheduling, Job semantics, path mapping -------------------------------------------
-
-def _expression_matches(expr: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    key, op, values = expr["key"], expr["operator"], list(expr.get("values") or [])
-    value = labels.get(key)
-    if op == "In":
-        return value in values
-    if op == "NotIn":
-        return value not in values
-    if op == "Exists":
-        return key in labels
-    if op == "DoesNotExist":
-        return key not in labels
-    if op in ("Gt", "Lt"):
-        try:
-            number, bound = int(value or ""), int(values[0])
-        except (ValueError, IndexError):
-            return False
-        return number > bound if op == "Gt" else number < bound
-    raise ValueError(f"node selector operator {op!r}: allowed In, NotIn, Exists, DoesNotExist, Gt, Lt")
-
-
-def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:
-    for tol in tolerations:
-        if tol.get("effect") and tol["effect"] != taint.get("effect"):
-            continue
-        if tol.get("operator", "Equal") == "Exists":
-            if not tol.get("key") or tol["key"] == taint.get("key"):
-                return True
-        elif tol.get("key") == taint.get("key") and tol.get("value", "") == taint.get("value", ""):
-            return True
-    return False
-
-
-def pod_requests(pod: Mapping[str, Any], resource: str) -> int:
-    total = 0
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        res = container.get("resources") or {}
-        value = (res.get("requests") or {}).get(resource, (res.get("limits") or {}).get(resource, 0))
-        total += int(value)
-    return total
-
-
-def unfit_reason(pod: Mapping[str, Any], node: Mapping[str, Any],
-                 pods_on_node: Iterable[Mapping[str, Any]]) -> str | None:
-    """Why `pod` cannot go on `node` (None: it fits)."""
-    spec = pod.get("spec") or {}
-    labels = (node.get("metadata") or {}).get("labels") or {}
-    if not any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (node.get("status") or {}).get("conditions") or []):
-        return "node(s) were not ready"
-    if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
-        return "node(s) didn't match Pod's node affinity/selector"
-    required = ((((spec.get("affinity") or {}).get("nodeAffinity") or {})
-                 .get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms"))
-    if required and not any(all(_expression_matches(e, labels) for e in term.get("matchExpressions") or [])
-                            for term in required):
-        return "node(s) didn't match Pod's node affinity/selector"
-    for taint in (node.get("spec") or {}).get("taints") or []:
-        if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerated(taint, spec.get("tolerations") or []):
-            return f"node(s) had untolerated taint {{{taint.get('key')}: {taint.get('value', '')}}}"
-    want = pod_requests(pod, GPU)
-    if want:
-        allocatable = int(((node.get("status") or {}).get("allocatable") or {}).get(GPU, 0))
-        used = sum(pod_requests(p, GPU) for p in pods_on_node
-                   if (p.get("status") or {}).get("phase") not in TERMINAL)
-        if used + want > allocatable:
-            return f"Insufficient {GPU}"
-    return None
-
-
-def schedule(pod: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
-             pods: Iterable[Mapping[str, Any]]) -> tuple[str | None, str]:
-    """(node name, "") or (None, the scheduler's message)."""
-    pods = list(pods)
-    reasons: dict[str, int] = {}
-    nodes = list(nodes)
-    for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
-        name = node["metadata"]["name"]
-        why = unfit_reason(pod, node, [p for p in pods if (p.get("spec") or {}).get("nodeName") == name])
-        if why is None:
-            return name, ""
-        reasons[why] = reasons.get(why, 0) + 1
-    detail = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
-    return None, f"0/{len(nodes)} nodes are available: {detail}." if nodes else "0/0 nodes are available."
-
-
-def _container_exit_codes(pod: Mapping[str, Any], container: str | None) -> list[int]:
-    codes = []
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        term = (status.get("state") or {}).get("terminated")
-        if term is not None and (container is None or status.get("name") == container):
-            codes.append(int(term.get("exitCode", 0)))
-    return codes
-
-
-def failure_action(pod: Mapping[str, Any], policy: Mapping[str, Any] | None) -> tuple[str, int | None]:
-    """The podFailurePolicy action for a failed pod (`FailJob`, `Ignore`, `Count`) and the rule's index."""
-    for index, rule in enumerate((policy or {}).get("rules") or []):
-        if exits := rule.get("onExitCodes"):
-            values = set(exits.get("values") or [])
-            codes = _container_exit_codes(pod, exits.get("containerName"))
-            if exits.get("operator") == "In":
-                hit = any(c in values for c in codes)
-            else:  # NotIn: exit code 0 never matches
-                hit = any(c not in values and c != 0 for c in codes)
-            if hit:
-                return rule["action"], index
-        for cond in rule.get("onPodConditions") or []:
-            if any(c.get("type") == cond.get("type") and c.get("status") == cond.get("status", "True")
-                   for c in (pod.get("status") or {}).get("conditions") or []):
-                return rule["action"], index
-    return "Count", None
 
 
 def map_path(value: str, mounts: Mapping[str, Path]) -> str:
@@ -251,12 +113,10 @@ class Kubelet:
         self.root = root
         self.image_env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin",
                                                    "/bin"]), "LANG": "C.UTF-8", **(image_env or {})}
-        self.backoff_seconds = backoff_seconds
+        self.jobs = JobController(api, backoff_seconds)
         self.tick = tick
         self.pods: dict[str, RunningPod] = {}
         self.extra_env: list[tuple[Any, dict[str, str]]] = []  # (predicate(pod), env): fault injection
-        self.counted: set[str] = set()
-        self.removed: set[str] = set()  # pods the Job controller deleted (suspend, a failed Job)
         self.task: asyncio.Task[None] | None = None
         self.wake = asyncio.Event()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -312,8 +172,8 @@ class Kubelet:
                     raise
 
     async def sync(self) -> None:
-        await self.sync_jobs()
-        await self.sync_scheduler()
+        await self.jobs.sync()
+        await sync_scheduler(self.api)
         await self.sync_kubelet()
 
     # --- test helpers -----------------------------------------------------------------------------------
@@ -344,169 +204,6 @@ class Kubelet:
                            "message": "Eviction API: evicting", "lastTransitionTime": now()})
         await self.api.patch_object("pods", namespace, name, {"status": {"conditions": conditions}})
         await self.api.remove_object("pods", namespace, name)
-
-    # --- the Job controller -----------------------------------------------------------------------------
-
-    async def sync_jobs(self) -> None:
-        jobs = {j["metadata"]["uid"]: j for j in self.api.items("jobs")}
-        pods = self.api.items("pods")
-        for pod in pods:  # orphans (their Job is gone): release them
-            owner = _controller_uid(pod)
-            meta = pod["metadata"]
-            if owner and owner not in jobs and TRACKING_FINALIZER in (meta.get("finalizers") or []) and \
-                    ((pod.get("status") or {}).get("phase") in TERMINAL or not (pod.get("spec") or {}).get("nodeName")):
-                await self._release(pod)
-        for job in jobs.values():
-            await self.sync_job(job, [p for p in pods if _controller_uid(p) == job["metadata"]["uid"]])
-
-    async def sync_job(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
-        meta, spec = job["metadata"], job.get("spec") or {}
-        status = dict(job.get("status") or {})
-        conditions = list(status.get("conditions") or [])
-        finished = _has(conditions, "Complete") or _has(conditions, "Failed")
-        patch: dict[str, Any] = {}
-        succeeded, failed = int(status.get("succeeded", 0)), int(status.get("failed", 0))
-        done_indexes = set(_parse_indexes(status.get("completedIndexes", "")))
-        fail_job: str | None = None
-        for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", "")):
-            phase = (pod.get("status") or {}).get("phase")
-            uid = pod["metadata"]["uid"]
-            if phase not in TERMINAL or uid in self.counted:
-                continue
-            if phase == "Succeeded":
-                succeeded += 1
-                index = (pod["metadata"].get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
-                if index is not None:
-                    done_indexes.add(int(index))
-            else:
-                action, rule = failure_action(pod, spec.get("podFailurePolicy"))
-                if action == "FailJob" and fail_job is None:
-                    codes = _container_exit_codes(pod, None)
-                    fail_job = (f"Container {_first_failed_container(pod)} for pod {meta['namespace']}/"
-                                f"{pod['metadata']['name']} failed with exit code {codes[0] if codes else '?'} "
-                                f"matching FailJob rule at index {rule}")
-                if action in ("Count", "FailJob") and uid not in self.removed:  # suspension is no failure
-                    failed += 1
-            self.counted.add(uid)
-            await self._release(pod)
-        active = [p for p in pods if (p.get("status") or {}).get("phase") not in TERMINAL
-                  and not p["metadata"].get("deletionTimestamp")]
-        completions = int(spec.get("completions") or 1)
-        parallelism = int(spec.get("parallelism", 1) if spec.get("parallelism") is not None else 1)
-        indexed = spec.get("completionMode") == "Indexed"
-        patch.update(succeeded=succeeded, failed=failed)
-        if indexed:
-            patch["completedIndexes"] = _format_indexes(done_indexes)
-        if not finished:
-            if fail_job or failed > int(spec.get("backoffLimit", 6)):
-                reason = "PodFailurePolicy" if fail_job else "BackoffLimitExceeded"
-                message = fail_job or "Job has reached the specified backoff limit"
-                conditions += [_condition("FailureTarget", reason, message), _condition("Failed", reason, message)]
-                finished = True
-                for pod in active:
-                    self.removed.add(pod["metadata"]["uid"])
-                    await self.api.remove_object("pods", meta["namespace"], pod["metadata"]["name"])
-                active = []
-            elif (len(done_indexes) if indexed else succeeded) >= completions:
-                message = "Reached expected number of succeeded pods"
-                conditions += [_condition("SuccessCriteriaMet", "CompletionsReached", message),
-                               _condition("Complete", "CompletionsReached", message)]
-                patch["completionTime"] = now()
-                finished = True
-            elif spec.get("suspend"):
-                for pod in active:
-                    self.removed.add(pod["metadata"]["uid"])
-                    await self.api.remove_object("pods", meta["namespace"], pod["metadata"]["name"])
-                active = []
-                if not _has(conditions, "Suspended"):
-                    conditions = [c for c in conditions if c.get("type") != "Suspended"]
-                    conditions.append(_condition("Suspended", "JobSuspended", "Job suspended"))
-            else:
-                if _has(conditions, "Suspended"):
-                    conditions = [{**c, "status": "False", "reason": "JobResumed", "message": "Job resumed",
-                                   "lastTransitionTime": now()} if c.get("type") == "Suspended" else c
-                                  for c in conditions]
-                patch.setdefault("startTime", status.get("startTime") or now())
-                terminating = [p for p in pods if p["metadata"].get("deletionTimestamp")
-                               and (p.get("status") or {}).get("phase") not in TERMINAL]
-                if not terminating:  # podReplacementPolicy TerminatingOrFailed: no replacement while one stops
-                    if indexed:
-                        busy = {int((p["metadata"].get("annotations") or {})
-                                    .get("batch.kubernetes.io/job-completion-index", -1)) for p in active}
-                        wanted = [i for i in range(completions) if i not in done_indexes and i not in busy]
-                        for index in wanted[: max(0, parallelism - len(active))]:
-                            active.append(await self._create_pod(job, index))
-                    else:
-                        want = min(parallelism, completions - succeeded) - len(active)
-                        for _ in range(max(0, want)):
-                            if failed and self.backoff_seconds:
-                                await asyncio.sleep(min(self.backoff_seconds * 2 ** (failed - 1), 6 * 60))
-                            active.append(await self._create_pod(job, None))
-        patch["active"] = len(active)
-        patch["ready"] = sum(1 for p in active if _has((p.get("status") or {}).get("conditions") or [], "Ready"))
-        if conditions != list(status.get("conditions") or []):
-            patch["conditions"] = conditions
-        if any(status.get(k) != v for k, v in patch.items()):
-            await self.api.patch_object("jobs", meta["namespace"], meta["name"], {"status": patch})
-
-    async def _release(self, pod: Mapping[str, Any]) -> None:
-        meta = pod["metadata"]
-        rest = [f for f in meta.get("finalizers") or [] if f != TRACKING_FINALIZER]
-        if len(rest) != len(meta.get("finalizers") or []):
-            await self.api.patch_object("pods", meta["namespace"], meta["name"],
-                                        {"metadata": {"finalizers": rest or None}})
-
-    async def _create_pod(self, job: Mapping[str, Any], index: int | None) -> dict[str, Any]:
-        meta = job["metadata"]
-        template = (job.get("spec") or {}).get("template") or {}
-        tmeta = template.get("metadata") or {}
-        job_name, uid = meta["name"], meta["uid"]
-        labels = {**(tmeta.get("labels") or {}), "batch.kubernetes.io/job-name": job_name, "job-name": job_name,
-                  "batch.kubernetes.io/controller-uid": uid, "controller-uid": uid}
-        annotations = dict(tmeta.get("annotations") or {})
-        spec = dict(template.get("spec") or {})
-        prefix = f"{job_name}-{index}-" if index is not None else f"{job_name}-"
-        if index is not None:
-            labels["batch.kubernetes.io/job-completion-index"] = str(index)
-            annotations["batch.kubernetes.io/job-completion-index"] = str(index)
-            spec.setdefault("hostname", f"{job_name}-{index}")
-            spec["containers"] = [{**c, "env": [*(c.get("env") or []),
-                                                {"name": "JOB_COMPLETION_INDEX", "value": str(index)}]}
-                                  for c in spec.get("containers") or []]
-        pod = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": prefix + uuid.uuid4().hex[:5], "namespace": meta["namespace"], "labels": labels,
-                         "annotations": annotations, "finalizers": [TRACKING_FINALIZER],
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name, "uid": uid,
-                                              "controller": True, "blockOwnerDeletion": True}]},
-            "spec": spec,
-            "status": {"phase": "Pending"},
-        }
-        return await self.api.put_object("pods", pod)
-
-    # --- the scheduler ----------------------------------------------------------------------------------
-
-    async def sync_scheduler(self) -> None:
-        pods = self.api.items("pods")
-        nodes = self.api.items("nodes")
-        for pod in pods:
-            if (pod.get("spec") or {}).get("nodeName") or pod["metadata"].get("deletionTimestamp") or \
-                    (pod.get("status") or {}).get("phase") in TERMINAL:
-                continue
-            node, message = schedule(pod, nodes, pods)
-            meta = pod["metadata"]
-            if node is None:
-                cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
-                old = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == "PodScheduled"]
-                if not old or {k: old[0].get(k) for k in cond} != cond:
-                    await self.api.patch_object("pods", meta["namespace"], meta["name"], {"status": {
-                        "conditions": [{**cond, "lastTransitionTime": now()}]}})
-                continue
-            await self.api.patch_object("pods", meta["namespace"], meta["name"], {
-                "spec": {"nodeName": node},
-                "status": {"conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now()}]},
-            })
-            pod["spec"]["nodeName"] = node  # later pods of this pass see the GPUs taken
 
     # --- the kubelet ------------------------------------------------------------------------------------
 
@@ -743,52 +440,3 @@ class Kubelet:
         if reason:
             status["reason"] = reason
         await self.api.patch_object("pods", meta["namespace"], meta["name"], {"status": status})
-
-
-def _controller_uid(pod: Mapping[str, Any]) -> str | None:
-    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == "Job":
-            return str(ref.get("uid"))
-    return None
-
-
-def _first_failed_container(pod: Mapping[str, Any]) -> str:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        term = (status.get("state") or {}).get("terminated") or {}
-        if term.get("exitCode"):
-            return str(status.get("name"))
-    return "?"
-
-
-def _has(conditions: Iterable[Mapping[str, Any]], ctype: str) -> bool:
-    return any(c.get("type") == ctype and c.get("status") == "True" for c in conditions)
-
-
-def _condition(ctype: str, reason: str, message: str) -> dict[str, Any]:
-    stamp = now()
-    return {"type": ctype, "status": "True", "reason": reason, "message": message, "lastProbeTime": stamp,
-            "lastTransitionTime": stamp}
-
-
-def _parse_indexes(text: str) -> list[int]:
-    result: list[int] = []
-    for part in (text or "").split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            result.extend(range(int(lo), int(hi) + 1))
-        elif part:
-            result.append(int(part))
-    return result
-
-
-def _format_indexes(indexes: Iterable[int]) -> str:
-    ordered = sorted(set(indexes))
-    parts: list[str] = []
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(parts)

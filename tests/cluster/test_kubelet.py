@@ -10,7 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 from kt_cluster import NS, Cluster, eventually
-from kt_kubelet import Kubelet, failure_action, map_path, schedule
+from kt_jobs import failure_action
+from kt_kubelet import Kubelet, map_path
+from kt_scheduling import schedule
 
 PY = sys.executable
 
