@@ -178,7 +178,7 @@ class TrainerStatus(_Contract):
     peak_memory_bytes: int = Field(default=0, ge=0, description="GPU allocator peak (process RSS peak on a CPU).")
     vram_estimate_bytes: int = Field(default=0, ge=0, description="The planner's estimate this attempt runs with.")
     resumed_from_step: int | None = Field(default=None, ge=0, description="The checkpoint step this attempt "
-                                          "resumed from (None: started fresh).")
+                                          "resumed from (0: from the beginning; None: not known yet).")
     adapter_uri: str | None = None
     model_commit: str | None = Field(default=None, description="The hub commit of the base model (a hub id), "
                                      "once resolved.")

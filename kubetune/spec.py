@@ -289,6 +289,7 @@ class Progress(_Model):
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     peak_memory_bytes: int | None = None
+    percent: int | None = Field(default=None, description="step / totalSteps, in percent (0-100)")
     updated_at: str | None = None
 
 
@@ -320,6 +321,7 @@ class FineTuneJobStatus(_Model):
     step: str | None = Field(default=None, description="e.g. '120/500'")
     loss: str | None = Field(default=None, description="latest train loss, e.g. '1.234'")
     adapter_uri: str | None = None
+    model_commit: str | None = Field(default=None, description="The hub commit the base model came from")
     job_name: str | None = None
     attempts: list[Attempt] = Field(default_factory=list)
 

@@ -254,9 +254,12 @@ def _follow(job: _Job) -> None:
         progress = st.trainer_progress(snap.trainer_status, snap.now) if snap.trainer_status else None
         moved = progress and _essence(progress) != _essence(job.status.get("progress") or {})
         extra = st.progress_fields(progress) if progress and moved else {}  # no write for a trainer at rest
-        resumed = snap.trainer_status.resumed_from_step if snap.trainer_status else None
+        trainer = snap.trainer_status
+        if trainer and trainer.model_commit:
+            extra["modelCommit"] = trainer.model_commit
         job.write(phase=Phase.RUNNING, reason=Reason.TRAINING, message=outcome.message,
-                  attempts=with_attempt(attempts, number, outcome="Running", resumedFromStep=resumed), **extra)
+                  attempts=with_attempt(attempts, number, outcome="Running",
+                                        resumedFromStep=trainer.resumed_from_step if trainer else None), **extra)
     elif outcome.state == "Succeeded":
         summary = outcome.summary
         uri = summary.adapter_uri or str((job.spec.get("output") or {}).get("uri", "")).rstrip("/") + "/adapter/"
@@ -271,8 +274,9 @@ def _follow(job: _Job) -> None:
             progress["peakMemoryBytes"] = summary.peak_memory_bytes
         progress["updatedAt"] = snap.now
         job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
-                  adapterUri=uri, attempts=with_attempt(attempts, number, outcome="Succeeded", finishedAt=snap.now,
-                                                        resumedFromStep=summary.resumed_from_step),
+                  adapterUri=uri, modelCommit=summary.model_commit,
+                  attempts=with_attempt(attempts, number, outcome="Succeeded", finishedAt=snap.now,
+                                        resumedFromStep=summary.resumed_from_step),
                   **st.progress_fields(progress))
     elif outcome.state == "OutOfMemory":
         was = plan.get("gpuClass", "?")

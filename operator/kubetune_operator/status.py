@@ -145,14 +145,23 @@ def loss_text(loss: float | None) -> str | None:
     return None if loss is None else f"{loss:.3f}"
 
 
+def with_percent(progress: Mapping[str, Any]) -> dict[str, Any]:
+    """status.progress with `percent` (step / totalSteps, 0-100) when both are known."""
+    result = dict(progress)
+    if result.get("totalSteps") and result.get("step") is not None:
+        result["percent"] = min(100, int(100 * result["step"] / result["totalSteps"]))
+    return result
+
+
 def progress_fields(progress: Mapping[str, Any]) -> dict[str, Any]:
-    return {"progress": dict(progress), "step": step_text(progress.get("step"), progress.get("totalSteps")),
+    progress = with_percent(progress)
+    return {"progress": progress, "step": step_text(progress.get("step"), progress.get("totalSteps")),
             "loss": loss_text(progress.get("loss"))}
 
 
 def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:
     """The trainer's /status document -> status.progress."""
-    return {
+    return with_percent({
         "step": data.step,
         "totalSteps": data.total_steps or None,
         "loss": data.loss,
@@ -160,7 +169,7 @@ def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:
         "etaSeconds": data.eta_seconds,
         "peakMemoryBytes": data.peak_memory_bytes or None,
         "updatedAt": now,
-    }
+    })
 
 
 # --- the outcome of one trainer attempt ------------------------------------------------------------------

@@ -111,9 +111,12 @@ async def test_whole_life(world: World) -> None:
     assert running, [s.get("phase") for s in world.history("life")]
     progress = running[-1]["progress"]
     assert progress["totalSteps"] == MAX_STEPS and 1 <= progress["step"] <= MAX_STEPS
+    assert progress["percent"] == 100 * progress["step"] // MAX_STEPS
     assert progress["loss"] > 0 and progress["etaSeconds"] is not None and running[-1]["loss"]
+    assert running[-1]["step"] == f"{progress['step']}/{MAX_STEPS}"
     assert done["adapterUri"] == f"s3://{world.bucket}/adapters/life/adapter"
-    assert done["progress"]["step"] == MAX_STEPS
+    assert done["progress"]["step"] == MAX_STEPS and done["progress"]["percent"] == 100
+    assert done["attempts"][0]["resumedFromStep"] == 0
     await wait_events(world, "life")
 
     # The trainer served /status and /metrics on the pod's IP and port.

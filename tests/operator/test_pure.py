@@ -231,7 +231,7 @@ def test_the_operator_reads_the_document_the_trainer_serves() -> None:
     assert parsed is not None
     progress = st.trainer_progress(parsed, "T")
     assert progress == {"step": 3, "totalSteps": 10, "loss": 1.5, "tokensPerSecond": 9.0, "etaSeconds": None,
-                        "peakMemoryBytes": 2**30, "updatedAt": "T"}
+                        "peakMemoryBytes": 2**30, "updatedAt": "T", "percent": 30}
     assert st.progress_fields(progress) == {"progress": progress, "step": "3/10", "loss": "1.500"}
 
 

@@ -81,6 +81,7 @@ class Result:
     seconds: float = 0.0
     samples: dict[str, str] = field(default_factory=dict)
     model_commit: str | None = None  # the hub commit the base model came from
+    resumed_from_step: int | None = None  # the checkpoint step this run resumed from (0: the beginning)
 
 
 def chunked_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
@@ -224,6 +225,7 @@ class Recipe:
                                         self.total_steps)
         self.telemetry.set_total(0, self.total_steps)
         self.resume()
+        self.telemetry.resumed_from(self.step)  # 0: from the beginning
 
     def load_data(self, tokenizer: Any) -> tuple[data_mod.Dataset, data_mod.Dataset | None]:
         spec = self.spec

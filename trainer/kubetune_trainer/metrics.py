@@ -125,6 +125,10 @@ class Telemetry:
         for rank, peak in enumerate(peaks):
             self.rank_peak.labels(**self.labels, rank=str(rank)).set(peak)
 
+    def resumed_from(self, step: int) -> None:
+        with self.lock:
+            self.status.resumed_from_step = step
+
     def set_total(self, step: int, total: int) -> None:
         self.step.labels(**self.labels).set(step)
         self.total_steps.labels(**self.labels).set(total)

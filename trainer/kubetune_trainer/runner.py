@@ -51,6 +51,7 @@ def write_termination(path: str | None, result: Result, exit_code: int) -> None:
         outcome=Outcome(result.outcome), exit_code=exit_code, steps=result.steps, total_steps=result.total_steps,
         final_loss=result.final_loss, eval_loss=result.eval_loss, peak_memory_bytes=result.peak_memory_bytes,
         adapter_uri=result.adapter_uri, model_commit=result.model_commit, error=result.error,
+        resumed_from_step=result.resumed_from_step,
     )
     text = summary.message()
     try:
@@ -119,6 +120,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
             result.model_commit = recipe.model_commit
             result.eval_loss = result.eval_loss if result.eval_loss is not None else recipe.result.eval_loss
         result.peak_memory_bytes = telemetry.memory()
+        result.resumed_from_step = telemetry.status.resumed_from_step
         if code != ExitCode.OK:
             telemetry.phase(TrainerPhase.PREEMPTED if code == ExitCode.PREEMPTED else TrainerPhase.FAILED, result.error)
             log.event("error", f"{result.outcome}: {result.error}", outcome=result.outcome, exitCode=code)
