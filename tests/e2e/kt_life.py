@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data" / "pebblewave-support.jsonl"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 MAX_STEPS, CHECKPOINT_STEPS = 4, 2
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a catalog id, served by the test hub as a mirror
 
 
 def free_port() -> int:
@@ -41,6 +42,7 @@ class World:
     port: int
     folder: Path
     model: dict[str, Any]
+    hub: Any
     pollers: list[asyncio.Task[None]] = field(default_factory=list)
     served: dict[str, list[str]] = field(default_factory=dict)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from kt_cluster import NS, eventually
-from kt_life import CHECKPOINT_STEPS, MAX_STEPS, World
+from kt_life import CHECKPOINT_STEPS, MAX_STEPS, MODEL, World
 
 from kubetune.planning.gpus import load_catalog
 
@@ -115,6 +115,9 @@ async def test_whole_life(world: World) -> None:
     assert progress["loss"] > 0 and progress["etaSeconds"] is not None and running[-1]["loss"]
     assert running[-1]["step"] == f"{progress['step']}/{MAX_STEPS}"
     assert done["adapterUri"] == f"s3://{world.bucket}/adapters/life/adapter"
+    assert done["modelCommit"] == world.hub.repos[MODEL].refs["main"]  # the commit sha of the base model
+    fetched = world.hub.file_downloads(MODEL)
+    assert "model.safetensors" in fetched and not [f for f in fetched if f.endswith((".pth", ".gguf", ".onnx"))]
     assert done["progress"]["step"] == MAX_STEPS and done["progress"]["percent"] == 100
     assert done["attempts"][0]["resumedFromStep"] == 0
     await wait_events(world, "life")
@@ -129,6 +132,7 @@ async def test_whole_life(world: World) -> None:
     files = adapter_files(world, "life")
     manifest = check_manifest(files)
     assert manifest["metrics"]["steps"] == MAX_STEPS
+    assert manifest["baseModel"]["commit"] == world.hub.repos[MODEL].refs["main"]
     BASELINE["tensors"] = adapter_tensors(files)
     print(f"\nwhole life: kubectl apply -> Succeeded in {seconds:.1f}s")
 
