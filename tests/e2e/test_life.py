@@ -137,28 +137,37 @@ async def test_whole_life(world: World) -> None:
     print(f"\nwhole life: kubectl apply -> Succeeded in {seconds:.1f}s")
 
 
-async def test_sigkill_resumes_from_the_last_checkpoint(world: World) -> None:
+async def test_sigkill_and_operator_restart_mid_run(world: World) -> None:
+    """The trainer is SIGKILLed while the operator is down: the Job controller's next pod resumes from the last
+    complete checkpoint; the restarted operator adopts the Job (no duplicate) and sees the job through."""
     await world.apply("killed")
     await world.wait_phase("killed", "Running")
+    [operator] = world.cluster.operators
+    await operator.stop()
+    world.cluster.operators.clear()
     await world.wait_checkpoint("killed", CHECKPOINT_STEPS)
     [job] = world.jobs("killed")
     [victim] = world.pods_seen({job["metadata"]["name"]})
     process = world.kubelet.process_of(NS, victim)
     assert process is not None and process.returncode is None
     os.killpg(process.pid, signal.SIGKILL)  # the container dies without a word: no checkpoint on the way out
+    await eventually(lambda: len(world.pods_seen({job["metadata"]["name"]})) == 2, 60, "a replacement pod")
+    await world.cluster.start_operator(trainer_port=world.port, poll_interval=0.5)
 
     done = await world.wait_phase("killed", "Succeeded")
+    assert len(world.jobs("killed")) == 1 and world.cluster.api.request_count("POST", "jobs") == 1  # no duplicate
     pods = world.pods_seen({job["metadata"]["name"]})
-    assert len(pods) == 2 and len(world.jobs("killed")) == 1  # the Job controller replaced the pod
+    assert len(pods) == 2
     first = pods[victim]["status"]["containerStatuses"][0]["state"]["terminated"]
     assert first["exitCode"] == 137
     [second] = [p for n, p in pods.items() if n != victim]
     log = world.trainer_log(second["metadata"]["name"])
     assert f"at step {CHECKPOINT_STEPS}/{MAX_STEPS}" in log, log[-3000:]  # resumed, not from step 0
     assert done["progress"]["step"] == MAX_STEPS
+    assert [(a["outcome"], a.get("resumedFromStep")) for a in done["attempts"]] == [("Succeeded", CHECKPOINT_STEPS)]
     files = adapter_files(world, "killed")
     check_manifest(files)
-    if "tensors" in BASELINE:  # the same adapter as the uninterrupted run
+    if "tensors" in BASELINE:  # the same adapter as the uninterrupted run (test_whole_life, earlier in the file)
         assert_close(adapter_tensors(files), BASELINE["tensors"])
     await wait_events(world, "killed")
 
@@ -187,21 +196,6 @@ async def test_out_of_memory_escalates_and_resumes(world: World) -> None:
     check_manifest(adapter_files(world, "oom"))
     await wait_events(world, "oom")
     assert any(e.get("reason") == "OutOfMemoryEscalated" for e in world.events("oom"))
-
-
-async def test_operator_restart_mid_run(world: World) -> None:
-    await world.apply("restart")
-    await world.wait_phase("restart", "Running")
-    [operator] = world.cluster.operators
-    await operator.stop()
-    world.cluster.operators.clear()
-    await world.wait_checkpoint("restart", CHECKPOINT_STEPS)
-    await world.cluster.start_operator(trainer_port=world.port, poll_interval=0.5)
-    done = await world.wait_phase("restart", "Succeeded")
-    assert len(world.jobs("restart")) == 1 and len(done["attempts"]) == 1  # no duplicate Job
-    assert len(world.pods_seen({world.jobs("restart")[0]["metadata"]["name"]})) == 1
-    assert world.cluster.api.request_count("POST", "jobs") == 1
-    check_manifest(adapter_files(world, "restart"))
 
 
 async def test_deleted_mid_run(world: World) -> None:
