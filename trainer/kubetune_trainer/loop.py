@@ -212,6 +212,10 @@ class Recipe:
         self.model = self.loaded.model
         inner = self.model.get_base_model()
         self.decoder = distributed.wrap(getattr(inner, inner.base_model_prefix), self.ranks, self.device)
+        if self.ranks.distributed:
+            self.log.event("ranks", f"{self.ranks.world} ranks, DDP over the LoRA parameters"
+                           + ("; strategy fsdp is planned but this trainer does not shard yet: every rank holds "
+                              "the whole model" if spec.resources.strategy == "fsdp" else ""))
         self.input_device = self.model.get_input_embeddings().weight.device
         self.pad_id = int(self.loaded.tokenizer.pad_token_id)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
