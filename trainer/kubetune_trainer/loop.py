@@ -183,7 +183,8 @@ class Recipe:
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
         self.telemetry.phase("Preparing", "checking output and dataset")
-        self.storage.check()
+        if self.ranks.main:  # rank 0 alone writes; two ranks probing one folder would race on the probe file
+            self.storage.check()
         self.telemetry.phase("Preparing", "fetching the base model")
         files = resolve_model(spec, spec.output.endpoint_url, say=lambda m: self.log.event("download", m),
                               progress=self.options.download_progress)
