@@ -199,7 +199,7 @@ async def test_out_of_memory_escalates_and_resumes(world: World) -> None:
 
 
 async def test_deleted_mid_run(world: World) -> None:
-    await world.apply("gone")
+    await world.apply("gone", maxSteps=4 * MAX_STEPS)  # it stops at the first checkpoint after SIGTERM anyway
     await world.wait_phase("gone", "Running")
     await world.wait_checkpoint("gone", CHECKPOINT_STEPS)
     [job] = world.jobs("gone")
