@@ -146,6 +146,14 @@ SecretName = Annotated[str, AfterValidator(_dns_subdomain), _DNS_SUBDOMAIN_CEL]
 QueueName = Annotated[str, AfterValidator(_dns_subdomain), _DNS_SUBDOMAIN_CEL]
 
 
+class SecretKeyRef(_Model):
+    """A key of a Secret in the job's namespace (read by the kubelet into the pod's env, never by kubetune)."""
+
+    name: SecretName = Field(description="Secret name.")
+    key: str = Field(default="HF_TOKEN", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="Key in the Secret that holds the value.")
+
+
 class ModelSpec(_Model):
     """The base model: a Hugging Face hub id (`name`) and/or where its weights are (`source`)."""
 
@@ -165,6 +173,11 @@ class ModelSpec(_Model):
         "or a .gguf file.",
     )
     revision: str | None = Field(default=None, min_length=1, description="Hub revision (branch, tag or commit).")
+    token_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret (in the job's namespace) with the Hugging Face token for a gated or private hub "
+        "model, passed to the trainer as HF_TOKEN by reference. Default: the operator's hub.tokenSecret.",
+    )
 
     @model_validator(mode="after")
     def _name_or_source(self) -> ModelSpec:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from kubetune.errors import PlanError
@@ -66,6 +66,8 @@ class Plan(_Out):
     breakdown: dict[str, int]
     lora_params: int
     knobs: Knobs
+    model_params: int = Field(default=0, description="Base model parameters (sizes the model cache and the "
+                              "trainer's graceful stop: kubetune.planning.budget).")
     reasons: list[str]
     alternatives: list[Alternative]
     strategy: Literal["single", "pipeline", "ddp", "fsdp"] = "single"  # how gpu_count GPUs train (scaleout.py)
@@ -297,7 +299,7 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
         model=arch.name, method=spec.method, gpu_class=chosen.gpu.name, gpu_count=chosen.count,
         gpu_memory_bytes=chosen.gpu.memory_bytes, usable_bytes_per_gpu=usable, hourly_cost=round(chosen.cost, 2),
         vram_estimate_bytes=est.total, breakdown=est.parts, lora_params=est.lora_params, knobs=knobs,
-        reasons=reasons, alternatives=alternatives, strategy=strategy,
+        reasons=reasons, alternatives=alternatives, strategy=strategy, model_params=arch.total_params,
     )
 
 

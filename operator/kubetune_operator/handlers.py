@@ -142,7 +142,7 @@ async def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: A
 
 
 async def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): _plain(body)}
+    return {(namespace, resources.job_label(name)): _plain(body)}  # children find it by their label value
 
 
 def inventory(gpu_nodes: kopf.Index[str, NodeInfo], gpu_pods: kopf.Index[str, int]) -> Inventory:

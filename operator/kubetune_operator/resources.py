@@ -1,11 +1,18 @@
 """FineTuneJob + Plan -> the ConfigMap and batch/v1 Job that run the trainer (pure: dicts in, dicts out).
 
 Names are deterministic (`<finetunejob>-a<attempt>`), so a replayed event or a restarted operator asks
-for the same objects again and adopts them on 409 instead of creating a second Job.
+for the same objects again and adopts them on 409 instead of creating a second Job. A FineTuneJob name
+may have 253 characters, but a Job name becomes a pod label value (63 at most): a name too long for its
+place keeps a prefix and gains 8 hex digits of its sha256 (`short_name`), so every child name and label
+value fits and two long names that share a prefix never collide. The uid label is exact.
+
+Weights reach the pod through the model cache volume (/models; an emptyDir, or the chart's shared PVC):
+the trainer downloads a hub id there with HF_ENDPOINT and HF_TOKEN (a secretKeyRef, never a value).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +20,7 @@ from typing import Any
 from kubetune_trainer.config import JobRef, TrainerConfig
 
 from kubetune.contracts import ExitCode
+from kubetune.planning.budget import pod_budget, quantity
 from kubetune.planning.gpus import GPU_RESOURCE, GpuClass
 from kubetune.planning.plan import Plan
 from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
@@ -25,6 +33,8 @@ CONTAINER = "trainer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_ATTEMPT = "kubetune.io/attempt"
+LABEL_UID = "kubetune.io/finetunejob-uid"
+MODEL_CACHE = "/models"  # the model cache volume; the trainer's HF_HUB_CACHE is MODEL_CACHE/hub
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "kubetune-trainer"}
 MAX_NAME = 63  # Job names become a pod label value (job-name): 63 characters at most
 
@@ -49,9 +59,22 @@ class Owner:
         }
 
 
+def short_name(name: str, room: int = MAX_NAME) -> str:
+    """`name` if it has at most `room` characters, else a prefix + '-' + 8 hex digits of its sha256."""
+    if len(name) <= room:
+        return name
+    return name[: room - 9].rstrip("-.") + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+def job_label(owner_name: str) -> str:
+    """The `kubetune.io/finetunejob` label value: the name, or its hashed short form past 63 characters."""
+    return short_name(owner_name)
+
+
 def child_name(owner_name: str, attempt: int) -> str:
+    """`<name>-a<attempt>`, at most 63 characters; the same for a name and for its label value."""
     suffix = f"-a{attempt}"
-    return owner_name[: MAX_NAME - len(suffix)].rstrip("-.") + suffix
+    return short_name(job_label(owner_name), MAX_NAME - len(suffix)) + suffix
 
 
 def queue_name(spec: FineTuneJobSpec, labels: dict[str, str]) -> str | None:
@@ -59,7 +82,9 @@ def queue_name(spec: FineTuneJobSpec, labels: dict[str, str]) -> str | None:
 
 
 def child_labels(owner: Owner, attempt: int, queue: str | None, settings: Settings) -> dict[str, str]:
-    labels = {**settings.extra_labels, **MANAGED_BY, LABEL_JOB: owner.name, LABEL_ATTEMPT: str(attempt)}
+    labels = {**settings.extra_labels, **MANAGED_BY, LABEL_JOB: job_label(owner.name), LABEL_ATTEMPT: str(attempt)}
+    if owner.uid:
+        labels[LABEL_UID] = owner.uid
     if queue:
         labels[QUEUE_LABEL] = queue
     return labels
@@ -117,7 +142,17 @@ def trainer_env(owner: Owner, spec: FineTuneJobSpec, attempt: int, settings: Set
         {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "HF_HUB_CACHE", "value": f"{MODEL_CACHE}/hub"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
     ]
+    if settings.hf_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})
+    token = spec.model.token_secret
+    if token is not None:
+        env.append(_secret_env("HF_TOKEN", token.name, token.key, optional=False))
+    elif settings.hf_token_secret:  # the chart-wide default may not exist in every namespace
+        name, _, key = settings.hf_token_secret.partition("/")
+        env.append(_secret_env("HF_TOKEN", name, key or "HF_TOKEN", optional=True))
     endpoint = spec.output.endpoint_url or settings.default_s3_endpoint
     secret = spec.output.credentials_secret
     if secret:
@@ -150,6 +185,14 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
         "cpu": _memory(settings.cpu_per_gpu, count),
         "memory": _memory(settings.memory_per_gpu, count),
     }
+    knobs = plan.knobs
+    budget = pod_budget(plan.model_params, plan.lora_params,
+                        knobs.micro_batch_size * knobs.gradient_accumulation_steps * knobs.max_seq_length,
+                        knobs.gradient_checkpointing, count, cache_on_volume=bool(settings.model_cache_claim))
+    cache_volume: dict[str, Any] = (
+        {"name": "model-cache", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}}
+        if settings.model_cache_claim else
+        {"name": "model-cache", "emptyDir": {"sizeLimit": quantity(budget.model_cache_bytes)}})
     port = settings.trainer_port
     container = {
         "name": CONTAINER,
@@ -158,11 +201,14 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
         "command": ["python", "-m", "kubetune_trainer", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
         "env": trainer_env(owner, spec, attempt, settings),
         "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
-        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        # ephemeral-storage: the emptyDir model cache (the weights on disk) + checkpoint staging + scratch
+        "resources": {"requests": {**resources, "ephemeral-storage": quantity(budget.ephemeral_storage_bytes)},
+                      "limits": dict(resources)},
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "scratch", "mountPath": "/tmp"},
+            {"name": "model-cache", "mountPath": MODEL_CACHE},
         ],
         # Loading and quantizing a large model takes minutes: readiness gates traffic, liveness is lenient.
         "startupProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10,
@@ -184,6 +230,8 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
     }
     pod_spec = {
         "restartPolicy": "Never",
+        # SIGTERM -> finish the step, write and upload a checkpoint (kubetune.planning.budget), then SIGKILL
+        "terminationGracePeriodSeconds": budget.grace_period_seconds,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {
@@ -200,6 +248,7 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
             {"name": "config", "configMap": {"name": name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
             {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size}},
+            cache_volume,
         ],
     }
     return {

@@ -27,6 +27,9 @@ class Settings:
     gpu_catalog: Path | None = None  # KUBETUNE_GPU_CATALOG (None: built-in catalog)
     provisionable_gpu_classes: tuple[str, ...] = ()  # classes whose node pools scale up from zero
     default_s3_endpoint: str | None = None  # used when spec.output.endpointUrl is unset
+    hf_endpoint: str | None = None  # HF_ENDPOINT for trainers: a hub mirror or proxy (None: huggingface.co)
+    hf_token_secret: str | None = None  # "name" or "name/key": the hub token when spec.model.tokenSecret is unset
+    model_cache_claim: str | None = None  # a ReadWriteMany PVC shared by trainer pods (None: an emptyDir each)
     trainer_port: int = 8000  # the trainer's /metrics, /healthz, /readyz, /status port
     cpu_per_gpu: str = "3"
     memory_per_gpu: str = "12Gi"
@@ -52,6 +55,9 @@ class Settings:
             provisionable_gpu_classes=tuple(
                 n for n in _env("KUBETUNE_PROVISIONABLE_GPU_CLASSES", "").replace(",", " ").split() if n),
             default_s3_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT") or None,
+            hf_endpoint=os.environ.get("KUBETUNE_HF_ENDPOINT") or None,
+            hf_token_secret=os.environ.get("KUBETUNE_HF_TOKEN_SECRET") or None,
+            model_cache_claim=os.environ.get("KUBETUNE_MODEL_CACHE_PVC") or None,
             trainer_port=int(_env("KUBETUNE_TRAINER_PORT", str(cls.trainer_port))),
             cpu_per_gpu=_env("KUBETUNE_CPU_PER_GPU", cls.cpu_per_gpu),
             memory_per_gpu=_env("KUBETUNE_MEMORY_PER_GPU", cls.memory_per_gpu),

@@ -112,7 +112,9 @@ def test_job_and_configmap_are_valid_kubernetes_objects_with_the_pod_hardening()
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert container["resources"]["limits"] == container["resources"]["requests"]
+    requests = dict(container["resources"]["requests"])
+    assert requests.pop("ephemeral-storage").endswith("Gi")  # sized by the plan (tests/operator/test_pod_budget.py)
+    assert container["resources"]["limits"] == requests
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"

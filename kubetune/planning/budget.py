@@ -1,0 +1,55 @@
+"""What a trainer pod needs besides GPUs, from the plan: local disk and time to stop gracefully. Pure.
+
+Disk (the pod's `ephemeral-storage` request): the base model as the hub stores it (16-bit safetensors,
+2 bytes per parameter) when the model cache is the pod's own emptyDir, plus room to write one checkpoint
+(the adapter and its Adam states in fp32, staged on disk before the upload) and the final adapter, plus
+fixed scratch for the dataset and temporary files. With a shared model-cache PVC the weights live there.
+
+Grace (`terminationGracePeriodSeconds`): on SIGTERM the trainer finishes its optimizer step, then writes
+and uploads a checkpoint. The step is sized pessimistically (6 x parameters x tokens per step at a low
+sustained throughput, x4/3 with activation checkpointing), the upload at a modest bandwidth, then doubled
+with a floor, so a slow node still stops with its checkpoint written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+BYTES_PER_PARAM_ON_DISK = 2  # bf16 / fp16 safetensors as hub repos ship them
+CHECKPOINT_BYTES_PER_LORA_PARAM = 4 + 8  # fp32 adapter + AdamW's two fp32 states
+SCRATCH_BYTES = 2 * 2**30  # dataset cache, tokenizer, temporary files
+SLOW_FLOPS = 20e12  # sustained training FLOP/s assumed for the slowest class (an L4 running NF4 matmuls)
+UPLOAD_BYTES_PER_SECOND = 20e6  # to S3 from a pod, pessimistic
+MIN_GRACE_SECONDS = 60
+MAX_GRACE_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class PodBudget:
+    ephemeral_storage_bytes: int
+    model_cache_bytes: int  # what the model cache volume holds (a sizeLimit for an emptyDir)
+    grace_period_seconds: int
+
+
+def pod_budget(model_params: int, lora_params: int, tokens_per_step: int, gradient_checkpointing: bool,
+               gpu_count: int = 1, cache_on_volume: bool = False) -> PodBudget:
+    model_bytes = model_params * BYTES_PER_PARAM_ON_DISK
+    checkpoint = lora_params * CHECKPOINT_BYTES_PER_LORA_PARAM
+    cache = int(model_bytes * 1.05) + 64 * 2**20  # tokenizer, config, and filesystem slack
+    disk = SCRATCH_BYTES + 2 * checkpoint + (0 if cache_on_volume else cache)
+    flops = 6 * model_params * tokens_per_step * (4 / 3 if gradient_checkpointing else 1)
+    step_seconds = flops / (SLOW_FLOPS * max(1, gpu_count))
+    upload_seconds = checkpoint / UPLOAD_BYTES_PER_SECOND
+    grace = math.ceil(2 * (step_seconds + upload_seconds) + 30)
+    return PodBudget(ephemeral_storage_bytes=_round_up(disk), model_cache_bytes=_round_up(cache),
+                     grace_period_seconds=max(MIN_GRACE_SECONDS, min(MAX_GRACE_SECONDS, grace)))
+
+
+def _round_up(n: int, unit: int = 2**30) -> int:
+    return -(-n // unit) * unit
+
+
+def quantity(n: int) -> str:
+    """Bytes as a Kubernetes quantity in whole Gi (the budget is rounded up to a GiB)."""
+    return f"{-(-n // 2**30)}Gi"
