@@ -19,7 +19,10 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("spec.model.source", "bundled://gpt-5", "spec.model.source: unknown bundled model 'bundled://gpt-5'; allowed: "
                                              "bundled://smollm2-135m-instruct"),
     ("spec.model.revision", "", "spec.model.revision: must not be empty"),
-    ("spec.model.weights", "x", "spec.model.weights: unknown field; allowed fields here: name, source, revision"),
+    ("spec.model.weights", "x",
+     "spec.model.weights: unknown field; allowed fields here: name, source, revision, tokenSecret"),
+    ("spec.model.tokenSecret.name", "HF Token", "spec.model.tokenSecret.name: must be a DNS subdomain name"),
+    ("spec.model.tokenSecret.key", "a key", "spec.model.tokenSecret.key: must match"),
     ("spec.dataset.source", "s3://A_B/train.jsonl", "spec.dataset.source: s3 bucket name 'A_B' is not valid"),
     ("spec.dataset.format", "csv", "spec.dataset.format: must be one of: chat, alpaca, prompt-completion or text; "
                                    "got 'csv'"),

@@ -224,3 +224,37 @@ def test_standalone_hub_server_serves_smollm(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_sigterm_while_starting_or_downloading_exits_143_at_once(tiny_hub: HubServer, tmp_path: Path,
+                                                                 chat_file: Path,
+                                                                 spec_for: Callable[..., dict[str, Any]],
+                                                                 write_config: Callable[..., Path],
+                                                                 start_trainer: Callable[..., Any]) -> None:
+    """The handler is installed before torch is imported; before the first step there is nothing new to
+    save, so the trainer stops at once (a download is abandoned mid-file) instead of running into SIGKILL."""
+    cache = tmp_path / "cache"
+    spec = spec_for("unused", chat_file, str(tmp_path / "out"), maxSteps=1)
+    spec["model"] = {"name": TINY}
+
+    starting = start_trainer(write_config(spec, name="starting"), env=pod_env(tiny_hub, cache))
+    time.sleep(1.0)  # importing the training stack (torch takes seconds)
+    starting.kill(signal.SIGTERM)
+    assert starting.wait(timeout=60) == 143, starting.log[-2000:]
+    assert starting.summary()["outcome"] == "Preempted" and "SIGTERM" in starting.summary()["error"]
+
+    tiny_hub.seconds_per_mib = 5.0  # the weights would take about 30 s
+    try:
+        downloading = start_trainer(write_config(spec, name="downloading"), env=pod_env(tiny_hub, cache))
+        downloading.wait_for(lambda: any(r.file == "model.safetensors" for r in tiny_hub.requests), timeout=120,
+                             what="the weights download")
+        signalled = time.monotonic()
+        downloading.kill(signal.SIGTERM)
+        assert downloading.wait(timeout=60) == 143, downloading.log[-2000:]
+        assert time.monotonic() - signalled < 15  # not after the download
+    finally:
+        tiny_hub.seconds_per_mib = 0.0
+    summary = downloading.summary()
+    assert summary["outcome"] == "Preempted" and summary["steps"] == 0
+    assert "while preparing" in summary["error"]
+    assert not (tmp_path / "out" / "checkpoints").exists()

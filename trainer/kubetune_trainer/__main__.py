@@ -13,18 +13,23 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from kubetune_trainer import stop  # no torch, no pydantic: cheap to import before the handler is in place
 
-from kubetune.spec import format_errors
-from kubetune_trainer.config import TrainerConfig
+if TYPE_CHECKING:
+    from kubetune_trainer.config import TrainerConfig
 
 DEFAULT_CONFIG = "/etc/kubetune/job.json"
 DEFAULT_METRICS_PORT = 9090
 
 
 def load_config(path: str) -> TrainerConfig:
+    from pydantic import ValidationError
+
     from kubetune.errors import SpecError
+    from kubetune.spec import format_errors
+    from kubetune_trainer.config import TrainerConfig
 
     try:
         raw = json.loads(Path(path).read_text())
@@ -52,22 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kubetune.errors import KubetuneError
-
     args = build_parser().parse_args(argv)
-    from kubetune_trainer.loop import Result, RunOptions
-    from kubetune_trainer.runner import run_job, write_termination
-
     try:
-        config = load_config(args.config)
-    except KubetuneError as exc:
-        print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
-        write_termination(args.termination_log, Result(outcome="InvalidInput", error=str(exc)), exc.exit_code)
-        return exc.exit_code
+        from kubetune.errors import KubetuneError
+        from kubetune_trainer.loop import Result, RunOptions
+        from kubetune_trainer.runner import run_job, write_termination
+
+        try:
+            config = load_config(args.config)
+        except KubetuneError as exc:
+            print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
+            write_termination(args.termination_log, Result(outcome="InvalidInput", error=str(exc)), exc.exit_code)
+            return exc.exit_code
+    except stop.Preempted as exc:  # SIGTERM while importing the training stack or reading the config
+        return stop.preempted_while_starting(args.termination_log, exc)
     options = RunOptions(device=args.device, metrics_port=args.metrics_port, termination_log=args.termination_log)
-    code, _ = run_job(config, options)
+    code, _ = run_job(config, options)  # installs its own SIGTERM handler (kubetune_trainer.runner)
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stop.install_early()  # before the training stack is imported: a SIGTERM from here on exits 143 with a summary
+    exit_code = main()
+    if exit_code == 143:
+        # Stopped by SIGTERM: a download interrupted mid-file leaves huggingface_hub's worker threads
+        # running, and a normal exit would wait for them until the grace period ends in SIGKILL.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kubetune.errors import KubetuneError, SpecError
+from kubetune_trainer.stop import Preempted
 
 TOP_LEVEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -38,6 +40,7 @@ INDEX = "model.safetensors.index.json"
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 TOKEN_HINT = ("set HF_TOKEN to a token with access (in a cluster: spec.model.tokenSecret, or the chart's "
               "model.tokenSecret default, naming a Secret with key HF_TOKEN)")
+T = TypeVar("T")
 LOCK_TIMEOUT_SECONDS = 6 * 3600  # a 70B download over a slow link; the waiting pod logs why it waits
 
 
@@ -232,12 +235,12 @@ def download(repo_id: str, revision: str | None = None, *, cache: Path | None = 
             if not progress:
                 disable_progress_bars()
             try:
-                path = Path(snapshot_download(repo_id, revision=commit, cache_dir=cache, endpoint=url,
-                                              token=secret, allow_patterns=files))
+                path = Path(interruptible(lambda: snapshot_download(
+                    repo_id, revision=commit, cache_dir=cache, endpoint=url, token=secret, allow_patterns=files)))
             finally:
                 if not progress:
                     enable_progress_bars()
-        except KubetuneError:
+        except (KubetuneError, Preempted):
             raise
         except Exception as exc:
             raise _explain(exc, repo_id, revision, url, secret is not None) from None
@@ -254,6 +257,28 @@ def download(repo_id: str, revision: str | None = None, *, cache: Path | None = 
         return Snapshot(repo_id, commit, path, tuple(files), downloaded=True)
     finally:
         lock.release()
+
+
+def interruptible(work: Callable[[], T]) -> T:
+    """`work()` in a daemon thread while this (the main) thread waits in short slices, so a SIGTERM handler
+    runs within a fraction of a second. A signal may land on any thread, and a main thread blocked on a
+    download pool's lock would run the handler only when the download is over."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # handed to the waiting thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="hub-download", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.25)
+    if "error" in box:
+        raise box["error"]
+    value: T = box["value"]
+    return value
 
 
 def _write_ref(cache: Path, repo_id: str, revision: str, commit: str) -> None:

@@ -49,10 +49,10 @@ def threads_per_rank(nproc_per_node: int, cpus: int | None) -> int:
 
 def trainer_termination_log(script_args: Sequence[str]) -> str | None:
     from kubetune_trainer.__main__ import build_parser
-    from kubetune_trainer.runner import termination_target
+    from kubetune_trainer.stop import termination_path
 
     known, _ = build_parser().parse_known_args(list(script_args))
-    return termination_target(known.termination_log)
+    return termination_path(known.termination_log)
 
 
 def launch(argv: Sequence[str]) -> int:

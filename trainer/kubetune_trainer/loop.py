@@ -42,6 +42,7 @@ from kubetune_trainer.model import (
     resolve_model,
 )
 from kubetune_trainer.progress import Log
+from kubetune_trainer.stop import Preempted
 from kubetune_trainer.storage import Storage, fetch_input, open_storage, sha256_file
 
 CHECKPOINTS = "checkpoints"
@@ -52,8 +53,6 @@ KEEP_CHECKPOINTS = 2
 LOSS_CHUNK = 2048  # tokens per lm_head + cross-entropy chunk: full logits are never materialized
 
 
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was written. The pod's restart resumes from it."""
 
 
 @dataclass

@@ -11,18 +11,18 @@ from __future__ import annotations
 import os
 import signal
 import traceback
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
 from kubetune_trainer import distributed
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.loop import Preempted, Recipe, Result, RunOptions
+from kubetune_trainer.loop import Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
 from kubetune_trainer.server import MetricsServer
-
-TERMINATION_LOG = "/dev/termination-log"
+from kubetune_trainer.stop import Preempted, stop_now, write_summary
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -35,30 +35,29 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and "cuda" in str(exc).lower()
 
 
-def termination_target(path: str | None) -> str | None:
-    """--termination-log, else $KUBETUNE_TERMINATION_LOG, else /dev/termination-log when writable (a pod)."""
-    target = path or os.environ.get("KUBETUNE_TERMINATION_LOG")
-    if target is None:
-        target = TERMINATION_LOG if Path(TERMINATION_LOG).exists() and os.access(TERMINATION_LOG, os.W_OK) else None
-    return target or None
-
-
 def write_termination(path: str | None, result: Result, exit_code: int) -> None:
-    target = termination_target(path)
-    if not target:
-        return
-    summary = TerminationSummary(
+    write_summary(path, TerminationSummary(
         outcome=Outcome(result.outcome), exit_code=exit_code, steps=result.steps, total_steps=result.total_steps,
         final_loss=result.final_loss, eval_loss=result.eval_loss, peak_memory_bytes=result.peak_memory_bytes,
         adapter_uri=result.adapter_uri, model_commit=result.model_commit, error=result.error,
         resumed_from_step=result.resumed_from_step,
-    )
-    text = summary.message()
-    try:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(text)
-    except OSError:
-        pass
+    ))
+
+
+STOP_AT_ONCE = (TrainerPhase.STARTING, TrainerPhase.PREPARING, TrainerPhase.LOADING)
+
+
+def sigterm_handler(telemetry: Telemetry, recipe: Callable[[], Recipe | None]) -> Callable[[int, Any], None]:
+    """Before training (starting, downloading, loading: nothing new to save) stop at once; from the first
+    step on, let the loop finish its step and checkpoint (it checks `stop_requested`)."""
+    def handler(signum: int, frame: Any) -> None:
+        current, phase = recipe(), telemetry.status.phase
+        if current is None or phase in STOP_AT_ONCE:
+            stop_now(f"{TrainerPhase(phase).value.lower()}")(signum, frame)
+        else:
+            current.request_stop(signum, frame)
+
+    return handler
 
 
 def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) -> tuple[int, Result]:
@@ -70,6 +69,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
     result = Result()
     code: int = ExitCode.ERROR
     previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, sigterm_handler(telemetry, lambda: recipe))
     try:
         if options.metrics_port and ranks.local_rank == 0:  # every pod answers its probes; rank 0 tells the story
             server = MetricsServer(telemetry, options.metrics_port)
@@ -84,7 +84,6 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
             fraction = os.environ.get("KUBETUNE_GPU_MEMORY_FRACTION")
             if fraction:  # behave like a smaller card (a cheaper class) on a big one: tests, dry runs
                 torch.cuda.set_per_process_memory_fraction(float(fraction))
-        signal.signal(signal.SIGTERM, recipe.request_stop)
         distributed.init(ranks, recipe.device.type)
         recipe.setup()
         before = recipe_answer(recipe, options.prompt) if options.prompt and ranks.main else None

@@ -1,0 +1,73 @@
+"""SIGTERM, the graceful stop: installed first thing in the process, before anything slow.
+
+Kubernetes sends SIGTERM, waits `terminationGracePeriodSeconds` (sized by the plan: finish a step, write
+and upload a checkpoint, with margin; kubetune.planning.budget), then SIGKILLs. What the trainer does:
+- while it starts, imports torch, downloads or loads the model (nothing new to save): stop at once
+  (`Preempted` is raised from the handler) and exit 143; a resumed attempt's checkpoint is still there;
+- while it trains: finish the optimizer step, write a checkpoint, exit 143 (the loop checks the flag);
+- while it writes the final adapter: finish it (exit 0).
+
+No torch import here: `python -m kubetune_trainer` installs this before importing the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when used: installing the handler must not wait for pydantic
+    from kubetune.contracts import TerminationSummary
+
+TERMINATION_LOG = "/dev/termination-log"
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; whatever there was to save is saved. The pod's replacement resumes."""
+
+
+def stop_now(what: str) -> Callable[[int, FrameType | None], None]:
+    """A SIGTERM handler that interrupts what the process is doing (`what`, for the message)."""
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise Preempted(f"stopped by {signal.Signals(signum).name} while {what} (nothing new to save)")
+
+    return handler
+
+
+def install_early() -> None:
+    """The first handler: the process is only importing and reading its config."""
+    signal.signal(signal.SIGTERM, stop_now("starting"))
+
+
+def termination_path(path: str | None) -> str | None:
+    """--termination-log, else $KUBETUNE_TERMINATION_LOG, else /dev/termination-log when it is writable."""
+    target = path or os.environ.get("KUBETUNE_TERMINATION_LOG")
+    if target is None and Path(TERMINATION_LOG).exists() and os.access(TERMINATION_LOG, os.W_OK):
+        target = TERMINATION_LOG
+    return target or None
+
+
+def write_summary(path: str | None, summary: TerminationSummary) -> None:
+    target = termination_path(path)
+    if not target:
+        return
+    try:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(summary.message())
+    except OSError:
+        pass
+
+
+def preempted_while_starting(path: str | None, exc: Preempted) -> int:
+    """SIGTERM before the trainer got going: the summary, a log line, and exit 143."""
+    from kubetune.contracts import ExitCode, Outcome, TerminationSummary
+
+    write_summary(path, TerminationSummary(outcome=Outcome.PREEMPTED, exit_code=int(ExitCode.PREEMPTED),
+                                           error=str(exc)))
+    print(json.dumps({"event": "done", "message": str(exc), "outcome": "Preempted",
+                      "exitCode": int(ExitCode.PREEMPTED)}), flush=True)
+    return int(ExitCode.PREEMPTED)
