@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,10 @@ import pytest
 sys.path.append(str(Path(__file__).parent))  # for `import hub_server`
 
 from hub_server import HubServer, serve_smollm
+
+# Nothing in the tests reaches huggingface.co: a hub id the catalog does not know is planned from its
+# config.json on HF_ENDPOINT, and here that is a closed local port unless a test points it at the test hub.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 
 
 @pytest.fixture(scope="session")

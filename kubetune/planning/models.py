@@ -181,11 +181,14 @@ def _hf_cache_config(model_id: str) -> Path | None:
 
 
 ConfigReader = Callable[[str], dict[str, Any] | None]
+HubConfigReader = Callable[[str, str | None], dict[str, Any]]
 
 
 def resolve_architecture(name: str | None, source: str | None,
-                         read_remote_config: ConfigReader | None = None) -> Architecture:
-    """The architecture of spec.model: the catalog by name, else a config.json next to the weights.
+                         read_remote_config: ConfigReader | None = None,
+                         read_hub_config: HubConfigReader | None = None, revision: str | None = None) -> Architecture:
+    """The architecture of spec.model: the catalog by name, else a config.json next to the weights, in the
+    Hugging Face cache, or (a hub id with `read_hub_config`) on the hub the trainer downloads from.
 
     `read_remote_config(uri)` reads `config.json` under an s3:// prefix; the planner passes one when it
     may do I/O (the CLI and the operator), and tests pass a real S3-backed one.
@@ -212,21 +215,47 @@ def resolve_architecture(name: str | None, source: str | None,
             return architecture_from_config(json.loads(config_path.read_text()), label)
     if name and (cached := _hf_cache_config(name)):
         return architecture_from_config(json.loads(cached.read_text()), label)
+    hub_problem = ""
+    if name and not source and read_hub_config is not None:
+        from kubetune.planning.hub_config import HubUnreachable
+
+        try:
+            return architecture_from_config(read_hub_config(name, revision), label)
+        except HubUnreachable as exc:
+            hub_problem = f" and the hub ({str(exc).removeprefix('spec.model.name: ')})"
     known = ", ".join(sorted(a.name for a in CATALOG.values()))
     raise SpecError(
         f"spec.model: unknown model {label!r} and no readable config.json "
-        f"(looked in {'the source and ' if source else ''}the Hugging Face cache). "
+        f"(looked in {'the source and ' if source else ''}the Hugging Face cache{hub_problem}). "
         f"Use a catalog model ({known}) or point spec.model.source at a directory or s3:// prefix holding config.json."
     )
 
 
-def model_architecture(name: str | None, source: str | None) -> Architecture:
-    """resolve_architecture with config.json readable from s3:// (boto3 imported only for s3:// sources).
+def model_architecture(name: str | None, source: str | None, revision: str | None = None) -> Architecture:
+    """resolve_architecture with config.json readable from s3:// (boto3 imported only for s3:// sources) and,
+    for a hub id the catalog does not know, from the hub (HF_ENDPOINT, HF_TOKEN; kubetune.planning.hub_config).
 
-    The CLI, the REST API, the operator and `kubetune train` all plan through this one call."""
+    The CLI, the REST API, the operator and `kubetune train` all plan through this one call. It blocks (the
+    hub read has a timeout); an event loop calls `model_architecture_async`."""
+    from kubetune.planning.hub_config import read_hub_config
     from kubetune.s3 import read_s3_config
 
-    return resolve_architecture(name, source, read_s3_config)
+    return resolve_architecture(name, source, read_s3_config, read_hub_config, revision)
+
+
+async def model_architecture_async(name: str | None, source: str | None, revision: str | None = None,
+                                   timeout: float = 10.0) -> Architecture:
+    """`model_architecture` off the event loop (a worker thread), bounded by `timeout`: the operator and the
+    REST API plan a hub id the catalog does not know without stalling their other work."""
+    import asyncio
+
+    from kubetune.planning.hub_config import HubUnreachable
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(model_architecture, name, source, revision), timeout)
+    except TimeoutError:
+        raise HubUnreachable(f"spec.model: reading the config.json of {name or source!r} took over "
+                             f"{timeout:g}s") from None
 
 
 def architecture_from_gguf(path: Path) -> Architecture | None:
