@@ -126,14 +126,27 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_ratio: fl
     return get_scheduler(kind, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def fingerprint(config: TrainerConfig) -> str:
-    """What makes two runs the same run: a checkpoint from another spec is never resumed."""
-    spec = config.spec.model_dump(mode="json")
-    training = dict(spec["training"])
-    for volatile in ("checkpoint_steps", "logging_steps"):
-        training.pop(volatile, None)
-    relevant = {"model": spec["model"], "dataset": spec["dataset"], "method": spec["method"], "lora": spec["lora"],
-                "training": training, "knobs": config.knobs.model_dump(exclude={"compute_dtype"})}
+def fingerprint(config: TrainerConfig, model_commit: str | None = None) -> str:
+    """The resume key: what changes the training trajectory, and nothing else. A checkpoint written under
+    another key is never resumed.
+
+    In: the model (and the hub commit it resolved to), the data, the method and LoRA config, the schedule
+    (epochs, max steps, learning rate, warmup, scheduler, optimizer, clipping, weight decay), the effective
+    batch (micro-batch x accumulation), the sequence length, packing and the seed.
+    Out: how the effective batch is split into micro-batches (an OOM escalation re-plans it; every optimizer
+    step still sees the same rows, kubetune_trainer.data.Schedule), gradient checkpointing, the compute
+    dtype, the GPU class and count, the checkpoint and logging cadence, and the token Secret."""
+    spec, knobs = config.spec, config.knobs
+    model = spec.model.model_dump(mode="json", exclude={"token_secret"})
+    if model_commit:
+        model["revision"] = model_commit
+    training = spec.training.model_dump(mode="json", exclude={
+        "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "checkpoint_steps",
+        "logging_steps", "max_seq_length"})
+    training["effective_batch"] = knobs.micro_batch_size * knobs.gradient_accumulation_steps
+    training["max_seq_length"] = knobs.max_seq_length
+    relevant = {"model": model, "dataset": spec.dataset.model_dump(mode="json"), "method": spec.method,
+                "lora": spec.lora.model_dump(mode="json"), "training": training}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -188,6 +201,7 @@ class Recipe:
         files = resolve_model(spec, spec.output.endpoint_url, say=lambda m: self.log.event("download", m),
                               progress=self.options.download_progress)
         model_dir, self.model_commit = files.path, files.commit
+        self.fingerprint = fingerprint(self.config, files.commit)  # a moved branch is another run
         self.telemetry.status.model_commit = files.commit
         from kubetune_trainer.model import load_tokenizer
 
