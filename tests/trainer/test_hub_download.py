@@ -258,3 +258,34 @@ def test_sigterm_while_starting_or_downloading_exits_143_at_once(tiny_hub: HubSe
     assert summary["outcome"] == "Preempted" and summary["steps"] == 0
     assert "while preparing" in summary["error"]
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_kubetune_train_on_a_gated_hub_id_needs_the_token(tiny_hub: HubServer, tmp_path: Path, chat_file: Path
+                                                          ) -> None:
+    """`kubetune train -f` on this machine: the same download (into the local HF cache), planned from the
+    repo's config.json on HF_ENDPOINT; without HF_TOKEN it exits 2 saying what to set."""
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "gated"},
+           "spec": {"model": {"name": TINY_GATED}, "dataset": {"source": str(chat_file), "format": "chat"},
+                    "training": {"maxSteps": 1, "maxSeqLength": 128, "microBatchSize": 2},
+                    "output": {"uri": str(tmp_path / "out")}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(job))
+    kubetune = str(Path(PYTHON).parent / "kubetune")
+    env = pod_env(tiny_hub, tmp_path / "hf-cache")
+    refused = subprocess.run([kubetune, "train", "-f", str(path)], env=env, capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "is gated" in refused.stderr and "HF_TOKEN" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    trained = subprocess.run([kubetune, "train", "-f", str(path)], env=env | {"HF_TOKEN": TINY_TOKEN},
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "out" / "adapter" / "manifest.json").is_file()
+    assert sorted(tiny_hub.file_downloads(TINY_GATED)) == sorted(TRAINING_FILES)
+    assert TINY_TOKEN not in trained.stderr + trained.stdout
+    # nothing a newcomer cannot act on: no library deprecation noise, no optional-kernel notice, no bar
+    # redrawn per tensor when the output is not a terminal
+    for noise in ("FutureWarning", "kernels-community", "Loading weights", "Traceback"):
+        assert noise not in trained.stderr, (noise, trained.stderr[-3000:])

@@ -58,7 +58,7 @@ def run_local(args: argparse.Namespace) -> int:
     device = pick_device(getattr(args, "device", "auto") or "auto")
     log = Log()
     started = time.perf_counter()
-    arch = model_architecture(spec.model.name, spec.model.source)
+    arch = model_architecture(spec.model.name, spec.model.source, spec.model.revision)
     nproc = getattr(args, "nproc_per_node", None)
     nproc = 1 if nproc is None else nproc
     if nproc < 1:
@@ -76,7 +76,8 @@ def run_local(args: argparse.Namespace) -> int:
                            knobs=knobs, gpu_class=gpu, vram_estimate_bytes=estimate)
     prompt = getattr(args, "prompt", None) or job.metadata.annotations.get(SAMPLE_PROMPT_ANNOTATION)
     options = RunOptions(device=device.type, metrics_port=getattr(args, "metrics_port", 0) or 0,
-                         termination_log=getattr(args, "termination_log", None), prompt=prompt)
+                         termination_log=getattr(args, "termination_log", None), prompt=prompt,
+                         download_progress=sys.stderr.isatty())  # a hub id's download: a byte bar at a terminal
     if nproc > 1:
         code, result = run_ranks(config, options, nproc)
     else:

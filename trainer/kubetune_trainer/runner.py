@@ -21,6 +21,7 @@ from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loop import Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
+from kubetune_trainer.quiet import quiet_libraries
 from kubetune_trainer.server import MetricsServer
 from kubetune_trainer.stop import Preempted, stop_now, write_summary
 
@@ -63,6 +64,7 @@ def sigterm_handler(telemetry: Telemetry, recipe: Callable[[], Recipe | None]) -
 def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) -> tuple[int, Result]:
     ranks = distributed.ranks_from_env()  # torchrun's; rank 0 serves metrics, writes checkpoints and the adapter
     log = (log or Log()) if ranks.main else distributed.RankLog(ranks.rank)
+    quiet_libraries(progress_bars=not getattr(log, "json", True))
     telemetry = Telemetry(config.job.namespace, config.job.name, config.vram_estimate_bytes)
     server: MetricsServer | None = None
     recipe: Recipe | None = None
