@@ -283,7 +283,8 @@ def test_kubetune_train_on_a_gated_hub_id_needs_the_token(tiny_hub: HubServer, t
                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (tmp_path / "out" / "adapter" / "manifest.json").is_file()
-    assert sorted(tiny_hub.file_downloads(TINY_GATED)) == sorted(TRAINING_FILES)
+    # the planner read config.json (it is not in the catalog), then the trainer fetched the training files
+    assert sorted(tiny_hub.file_downloads(TINY_GATED)) == sorted([*TRAINING_FILES, "config.json"])
     assert TINY_TOKEN not in trained.stderr + trained.stdout
     # nothing a newcomer cannot act on: no library deprecation noise, no optional-kernel notice, no bar
     # redrawn per tensor when the output is not a terminal
