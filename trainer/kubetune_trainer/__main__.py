@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.exit_code
     except stop.Preempted as exc:  # SIGTERM while importing the training stack or reading the config
         return stop.preempted_while_starting(args.termination_log, exc)
+    if early := stop.stopped_while_starting():  # SIGTERM while importing the training stack
+        return stop.preempted_while_starting(args.termination_log, early)
     options = RunOptions(device=args.device, metrics_port=args.metrics_port, termination_log=args.termination_log)
     code, _ = run_job(config, options)  # installs its own SIGTERM handler (kubetune_trainer.runner)
     return code

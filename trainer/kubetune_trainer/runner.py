@@ -23,7 +23,7 @@ from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
 from kubetune_trainer.quiet import quiet_libraries
 from kubetune_trainer.server import MetricsServer
-from kubetune_trainer.stop import Preempted, stop_now, write_summary
+from kubetune_trainer.stop import Preempted, stop_now, stopped_while_starting, write_summary
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -73,6 +73,8 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, sigterm_handler(telemetry, lambda: recipe))
     try:
+        if early := stopped_while_starting():
+            raise early
         if options.metrics_port and ranks.local_rank == 0:  # every pod answers its probes; rank 0 tells the story
             server = MetricsServer(telemetry, options.metrics_port)
             server.start()

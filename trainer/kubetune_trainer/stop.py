@@ -38,9 +38,24 @@ def stop_now(what: str) -> Callable[[int, FrameType | None], None]:
     return handler
 
 
+_early: list[int] = []  # signals noted while starting
+
+
+def _note(signum: int, _frame: FrameType | None) -> None:
+    _early.append(signum)
+
+
 def install_early() -> None:
-    """The first handler: the process is only importing and reading its config."""
-    signal.signal(signal.SIGTERM, stop_now("starting"))
+    """The first handler, while the process imports the training stack and reads its config: it only notes
+    the signal (an exception raised inside torch's import machinery can surface as an unrelated error);
+    `main` checks it as soon as the imports are done, and the runner before it starts."""
+    signal.signal(signal.SIGTERM, _note)
+
+
+def stopped_while_starting() -> Preempted | None:
+    if not _early:
+        return None
+    return Preempted(f"stopped by {signal.Signals(_early[0]).name} while starting (nothing new to save)")
 
 
 def termination_path(path: str | None) -> str | None:
