@@ -23,7 +23,9 @@ ACT_BYTES = 2  # bf16 / fp16 activations
 # of backward (8 B). Measured on the CPU with the model output kept through backward, as training loops
 # keep it: 14.0 B (tests/core/test_vram_activations.py).
 LOGITS_BYTES = 14
-LOSS_CHUNK = 2048  # the kubetune trainer's lm_head + cross-entropy chunk (kubetune_trainer.loop.LOSS_CHUNK)
+# The kubetune trainer's lm_head + cross-entropy (kubetune_trainer.loss) runs a chunk of labelled positions at a
+# time, the chunk sized so its fp32 logits stay under this budget.
+LOGITS_BUDGET_BYTES = 256 * 2**20
 HF_LORA_INPUT_BYTES = 4  # plain PEFT: the fp32 copy of each wrapped projection's input that lora_A keeps
 HF_LORA_DROPOUT_BYTES = 4  # plain PEFT dropout on that copy: fp32 output kept for lora_A plus the mask
 KT_LORA_DROPOUT_BYTES = 3  # kubetune trainer (autocast): bf16 dropout output plus the mask
@@ -117,11 +119,18 @@ def activation_bytes_per_token_layer(arch: Architecture, shape: TrainingShape) -
     return base + shared + KT_LORA_DROPOUT_BYTES * dropout * inputs_per_projection
 
 
-def logits_tokens(shape: TrainingShape) -> int:
+def loss_chunk_tokens(vocab: int, budget: int = LOGITS_BUDGET_BYTES) -> int:
+    """Labelled positions per lm_head + cross-entropy chunk in the kubetune trainer: the fp32 logits of one
+    chunk (4 B x vocab per position) fit `budget`; a multiple of 64 rows when that is at least 64."""
+    rows = max(1, budget // (4 * max(1, vocab)))
+    return rows - rows % 64 if rows >= 64 else rows
+
+
+def logits_tokens(shape: TrainingShape, vocab: int) -> int:
     """Tokens whose logits are alive at once: all of them in the plain recipe; the kubetune trainer runs
-    lm_head + cross-entropy over at most LOSS_CHUNK labelled positions at a time."""
+    lm_head + cross-entropy over one chunk of `loss_chunk_tokens(vocab)` labelled positions at a time."""
     tokens = shape.micro_batch * shape.seq_len
-    return tokens if shape.recipe == "hf" else min(tokens, LOSS_CHUNK)
+    return tokens if shape.recipe == "hf" else min(tokens, loss_chunk_tokens(vocab))
 
 
 def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
@@ -149,7 +158,7 @@ def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
         activations = tokens * (layers_here * ACT_BYTES * arch.hidden + per_layer_token)
     else:
         activations = tokens * layers_here * per_layer_token
-    logits = logits_tokens(shape) * arch.vocab * LOGITS_BYTES
+    logits = logits_tokens(shape, arch.vocab) * arch.vocab * LOGITS_BYTES
 
     optimizer_bytes = OPTIMIZER_BYTES_PER_PARAM.get(shape.optimizer, 8.0)
     parts = {

@@ -27,11 +27,11 @@ from types import FrameType
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import distributed, faults
 from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.loss import linear_cross_entropy_sum
 from kubetune_trainer.metrics import Stopwatch, Telemetry
 from kubetune_trainer.model import (
     LoadedModel,
@@ -50,7 +50,6 @@ ADAPTER = "adapter"
 MERGED = "merged"
 COMPLETE = "COMPLETE"
 KEEP_CHECKPOINTS = 2
-LOSS_CHUNK = 2048  # tokens per lm_head + cross-entropy chunk: full logits are never materialized
 
 
 
@@ -81,26 +80,6 @@ class Result:
     samples: dict[str, str] = field(default_factory=dict)
     model_commit: str | None = None  # the hub commit the base model came from
     resumed_from_step: int | None = None  # the checkpoint step this run resumed from (0: the beginning)
-
-
-def chunked_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    """Sum of token cross-entropies over the positions that carry a label, LOSS_CHUNK at a time.
-
-    Only labelled positions go through lm_head (a chat prompt or an alpaca instruction costs no logits), and
-    when there are more than LOSS_CHUNK of them each chunk is recomputed in backward instead of keeping its
-    fp32 logits: peak logits memory is LOSS_CHUNK x vocab, whatever the batch."""
-    def ce(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
-
-    n = hidden.shape[0]
-    if n <= LOSS_CHUNK:
-        return ce(hidden, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, LOSS_CHUNK):
-        part = activation_checkpoint(ce, hidden[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK],
-                                     use_reentrant=False)
-        total = total + part
-    return total
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainerConfig, device: torch.device,
@@ -277,7 +256,7 @@ class Recipe:
                              use_cache=False).last_hidden_state
             targets = batch["targets"].to(hidden.device, non_blocking=True)  # no-op unless layers span GPUs
             mask = targets != data_mod.IGNORE
-            return chunked_loss_sum(hidden[mask], targets[mask], inner.get_output_embeddings())
+            return linear_cross_entropy_sum(hidden[mask], targets[mask], inner.get_output_embeddings())
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One pinned host-to-device copy per tensor, asynchronous; nothing on a CPU run."""
