@@ -1,6 +1,11 @@
 """Trainer throughput: kubetune's recipe against the plain one, same model, data and optimizer steps, one run.
 
     .venv/bin/python bench/trainer_throughput.py [--steps 2] [--micro-batch 2] [--accumulation 4] [--repeats 2]
+        [--baseline DIR]
+
+--baseline DIR adds the kubetune variants as of another checkout of this repository (for example
+`git worktree add --detach /tmp/kt-main main`), run from there with the same venv, interleaved with this
+tree's: the trainer before and after a change, side by side in one run.
 
 The plain recipe is the textbook QLoRA setup: BitsAndBytes NF4 + double quantization + bf16 compute,
 peft's prepare_model_for_kbit_training (gradient checkpointing on), LoRA on every linear, TRL's SFTTrainer
@@ -201,6 +206,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the fastest counts")
     parser.add_argument("--ours-checkpointing", choices=["auto", "on", "off"], default="auto",
                         help="auto: what the planner picks for this machine's memory")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose kubetune variants run side by side")
     parser.add_argument("--variant", choices=["ours", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--rows", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -210,25 +216,33 @@ def main() -> int:
         child(args)
         return 0
 
-    variants = [("plain", "plain", "on"), ("kubetune", "ours", "on"), ("kubetune (planner)", "ours", "auto")]
+    variants: list[tuple[str, str, str, Path | None]] = [
+        ("plain", "plain", "on", None), ("kubetune", "ours", "on", None), ("kubetune (planner)", "ours", "auto", None)]
     if args.ours_checkpointing != "auto":
-        variants = [("plain", "plain", "on"), ("kubetune", "ours", args.ours_checkpointing)]
+        variants = [("plain", "plain", "on", None), ("kubetune", "ours", args.ours_checkpointing, None)]
+    if args.baseline:
+        variants += [(f"{label} @base", variant, checkpointing, args.baseline.resolve())
+                     for label, variant, checkpointing, _ in variants if variant == "ours"]
     results: dict[str, dict[str, Any]] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "mixed.jsonl"
         rows_file.write_text("".join(json.dumps(r) + "\n" for r in mixed_rows()))
         # variants interleaved, each `repeats` times; the fastest run of each counts (a shared machine's noise
         # only ever slows a run down), and its peak memory is the highest seen
         for repeat in range(args.repeats):
-            for label, variant, checkpointing in variants:
+            for label, variant, checkpointing, tree in variants:
                 result_file = Path(tmp) / f"{label}-{repeat}.json".replace(" ", "_")
-                cmd = [sys.executable, __file__, "--variant", variant, "--rows", str(rows_file),
+                script = tree / "bench" / "trainer_throughput.py" if tree else Path(__file__)
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tree / p) for p in ("", "trainer", "operator"))
+                       } if tree else None
+                cmd = [sys.executable, str(script), "--variant", variant, "--rows", str(rows_file),
                        "--out", str(Path(tmp) / f"out-{repeat}-{variant}-{checkpointing}"),
                        "--result", str(result_file), "--steps", str(args.steps),
                        "--micro-batch", str(args.micro_batch), "--accumulation", str(args.accumulation),
                        "--device", args.device, "--ours-checkpointing", checkpointing]
                 print(f"running {label} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree, env=env)
                 run = json.loads(result_file.read_text())
                 run["tokens_per_second"] = run["tokens"] / run["seconds"]
                 best = results.get(label)
@@ -239,9 +253,12 @@ def main() -> int:
                     best["peak"] = max(best["peak"], run["peak"])
 
     plain = results["plain"]
+    load_after = os.getloadavg()
+    print(f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
+          f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} CPUs")
     print(f"SmolLM2-135M-Instruct QLoRA on {args.device}, {args.steps} optimizer steps, micro-batch "
           f"{args.micro_batch} x accumulation {args.accumulation}, rows of 32-~500 tokens (maxSeqLength {MAX_LEN})")
-    print(f"{'':19} {'steps':>5} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'peak MiB':>9} {'train +MiB':>10}"
+    print(f"{'':26} {'steps':>5} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'peak MiB':>9} {'train +MiB':>10}"
           f" {'tok/s ratio':>11} {'peak ratio':>10}  notes")
     for label, r in results.items():
         if label == "plain":
@@ -249,7 +266,7 @@ def main() -> int:
         else:
             notes = (f"packed, checkpointing {'on' if r['knobs']['gradientCheckpointing'] else 'off'}, "
                      f"micro-batch {r['knobs']['microBatchSize']}")
-        print(f"{label:19} {r['steps']:>5} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_second']:>9.1f} "
+        print(f"{label:26} {r['steps']:>5} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_second']:>9.1f} "
               f"{r['peak'] / 2**20:>9.0f} {r['train_rss_growth'] / 2**20:>10.0f} "
               f"{r['tokens_per_second'] / plain['tokens_per_second']:>10.2f}x "
               f"{r['peak'] / plain['peak']:>9.2f}x  {notes}")

@@ -23,6 +23,14 @@ ACT_BYTES = 2  # bf16 / fp16 activations
 # of backward (8 B). Measured on the CPU with the model output kept through backward, as training loops
 # keep it: 14.0 B (tests/core/test_vram_activations.py).
 LOGITS_BYTES = 14
+# The kubetune trainer's loss (kubetune_trainer.loss) holds one chunk at a time: its fp32 logits (4 B), turned
+# in place into the softmax and then the logits' gradient, and the 16-bit copy of that gradient for the
+# matmul back to the hidden states (2 B) (or, at the start, the 16-bit logits being upcast). Measured on the
+# CPU: 6.05 B per position of one chunk per vocabulary entry (tests/core/test_vram_activations.py).
+KT_LOGITS_BYTES = 6
+# ... plus, for every labelled position of the micro-batch, the 16-bit copy of its hidden state that the loss
+# takes and the fp32 gradient of that hidden state the loss keeps for backward.
+KT_LOSS_HIDDEN_BYTES = 2 + 4
 # The kubetune trainer's lm_head + cross-entropy (kubetune_trainer.loss) runs a chunk of labelled positions at a
 # time, the chunk sized so its fp32 logits stay under this budget.
 LOGITS_BUDGET_BYTES = 256 * 2**20
@@ -158,7 +166,10 @@ def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
         activations = tokens * (layers_here * ACT_BYTES * arch.hidden + per_layer_token)
     else:
         activations = tokens * layers_here * per_layer_token
-    logits = logits_tokens(shape, arch.vocab) * arch.vocab * LOGITS_BYTES
+    if shape.recipe == "hf":
+        logits = logits_tokens(shape, arch.vocab) * arch.vocab * LOGITS_BYTES
+    else:
+        logits = logits_tokens(shape, arch.vocab) * arch.vocab * KT_LOGITS_BYTES + tokens * arch.hidden * KT_LOSS_HIDDEN_BYTES
 
     optimizer_bytes = OPTIMIZER_BYTES_PER_PARAM.get(shape.optimizer, 8.0)
     parts = {

@@ -22,7 +22,12 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from kubetune.planning.models import Architecture  # noqa: E402
-from kubetune.planning.vram import LOGITS_BYTES, TrainingShape, activation_bytes_per_token_layer  # noqa: E402
+from kubetune.planning.vram import (  # noqa: E402
+    KT_LOGITS_BYTES,
+    LOGITS_BYTES,
+    TrainingShape,
+    activation_bytes_per_token_layer,
+)
 
 TOKENS = 2 * 64
 
@@ -114,29 +119,36 @@ def test_logits_term_covers_peak_memory_of_the_loss() -> None:
 
 CHUNKED_PROBE = textwrap.dedent(
     """
-    import torch
-    from kubetune_trainer.loop import LOSS_CHUNK, chunked_loss_sum
+    import sys, torch
+    from kubetune_trainer.loss import linear_cross_entropy_sum
+    from kubetune.planning.vram import loss_chunk_tokens
     torch.set_num_threads(1)
-    V, T = 32000, 4 * LOSS_CHUNK
-    head = torch.nn.Linear(64, V, bias=False).to(torch.bfloat16)
+    V = int(sys.argv[1])
+    chunk = loss_chunk_tokens(V)
+    T = 4 * chunk
+    head = torch.nn.Linear(64, V, bias=False).to(torch.bfloat16).requires_grad_(False)
     hidden = torch.randn(T, 64, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, V, (T,))
     def peak():
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    chunked_loss_sum(hidden[:8], targets[:8], head).backward()
-    before = peak()
-    chunked_loss_sum(hidden, targets, head).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer runs it
+        linear_cross_entropy_sum(hidden[:8], targets[:8], head).backward()
+        before = peak()
+        linear_cross_entropy_sum(hidden, targets, head).backward()
     after = peak()
-    print((after - before) * 1024 / (LOSS_CHUNK * V))
+    print((after - before) * 1024 / (chunk * V))
     """
 )
 
 
-def test_trainer_loss_keeps_one_chunk_of_logits() -> None:
-    """The kubetune trainer's loss over 4 chunks peaks at about one chunk's logits, as vram.py charges."""
-    pytest.importorskip("kubetune_trainer.loop")
+@pytest.mark.parametrize("vocab", [32_000, 128_256])
+def test_trainer_loss_keeps_one_chunk_of_logits(vocab: int) -> None:
+    """The kubetune trainer's loss over 4 chunks peaks at one chunk's 6 B per position per vocabulary entry,
+    what vram.py charges (KT_LOGITS_BYTES), not the 14 B of a loss over logits kept for backward."""
+    pytest.importorskip("kubetune_trainer.loss")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    run = subprocess.run([sys.executable, "-c", CHUNKED_PROBE], capture_output=True, text=True, timeout=300,
-                         check=True, env=env)
+    run = subprocess.run([sys.executable, "-c", CHUNKED_PROBE, str(vocab)], capture_output=True, text=True,
+                         timeout=300, check=True, env=env)
     per_chunk_token_vocab = float(run.stdout.strip().splitlines()[-1])
-    assert per_chunk_token_vocab <= LOGITS_BYTES * 1.03
+    # measured: 6.05 (32k) and 5.74 (128k) B
+    assert KT_LOGITS_BYTES * 0.90 <= per_chunk_token_vocab <= KT_LOGITS_BYTES * 1.05
