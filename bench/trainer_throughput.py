@@ -207,6 +207,8 @@ def main() -> int:
     parser.add_argument("--ours-checkpointing", choices=["auto", "on", "off"], default="auto",
                         help="auto: what the planner picks for this machine's memory")
     parser.add_argument("--baseline", type=Path, help="another checkout whose kubetune variants run side by side")
+    parser.add_argument("--no-plain", action="store_true",
+                        help="skip the plain recipe (with --baseline: ratios are then to the baseline's kubetune)")
     parser.add_argument("--variant", choices=["ours", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--rows", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -223,6 +225,10 @@ def main() -> int:
     if args.baseline:
         variants += [(f"{label} @base", variant, checkpointing, args.baseline.resolve())
                      for label, variant, checkpointing, _ in variants if variant == "ours"]
+    if args.no_plain:
+        if not args.baseline:
+            parser.error("--no-plain needs --baseline (something to compare with)")
+        variants = [v for v in variants if v[1] != "plain"]
     results: dict[str, dict[str, Any]] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,14 +258,15 @@ def main() -> int:
                 else:
                     best["peak"] = max(best["peak"], run["peak"])
 
-    plain = results["plain"]
+    reference = "plain" if "plain" in results else next(label for label in results if label.endswith("@base"))
+    plain = results[reference]
     load_after = os.getloadavg()
     print(f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
           f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} CPUs")
     print(f"SmolLM2-135M-Instruct QLoRA on {args.device}, {args.steps} optimizer steps, micro-batch "
           f"{args.micro_batch} x accumulation {args.accumulation}, rows of 32-~500 tokens (maxSeqLength {MAX_LEN})")
     print(f"{'':26} {'steps':>5} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'peak MiB':>9} {'train +MiB':>10}"
-          f" {'tok/s ratio':>11} {'peak ratio':>10}  notes")
+          f" {'tok/s ratio':>11} {'peak ratio':>10}  notes (ratios to {reference})")
     for label, r in results.items():
         if label == "plain":
             notes = f"padding {r['padded_tokens'] - r['tokens']} of {r['padded_tokens']} tokens, checkpointing on"

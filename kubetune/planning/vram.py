@@ -37,6 +37,10 @@ LOGITS_BUDGET_BYTES = 256 * 2**20
 HF_LORA_INPUT_BYTES = 4  # plain PEFT: the fp32 copy of each wrapped projection's input that lora_A keeps
 HF_LORA_DROPOUT_BYTES = 4  # plain PEFT dropout on that copy: fp32 output kept for lora_A plus the mask
 KT_LORA_DROPOUT_BYTES = 3  # kubetune trainer (autocast): bf16 dropout output plus the mask
+# bitsandbytes' 4-bit matmul dequantizes one projection's weight to the compute dtype (with its fp32 absmax)
+# for each matmul, forward and backward, and frees it after: one copy alive at a time. Measured on the CPU
+# (the same dequantize + F.linear path CUDA takes for long inputs): 1.08 copies (tests/core/test_vram_parts.py).
+DEQUANT_COPIES = 1.1
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
 ALLOCATOR_FRAGMENTATION = 0.08  # caching-allocator slack on top of live tensors at the peak
 
@@ -127,6 +131,12 @@ def activation_bytes_per_token_layer(arch: Architecture, shape: TrainingShape) -
     return base + shared + KT_LORA_DROPOUT_BYTES * dropout * inputs_per_projection
 
 
+def hosts_input_embeddings(on_gpu: bool, tied: bool, gpu_count: int) -> bool:
+    """The kubetune trainer keeps an untied input embedding table in host memory on a single-GPU run
+    (kubetune_trainer.memory): a lookup is a gather, only its (tokens, hidden) rows go to the GPU."""
+    return on_gpu and not tied and gpu_count == 1
+
+
 def loss_chunk_tokens(vocab: int, budget: int = LOGITS_BUDGET_BYTES) -> int:
     """Labelled positions per lm_head + cross-entropy chunk in the kubetune trainer: the fp32 logits of one
     chunk (4 B x vocab per position) fit `budget`; a multiple of 64 rows when that is at least 64."""
@@ -146,15 +156,19 @@ def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
     n = max(1, shape.gpu_count)
     tokens = shape.micro_batch * shape.seq_len
 
+    # 16-bit embeddings on the GPU: both tables, or only lm_head when the trainer hosts the input table
+    on_gpu_embeddings = arch.embedding_params
+    if shape.recipe == "kubetune" and hosts_input_embeddings(True, arch.tied_embeddings, shape.gpu_count):
+        on_gpu_embeddings -= arch.vocab * arch.hidden
     if shape.method == "qlora":
-        base = arch.linear_params * NF4_BYTES_PER_PARAM + (arch.embedding_params + arch.norm_params) * 2
+        base = arch.linear_params * NF4_BYTES_PER_PARAM + (on_gpu_embeddings + arch.norm_params) * 2
         per_weight = 1 / QUANT_BLOCK + 4 / (QUANT_BLOCK * DOUBLE_QUANT_BLOCK) if shape.double_quant else 4 / QUANT_BLOCK
         constants = arch.linear_params * per_weight
         # bitsandbytes dequantizes one projection at a time to bf16 for the matmul (forward and backward)
         largest = max(i * o for i, o, _ in arch.linear_shapes().values())
-        dequant_workspace = 2 * largest * 2
+        dequant_workspace = DEQUANT_COPIES * largest * 2
     else:
-        base = arch.total_params * 2
+        base = (arch.linear_params + on_gpu_embeddings + arch.norm_params) * 2
         constants = 0.0
         dequant_workspace = 0
 
@@ -169,7 +183,8 @@ def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
     if shape.recipe == "hf":
         logits = logits_tokens(shape, arch.vocab) * arch.vocab * LOGITS_BYTES
     else:
-        logits = logits_tokens(shape, arch.vocab) * arch.vocab * KT_LOGITS_BYTES + tokens * arch.hidden * KT_LOSS_HIDDEN_BYTES
+        logits = (logits_tokens(shape, arch.vocab) * arch.vocab * KT_LOGITS_BYTES
+                  + tokens * arch.hidden * KT_LOSS_HIDDEN_BYTES)
 
     optimizer_bytes = OPTIMIZER_BYTES_PER_PARAM.get(shape.optimizer, 8.0)
     parts = {

