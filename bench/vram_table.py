@@ -38,7 +38,7 @@ class Row:
         return TrainingShape(
             method=self.method,  # type: ignore[arg-type]
             lora_r=s["r"],
-            target_modules=targets if isinstance(targets, str) else tuple(targets),
+            target_modules=targets if isinstance(targets, str) else tuple(targets),  # type: ignore[arg-type]
             seq_len=s["seq"],
             micro_batch=s["microBatch"],
             gradient_checkpointing=s["checkpointing"],
