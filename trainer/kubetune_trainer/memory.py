@@ -32,7 +32,8 @@ def host_input_embeddings(model: Any, device: torch.device, gpu_count: int = 1) 
     """Move the input embedding table to host memory when `device` is a GPU and the table is not tied to lm_head.
     Its input ids go to the host and its output comes back to `device`, so callers see no difference. Returns
     whether it moved."""
-    if not hosts_input_embeddings(device.type == "cuda", tied(model), gpu_count):
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: DDP/FSDP want every parameter on the rank's GPU
+    if not hosts_input_embeddings(device.type == "cuda", tied(model), gpu_count * world):
         return False
     embedding = model.get_input_embeddings()
     embedding.to(HOST)
