@@ -59,7 +59,8 @@ def test_provisionable_per_class_in_the_catalog_file(tmp_path) -> None:  # type:
 
 
 def test_a_big_job_takes_the_big_class_the_cluster_has() -> None:
-    p = plan("meta-llama/Llama-3.1-8B-Instruct", supply_of(G5_P4D, default_catalog()), method="lora")
+    # 14B in 16 bits: 8B 16-bit LoRA now fits an A10G (issue 13)
+    p = plan("Qwen/Qwen2.5-14B-Instruct", supply_of(G5_P4D, default_catalog()), method="lora")
     assert p.gpu_class == "A100-80GB"  # the catalog's A100-40GB is cheaper, but the cluster has none
     assert "A100-40GB: no nodes in the cluster and not provisionable" in p.reasons
 
