@@ -16,11 +16,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
 
-from hub_server import HubServer, hub_env, model_files, smollm_model_dir
+from hub_server import HubServer
 from kt_cluster import NS, Cluster, cluster
 from kt_kubectl import Kubectl
 from kt_kubelet import Kubelet
-from kt_life import CREDENTIALS, DATA, MODEL, World, free_port
+from kt_life import CREDENTIALS, DATA, MODEL, MODEL_CACHE_CLAIM, World, free_port
 
 __all__ = ["cluster"]
 
@@ -53,19 +53,6 @@ def bucket(s3: Any, request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def mirror(hub_server: HubServer) -> tuple[HubServer, str]:
-    """The test hub as a mirror (HF_ENDPOINT) that also serves the bundled SmolLM2 under its real id, so the
-    operator plans it from the catalog and the trainer downloads it by hub id; returns (hub, commit sha)."""
-    return hub_server, hub_server.publish(MODEL, model_files(smollm_model_dir()))
-
-
-@pytest.fixture
-def hub(mirror: tuple[HubServer, str]) -> HubServer:
-    mirror[0].clear_log()
-    return mirror[0]
-
-
 @pytest.fixture
 def model() -> dict[str, Any]:
     return {"name": MODEL}
@@ -73,7 +60,13 @@ def model() -> dict[str, Any]:
 
 @pytest.fixture
 async def world(cluster: Cluster, tmp_path: Path, s3: Any, s3_endpoint: str, bucket: str, hub: HubServer,
-                model: dict[str, Any]) -> AsyncIterator[World]:
+                model: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
+    # The operator (in-process) plans a hub id the catalog does not know from its config.json on the hub the
+    # chart's hub.endpoint names (KUBETUNE_HF_ENDPOINT in the operator's pod).
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    await cluster.api.put_object("persistentvolumeclaims", {  # the chart's modelCache PVC, shared by attempts
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": MODEL_CACHE_CLAIM, "namespace": NS},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "10Gi"}}}})
     await cluster.api.put_object("secrets", {"apiVersion": "v1", "kind": "Secret",
                                              "metadata": {"name": "s3-creds", "namespace": NS},
                                              "stringData": CREDENTIALS})
@@ -81,13 +74,12 @@ async def world(cluster: Cluster, tmp_path: Path, s3: Any, s3_endpoint: str, buc
         "OMP_NUM_THREADS": "1",  # 2 cores shared: spinning OpenMP threads would fight
         "KUBETUNE_CACHE_DIR": os.environ.get("KUBETUNE_CACHE_DIR", str(Path.home() / ".cache" / "kubetune")),
         "KUBETUNE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
-        **hub_env(hub),  # the mirror
     }
     port = free_port()
     async with Kubelet(cluster.api, tmp_path / "kubelet", image_env=image_env) as kubelet:
         world = World(cluster, kubelet, Kubectl(cluster.url, tmp_path / "kubectl", namespace=NS), s3, bucket,
                       s3_endpoint, port, tmp_path, model, hub)
-        await cluster.start_operator(trainer_port=port, poll_interval=0.5)
+        await world.start_operator()
         try:
             yield world
         finally:

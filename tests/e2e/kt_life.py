@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from hub_server import SMOLLM_REPO
 from kt_cluster import NS, Cluster, eventually
 from kt_kubectl import Kubectl
 from kt_kubelet import Kubelet
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data" / "pebblewave-support.jsonl"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 MAX_STEPS, CHECKPOINT_STEPS = 4, 2
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a catalog id, served by the test hub as a mirror
+MODEL = SMOLLM_REPO  # a made-up hub id: planned from its config.json on the test hub, downloaded from there
+MODEL_CACHE_CLAIM = "model-cache"
 
 
 def free_port() -> int:
@@ -63,6 +65,11 @@ class World:
             },
         }, sort_keys=False)
 
+    async def start_operator(self) -> None:
+        """The operator as the chart configures it: the test hub as `hub.endpoint`, the model cache PVC."""
+        await self.cluster.start_operator(trainer_port=self.port, poll_interval=0.5, hf_endpoint=self.hub.url,
+                                          model_cache_claim=MODEL_CACHE_CLAIM)
+
     async def apply(self, name: str, **training: Any) -> None:
         path = self.folder / f"{name}.yaml"
         path.write_text(self.manifest(name, **training))
@@ -95,6 +102,11 @@ class World:
             if owner and (job_names is None or owner in job_names):
                 seen[obj["metadata"]["name"]] = obj
         return seen
+
+    def pod_seconds(self, pod: str) -> float:
+        """From the pod's creation to its Succeeded phase, as the API server saw them."""
+        key = (self.cluster.api.kind_of("pods").key, NS, pod)
+        return self.cluster.api.phase_at[(key, "Succeeded")] - self.cluster.api.created_at[key]
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return self.cluster.events(name)

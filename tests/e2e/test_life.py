@@ -134,7 +134,8 @@ async def test_whole_life(world: World) -> None:
     assert manifest["metrics"]["steps"] == MAX_STEPS
     assert manifest["baseModel"]["commit"] == world.hub.repos[MODEL].refs["main"]
     BASELINE["tensors"] = adapter_tensors(files)
-    print(f"\nwhole life: kubectl apply -> Succeeded in {seconds:.1f}s")
+    print(f"\nwhole life: kubectl apply -> Succeeded in {seconds:.1f}s; the pod (cold model cache) ran "
+          f"{world.pod_seconds(pod['metadata']['name']):.1f}s")
 
 
 async def test_sigkill_and_operator_restart_mid_run(world: World) -> None:
@@ -152,7 +153,7 @@ async def test_sigkill_and_operator_restart_mid_run(world: World) -> None:
     assert process is not None and process.returncode is None
     os.killpg(process.pid, signal.SIGKILL)  # the container dies without a word: no checkpoint on the way out
     await eventually(lambda: len(world.pods_seen({job["metadata"]["name"]})) == 2, 60, "a replacement pod")
-    await world.cluster.start_operator(trainer_port=world.port, poll_interval=0.5)
+    await world.start_operator()
 
     done = await world.wait_phase("killed", "Succeeded")
     assert len(world.jobs("killed")) == 1 and world.cluster.api.request_count("POST", "jobs") == 1  # no duplicate
@@ -191,6 +192,11 @@ async def test_out_of_memory_escalates_and_resumes(world: World) -> None:
     assert node is not None and node_matches(node, second.name)
     log = world.trainer_log(late["metadata"]["name"])
     assert f"at step {CHECKPOINT_STEPS}/{MAX_STEPS}" in log, log[-3000:]  # resumed from the checkpoint
+    # The model cache PVC outlives the attempt: the second attempt downloads nothing.
+    weights = [f for f in world.hub.file_downloads(MODEL) if f.endswith(".safetensors")]
+    assert weights == ["model.safetensors"], weights
+    print(f"\nsecond attempt on a cache hit (0 files downloaded): its pod ran "
+          f"{world.pod_seconds(late['metadata']['name']):.1f}s")
     resumed = [a.get("resumedFromStep") for a in attempts]
     assert resumed == [0, CHECKPOINT_STEPS], attempts
     check_manifest(adapter_files(world, "oom"))
