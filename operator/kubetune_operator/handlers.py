@@ -68,7 +68,7 @@ class Runtime:
         return counts
 
     def architecture(self, name: str | None, source: str | None) -> Architecture:
-        """model_architecture, remembered (an s3:// source is read once, off the event loop: see prefetch)."""
+        """model_architecture, remembered (resolved once, off the event loop: see prefetch)."""
         if (name, source) not in self.archs:
             if len(self.archs) >= 1024:
                 self.archs.clear()
@@ -82,11 +82,12 @@ class Runtime:
         return found
 
     async def prefetch(self, spec: Mapping[str, Any]) -> None:
-        """Read an s3:// model's config.json in a thread, so that planning never blocks the event loop."""
+        """Resolve the model's architecture in a thread (an s3:// config.json, or a hub id the catalog does not
+        know, read from the hub with its timeout), so that planning never blocks the operator's other jobs."""
         model = spec.get("model")
         model = model if isinstance(model, Mapping) else {}
         name, source = model.get("name"), model.get("source")
-        if isinstance(source, str) and source.startswith("s3://") and (name, source) not in self.archs:
+        if (isinstance(name, str) or isinstance(source, str)) and (name, source) not in self.archs:
             with contextlib.suppress(SpecError):
                 await asyncio.to_thread(self.architecture, name, source)
 

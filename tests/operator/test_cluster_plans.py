@@ -4,8 +4,11 @@ emits its Event, whether a watch event or the periodic timer decided it."""
 
 from __future__ import annotations
 
+import asyncio
+import http.server
 import json
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -129,3 +132,50 @@ async def test_an_s3_model_source_is_planned_from_its_config_json(bare: Cluster,
     status = await bare.wait_phase("from-s3", "Queued")
     assert status["gpu"] == "A10G x1"
     assert status["plan"]["reasons"][0].startswith("s3://models/llama-1b/")
+
+
+@pytest.fixture
+def slow_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """A hub on 127.0.0.1 whose config.json answers only once the test sets the returned Event (or after 8 s);
+    HF_ENDPOINT points the operator's planner at it."""
+    answer = threading.Event()
+    config = json.dumps({"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 2048,
+                         "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
+                         "vocab_size": 128256, "tie_word_embeddings": True}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer.wait(8)
+            self.send_response(200 if self.path.endswith("/config.json") else 404)
+            self.send_header("Content-Length", str(len(config)))
+            self.end_headers()
+            self.wfile.write(config)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        yield answer
+    finally:
+        answer.set()
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_slow_hub_read_for_one_job_does_not_hold_up_the_others(bare: Cluster,
+                                                                       slow_hub: threading.Event) -> None:
+    """A hub id the catalog does not know is planned from its config.json on the hub, read in a thread: while
+    the hub is slow to answer, the operator keeps launching other jobs."""
+    await bare.add_nodes(G5_P4D)
+    await bare.start_operator()
+    await bare.apply(finetunejob("from-hub", "acme/unlisted-1b"))
+    await asyncio.sleep(0.5)  # the hub read for from-hub is in flight
+    await bare.apply(finetunejob("from-catalog", "meta-llama/Llama-3.2-1B-Instruct"))
+    await bare.wait_phase("from-catalog", "Queued", timeout=6)
+    assert bare.status("from-hub").get("phase") is None  # still waiting for the hub
+    slow_hub.set()
+    status = await bare.wait_phase("from-hub", "Queued")
+    assert status["gpu"] == "A10G x1"
