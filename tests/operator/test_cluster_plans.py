@@ -65,7 +65,7 @@ async def test_a_provisionable_class_is_planned_and_its_job_created_for_the_auto
 async def test_a_pending_job_is_replanned_when_a_node_that_holds_it_joins(bare: Cluster) -> None:
     await bare.add_nodes(A10G_ONLY)
     await bare.start_operator()
-    await bare.apply(finetunejob("big", method="lora"))  # 16-bit 8B: more than an A10G holds
+    await bare.apply(finetunejob("big", "Qwen/Qwen2.5-14B", method="lora"))  # 16-bit 14B: more than an A10G holds
     status = await bare.wait_phase("big", "Pending")
     assert any("waits for a node of it" in r for r in status["plan"]["reasons"])
     assert bare.jobs() == []
