@@ -101,7 +101,7 @@ async def test_kubernetes_errors_are_passed_on_not_crashed_on(stack) -> None:
 async def test_plan_preview_needs_no_cluster(stack) -> None:
     response = await stack.client.post("/v1/plan", json={**JOB, "spec": {**JOB["spec"], "method": "lora"}})
     assert response.status_code == 200
-    assert response.json()["gpuClass"] == "A100-40GB"
+    assert response.json()["gpuClass"] == "L4"  # the whole catalog: a 16-bit 8B LoRA fits a 24 GB class
 
 
 async def test_malformed_body_is_422_not_500(stack) -> None:

@@ -46,7 +46,7 @@ DEQUANT_PROBE = textwrap.dedent(
 
 def test_4bit_matmul_holds_one_dequantized_copy_of_the_weight() -> None:
     """Forward and backward each dequantize the projection once (bf16, plus its fp32 absmax) and free it: the
-    estimate's DEQUANT_COPIES (1.1), not the 2 it charged before."""
+    estimate's DEQUANT_COPIES (1.15), not the 2 it charged before."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     run = subprocess.run([sys.executable, "-c", DEQUANT_PROBE], capture_output=True, text=True, timeout=300,
                          check=True, env=env)
