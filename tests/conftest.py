@@ -1,4 +1,4 @@
-"""Fixtures every test directory can use: the hub-compatible file server (tests/hub_server.py)."""
+"""Fixtures every test directory can use: the hub-compatible file server (tests/hub_server.py) and moto S3."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def hub(hub_server: HubServer) -> HubServer:
     """The session's hub with an empty request log (count downloads with `hub.file_downloads(repo)`)."""
     hub_server.clear_log()
     return hub_server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's standalone S3 server on a free port, reached over HTTP by boto3 with endpoint_url (one per
+    session; each test uses its own bucket)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -193,18 +193,6 @@ def start_trainer(trainer_env: dict[str, str]) -> Iterator[Callable[..., Trainer
             proc.log_file.close()
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's standalone S3 server on a free port (reached over HTTP by boto3 with endpoint_url)."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A boto3 client for the moto server; the environment points the trainer's own client there too."""
