@@ -33,12 +33,18 @@ DEQUANT_PROBE = textwrap.dedent(
     q, state = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     del w
     A = torch.randn(T, IN, dtype=torch.bfloat16, requires_grad=True)
-    reset(); base = status("VmRSS")
-    out = bnb.matmul_4bit(A, q.t(), state)
-    forward = status("VmHWM") - base
-    reset(); base = status("VmRSS")
-    out.sum().backward()
-    backward = status("VmHWM") - base
+    def measure():
+        reset(); base = status("VmRSS")
+        out = bnb.matmul_4bit(A, q.t(), state)
+        forward = status("VmHWM") - base
+        reset(); base = status("VmRSS")
+        out.sum().backward()
+        backward = status("VmHWM") - base
+        A.grad = None
+        return forward, backward
+    measure()  # the first call also loads code and starts thread pools: not the matmul's own memory
+    runs = [measure() for _ in range(3)]  # anything else only ever adds: the least of three is the matmul's
+    forward, backward = min(r[0] for r in runs), min(r[1] for r in runs)
     print(forward / (OUT * IN * 2), backward / (OUT * IN * 2))
     """
 )
@@ -51,7 +57,7 @@ def test_4bit_matmul_holds_one_dequantized_copy_of_the_weight() -> None:
     run = subprocess.run([sys.executable, "-c", DEQUANT_PROBE], capture_output=True, text=True, timeout=300,
                          check=True, env=env)
     forward, backward = map(float, run.stdout.split()[-2:])
-    # measured: 1.08 and 1.04 copies
+    # measured (warm, least of three): 1.04 and 1.03 copies
     for copies in (forward, backward):
         assert 0.9 <= copies <= DEQUANT_COPIES, (forward, backward)
 
