@@ -41,6 +41,7 @@ from kubetune_operator.settings import Settings
 FTJ = (API_GROUP, API_VERSION, PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
 FINALIZER = "kubetune.io/finalizer"  # kopf's, for the per-job timer (main.kopf_settings)
+FIRST_DECISION_RETRIES = 5  # poll intervals apart: a job's first reconcile, before its timer exists
 log = logging.getLogger("kubetune.operator")
 
 
@@ -168,11 +169,12 @@ async def poll_trainer(ip: str | None, port: int | None, timeout: float) -> Trai
 
 
 async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any], *, source: str,
-                        poll: bool = False) -> None:
+                        poll: bool = False) -> bool:
+    """One reconcile of one FineTuneJob; False when it failed (logged: the next event or timer retries)."""
     meta = body.get("metadata") or {}
     uid = meta.get("uid", "")
     if not uid or meta.get("deletionTimestamp"):
-        return
+        return True
     started, result = time.perf_counter(), "error"
     try:
         async with rt.locks.setdefault(uid, asyncio.Lock()):
@@ -185,6 +187,7 @@ async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[s
     finally:
         rt.metrics.reconciles.labels(source, result).inc()
         rt.metrics.reconcile_seconds.labels(source).observe(time.perf_counter() - started)
+    return result == "ok"
 
 
 async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any], *, poll: bool) -> Snapshot:
@@ -247,9 +250,15 @@ async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, me
     rt.phases.setdefault(uid, (body.get("status") or {}).get("phase") or "Pending")
     if body.get("metadata", {}).get("resourceVersion") == rt.echoes.pop(uid, None):
         return  # the echo of this operator's own status write: nothing new to decide
-    if _active(body.status) and FINALIZER not in (body.get("metadata", {}).get("finalizers") or []):
-        return  # kopf adds its finalizer first (for the timer); deciding now would race that patch
-    await run_reconcile(_plain(body), rt, indexes, source="finetunejob")
+    plain = _plain(body)
+    for retry in range(FIRST_DECISION_RETRIES + 1):
+        if await run_reconcile(plain, rt, indexes, source="finetunejob") or \
+                _followed(rt.written.get(uid) or plain.get("status") or {}):
+            return
+        if retry < FIRST_DECISION_RETRIES:  # no timer yet for an undecided job (see _followed): retry here
+            await asyncio.sleep(rt.settings.poll_interval)
+    log.error(f"gave up deciding {body.meta.get('namespace')}/{body.meta.get('name')} after "
+              f"{FIRST_DECISION_RETRIES + 1} tries; any change to it (or an operator restart) tries again")
 
 
 async def on_trainer_pod(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **indexes: Any) -> None:
@@ -263,8 +272,11 @@ async def on_timer(body: kopf.Body, memo: kopf.Memo, **indexes: Any) -> None:
     await run_reconcile(_plain(body), memo.kubetune, indexes, poll=True, source="timer")
 
 
-def _active(status: Mapping[str, Any], **_: Any) -> bool:
-    return status.get("phase") not in TERMINAL_PHASES
+def _followed(status: Mapping[str, Any], **_: Any) -> bool:
+    """The timer runs for jobs decided (a phase written) and not finished. Not before the first decision: kopf
+    adds the timer's finalizer with a resourceVersion-guarded patch, which the first status write would always
+    break (a failed PATCH and a retry per job); on the echo of that write it lands at once."""
+    return status.get("phase") is not None and status.get("phase") not in TERMINAL_PHASES
 
 
 async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -300,4 +312,4 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.on.event(*FTJ, id="finetunejob", registry=registry)(on_finetunejob)
     kopf.on.event("", "v1", "pods", labels=MANAGED, id="trainer_pod", registry=registry)(on_trainer_pod)
     kopf.timer(*FTJ, id="timer", interval=settings.poll_interval, initial_delay=settings.poll_interval,
-               when=_active, registry=registry)(on_timer)
+               when=_followed, registry=registry)(on_timer)

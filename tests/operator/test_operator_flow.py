@@ -255,6 +255,20 @@ async def test_injected_conflicts_and_server_errors_are_survived(cluster: Cluste
     assert operator.crashed() is None
 
 
+async def test_a_first_decision_that_fails_is_retried_before_the_job_has_a_timer(cluster: Cluster) -> None:
+    """The per-job timer starts once a phase is written; until then on_finetunejob retries a failed decision
+    itself. Here the Job POST fails past every backoff of the first reconcile (6 tries), then heals."""
+    cluster.api.inject("POST", "jobs", 500, times=8)
+    operator = await cluster.start_operator()
+    await cluster.apply(finetunejob("stubborn"))
+    status = await cluster.wait_phase("stubborn", "Queued", timeout=30)
+    assert status["jobName"] == "stubborn-a1" and len(cluster.jobs()) == 1
+    assert [e["reason"] for e in cluster.events("stubborn")] == ["JobCreated"]
+    await eventually(lambda: "kubetune.io/finalizer" in (cluster.ftj("stubborn")["metadata"].get("finalizers") or []),
+                     what="the timer's finalizer once the job is decided")
+    assert operator.crashed() is None
+
+
 async def test_deletion_cascades_to_the_children(cluster: Cluster) -> None:
     await cluster.start_operator()
     await cluster.apply(finetunejob("gone"))
