@@ -2,9 +2,10 @@
 
 - Indexes keep the cluster as the watches see it: GPU nodes, the GPUs pods hold, trainer Jobs and pods, and
   the FineTuneJobs themselves. kopf passes them to every handler as arguments; placement costs no request.
-- A FineTuneJob event (except the echo of our own status write), a trainer pod event (for its FineTuneJob),
-  and a `@kopf.timer` every `poll_interval` seconds (which also polls a running trainer's /status, re-plans
-  Pending jobs against the current inventory, and notices Job-level changes) each run one reconcile.
+- A FineTuneJob event (except echoes: of our own status write, of kopf's finalizer), a trainer pod event (for
+  its FineTuneJob), and a `@kopf.timer` every `poll_interval` seconds (which also polls a running trainer's
+  /status, re-plans Pending jobs against the current inventory, and notices Job-level changes) each run one
+  reconcile. The timer starts once a job's first decision is written (`_followed`).
 - Every path runs inside kopf's handler context, so every transition's Event is posted (`kopf.event`).
 
 State that is not in the cluster lives in `Runtime` (kopf's `memo`): the status each job was last written
@@ -55,7 +56,7 @@ class Runtime:
     login: Callable[..., Any] | None = None  # a test's login handler (None: in-cluster or kubeconfig)
     kube: Kube | None = None
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> status as last written
-    echoes: dict[str, str | None] = field(default_factory=dict)  # uid -> resourceVersion of that write
+    seen: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # uid -> what its last reconcile read (_essence)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # uid -> serializes reconciles of one job
     phases: dict[str, str] = field(default_factory=dict)  # uid -> phase, for the jobs-by-phase gauge
     plans: dict[tuple[str, str | None, Supply], Plan] = field(default_factory=dict)  # make_plan's results
@@ -116,6 +117,14 @@ class Runtime:
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
     """A shallow copy of a watched body's top level (kopf hands each event new dicts; nothing here mutates)."""
     return {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
+
+
+def _essence(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a FineTuneJob event can bring that a reconcile reads, besides status: its spec (by generation) and
+    labels (the Kueue queue). An event that changes neither nor the status is an echo (of a status write, or of
+    kopf's finalizer)."""
+    meta = body.get("metadata") or {}
+    return meta.get("generation"), tuple(sorted((meta.get("labels") or {}).items()))
 
 
 def _first(index: kopf.Index[Any, Any], key: Any) -> Any:
@@ -180,6 +189,7 @@ async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[s
         async with rt.locks.setdefault(uid, asyncio.Lock()):
             snap = await read(body, rt, indexes, poll=poll)
             await apply(snap, reconcile(snap), rt, uid)
+            rt.seen[uid] = _essence(body)
         result = "ok"
     except Exception:
         log.exception(f"reconcile of {meta.get('namespace')}/{meta.get('name')} failed; the next event or timer "
@@ -229,7 +239,6 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
         if updated is None:
             return  # the FineTuneJob is gone
         rt.written[uid] = dict(updated.get("status") or {})
-        rt.echoes[uid] = (updated.get("metadata") or {}).get("resourceVersion")
     rt.phases[uid] = (rt.written.get(uid) or snap.status).get("phase") or "Pending"
     for event in actions.events:
         kopf.event(dict(snap.body), type=event.type, reason=event.reason.value, message=event.message)  # type: ignore[arg-type]
@@ -244,13 +253,13 @@ async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, me
                          **indexes: Any) -> None:
     rt: Runtime = memo.kubetune
     if event.get("type") == "DELETED":
-        for cache in (rt.written, rt.locks, rt.phases, rt.echoes):
+        for cache in (rt.written, rt.locks, rt.phases, rt.seen):
             cache.pop(uid, None)
         return
-    rt.phases.setdefault(uid, (body.get("status") or {}).get("phase") or "Pending")
-    if body.get("metadata", {}).get("resourceVersion") == rt.echoes.pop(uid, None):
-        return  # the echo of this operator's own status write: nothing new to decide
     plain = _plain(body)
+    rt.phases.setdefault(uid, (plain.get("status") or {}).get("phase") or "Pending")
+    if rt.seen.get(uid) == _essence(plain) and (plain.get("status") or {}) == rt.written.get(uid):
+        return  # the echo of this operator's own status write, or kopf's finalizer: nothing new to decide
     for retry in range(FIRST_DECISION_RETRIES + 1):
         if await run_reconcile(plain, rt, indexes, source="finetunejob") or \
                 _followed(rt.written.get(uid) or plain.get("status") or {}):
