@@ -269,6 +269,27 @@ async def test_a_first_decision_that_fails_is_retried_before_the_job_has_a_timer
     assert operator.crashed() is None
 
 
+async def test_events_that_bring_nothing_new_are_not_reconciled(cluster: Cluster) -> None:
+    """The echo of a status write, kopf's finalizer or an annotation leave generation, labels and status as
+    they were: no reconcile. A label (the Kueue queue is one) is news."""
+    operator = await cluster.start_operator(poll_interval=60)  # no timer reconciles during the test
+    await cluster.apply(finetunejob("calm"))
+    await cluster.wait_phase("calm", "Queued")
+    await eventually(lambda: cluster.ftj("calm")["metadata"].get("finalizers"), what="kopf's finalizer")
+
+    def reconciles() -> float:
+        return operator.metrics.reconciles.labels("finetunejob", "ok")._value.get()
+
+    before = reconciles()
+    merge = "application/merge-patch+json"
+    path = f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/calm"
+    await cluster.request("PATCH", path, {"metadata": {"annotations": {"team": "search"}}}, merge)
+    await asyncio.sleep(0.5)
+    assert reconciles() == before
+    await cluster.request("PATCH", path, {"metadata": {"labels": {"team": "search"}}}, merge)
+    await eventually(lambda: reconciles() == before + 1, what="a reconcile for the label")
+
+
 async def test_deletion_cascades_to_the_children(cluster: Cluster) -> None:
     await cluster.start_operator()
     await cluster.apply(finetunejob("gone"))
