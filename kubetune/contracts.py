@@ -67,6 +67,9 @@ class Reason(StrEnum):
     NO_MATCHING_NODES = "NoMatchingNodes"
     """No node of the planned class has the GPUs, and the class is not provisionable; re-planned when the
     cluster's inventory changes."""
+    MODEL_CONFIG_UNREACHABLE = "ModelConfigUnreachable"
+    """The model is not in the catalog and the hub did not answer for its config.json (a hub or network
+    outage, not the spec's fault); planned again every poll interval."""
     # --- Queued (Ready=False, Reconciling=True) -------------------------------------------------------
     JOB_CREATED = "JobCreated"
     """The ConfigMap and trainer Job of an attempt were created (or adopted)."""

@@ -25,6 +25,7 @@ from kubetune.api.limits import BodyLimit, Offload
 from kubetune.api.settings import ApiSettings
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
+from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Supply, inventory_of, supply_of
 from kubetune.planning.plan import Plan, make_plan
@@ -156,7 +157,8 @@ def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None =
     }
     problems: dict[int | str, dict[str, Any]] = {
         **refusals, 422: {"model": Problems, "description": "Invalid FineTuneJob: one line per field"},
-        503: {"description": "Too many plans in progress; retry"}, 504: {"description": "Planning timed out"}}
+        503: {"description": "Too many plans in progress, or the model hub did not answer; retry"},
+        504: {"description": "Planning timed out"}}
 
     @jobs.post("", status_code=201, response_model=JobResponse, responses=problems, openapi_extra=JOB_BODY)
     async def submit(namespace: Namespace, request: Request,
@@ -228,6 +230,11 @@ def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None =
     @app.exception_handler(SpecError)
     async def invalid(_: Request, exc: SpecError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"errors": exc.problems})
+
+    @app.exception_handler(HubUnreachable)
+    async def hub_down(_: Request, exc: HubUnreachable) -> JSONResponse:
+        """An uncatalogued hub id whose config.json the hub did not serve: not the caller's fault; retry."""
+        return JSONResponse(status_code=503, content={"errors": [str(exc)]}, headers={"Retry-After": "10"})
 
     @app.exception_handler(RequestValidationError)
     async def unreadable(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -215,18 +215,14 @@ def resolve_architecture(name: str | None, source: str | None,
             return architecture_from_config(json.loads(config_path.read_text()), label)
     if name and (cached := _hf_cache_config(name)):
         return architecture_from_config(json.loads(cached.read_text()), label)
-    hub_problem = ""
     if name and not source and read_hub_config is not None:
-        from kubetune.planning.hub_config import HubUnreachable
-
-        try:
-            return architecture_from_config(read_hub_config(name, revision), label)
-        except HubUnreachable as exc:
-            hub_problem = f" and the hub ({str(exc).removeprefix('spec.model.name: ')})"
+        # A hub that does not answer is not the spec's fault: HubUnreachable propagates, and callers retry
+        # (the operator keeps the job Pending) instead of failing the job.
+        return architecture_from_config(read_hub_config(name, revision), label)
     known = ", ".join(sorted(a.name for a in CATALOG.values()))
     raise SpecError(
         f"spec.model: unknown model {label!r} and no readable config.json "
-        f"(looked in {'the source and ' if source else ''}the Hugging Face cache{hub_problem}). "
+        f"(looked in {'the source and ' if source else ''}the Hugging Face cache). "
         f"Use a catalog model ({known}) or point spec.model.source at a directory or s3:// prefix holding config.json."
     )
 

@@ -28,6 +28,7 @@ import kopf
 from kubetune.contracts import TERMINAL_PHASES, TrainerStatus
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog
+from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.models import Architecture, model_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, Supply, node_info, pod_gpus, supply_of
 from kubetune.planning.plan import Plan, make_plan
@@ -61,7 +62,7 @@ class Runtime:
     phases: dict[str, str] = field(default_factory=dict)  # uid -> phase, for the jobs-by-phase gauge
     plans: dict[tuple[str, str | None, Supply], Plan] = field(default_factory=dict)  # make_plan's results
     supplies: dict[tuple[Any, ...], Supply] = field(default_factory=dict)  # the inventory's classes, by its nodes
-    archs: dict[tuple[str | None, str | None], Architecture | SpecError] = field(default_factory=dict)
+    archs: dict[tuple[str | None, str | None], Architecture | SpecError | HubUnreachable] = field(default_factory=dict)
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -70,16 +71,17 @@ class Runtime:
         return counts
 
     def architecture(self, name: str | None, source: str | None) -> Architecture:
-        """model_architecture, remembered (resolved once, off the event loop: see prefetch)."""
+        """model_architecture, remembered (resolved off the event loop: see prefetch). A spec error is
+        remembered too; a hub that did not answer only until the next prefetch."""
         if (name, source) not in self.archs:
             if len(self.archs) >= 1024:
                 self.archs.clear()
             try:
                 self.archs[(name, source)] = model_architecture(name, source)
-            except SpecError as exc:
+            except (SpecError, HubUnreachable) as exc:
                 self.archs[(name, source)] = exc
         found = self.archs[(name, source)]
-        if isinstance(found, SpecError):
+        if isinstance(found, Exception):
             raise found
         return found
 
@@ -88,10 +90,14 @@ class Runtime:
         know, read from the hub with its timeout), so that planning never blocks the operator's other jobs."""
         model = spec.get("model")
         model = model if isinstance(model, Mapping) else {}
-        name, source = model.get("name"), model.get("source")
-        if (isinstance(name, str) or isinstance(source, str)) and (name, source) not in self.archs:
-            with contextlib.suppress(SpecError):
-                await asyncio.to_thread(self.architecture, name, source)
+        key = (model.get("name"), model.get("source"))
+        if not (isinstance(key[0], str) or isinstance(key[1], str)):
+            return
+        if isinstance(self.archs.get(key), HubUnreachable):
+            del self.archs[key]  # ask the hub again
+        if key not in self.archs:
+            with contextlib.suppress(SpecError, HubUnreachable):
+                await asyncio.to_thread(self.architecture, *key)
 
     def supply(self, inventory: Inventory) -> Supply:
         key = tuple((n.name, n.allocatable_gpus, n.schedulable, tuple(sorted(n.labels.items())))

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from kubetune.contracts import TERMINAL_PHASES, Phase, Reason, TrainerStatus
 from kubetune.errors import PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
+from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.placement import Inventory, place
 from kubetune.planning.plan import Plan
 from kubetune.spec import FineTuneJobSpec, parse_spec
@@ -169,6 +170,10 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
     except SpecError as exc:
         job.write(phase=Phase.FAILED, reason=Reason.INVALID_SPEC, message="; ".join(exc.problems))
+        return
+    except HubUnreachable as exc:
+        job.write(phase=Phase.PENDING, reason=Reason.MODEL_CONFIG_UNREACHABLE, warning=True,
+                  message=f"{note}{exc}; planned again every {snap.settings.poll_interval:g}s")
         return
 
     fields = st.plan_fields(plan)

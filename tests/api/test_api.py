@@ -113,3 +113,20 @@ async def test_malformed_body_is_422_not_500(stack) -> None:
 async def test_openapi_schema_is_served(stack) -> None:
     schema = (await stack.client.get("/openapi.json")).json()
     assert "/v1/namespaces/{namespace}/finetunejobs" in schema["paths"]
+
+
+async def test_a_hub_that_does_not_answer_is_503_with_retry_after_and_nothing_is_created(
+        stack, monkeypatch, tmp_path) -> None:
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")  # nothing listens
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    unlisted = {**JOB, "spec": {**JOB["spec"], "model": {"name": "acme/uncatalogued-9b"}}}
+    response = await stack.client.post(BASE, json=unlisted)
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "10"
+    assert "cannot read 'acme/uncatalogued-9b'" in response.json()["errors"][0]
+    assert stored(stack) is None

@@ -76,7 +76,7 @@ def test_the_async_read_leaves_the_event_loop_free(silent_port: int, monkeypatch
 
     ticks, error = asyncio.run(scenario())
     assert ticks >= 10  # the loop kept running while the read waited
-    assert isinstance(error, (HubUnreachable, SpecError))
+    assert isinstance(error, HubUnreachable)  # not the spec's fault: callers retry
 
 
 def test_cli_plans_an_uncatalogued_hub_id_from_the_hub(hub: HubServer, tmp_path: Path,
@@ -97,3 +97,21 @@ def test_cli_plans_an_uncatalogued_hub_id_from_the_hub(hub: HubServer, tmp_path:
     monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
     assert main(["plan", "-f", str(path), "-o", "json"]) == 0
     assert '"gpuClass"' in capsys.readouterr().out
+
+
+def test_an_unreachable_hub_is_a_retryable_error_in_the_cli_not_an_invalid_spec(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")  # nothing listens: connection refused
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(HubUnreachable, match="cannot read 'acme/uncatalogued-9b'"):
+        model_architecture("acme/uncatalogued-9b", None)
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "x"},
+           "spec": {"model": {"name": "acme/uncatalogued-9b"}, "dataset": {"source": "s3://data/train.jsonl"},
+                    "output": {"uri": "s3://adapters/x/"}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["plan", "-f", str(path)]) == 1  # ExitCode.ERROR, not BAD_INPUT (2)
+    assert "check HF_ENDPOINT and the network" in capsys.readouterr().err

@@ -5,11 +5,12 @@ emits its Event, whether a watch event or the periodic timer decided it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,22 +135,24 @@ async def test_an_s3_model_source_is_planned_from_its_config_json(bare: Cluster,
     assert status["plan"]["reasons"][0].startswith("s3://models/llama-1b/")
 
 
-@pytest.fixture
-def slow_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """A hub on 127.0.0.1 whose config.json answers only once the test sets the returned Event (or after 8 s);
-    HF_ENDPOINT points the operator's planner at it."""
-    answer = threading.Event()
-    config = json.dumps({"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 2048,
-                         "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
-                         "vocab_size": 128256, "tie_word_embeddings": True}).encode()
+UNLISTED_1B = json.dumps({"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 2048,
+                          "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
+                          "vocab_size": 128256, "tie_word_embeddings": True}).encode()
+
+
+@contextlib.contextmanager
+def hub_answering(monkeypatch: pytest.MonkeyPatch, answer: Callable[[], int]) -> Iterator[None]:
+    """A hub on 127.0.0.1 (HF_ENDPOINT for the operator's planner) whose config.json answers with the status
+    `answer()` returns when asked (200: a Llama-1B-like config)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            answer.wait(8)
-            self.send_response(200 if self.path.endswith("/config.json") else 404)
-            self.send_header("Content-Length", str(len(config)))
+            code = answer() if self.path.endswith("/config.json") else 404
+            body = UNLISTED_1B if code == 200 else b"{}"
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(config)
+            self.wfile.write(body)
 
         def log_message(self, *_: Any) -> None:
             pass
@@ -158,11 +161,45 @@ def slow_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     try:
-        yield answer
+        yield
     finally:
-        answer.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def slow_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """A hub whose config.json answers only once the test sets the returned Event (or after 8 s)."""
+    answer = threading.Event()
+
+    def slowly() -> int:
+        answer.wait(8)
+        return 200
+
+    with hub_answering(monkeypatch, slowly):
+        try:
+            yield answer
+        finally:
+            answer.set()
+
+
+async def test_a_hub_outage_keeps_the_job_pending_and_it_is_planned_when_the_hub_answers(
+        bare: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An uncatalogued hub id whose config.json the hub cannot serve (HTTP 503) is not an invalid spec: the job
+    stays Pending (ModelConfigUnreachable, a Warning Event) and the timer plans it again once the hub answers."""
+    down = threading.Event()
+    down.set()
+    with hub_answering(monkeypatch, lambda: 503 if down.is_set() else 200):
+        await bare.add_nodes(G5_P4D)
+        await bare.start_operator()
+        await bare.apply(finetunejob("hub-down", "acme/unlisted-1b"))
+        status = await bare.wait_phase("hub-down", "Pending")
+        assert status["conditions"][0]["reason"] == "ModelConfigUnreachable", status
+        assert "HTTP 503" in status["message"] and "planned again every" in status["message"]
+        assert [e["type"] for e in bare.events("hub-down") if e["reason"] == "ModelConfigUnreachable"] == ["Warning"]
+        down.clear()
+        status = await bare.wait_phase("hub-down", "Queued")
+    assert status["gpu"] == "A10G x1"
 
 
 async def test_a_slow_hub_read_for_one_job_does_not_hold_up_the_others(bare: Cluster,

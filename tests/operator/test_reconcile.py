@@ -13,6 +13,7 @@ from kubetune_operator.settings import Settings
 
 from kubetune.contracts import Outcome, Phase, Reason, TerminationSummary, TrainerPhase, TrainerStatus
 from kubetune.planning.gpus import load_catalog
+from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, supply_of
 from kubetune.planning.plan import Plan, make_plan
@@ -254,3 +255,19 @@ def test_the_step_an_attempt_resumed_from_is_recorded() -> None:
     done = TerminationSummary(outcome=Outcome.SUCCEEDED, exit_code=0, steps=500, resumed_from_step=50).message()
     snap = snapshot(body(), RUNNING, job=trainer_job(), pods=(pod(0, message=done),))
     assert after(snap, reconcile(snap))["attempts"][0]["resumedFromStep"] == 50
+
+
+def test_a_hub_that_does_not_answer_leaves_the_job_pending_and_an_answer_plans_it() -> None:
+    """HubUnreachable from the planner is not an invalid spec: Pending (a Warning), no children; the timer's
+    next reconcile plans it once the hub answers."""
+    def unreachable(spec: FineTuneJobSpec, above: str | None) -> Plan:
+        raise HubUnreachable("spec.model.name: https://hub.example answered HTTP 503 for 'acme/x''s config.json")
+
+    snap = replace(snapshot(body()), planner=unreachable)
+    actions = reconcile(snap)
+    status = after(snap, actions)
+    assert (status["phase"], status["conditions"][0]["reason"]) == ("Pending", "ModelConfigUnreachable")
+    assert "HTTP 503" in status["message"] and not actions.create and "jobName" not in status
+    assert [(e.type, e.reason) for e in actions.events] == [("Warning", "ModelConfigUnreachable")]
+    healed = reconcile(snapshot(body(), status))
+    assert [c["kind"] for c in healed.create][-1] == "Job" and healed.status["phase"] == "Queued"
