@@ -95,20 +95,26 @@ def dtype() -> Any:
     return compute_dtype(torch.device("cpu"))
 
 
-def run_plain(folder: Path, seq: int, decoder_only: bool) -> dict[str, Any]:
-    import torch
+def plain_qlora_model(folder: Path) -> Any:
+    """The plain recipe's model: NF4 + double quantization, PEFT's k-bit preparation, LoRA on all linears."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    before = rss()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=dtype())
     model: Any = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, device_map={"": "cpu"},
                                                       dtype=dtype())
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+
+
+def run_plain(folder: Path, seq: int, decoder_only: bool) -> dict[str, Any]:
+    import torch
+
+    before = rss()
+    model = plain_qlora_model(folder)
     model.train()
     weights = rss() - before
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -128,20 +134,12 @@ def run_plain(folder: Path, seq: int, decoder_only: bool) -> dict[str, Any]:
 def run_trl(folder: Path, seq: int, decoder_only: bool) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     assert not decoder_only
     before = rss()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=dtype())
-    model: Any = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, device_map={"": "cpu"},
-                                                      dtype=dtype())
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = plain_qlora_model(folder)
     weights = rss() - before
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kt_autograd import saved_bytes as saved_bytes_of  # noqa: E402
 
 from kubetune.planning.models import Architecture  # noqa: E402
 from kubetune.planning.vram import (  # noqa: E402
@@ -55,19 +59,13 @@ def lora_model(layers: int, h: int, i: int, heads: int, kv_heads: int, dropout: 
 def saved_bytes(layers: int, h: int, i: int, heads: int, kv_heads: int, dropout: float, recipe: str) -> int:
     model, precision = lora_model(layers, h, i, heads, kv_heads, dropout, recipe)
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = max(storages.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
     ids = torch.randint(0, 512, (2, TOKENS // 2))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision:
-        model(input_ids=ids, labels=ids)
-    return sum(storages.values())
+
+    def forward() -> None:
+        with precision:
+            model(input_ids=ids, labels=ids)
+
+    return saved_bytes_of(model, forward)
 
 
 @pytest.mark.parametrize(("h", "i", "heads", "kv_heads"), [(256, 688, 8, 4), (384, 2048, 6, 6)])

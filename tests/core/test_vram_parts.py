@@ -18,6 +18,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
+sys.path.insert(0, str(Path(__file__).parent))
+from kt_autograd import saved_bytes  # noqa: E402
+
 from kubetune.planning.vram import ACT_BYTES, DEQUANT_COPIES  # noqa: E402
 
 DEQUANT_PROBE = textwrap.dedent(
@@ -82,21 +85,14 @@ def kept_per_layer_token(layers: int, h: int) -> float:
     trainer._norm_dtype_hook(model, torch.bfloat16)
     model = trainer.apply_lora(model, spec, torch.bfloat16)
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = max(storages.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
     ids = torch.randint(0, 512, (2, TOKENS // 2))
     decoder = model.get_base_model().model
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            trainer.mixed_precision("cpu", torch.bfloat16):
-        decoder(input_ids=ids, use_cache=False)
-    return sum(storages.values()) / TOKENS
+
+    def forward() -> None:
+        with trainer.mixed_precision("cpu", torch.bfloat16):
+            decoder(input_ids=ids, use_cache=False)
+
+    return saved_bytes(model, forward) / TOKENS
 
 
 @pytest.mark.parametrize("h", [256, 512])
