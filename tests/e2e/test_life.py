@@ -223,3 +223,4 @@ async def test_deleted_mid_run(world: World) -> None:
     assert world.cluster.api.items("jobs", NS) == [] and world.cluster.api.items("configmaps", NS) == []
     keys = [o["Key"] for o in world.s3.list_objects_v2(Bucket=world.bucket, Prefix="adapters/gone/")["Contents"]]
     assert any(k.endswith("/COMPLETE") for k in keys)  # the S3 output is kept
+
