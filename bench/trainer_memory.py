@@ -158,7 +158,7 @@ def run_trl(folder: Path, seq: int, decoder_only: bool) -> dict[str, Any]:
 
 
 def run_kubetune(folder: Path, seq: int, decoder_only: bool) -> dict[str, Any]:
-    from kubetune_trainer import loop
+    from kubetune_trainer import loss
     from kubetune_trainer.config import JobRef, TrainerConfig
     from kubetune_trainer.loop import Recipe, RunOptions
     from kubetune_trainer.metrics import Telemetry
@@ -184,7 +184,7 @@ def run_kubetune(folder: Path, seq: int, decoder_only: bool) -> dict[str, Any]:
         if decoder_only:
             def trivial(hidden: Any, _targets: Any, _head: Any, chunk: int | None = None) -> Any:
                 return hidden.float().pow(2).sum()
-            loop.linear_cross_entropy_sum = trivial  # type: ignore[assignment]
+            loss.linear_cross_entropy_sum = trivial  # type: ignore[assignment]
         before = rss()
         recipe = Recipe(config, RunOptions(device="cpu"), Telemetry("bench", "bench"),
                         Log(stream=open(os.devnull, "w"), fmt="json"))  # noqa: SIM115

@@ -90,23 +90,26 @@ def test_threads_are_shared_between_ranks() -> None:
 
 # --- real runs: gloo on 127.0.0.1 -----------------------------------------------------------------------
 
-def ranks_argv(config: Path, termination: Path, nproc: int = 2, metrics_port: int = 0) -> list[str]:
+def ranks_argv(config: Path, termination: Path, nproc: int = 2, metrics_port: int = 0,
+               device: str = "cpu") -> list[str]:
     return ["--standalone", "--nproc-per-node", str(nproc), "-m", "kubetune_trainer", "--config", str(config),
-            "--device", "cpu", "--metrics-port", str(metrics_port), "--termination-log", str(termination)]
+            "--device", device, "--metrics-port", str(metrics_port), "--termination-log", str(termination)]
 
 
-def run_one_rank(config: Path, termination: Path) -> int:
+def run_one_rank(config: Path, termination: Path, device: str = "cpu") -> int:
     from kubetune_trainer.__main__ import main
 
-    return main(["--config", str(config), "--device", "cpu", "--metrics-port", "0",
+    return main(["--config", str(config), "--device", device, "--metrics-port", "0",
                  "--termination-log", str(termination)])
 
 
-def assert_same_adapter(a: dict[str, Any], b: dict[str, Any], atol: float = 2e-5) -> None:
+def assert_same_adapter(a: dict[str, Any], b: dict[str, Any], atol: float = 2e-5) -> float:
+    """Returns the largest absolute difference."""
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-3, atol=atol), \
             (key, float((a[key].float() - b[key].float()).abs().max()))
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 @pytest.fixture
@@ -256,3 +259,123 @@ def test_rank_peaks_are_exported_by_rank_zero(tmp_path: Path, tiny_model_dir: Pa
     peaks = {line.split('rank="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
              for line in text.splitlines() if line.startswith("kubetune_rank_memory_peak_bytes{")}
     assert set(peaks) == {"0", "1"} and all(v > 50e6 for v in peaks.values()), peaks
+
+
+# --- FSDP2 (resources.strategy: fsdp) ---------------------------------------------------------------------
+
+def fsdp_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    return {**spec, "resources": {"strategy": "fsdp"}}
+
+
+def step_lines(err: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in err.splitlines() if line.startswith('{"ts"')]
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_train_the_one_rank_qlora_adapter(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
+                                                          spec_for: Callable[..., dict[str, Any]],
+                                                          write_config: Callable[..., Path], trainer_pythonpath: None,
+                                                          adapter_tensors: Callable[[Path], dict[str, Any]],
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """FSDP2 over 2 gloo ranks against one rank, QLoRA (NF4 stored in the compute dtype, so it shards): 3
+    micro-batches per step (2 + 1 and a weight-0 pad; rank 0 accumulates without gradient sync), clipping
+    active every step (it must use the whole gradient's norm: a rank-local norm changes the adapter), a
+    checkpoint gathered mid-run, 3 eval batches (2 + 1 and a pad: every rank runs as many forwards). Same
+    steps, losses and pre-clipping norms, the same adapter, and PEFT loads it as it is."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapters, summaries, norms = [], [], []
+    for nproc in (1, 2):
+        out = tmp_path / f"fsdp-{nproc}"
+        spec = fsdp_spec(spec_for(tiny_model_dir, chat_file, str(out), maxSteps=4, microBatchSize=1,
+                                  gradientAccumulationSteps=3, checkpointSteps=2, loggingSteps=1, maxGradNorm=0.05))
+        spec["dataset"]["evalFraction"] = 0.25
+        termination = tmp_path / f"summary-{nproc}.json"
+        config = write_config(spec, name=f"fsdp-{nproc}")
+        code = run_one_rank(config, termination) if nproc == 1 else launch(ranks_argv(config, termination, nproc))
+        summary = json.loads(termination.read_text())
+        assert code == 0, summary
+        summaries.append(summary)
+        adapters.append(adapter_tensors(out / ADAPTER))
+        lines = step_lines(capfd.readouterr().err)
+        norms.append([line["gradNorm"] for line in lines if line["event"] == "step"])
+        if nproc == 2:
+            assert any(line["event"] == "ranks" and "FSDP2: 2 decoder layers and the root sharded" in line["message"]
+                       for line in lines), [line for line in lines if line["event"] == "ranks"]
+    one, two = summaries
+    assert one["steps"] == two["steps"] == 4
+    assert two["finalLoss"] == pytest.approx(one["finalLoss"], rel=1e-4)
+    assert two["evalLoss"] == pytest.approx(one["evalLoss"], rel=1e-4)
+    assert len(norms[0]) == 4 and min(norms[0]) > 0.05  # clipped in every step
+    assert norms[1] == pytest.approx(norms[0], rel=1e-3)
+    print(f"fsdp 2 ranks vs 1: adapter max abs diff {assert_same_adapter(adapters[0], adapters[1]):.3g}")
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "fsdp-2" / "adapter"))
+    weights = {k.replace(".default", ""): v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert_same_adapter(weights, adapters[1], atol=0)
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_one_rank_and_fsdp(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
+                                                    spec_for: Callable[..., dict[str, Any]],
+                                                    write_config: Callable[..., Path], trainer_pythonpath: None,
+                                                    adapter_tensors: Callable[[Path], dict[str, Any]],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit LoRA with gradient checkpointing (recompute inside FSDP units). One rank stops at step 3 (an
+    injected fault) with a checkpoint at step 2; 2 FSDP ranks resume it (the one-rank optimizer state is
+    sharded), checkpoint at step 4 and stop at step 5; one rank resumes that (the shards gathered into the
+    one-rank format) and finishes. The adapter is the uninterrupted one-rank run's."""
+    steps = 6
+
+    def spec(out: Path) -> dict[str, Any]:
+        s = fsdp_spec(spec_for(tiny_model_dir, chat_file, str(out), maxSteps=steps, checkpointSteps=2,
+                               gradientCheckpointing=True))
+        return {**s, "method": "lora"}
+
+    reference = tmp_path / "reference"
+    assert run_one_rank(write_config(spec(reference), name="ref"), tmp_path / "ref.json") == 0
+    out = tmp_path / "moved"
+    config = write_config(spec(out), name="moved")
+    attempts = [(1, 3, 0), (2, 5, 2), (1, None, 4)]  # ranks, fault at step, expected resume step
+    for n, (nproc, fault, resumed) in enumerate(attempts):
+        if fault:
+            monkeypatch.setenv("KUBETUNE_FAULT_OOM_AT_STEP", str(fault))
+        else:
+            monkeypatch.delenv("KUBETUNE_FAULT_OOM_AT_STEP", raising=False)
+        termination = tmp_path / f"attempt-{n}.json"
+        code = run_one_rank(config, termination) if nproc == 1 else launch(ranks_argv(config, termination, nproc))
+        summary = json.loads(termination.read_text())
+        assert (code, summary["resumedFromStep"]) == (3 if fault else 0, resumed), summary
+        assert summary["steps"] == (fault - 1 if fault else steps)
+    print(f"1 -> fsdp 2 -> 1 ranks vs 1: adapter max abs diff "
+          f"{assert_same_adapter(adapter_tensors(reference / ADAPTER), adapter_tensors(out / ADAPTER)):.3g}")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP over NCCL needs 2 CUDA GPUs (NCCL refuses two ranks "
+                    "on one device); the gloo tests above run the same code on the CPU")
+def test_fsdp_on_two_gpus_trains_the_one_gpu_qlora_adapter(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
+                                                           spec_for: Callable[..., dict[str, Any]],
+                                                           write_config: Callable[..., Path], trainer_pythonpath: None,
+                                                           adapter_tensors: Callable[[Path], dict[str, Any]]) -> None:
+    """The CUDA placement: the 4-bit model is quantized on the host, FSDP moves each unit's shards (and
+    bitsandbytes' quantization state) to the rank's GPU, NCCL gathers and reduce-scatters; a checkpoint is
+    gathered mid-run. Same steps and adapter as one GPU."""
+    adapters, steps = [], []
+    for nproc in (1, 2):
+        out = tmp_path / f"gpu-{nproc}"
+        spec = fsdp_spec(spec_for(tiny_model_dir, chat_file, str(out), maxSteps=4, gradientAccumulationSteps=2,
+                                  checkpointSteps=2))
+        termination = tmp_path / f"gpu-{nproc}.json"
+        config = write_config(spec, name=f"gpu-{nproc}")
+        code = (run_one_rank(config, termination, "cuda") if nproc == 1
+                else launch(ranks_argv(config, termination, nproc, device="cuda")))
+        summary = json.loads(termination.read_text())
+        assert code == 0, summary
+        steps.append(summary["steps"])
+        adapters.append(adapter_tensors(out / ADAPTER))
+    assert steps == [4, 4]
+    assert_same_adapter(adapters[0], adapters[1], atol=1e-4)

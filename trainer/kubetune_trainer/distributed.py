@@ -6,12 +6,15 @@ Global batch semantics: one optimizer step is the spec's `gradient_accumulation_
 `micro_batch_size` rows, whatever the number of ranks. The micro-batches of a step are dealt round-robin to
 the ranks (accumulation divided across ranks); every rank holds the whole (small, tokenized) dataset, so it
 knows the step's global count of labelled tokens without communicating and divides its loss sum by it.
-DDP averages gradients over ranks, so each rank's loss is scaled by the world size: the all-reduced
-gradient is then exactly the one-rank gradient of the step (up to float summation order). Parameters,
-optimizer and scheduler stay identical on every rank, so rank 0's checkpoint resumes on any number of ranks.
+DDP (and FSDP's reduce-scatter) averages gradients over ranks, so each rank's loss is scaled by the world
+size: the reduced gradient is then exactly the one-rank gradient of the step (up to float summation order).
+Under DDP parameters, optimizer and scheduler stay identical on every rank; under FSDP (fsdp.py) each rank
+holds a shard and a checkpoint gathers them whole. Either way rank 0 writes the one-rank format, which resumes
+on any number of ranks and either strategy.
 
 A rank that gets fewer micro-batches than another in a step (the last step of an epoch) runs a weight-0
-copy of one, so every rank runs the same number of forward/backward passes and DDP's collectives line up.
+copy of one, so every rank runs the same number of forward/backward passes and the collectives line up
+(FSDP all-gathers in every forward, evaluation included).
 """
 
 from __future__ import annotations
@@ -108,11 +111,21 @@ def device_of(ranks: Ranks, device: Any) -> Any:
     return device
 
 
-def wrap(module: Any, ranks: Ranks, device: Any) -> Any:
-    """DistributedDataParallel over the trainable (LoRA) parameters; frozen base weights and buffers are
-    neither broadcast nor reduced (they are loaded identically on every rank)."""
+def wrap(module: Any, ranks: Ranks, device: Any, strategy: str = "ddp", layers: list[Any] | None = None) -> Any:
+    """Several ranks: FSDP2 over `layers` and the module (strategy fsdp, see fsdp.py), else DDP."""
     if not ranks.distributed:
         return module
+    if strategy == "fsdp":
+        from kubetune_trainer import fsdp
+
+        fsdp.shard(module, layers or [], device, ranks.world)
+        return module
+    return data_parallel(module, device)
+
+
+def data_parallel(module: Any, device: Any) -> Any:
+    """DistributedDataParallel over the trainable (LoRA) parameters; frozen base weights and buffers are
+    neither broadcast nor reduced (they are loaded identically on every rank)."""
     from torch.nn.parallel import DistributedDataParallel
 
     frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
@@ -124,11 +137,15 @@ def wrap(module: Any, ranks: Ranks, device: Any) -> Any:
 
 
 def sync_context(module: Any, last: bool) -> Any:
-    """Gradients are all-reduced once per optimizer step: on the last micro-batch, not on the others."""
+    """Gradients are reduced once per optimizer step: on the last micro-batch, not on the others."""
     from torch.nn.parallel import DistributedDataParallel
+
+    from kubetune_trainer import fsdp
 
     if isinstance(module, DistributedDataParallel) and not last:
         return module.no_sync()
+    if fsdp.is_sharded(module):
+        return fsdp.gradient_sync(module, enabled=last)
     return nullcontext()
 
 

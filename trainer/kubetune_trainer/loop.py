@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from kubetune_trainer import data as data_mod
-from kubetune_trainer import distributed, faults
+from kubetune_trainer import distributed, faults, fsdp
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.loss import linear_cross_entropy_sum
+from kubetune_trainer.loss import CausalLMLoss
 from kubetune_trainer.memory import input_device
 from kubetune_trainer.metrics import Stopwatch, Telemetry
 from kubetune_trainer.model import (
@@ -130,6 +130,16 @@ def fingerprint(config: TrainerConfig, model_commit: str | None = None) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@dataclass
+class Checkpoint:
+    """A complete checkpoint of this run, fetched: its name, state.json, adapter tensors and trainer state."""
+
+    name: str
+    state: dict[str, Any]
+    adapter: dict[str, torch.Tensor]
+    trainer_state: dict[str, Any]
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -139,9 +149,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # RNG states are CPU byte tensors; a GPU run loads checkpoints there
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class Recipe:
@@ -160,6 +170,9 @@ class Recipe:
         self.model_commit: str | None = None
         self.ranks = distributed.ranks_from_env()  # torchrun's RANK / WORLD_SIZE; 0 / 1 for a plain run
         self.device = distributed.device_of(self.ranks, pick_device(options.device))
+        self.sharded = self.ranks.distributed and self.spec.resources.strategy == "fsdp"  # FSDP2, fsdp.py
+        # FSDP moves each unit to the GPU as it shards it: a rank never holds the whole model in GPU memory
+        self.load_device = torch.device("cpu") if self.sharded else self.device
         self.dtype = compute_dtype(self.device, config.knobs.compute_dtype)
         self.storage: Storage = open_storage(self.spec.output.uri, self.spec.output.endpoint_url)
         self.fingerprint = fingerprint(config)
@@ -199,17 +212,15 @@ class Recipe:
 
         self.telemetry.phase("Loading", "loading the base model")
         started = time.perf_counter()
-        self.loaded: LoadedModel = load_model(spec, self.device, self.dtype, knobs.gradient_checkpointing,
+        self.loaded: LoadedModel = load_model(spec, self.load_device, self.dtype, knobs.gradient_checkpointing,
                                               spec.output.endpoint_url, seed=spec.training.seed,
                                               gpu_count=1 if self.ranks.distributed else self.config.gpu_count,
-                                              model_dir=model_dir)
+                                              model_dir=model_dir, sharded=self.sharded)
         self.model = self.loaded.model
-        inner = self.model.get_base_model()
-        self.decoder = distributed.wrap(getattr(inner, inner.base_model_prefix), self.ranks, self.device)
-        if self.ranks.distributed:
-            self.log.event("ranks", f"{self.ranks.world} ranks, DDP over the LoRA parameters"
-                           + ("; strategy fsdp is planned but this trainer does not shard yet: every rank holds "
-                              "the whole model" if spec.resources.strategy == "fsdp" else ""))
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is not None:  # into the plain model, before DDP broadcasts it or FSDP shards it
+            self.load_adapter(checkpoint)
+        self.wrap()
         self.input_device = input_device(self.model)  # where the embedding's output lands (memory.py)
         self.pad_id = int(self.loaded.tokenizer.pad_token_id)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -222,8 +233,21 @@ class Recipe:
         self.scheduler = make_scheduler(self.optimizer, spec.training.lr_scheduler, spec.training.warmup_ratio,
                                         self.total_steps)
         self.telemetry.set_total(0, self.total_steps)
-        self.resume()
+        if checkpoint is not None:
+            self.restore(checkpoint)
         self.telemetry.resumed_from(self.step)  # 0: from the beginning
+
+    def wrap(self) -> None:
+        """The loss module, alone (one rank), under DDP, or sharded by FSDP2 (strategy fsdp)."""
+        inner = self.model.get_base_model()
+        strategy = "fsdp" if self.sharded else "ddp"
+        layers = fsdp.decoder_layers(inner) if self.sharded else None
+        self.loss_model = distributed.wrap(CausalLMLoss(self.model, data_mod.IGNORE), self.ranks, self.device,
+                                           strategy, layers)
+        if self.sharded:
+            self.log.event("ranks", f"{self.ranks.world} ranks, FSDP2: {fsdp.describe(self.loss_model)}")
+        elif self.ranks.distributed:
+            self.log.event("ranks", f"{self.ranks.world} ranks, DDP over the LoRA parameters")
 
     def load_data(self, tokenizer: Any) -> tuple[data_mod.Dataset, data_mod.Dataset | None]:
         spec = self.spec
@@ -251,13 +275,10 @@ class Recipe:
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of token losses of one micro-batch. Runs under autocast in the compute dtype, so the fp32 LoRA
         weights are used in 16-bit for the matmuls (their gradients and Adam states stay fp32)."""
-        inner = self.model.get_base_model()
         with mixed_precision(self.input_device.type, self.dtype):
-            hidden = self.decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             use_cache=False).last_hidden_state
-            targets = batch["targets"].to(hidden.device, non_blocking=True)  # no-op unless layers span GPUs
-            mask = targets != data_mod.IGNORE
-            return linear_cross_entropy_sum(hidden[mask], targets[mask], inner.get_output_embeddings())
+            loss: torch.Tensor = self.loss_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                                 targets=batch["targets"])
+            return loss
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One pinned host-to-device copy per tensor, asynchronous; nothing on a CPU run."""
@@ -272,18 +293,19 @@ class Recipe:
         tokens = sum(sum(len(e) for i in idx for e in rows[i]) for idx in self.schedule.step_rows(step))
         total = 0.0
         # this rank's share of the step's micro-batches; the loss is normalized by the step's GLOBAL count of
-        # labelled tokens (and scaled by the world size, which DDP's gradient averaging divides out again)
+        # labelled tokens (and scaled by the world size, which DDP's / FSDP's gradient averaging divides out)
         mine = distributed.micro_batches_of(len(batches), self.ranks)
         for n, (i, weight) in enumerate(mine):
             faults.before_forward(step + 1)  # a no-op unless a test set KUBETUNE_FAULT_OOM_AT_STEP
-            with distributed.sync_context(self.decoder, last=n == len(mine) - 1):
+            with distributed.sync_context(self.loss_model, last=n == len(mine) - 1):
                 loss = self.loss_sum(self.to_device(batches[i]))
                 (loss * (weight * self.ranks.world / max(loss_tokens, 1))).backward()
             total += weight * float(loss.detach())
         if self.ranks.distributed:  # one small all-reduce: the step's loss, and whether any rank got SIGTERM
             total, stop = distributed.sum_across([total, float(self.stop_requested)], self.ranks)
             self.stop_requested = stop > 0
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.spec.training.max_grad_norm))
+        # under FSDP the gradients are shards (DTensors): the norm is the whole gradient's, reduced over ranks
+        grad_norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(self.params, self.spec.training.max_grad_norm)))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -336,10 +358,11 @@ class Recipe:
         self.model.eval()
         total, count = 0.0, 0
         batches = list(data_mod.iter_batches(self.eval_data.rows, self.config.knobs.micro_batch_size))
-        for i in range(self.ranks.rank, len(batches), self.ranks.world):  # each rank its share
+        # each rank its share, as in training: the same number of forwards everywhere (FSDP gathers in each)
+        for i, weight in distributed.micro_batches_of(len(batches), self.ranks) if batches else []:
             batch = data_mod.collate(batches[i], self.pad_id)
-            total += float(self.loss_sum(self.to_device(batch)))
-            count += int((batch["targets"] != data_mod.IGNORE).sum())
+            total += weight * float(self.loss_sum(self.to_device(batch)))
+            count += int(weight) * int((batch["targets"] != data_mod.IGNORE).sum())
         total, counted = distributed.sum_across([total, float(count)], self.ranks)
         self.model.train()
         loss = total / max(counted, 1)
@@ -357,12 +380,13 @@ class Recipe:
 
     def checkpoint(self) -> None:
         """adapter + optimizer + scheduler + RNG + data position under checkpoints/step-NNNNNNNN/; the COMPLETE
-        marker goes last, so a checkpoint without it (killed mid-upload) is never resumed. Rank 0 writes (every
-        rank holds the same adapter and optimizer state); the others wait for it."""
+        marker goes last, so a checkpoint without it (killed mid-upload) is never resumed. Rank 0 writes (under
+        DDP every rank holds the same adapter and optimizer state; under FSDP every rank first helps gather
+        them); the others wait for it."""
+        adapter, optimizer = self.gathered_state()
         if not self.ranks.main:
             distributed.barrier(self.ranks)
             return
-        from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         self.telemetry.phase("Checkpointing")
@@ -372,10 +396,9 @@ class Recipe:
                  "fingerprint": self.fingerprint, "loss": self.last_loss, "tokens": self.tokens_seen}
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            adapter = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self.model).items()}
             save_file(adapter, str(folder / "adapter_model.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": rng_state()}, folder / "trainer_state.pt")
+            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng_state()},
+                       folder / "trainer_state.pt")
             (folder / "state.json").write_text(json.dumps(state, indent=2))
             written = self.storage.put_dir(folder, name)
             written += self.storage.put_bytes(json.dumps(state).encode(), f"{name}/{COMPLETE}")
@@ -389,6 +412,21 @@ class Recipe:
         self.telemetry.phase("Training")
         distributed.barrier(self.ranks)
 
+    def gathered_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The adapter (PEFT's keys, on the host) and the optimizer state as one rank holds them, on rank 0
+        (empty elsewhere). Under FSDP they are gathered from the shards: every rank calls."""
+        from peft import get_peft_model_state_dict
+
+        if self.sharded:
+            weights = fsdp.trainable_state(self.model, self.ranks.main)
+            optimizer = fsdp.optimizer_state(self.model, self.optimizer)
+            adapter = get_peft_model_state_dict(self.model, state_dict=weights) if self.ranks.main else {}
+        elif self.ranks.main:
+            adapter, optimizer = get_peft_model_state_dict(self.model), self.optimizer.state_dict()
+        else:
+            return {}, {}
+        return {k: v.detach().contiguous().cpu() for k, v in adapter.items()}, optimizer
+
     def complete_checkpoints(self) -> list[int]:
         steps = []
         for key in self.storage.list(f"{CHECKPOINTS}/"):
@@ -397,9 +435,8 @@ class Recipe:
                 steps.append(int(parts[1].removeprefix("step-")))
         return sorted(steps)
 
-    def resume(self) -> None:
-        """Continue from the latest complete checkpoint of this same run (same fingerprint), if any."""
-        from peft import set_peft_model_state_dict
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The latest complete checkpoint of this same run (same fingerprint), fetched; None to start over."""
         from safetensors.torch import load_file
 
         for step in reversed(self.complete_checkpoints()):
@@ -417,22 +454,38 @@ class Recipe:
                     self.log.event("resume", f"ignoring {name}: trainer_state.pt holds more than tensors "
                                    f"({str(exc).splitlines()[0]})")
                     continue
-                set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors"),
-                                                                device=str(self.device)))
+                adapter = load_file(str(folder / "adapter_model.safetensors"), device=str(self.load_device))
+            return Checkpoint(name, state, adapter, saved)
+        return None
+
+    def load_adapter(self, checkpoint: Checkpoint) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, checkpoint.adapter)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Optimizer, scheduler, RNG and data position of `checkpoint` (its adapter is already loaded)."""
+        saved, state = checkpoint.trainer_state, checkpoint.state
+        if self.sharded:
+            fsdp.load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
+        else:
             self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
-            set_rng_state(saved["rng"])
-            self.step, self.tokens_seen, self.last_loss = state["step"], state["tokens"], state["loss"]
-            self.telemetry.set_total(self.step, self.total_steps)
-            self.log.event("resume", f"resumed from {self.storage.join(name)} at step {self.step}/{self.total_steps}",
-                           step=self.step)
-            return
+        self.scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        self.step, self.tokens_seen, self.last_loss = state["step"], state["tokens"], state["loss"]
+        self.telemetry.set_total(self.step, self.total_steps)
+        self.log.event("resume", f"resumed from {self.storage.join(checkpoint.name)} at step "
+                       f"{self.step}/{self.total_steps}", step=self.step)
 
     # --- the result -------------------------------------------------------------------------------
 
-    def save(self) -> str:
+    def save(self) -> str | None:
         """adapter files + tokenizer to <output>/adapter/, (optionally the merged model to <output>/merged/),
-        then manifest.json with every file's sha256: written last, so its presence means complete."""
+        then manifest.json with every file's sha256: written last, so its presence means complete. Rank 0
+        writes and returns the adapter's URI; under FSDP every rank calls, to gather the adapter."""
+        weights = fsdp.trainable_state(self.model, self.ranks.main) if self.sharded else None
+        if not self.ranks.main:
+            return None
         self.telemetry.phase("Uploading", "writing the adapter")
         # A re-run to the same output: the old manifest goes first, so no reader takes the files below,
         # half-written, for a complete adapter described by the previous run's manifest.
@@ -441,7 +494,7 @@ class Recipe:
         written = 0
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / ADAPTER
-            self.model.save_pretrained(str(folder))
+            self.model.save_pretrained(str(folder), state_dict=weights)  # None: PEFT reads the model
             self.loaded.tokenizer.save_pretrained(str(folder))
             (folder / "README.md").unlink(missing_ok=True)
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from kubetune.planning.vram import LOGITS_BUDGET_BYTES, loss_chunk_tokens
 
-__all__ = ["LOGITS_BUDGET_BYTES", "linear_cross_entropy_sum", "loss_chunk_tokens", "loss_path"]
+__all__ = ["LOGITS_BUDGET_BYTES", "CausalLMLoss", "linear_cross_entropy_sum", "loss_chunk_tokens", "loss_path"]
 
 
 def _liger_available() -> bool:
@@ -130,3 +130,23 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: 
     with torch.autocast(hidden.device.type, enabled=False):
         loss: torch.Tensor = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype, want_grad)
     return loss
+
+
+class CausalLMLoss(torch.nn.Module):
+    """A PEFT causal LM's decoder and `linear_cross_entropy_sum` over its head, as one module: the unit DDP and
+    FSDP wrap. FSDP's root hooks run on this forward, so the head's weights are gathered while the loss reads
+    them (the loss takes `head.weight` directly, not through the head's forward)."""
+
+    def __init__(self, model: Any, ignore_index: int) -> None:
+        super().__init__()
+        self.model = model  # a peft PeftModel
+        self.ignore_index = ignore_index
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sum of the token losses over the positions whose target is not `ignore_index`."""
+        inner = self.model.get_base_model()
+        decoder = getattr(inner, inner.base_model_prefix)
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        targets = targets.to(hidden.device, non_blocking=True)  # no-op unless layers span GPUs
+        mask = targets != self.ignore_index
+        return linear_cross_entropy_sum(hidden[mask], targets[mask], inner.get_output_embeddings())

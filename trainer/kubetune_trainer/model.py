@@ -183,8 +183,9 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tokenizer
 
 
-def quantization_config(dtype: torch.dtype) -> Any:
-    """Our method 'qlora' in bitsandbytes' words."""
+def quantization_config(dtype: torch.dtype, storage: torch.dtype = torch.uint8) -> Any:
+    """Our method 'qlora' in bitsandbytes' words. `storage`: the dtype the packed 4-bit weights are stored as
+    (the bytes are the same); FSDP wants the compute dtype, so every base weight gathers in one dtype."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -192,19 +193,20 @@ def quantization_config(dtype: torch.dtype) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=storage,
     )
 
 
-def load_base(model_dir: Path, method: str, device: torch.device, dtype: torch.dtype, gpu_count: int = 1) -> Any:
+def load_base(model_dir: Path, method: str, device: torch.device, dtype: torch.dtype, gpu_count: int = 1,
+              sharded: bool = False) -> Any:
     """gpu_count > 1: the planner split the layers over the node's GPUs; accelerate places them evenly
-    (a pipeline, one GPU busy at a time, as vram.py assumes)."""
+    (a pipeline, one GPU busy at a time, as vram.py assumes). sharded: FSDP will shard it (fsdp.py)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     split = device.type == "cuda" and gpu_count > 1 and torch.cuda.device_count() >= gpu_count
     if method == "qlora":
-        kwargs["quantization_config"] = quantization_config(dtype)
+        kwargs["quantization_config"] = quantization_config(dtype, dtype if sharded else torch.uint8)
     if split:
         kwargs["device_map"] = "balanced"
         kwargs["max_memory"] = {i: torch.cuda.get_device_properties(i).total_memory for i in range(gpu_count)}
@@ -294,10 +296,11 @@ def mixed_precision(device_type: str, dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(spec: FineTuneJobSpec, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool,
                endpoint_url: str | None = None, seed: int = 42, gpu_count: int = 1,
-               model_dir: Path | None = None) -> LoadedModel:
+               model_dir: Path | None = None, sharded: bool = False) -> LoadedModel:
+    """sharded: the model is for FSDP (fsdp.py): 4-bit weights stored in the compute dtype."""
     model_dir = model_dir or resolve_model_dir(spec, endpoint_url)
     tokenizer = load_tokenizer(model_dir)
-    base = load_base(model_dir, spec.method, device, dtype, gpu_count)
+    base = load_base(model_dir, spec.method, device, dtype, gpu_count, sharded)
     prepare_for_kbit(base, gradient_checkpointing)
     host_input_embeddings(base, device, gpu_count)  # an untied input table stays in host memory (memory.py)
     _norm_dtype_hook(base, dtype)

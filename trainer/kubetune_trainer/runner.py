@@ -94,7 +94,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
         result = recipe.train()
         if before is not None:
             result.samples["before"] = before
-        result.adapter_uri = recipe.save() if ranks.main else None
+        result.adapter_uri = recipe.save()  # rank 0 writes; under FSDP every rank helps gather the adapter
         if options.prompt and ranks.main:
             result.samples["after"] = recipe_answer(recipe, options.prompt)
         result.outcome, code = Outcome.SUCCEEDED, ExitCode.OK
