@@ -51,6 +51,7 @@ class Snapshot:
     trainer_status: TrainerStatus | None = None  # the running trainer's /status, when the timer polled it
     polled: bool = False  # the timer polled (a /status that did not answer leaves progress as it is)
     child_conflict: str | None = None  # creating a child met an object of that name that is not ours
+    jobset_api: str | None = None  # the cluster serves JobSets (scaleout.jobset_api): multi-node attempts use one
 
 
 Counter = Literal["placement_failures", "oom_escalations", "jobs_created"]
@@ -192,9 +193,9 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
 
     owner = resources.Owner(job.meta["name"], job.meta["namespace"], job.meta["uid"], labels)
-    job.actions.create = [resources.config_map(owner, spec, plan, attempt, snap.settings),
-                          *scaleout.trainer_children(owner, spec, plan, gpu, attempt, snap.settings)]
-    name = resources.child_name(owner.name, attempt)
+    children = scaleout.trainer_children(owner, spec, plan, gpu, attempt, snap.settings, snap.jobset_api)
+    job.actions.create = [resources.config_map(owner, spec, plan, attempt, snap.settings), *children]
+    name = scaleout.workload_name(children)
     if spec.suspend:
         phase, why = Phase.SUSPENDED, Reason.SUSPENDED
         text = f"spec.suspend is true; {name} is suspended"
