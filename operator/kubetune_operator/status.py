@@ -317,11 +317,13 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
         started = [p for p in ordered if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")
                    and not (p.get("metadata") or {}).get("deletionTimestamp")]
         nodes_up = {node_index(p) for p in started}
-        leader = next((p for p in running if node_index(p) == 0), running[0] if running else None)
-        if leader is None or len(nodes_up) < size:
+        if len(nodes_up) < size:
             return Outcome("Waiting", f"{len(nodes_up)} of {size} pods running; the ranks wait for each other in "
                                       "the rendezvous", gang=True)
         hosts = ", ".join(sorted({str((p.get("spec") or {}).get("nodeName") or "?") for p in started}))
+        leader = next((p for p in running if node_index(p) == 0), running[0] if running else None)
+        if leader is None:  # every rank has exited 0; the workload's completion is on its way
+            return Outcome("Running", f"trained on {size} nodes ({hosts}); finishing", gang=True)
         return Outcome("Running", f"training on {size} nodes ({hosts})", pod_ip=(leader.get("status") or {}).get(
             "podIP"), port=_port(leader, default_port), gang=True)
     for pod in running:
