@@ -27,7 +27,7 @@ from kubetune.planning.ranks import plan_strategy
 from kubetune.spec import parse_spec
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "core"))
-from kt_admission import admit  # noqa: E402  (kube-apiserver's checks of a custom resource, CEL included)
+from kt_admission import admit  # kube-apiserver's checks of a custom resource, CEL included
 
 CATALOG = load_catalog()
 JOBSET_CRD = Path(__file__).parent / "data" / "jobset.x-k8s.io_jobsets-v0.12.0.yaml.gz"
