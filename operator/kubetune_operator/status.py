@@ -305,10 +305,13 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
         default = f"the trainer Job failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
         if code == ExitCode.STORAGE:
             default = "the trainer could not read or write storage (exit code 4)"
-        elif first:
+        if first:  # which rank failed, then its own words (a log tail: its last line)
             index = node_index(first[0])
-            default = f"node {index if index is not None else '?'} (pod {first[0]['metadata'].get('name')}) " \
-                      f"exited {code}"
+            lines = [line for line in (summary.error or "").splitlines() if line.strip()]
+            return Outcome("Failed", f"node {index if index is not None else '?'} (pod "
+                                     f"{first[0]['metadata'].get('name')}) exited {code}"
+                                     + (f": {lines[-1].strip()}" if lines else ""), summary, gang=True,
+                           exit_code=code)
         return Outcome("Failed", _error_text(summary, default), summary, gang=gang, exit_code=code)
     if (job.get("spec") or {}).get("suspend"):
         return Outcome("Suspended", "the trainer Job is suspended")
