@@ -275,7 +275,7 @@ class Recipe:
         # labelled tokens (and scaled by the world size, which DDP's gradient averaging divides out again)
         mine = distributed.micro_batches_of(len(batches), self.ranks)
         for n, (i, weight) in enumerate(mine):
-            faults.before_forward(step + 1)  # a no-op unless a test set KUBETUNE_FAULT_OOM_AT_STEP
+            faults.before_forward(step + 1)  # a no-op unless a test set KUBETUNE_FAULT_*_AT_STEP
             with distributed.sync_context(self.decoder, last=n == len(mine) - 1):
                 loss = self.loss_sum(self.to_device(batches[i]))
                 (loss * (weight * self.ranks.world / max(loss_tokens, 1))).backward()
