@@ -83,6 +83,9 @@ class Reason(StrEnum):
     """The running pod went away (a disruption); the Job controller starts a replacement."""
     OUT_OF_MEMORY_ESCALATED = "OutOfMemoryEscalated"
     """An attempt ran out of GPU memory; the next attempt runs one GPU class up, from the last checkpoint."""
+    RANK_FAILED = "RankFailed"
+    """A rank of a multi-node attempt failed, which fails the attempt (a lone replacement pod cannot rejoin the
+    group); the next attempt restarts every rank from the last checkpoint (at most the Job backoff limit times)."""
     # --- Running (Ready=False, Reconciling=True) ------------------------------------------------------
     TRAINING = "Training"
     """A trainer pod is running; `status.progress` follows its /status."""
@@ -120,8 +123,10 @@ CONDITION_REASONS: dict[ConditionType, frozenset[Reason]] = {
     ConditionType.READY: frozenset(r for r in Reason if r not in (
         Reason.NOT_RECONCILING, Reason.NOT_STALLED, Reason.SPEC_CHANGE_IGNORED, Reason.SPEC_CHANGE_DEFERRED)),
     ConditionType.RECONCILING: frozenset({
-        Reason.NO_MATCHING_NODES, Reason.JOB_CREATED, Reason.WAITING_FOR_KUEUE, Reason.RESUMED, Reason.PREEMPTED,
-        Reason.RESCHEDULING, Reason.OUT_OF_MEMORY_ESCALATED, Reason.TRAINING, Reason.NOT_RECONCILING}),
+        Reason.NO_MATCHING_NODES, Reason.MODEL_CONFIG_UNREACHABLE, Reason.JOB_CREATED, Reason.WAITING_FOR_KUEUE,
+        Reason.RESUMED, Reason.PREEMPTED,
+        Reason.RESCHEDULING, Reason.OUT_OF_MEMORY_ESCALATED, Reason.RANK_FAILED, Reason.TRAINING,
+        Reason.NOT_RECONCILING}),
     ConditionType.STALLED: frozenset({
         Reason.INVALID_SPEC, Reason.UNPLANNABLE, Reason.NO_LARGER_GPU_CLASS, Reason.TRAINING_FAILED,
         Reason.CHILD_NAME_TAKEN, Reason.NOT_STALLED}),

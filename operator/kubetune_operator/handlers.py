@@ -33,9 +33,9 @@ from kubetune.planning.models import Architecture, model_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, Supply, node_info, pod_gpus, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
-from kubetune_operator import resources, trust
+from kubetune_operator import resources, scaleout, trust
 from kubetune_operator import status as st
-from kubetune_operator.kube import Kube, NotOurs
+from kubetune_operator.kube import ApiError, Kube, NotOurs
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.reconcile import Actions, Snapshot, reconcile
 from kubetune_operator.settings import Settings
@@ -44,6 +44,9 @@ FTJ = (API_GROUP, API_VERSION, PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
 FINALIZER = "kubetune.io/finalizer"  # kopf's, for the per-job timer (main.kopf_settings)
 FIRST_DECISION_RETRIES = 5  # poll intervals apart: a job's first reconcile, before its timer exists
+DISCOVERY_SECONDS = 60.0
+JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"  # the JobSet controller's label on its Jobs and pods
+JOB_NAME = "batch.kubernetes.io/job-name"  # the Job controller's label on its pods
 log = logging.getLogger("kubetune.operator")
 
 
@@ -63,6 +66,21 @@ class Runtime:
     plans: dict[tuple[str, str | None, Supply], Plan] = field(default_factory=dict)  # make_plan's results
     supplies: dict[tuple[Any, ...], Supply] = field(default_factory=dict)  # the inventory's classes, by its nodes
     archs: dict[tuple[str | None, str | None], Architecture | SpecError | HubUnreachable] = field(default_factory=dict)
+    jobset_api: str | None = None  # the cluster serves JobSets (discovery, at login and every DISCOVERY_SECONDS)
+    jobset_checked: float | None = None  # time.monotonic() of that discovery
+
+    async def discover(self, force: bool = False) -> None:
+        """Whether the cluster serves JobSets (`GET /apis/jobset.x-k8s.io`; scaleout decides from the answer):
+        asked at login, then again at most every DISCOVERY_SECONDS, so installing JobSet needs no restart."""
+        now = time.monotonic()
+        if self.kube is None or (not force and self.jobset_checked is not None
+                                 and now - self.jobset_checked < DISCOVERY_SECONDS):
+            return
+        self.jobset_checked = now
+        try:
+            self.jobset_api = scaleout.jobset_api(await self.kube.api_group(scaleout.JOBSET_GROUP))
+        except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning(f"discovery of {scaleout.JOBSET_GROUP} failed, keeping the last answer: {exc!r}")
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -150,8 +168,12 @@ async def gpu_pods(body: kopf.Body, **_: Any) -> dict[str, int] | None:
 
 
 async def trainer_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    attempt = int(labels.get(resources.LABEL_ATTEMPT, "0") or 0)
-    return {(namespace, resources.child_name(labels.get(resources.LABEL_JOB, ""), attempt)): _plain(body)}
+    """Keyed by the workload the pod says it belongs to (its JobSet, else its Job); trust checks owners later."""
+    workload = labels.get(JOBSET_NAME) or labels.get(JOB_NAME)
+    if not workload:
+        attempt = int(labels.get(resources.LABEL_ATTEMPT, "0") or 0)
+        workload = resources.child_name(labels.get(resources.LABEL_JOB, ""), attempt)
+    return {(namespace, workload): _plain(body)}
 
 
 async def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
@@ -212,10 +234,10 @@ async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any],
     status = rt.written.get((body.get("metadata") or {}).get("uid", "")) or body.get("status") or {}
     name = status.get("jobName")
     uid = (body.get("metadata") or {}).get("uid")
-    trainer = trust.trusted_job(_first(indexes["trainer_jobs"], (namespace, name)) if name else None, uid)
-    pods = trust.trusted_pods(trainer, indexes["trainer_pods"].get((namespace, name), []) if name else [])
+    trainer, pods = workload(indexes, namespace, name, uid) if name else (None, ())
     cluster = inventory(indexes["gpu_nodes"], indexes["gpu_pods"])
     await rt.prefetch(body.get("spec") or {})
+    await rt.discover()
     trainer_status = None
     if poll and name:
         outcome = st.observe(trainer, pods, rt.settings.trainer_port)
@@ -224,7 +246,20 @@ async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any],
             trainer_status = await poll_trainer(outcome.pod_ip, outcome.port, timeout)
     return Snapshot(body=body, status=status, trainer_job=trainer, pods=pods, inventory=cluster, catalog=rt.catalog,
                     settings=rt.settings, planner=rt.planner(rt.supply(cluster)), now=st.now_iso(),
-                    trainer_status=trainer_status)
+                    trainer_status=trainer_status, jobset_api=rt.jobset_api)
+
+
+def workload(indexes: Mapping[str, Any], namespace: str | None, name: str, owner_uid: str | None
+             ) -> tuple[Mapping[str, Any] | None, tuple[Mapping[str, Any], ...]]:
+    """The attempt's Job or JobSet, if this FineTuneJob controls it, and the pods it controls (a JobSet's through
+    its child Jobs, which the trainer_jobs index holds too: they carry the trainer labels)."""
+    found = _first(indexes["trainer_jobs"], (namespace, name)) or _first(indexes["trainer_jobsets"], (namespace, name))
+    trainer = trust.trusted_job(found, owner_uid)
+    pods = indexes["trainer_pods"].get((namespace, name), [])
+    if trainer is not None and trainer.get("kind") == "JobSet":
+        jobs = [_first(indexes["trainer_jobs"], (namespace, job)) for job in scaleout.jobset_job_names(trainer)]
+        return trainer, trust.trusted_jobset_pods(trainer, [j for j in jobs if j is not None], pods)
+    return trainer, trust.trusted_pods(trainer, pods)
 
 
 async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None:
@@ -238,7 +273,8 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
         except NotOurs as exc:
             actions = reconcile(replace(snap, child_conflict=str(exc)))
     if actions.suspend_job is not None:
-        await rt.kube.set_job_suspend(snap.body["metadata"]["namespace"], *actions.suspend_job)
+        await rt.kube.set_job_suspend(snap.body["metadata"]["namespace"], *actions.suspend_job,
+                                      kind=(snap.trainer_job or {}).get("kind") or "Job")
     if actions.status:
         meta = snap.body["metadata"]
         updated = await rt.kube.patch_status(meta["namespace"], meta["name"], actions.status)
@@ -306,6 +342,7 @@ async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
         if rt.kube is not None:
             await rt.kube.close()
         rt.kube = Kube(info, kwargs["settings"].networking.error_backoffs)
+        await rt.discover(force=True)
     return info
 
 
@@ -323,6 +360,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index("", "v1", "pods", id="gpu_pods", registry=registry)(gpu_pods)
     kopf.index("", "v1", "pods", labels=MANAGED, id="trainer_pods", registry=registry)(trainer_pods)
     kopf.index("batch", "v1", "jobs", labels=MANAGED, id="trainer_jobs", registry=registry)(trainer_jobs)
+    # JobSets, where the cluster serves them (kopf watches the API once its CRD exists; a warning before that)
+    kopf.index(scaleout.JOBSET_GROUP, scaleout.JOBSET_VERSION, "jobsets", labels=MANAGED, id="trainer_jobsets",
+               registry=registry)(trainer_jobs)
     kopf.index(*FTJ, id="finetunejobs", registry=registry)(finetunejobs)
     kopf.on.event(*FTJ, id="finetunejob", registry=registry)(on_finetunejob)
     kopf.on.event("", "v1", "pods", labels=MANAGED, id="trainer_pod", registry=registry)(on_trainer_pod)

@@ -19,7 +19,9 @@ _COLLECTIONS = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",
     ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
+    ("jobset.x-k8s.io/v1alpha2", "JobSet"): "/apis/jobset.x-k8s.io/v1alpha2/namespaces/{ns}/jobsets",
 }
+_API_VERSIONS = {kind: api_version for api_version, kind in _COLLECTIONS}
 MERGE_PATCH = "application/merge-patch+json"
 RETRIED = frozenset({429, 500, 502, 503, 504})
 log = logging.getLogger("kubetune.operator")
@@ -99,11 +101,21 @@ class Kube:
                           "owned by this FineTuneJob; delete it or rename the FineTuneJob")
         return existing, False
 
-    async def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> bool:
-        """Patch batch/v1 Job spec.suspend; False when the Job is gone."""
+    async def api_group(self, group: str) -> dict[str, Any] | None:
+        """Discovery: the APIGroup document of `group` (its served versions), or None when it is not served."""
         try:
-            await self.request("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
-                               {"spec": {"suspend": suspend}}, MERGE_PATCH)
+            return await self.request("GET", f"/apis/{group}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def set_job_suspend(self, namespace: str, name: str, suspend: bool, kind: str = "Job") -> bool:
+        """Patch spec.suspend of a batch/v1 Job (or of a JobSet, `kind="JobSet"`); False when it is gone."""
+        url = object_url({"apiVersion": _API_VERSIONS[kind], "kind": kind,
+                          "metadata": {"namespace": namespace, "name": name}})
+        try:
+            await self.request("PATCH", url, {"spec": {"suspend": suspend}}, MERGE_PATCH)
         except ApiError as exc:
             if exc.status == 404:
                 return False

@@ -13,6 +13,8 @@ One reconcile:
     an attempt exists + new spec                   -> suspend/resume its Job, or Event SpecChangeDeferred
     an attempt exists                              -> follow: observe(Job, pods) -> Running / Succeeded /
                                                       OutOfMemory (-> launch the next attempt one class up) /
+                                                      a failed multi-node attempt (-> the next attempt, all
+                                                      ranks from the last checkpoint) /
                                                       Failed / Suspended / Preempted / Rescheduling
 """
 
@@ -22,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kubetune.contracts import TERMINAL_PHASES, Phase, Reason, TrainerStatus
+from kubetune.contracts import TERMINAL_PHASES, ExitCode, Phase, Reason, TrainerStatus
 from kubetune.errors import PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.hub_config import HubUnreachable
@@ -52,6 +54,7 @@ class Snapshot:
     trainer_status: TrainerStatus | None = None  # the running trainer's /status, when the timer polled it
     polled: bool = False  # the timer polled (a /status that did not answer leaves progress as it is)
     child_conflict: str | None = None  # creating a child met an object of that name that is not ours
+    jobset_api: str | None = None  # the cluster serves JobSets (scaleout.jobset_api): multi-node attempts use one
 
 
 Counter = Literal["placement_failures", "oom_escalations", "jobs_created"]
@@ -197,9 +200,9 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
 
     owner = resources.Owner(job.meta["name"], job.meta["namespace"], job.meta["uid"], labels)
-    job.actions.create = [resources.config_map(owner, spec, plan, attempt, snap.settings),
-                          *scaleout.trainer_children(owner, spec, plan, gpu, attempt, snap.settings)]
-    name = resources.child_name(owner.name, attempt)
+    children = scaleout.trainer_children(owner, spec, plan, gpu, attempt, snap.settings, snap.jobset_api)
+    job.actions.create = [resources.config_map(owner, spec, plan, attempt, snap.settings), *children]
+    name = scaleout.workload_name(children)
     if spec.suspend:
         phase, why = Phase.SUSPENDED, Reason.SUSPENDED
         text = f"spec.suspend is true; {name} is suspended"
@@ -238,6 +241,14 @@ def _spec_change(job: _Job) -> None:
         job.event(Reason.SPEC_CHANGE_DEFERRED, f"the spec changed while {name} exists; changes apply to the next "
                                                "attempt (delete and re-apply the FineTuneJob to restart now)")
     job.set(observedGeneration=job.generation)
+
+
+def _restart_gang(job: _Job, outcome: st.Outcome, attempts: list[dict[str, Any]]) -> bool:
+    """A failed multi-node attempt is retried as a whole (a lone replacement pod cannot rejoin a running group):
+    unless its input was bad, while the failed attempts so far are fewer than the Job backoff limit."""
+    if not outcome.gang or outcome.exit_code == ExitCode.BAD_INPUT:
+        return False
+    return sum(1 for a in attempts if a.get("outcome") == "Failed") < job.snap.settings.backoff_limit
 
 
 def _essence(progress: Mapping[str, Any]) -> dict[str, Any]:
@@ -294,6 +305,14 @@ def _follow(job: _Job) -> None:
         if job.status.get("phase") != Phase.FAILED and new_class:
             job.actions.counters.append(("oom_escalations", (was, new_class)))
         if job.status.get("jobName") == name:  # no larger class, or no node of it yet: this attempt is over
+            job.set(jobName=None)
+    elif outcome.state == "Failed" and _restart_gang(job, outcome, attempts):
+        job.set(attempts=with_attempt(attempts, number, outcome="Failed", message=outcome.message,
+                                      finishedAt=snap.now))
+        _launch(job, number + 1, reason=Reason.RANK_FAILED,
+                note=f"attempt {number} failed ({outcome.message}); attempt {number + 1} restarts every rank from the "
+                     "last checkpoint: ")
+        if job.status.get("jobName") == name:  # no node for it yet: this attempt is over all the same
             job.set(jobName=None)
     elif outcome.state == "Failed":
         job.write(phase=Phase.FAILED, reason=Reason.TRAINING_FAILED, message=outcome.message,

@@ -6,6 +6,11 @@ may have 253 characters, but a Job name becomes a pod label value (63 at most): 
 place keeps a prefix and gains 8 hex digits of its sha256 (`short_name`), so every child name and label
 value fits and two long names that share a prefix never collide. The uid label is exact.
 
+A FineTuneJob name is an RFC 1123 subdomain (it may start with a digit and contain dots); a Service name
+must be an RFC 1035 label (a letter first, no dots), and an Indexed Job's pods get the hostname
+`<job>-<index>` (a DNS label). A multi-node workload is therefore named by `gang_name`: the child name when
+it already is such a label with room for the suffixes, else a letter-first, dot-free form with a hash.
+
 Weights reach the pod through the model cache volume (/models; an emptyDir, or the chart's shared PVC):
 the trainer downloads a hub id there with HF_ENDPOINT and HF_TOKEN (a secretKeyRef, never a value).
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +43,8 @@ LABEL_UID = "kubetune.io/finetunejob-uid"
 MODEL_CACHE = "/models"  # the model cache volume; the trainer's HF_HUB_CACHE is MODEL_CACHE/hub
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "kubetune-trainer"}
 MAX_NAME = 63  # Job names become a pod label value (job-name): 63 characters at most
+RFC1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names; DNS hostnames (letter first)
+GANG_PREFIX = "ft-"  # put before a FineTuneJob name that does not start with a letter (Service names must)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,27 @@ def child_name(owner_name: str, attempt: int) -> str:
     """`<name>-a<attempt>`, at most 63 characters; the same for a name and for its label value."""
     suffix = f"-a{attempt}"
     return short_name(job_label(owner_name), MAX_NAME - len(suffix)) + suffix
+
+
+def gang_name(owner_name: str, attempt: int, room: int = MAX_NAME) -> str:
+    """The name of a multi-node attempt's workload (its headless Service, Indexed Job or JobSet): an RFC 1035
+    label of at most `room` characters (the caller leaves room for what Kubernetes appends, such as `-<index>`
+    of a pod hostname). It is `child_name` whenever that already qualifies, so the usual names read the same
+    as the ConfigMap's; otherwise (a name that starts with a digit, holds a dot, or is too long) it is
+    `ft-` + the name with dots as dashes, cut to fit, + 8 hex digits of the FineTuneJob name's sha256 (two
+    names that clean up alike never collide) + `-a<attempt>`."""
+    suffix = f"-a{attempt}"
+    if room < len(GANG_PREFIX) + 10 + len(suffix):
+        raise ValueError(f"no room for a workload name in {room} characters")
+    plain = child_name(owner_name, attempt)
+    if len(plain) <= room and RFC1035_LABEL.match(plain):
+        return plain
+    clean = re.sub(r"[^a-z0-9-]+", "-", owner_name.lower()).strip("-")
+    if not clean[:1].isalpha():
+        clean = GANG_PREFIX + clean
+    digest = hashlib.sha256(owner_name.encode()).hexdigest()[:8]
+    keep = room - len(suffix) - 9
+    return f"{clean[:keep].rstrip('-')}-{digest}{suffix}"
 
 
 def queue_name(spec: FineTuneJobSpec, labels: dict[str, str]) -> str | None:

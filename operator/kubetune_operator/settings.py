@@ -31,6 +31,7 @@ class Settings:
     hf_token_secret: str | None = None  # "name" or "name/key": the hub token when spec.model.tokenSecret is unset
     model_cache_claim: str | None = None  # a ReadWriteMany PVC shared by trainer pods (None: an emptyDir each)
     trainer_port: int = 8000  # the trainer's /metrics, /healthz, /readyz, /status port
+    rendezvous_port: int = 29400  # torchrun's c10d rendezvous on pod 0 of a multi-node attempt
     cpu_per_gpu: str = "3"
     memory_per_gpu: str = "12Gi"
     shm_size: str = "8Gi"
@@ -59,6 +60,7 @@ class Settings:
             hf_token_secret=os.environ.get("KUBETUNE_HF_TOKEN_SECRET") or None,
             model_cache_claim=os.environ.get("KUBETUNE_MODEL_CACHE_PVC") or None,
             trainer_port=int(_env("KUBETUNE_TRAINER_PORT", str(cls.trainer_port))),
+            rendezvous_port=int(_env("KUBETUNE_RENDEZVOUS_PORT", str(cls.rendezvous_port))),
             cpu_per_gpu=_env("KUBETUNE_CPU_PER_GPU", cls.cpu_per_gpu),
             memory_per_gpu=_env("KUBETUNE_MEMORY_PER_GPU", cls.memory_per_gpu),
             shm_size=_env("KUBETUNE_SHM_SIZE", cls.shm_size),

@@ -29,6 +29,7 @@ from kubetune.contracts import (
 from kubetune.planning.plan import Plan
 from kubetune.planning.vram import GiB
 from kubetune_operator.resources import CONTAINER
+from kubetune_operator.scaleout import COMPLETION_INDEX, JOBSET_JOB_INDEX
 
 __all__ = ["TERMINAL_PHASES", "Phase", "Reason"]
 
@@ -175,6 +176,7 @@ def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:
 # --- the outcome of one trainer attempt ------------------------------------------------------------------
 
 OutcomeState = Literal["Waiting", "Suspended", "Running", "Succeeded", "OutOfMemory", "Failed"]
+CAUSES = (ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.STORAGE)  # exit codes that name why an attempt failed
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,8 @@ class Outcome:
     summary: TerminationSummary = field(default_factory=TerminationSummary)  # the trainer's termination message
     pod_ip: str | None = None
     port: int | None = None
+    gang: bool = False  # a multi-node attempt: one pod per node, which fail and finish together
+    exit_code: int | None = None  # the exit code the attempt failed with, when a pod's is known
 
 
 def termination_summary(message: str | None) -> TerminationSummary:
@@ -208,10 +212,61 @@ def _error_text(summary: TerminationSummary, fallback: str) -> str:
     return summary.error or fallback
 
 
+def gang_size(workload: Mapping[str, Any]) -> int:
+    """How many pods run an attempt together: a JobSet's replicas x parallelism, an Indexed Job's completions,
+    else 1 (a plain Job's pods are tries one after another, not a group)."""
+    spec = workload.get("spec") or {}
+    if workload.get("kind") == "JobSet":
+        return sum(int(r.get("replicas") or 1) * int(((r.get("template") or {}).get("spec") or {}).get("parallelism")
+                                                      or 1) for r in spec.get("replicatedJobs") or [])
+    return int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1
+
+
+def node_index(pod: Mapping[str, Any]) -> int | None:
+    """Which node of a multi-node attempt a pod is (0 leads: global rank 0); None when it does not say."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    for key in (JOBSET_JOB_INDEX, COMPLETION_INDEX):  # a JobSet's pods are index 0 of their one-pod Job
+        if key in annotations:
+            try:
+                return int(annotations[key])
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def _finished(workload: Mapping[str, Any]) -> bool:
+    if workload.get("kind") == "JobSet":
+        return _job_condition(workload, "Completed") is not None
+    return bool(_job_condition(workload, "Complete") or _job_condition(workload, "SuccessCriteriaMet"))
+
+
+def _port(pod: Mapping[str, Any], default_port: int) -> int:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    try:
+        return int(annotations.get("prometheus.io/port", default_port))
+    except ValueError:
+        return default_port
+
+
+def _first_failure(pods: Iterable[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+    """(pod, terminated state) of the rank that failed for a reason: a named cause first (a peer then fails only
+    because it lost this one), else the earliest to finish."""
+    failed = [(p, t) for p in pods if (t := _terminated(p)) and t.get("exitCode")]
+    failed.sort(key=lambda pt: (pt[1].get("exitCode") not in CAUSES,
+                                pt[1].get("exitCode") == ExitCode.PREEMPTED,  # survivors stopped by the Job controller
+                                pt[1].get("finishedAt") or "~",
+                                (pt[0].get("metadata") or {}).get("creationTimestamp") or ""))
+    return failed[0] if failed else None
+
+
 def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], default_port: int) -> Outcome:
-    """What one attempt's Job and pods say: still waiting, running, or finished (and how)."""
+    """What one attempt's workload (a Job or JobSet) and its pods say: still waiting, running, or finished (and
+    how). A multi-node attempt succeeds when its workload completes (every pod; the adapter comes from the pod of
+    node 0) and fails when it fails (any rank)."""
     if job is None:
         return Outcome("Waiting", "the trainer Job is not there yet")
+    size = gang_size(job)
+    gang = size > 1
     ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
     for pod in ordered:  # out of memory on any pod ends the attempt: the same class cannot hold it
         term = _terminated(pod)
@@ -219,39 +274,62 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
             summary = termination_summary(term.get("message"))
             what = "the trainer ran out of GPU memory" if term.get("exitCode") == ExitCode.OOM else \
                 "the trainer pod was OOMKilled (host memory)"
-            return Outcome("OutOfMemory", _error_text(summary, what), summary)
+            return Outcome("OutOfMemory", _error_text(summary, what), summary, gang=gang,
+                           exit_code=term.get("exitCode"))
     for pod in reversed(ordered):
         term = _terminated(pod)
-        if term and term.get("exitCode") == 0:
+        if term and term.get("exitCode") == 0 and not gang:
             return Outcome("Succeeded", "the trainer finished", termination_summary(term.get("message")))
         if term and term.get("exitCode") in (ExitCode.BAD_INPUT,):
             summary = termination_summary(term.get("message"))
-            return Outcome("Failed", _error_text(summary, "the trainer rejected its input (exit code 2)"), summary)
-    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
-        return Outcome("Succeeded", "the trainer Job completed")
+            return Outcome("Failed", _error_text(summary, "the trainer rejected its input (exit code 2)"), summary,
+                           gang=gang, exit_code=int(ExitCode.BAD_INPUT))
+    leaders = [p for p in ordered if node_index(p) in (0, None)]
+    if _finished(job):
+        if not gang:
+            return Outcome("Succeeded", "the trainer Job completed")
+        done = next((t for p in reversed(leaders) if (t := _terminated(p)) and t.get("exitCode") == 0), None)
+        return Outcome("Succeeded", f"all {size} pods finished", termination_summary(done.get("message") if done
+                                                                                      else None), gang=True)
     failed = _job_condition(job, "Failed")
-    if failed and any(_terminated(p) is None and (p.get("status") or {}).get("phase") in ("Pending", "Running")
-                      for p in ordered):
-        # The Job's watch stream ran ahead of the pods': wait for the pod's exit code (OOM or not).
-        return Outcome("Waiting", "the trainer Job failed; reading its pod's exit code")
+    first = _first_failure(ordered) if failed and gang else None
+    if failed and (first is None or not gang) and \
+            any(_terminated(p) is None and (p.get("status") or {}).get("phase") in ("Pending", "Running")
+                for p in ordered):
+        # The Job's watch stream ran ahead of the pods': wait for the exit code of the pod that failed.
+        return Outcome("Waiting", "the trainer Job failed; reading its pod's exit code", gang=gang)
     if failed:
-        last = next((t for p in reversed(ordered) if (t := _terminated(p))), None)
+        last = first[1] if first else next((t for p in reversed(ordered) if (t := _terminated(p))), None)
         summary = termination_summary(last.get("message") if last else None)
         code = last.get("exitCode") if last else None
         default = f"the trainer Job failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
         if code == ExitCode.STORAGE:
             default = "the trainer could not read or write storage (exit code 4)"
-        return Outcome("Failed", _error_text(summary, default), summary)
+        if first:  # which rank failed, then its own words (a log tail: its last line)
+            index = node_index(first[0])
+            lines = [line for line in (summary.error or "").splitlines() if line.strip()]
+            return Outcome("Failed", f"node {index if index is not None else '?'} (pod "
+                                     f"{first[0]['metadata'].get('name')}) exited {code}"
+                                     + (f": {lines[-1].strip()}" if lines else ""), summary, gang=True,
+                           exit_code=code)
+        return Outcome("Failed", _error_text(summary, default), summary, gang=gang, exit_code=code)
     if (job.get("spec") or {}).get("suspend"):
         return Outcome("Suspended", "the trainer Job is suspended")
-    for pod in reversed(ordered):
-        status = pod.get("status") or {}
-        if status.get("phase") == "Running":
-            annotations = (pod.get("metadata") or {}).get("annotations") or {}
-            try:
-                port = int(annotations.get("prometheus.io/port", default_port))
-            except ValueError:
-                port = default_port
-            return Outcome("Running", f"training on {(pod.get('spec') or {}).get('nodeName') or 'a node'}",
-                           pod_ip=status.get("podIP"), port=port)
+    running = [p for p in reversed(ordered) if (p.get("status") or {}).get("phase") == "Running"]
+    if gang:  # running when every node's pod runs (or has finished); progress comes from node 0
+        started = [p for p in ordered if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")
+                   and not (p.get("metadata") or {}).get("deletionTimestamp")]
+        nodes_up = {node_index(p) for p in started}
+        if len(nodes_up) < size:
+            return Outcome("Waiting", f"{len(nodes_up)} of {size} pods running; the ranks wait for each other in "
+                                      "the rendezvous", gang=True)
+        hosts = ", ".join(sorted({str((p.get("spec") or {}).get("nodeName") or "?") for p in started}))
+        leader = next((p for p in running if node_index(p) == 0), running[0] if running else None)
+        if leader is None:  # every rank has exited 0; the workload's completion is on its way
+            return Outcome("Running", f"trained on {size} nodes ({hosts}); finishing", gang=True)
+        return Outcome("Running", f"training on {size} nodes ({hosts})", pod_ip=(leader.get("status") or {}).get(
+            "podIP"), port=_port(leader, default_port), gang=True)
+    for pod in running:
+        return Outcome("Running", f"training on {(pod.get('spec') or {}).get('nodeName') or 'a node'}",
+                       pod_ip=(pod.get("status") or {}).get("podIP"), port=_port(pod, default_port))
     return Outcome("Waiting", "the trainer pod is waiting to be scheduled")

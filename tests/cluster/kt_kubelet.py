@@ -15,7 +15,8 @@ the first that fails ends the pod; a trainer pod has one) as a process in its ow
 - env = the image env (PATH, LANG and what the test passes as `image_env`) + the container's `env`:
   `value`, `secretKeyRef` and `configMapKeyRef` (from objects in the emulator; a missing one that is
   not `optional` keeps the pod Pending with `CreateContainerConfigError`, as a kubelet does), `fieldRef`
-  (metadata.name/namespace/uid, status.podIP, spec.nodeName); `envFrom` likewise;
+  (metadata.name/namespace/uid, metadata.labels['k'], metadata.annotations['k'], status.podIP,
+  spec.nodeName); `envFrom` likewise;
 - volumes become host folders under the kubelet's root: `configMap` and `secret` as files (all keys, or
   `items`), `emptyDir` per pod, `persistentVolumeClaim` per claim (shared by every pod that mounts it and
   outliving them; the claim must exist), `subPath` honoured;
@@ -24,8 +25,14 @@ the first that fails ends the pod; a trainer pod has one) as a process in its ow
   `mountPath + "/"` is rewritten to the host folder (longest mount first). The `terminationMessagePath`
   is mapped the same way to a per-container host file. A volume mounted at `/tmp` also sets `TMPDIR`.
   Paths that reach the process any other way (inside a config file) are not rewritten;
-- network: the pod shares the host network; `podIP` is 127.0.0.1 and the port the process binds is
-  reachable there (so two pods of one test must use different ports, as hostNetwork pods must);
+- network: the pod shares the host network, so the port the process binds is reachable on every loopback
+  address (two pods of one test must use different ports, as hostNetwork pods must). Each pod gets its own
+  `podIP` in 127.0.0.0/8 (127.0.1.100, 127.0.1.101, ...: allocated in increasing order, the string order
+  too, below 900 pods), which reaches the same host;
+- DNS: a name `<hostname>.<subdomain>.<namespace>.svc[.cluster.local]` in an argv item or env value (after
+  `$(VAR)` expansion) is replaced by that pod's IP when a headless Service `<subdomain>` exists in the
+  namespace and a pod there has that `hostname` and `subdomain` (the A record a cluster's DNS serves for an
+  Indexed Job's pods); any other name is left as written (and resolves as the host resolves it, so not);
 - status: `Pending` -> `Running` (containerStatuses `running`, `Ready`) -> `Succeeded`/`Failed` with the
   exit code (a signal N gives 128+N, a command that does not start gives 128 `StartError`), the reason
   (`Completed`, `Error`) and the termination message: the first 4096 bytes of the message file, or with
@@ -74,6 +81,8 @@ def map_path(value: str, mounts: Mapping[str, Path]) -> str:
 
 
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
+_SVC_NAME = re.compile(r"(?<![A-Za-z0-9.-])((?P<host>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.(?P<sub>[a-z0-9]([-a-z0-9]*"
+                       r"[a-z0-9])?)\.(?P<ns>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\.cluster\.local)?)(?![A-Za-z0-9-])")
 
 
 def expand(value: str, env: Mapping[str, str]) -> str:
@@ -121,6 +130,7 @@ class Kubelet:
         self.wake = asyncio.Event()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.errors: list[BaseException] = []
+        self.ips: dict[str, str] = {}  # pod uid -> its podIP
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -187,6 +197,27 @@ class Kubelet:
             if (running.namespace, running.name) == (namespace, name):
                 return running.process
         return None
+
+    def pod_ip(self, uid: str) -> str:
+        """The pod's own loopback address (see the module docstring)."""
+        if uid not in self.ips:
+            n = len(self.ips)
+            self.ips[uid] = f"127.0.{1 + n // 100}.{100 + n % 100}"
+        return self.ips[uid]
+
+    def resolve(self, value: str) -> str:
+        """`value` with the cluster DNS names of pods under a headless Service replaced by their IPs."""
+        def address(m: re.Match[str]) -> str:
+            namespace, host, sub = m.group("ns"), m.group("host"), m.group("sub")
+            service = self.api.read("services", namespace, sub)
+            if service is None or (service.get("spec") or {}).get("clusterIP") != "None":
+                return m.group(0)
+            pods = [p for p in self.api.items("pods", namespace) if (p.get("spec") or {}).get("hostname") == host
+                    and (p.get("spec") or {}).get("subdomain") == sub
+                    and (p.get("status") or {}).get("phase") not in TERMINAL]
+            pods.sort(key=lambda p: p["metadata"]["creationTimestamp"] + p["metadata"]["resourceVersion"])
+            return self.pod_ip(pods[-1]["metadata"]["uid"]) if pods else m.group(0)
+        return _SVC_NAME.sub(address, value) if ".svc" in value else value
 
     def log(self, namespace: str, name: str, container: str | None = None) -> str:
         folder = self.root / "pods" / f"{namespace}_{name}"
@@ -285,9 +316,9 @@ class Kubelet:
         for predicate, extra in self.extra_env:
             if predicate(pod):
                 env.update(extra)
-        env = {k: map_path(v, paths) for k, v in env.items()}
-        argv = [map_path(expand(a, env), paths) for a in [*(container.get("command") or []),
-                                                            *(container.get("args") or [])]]
+        env = {k: self.resolve(map_path(v, paths)) for k, v in env.items()}
+        argv = [self.resolve(map_path(expand(a, env), paths)) for a in [*(container.get("command") or []),
+                                                                          *(container.get("args") or [])]]
         if not argv:
             raise ConfigError(f"container {name}: no command (image entrypoints are not emulated)")
         cwd = map_path(container["workingDir"], paths) if container.get("workingDir") else str(folder)
@@ -356,8 +387,11 @@ class Kubelet:
             return self._object_data("configmaps", namespace, ref, ref["key"])  # type: ignore[no-any-return]
         if ref := source.get("fieldRef"):
             fields = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": namespace,
-                      "metadata.uid": pod["metadata"]["uid"], "status.podIP": "127.0.0.1",
+                      "metadata.uid": pod["metadata"]["uid"], "status.podIP": self.pod_ip(pod["metadata"]["uid"]),
                       "spec.nodeName": (pod.get("spec") or {}).get("nodeName", "")}
+            meta = pod["metadata"]
+            if m := re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", ref["fieldPath"]):
+                return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
             if ref["fieldPath"] not in fields:
                 raise ConfigError(f"fieldRef {ref['fieldPath']}: allowed {', '.join(sorted(fields))}")
             return fields[ref["fieldPath"]]
@@ -367,7 +401,8 @@ class Kubelet:
         meta = pod["metadata"]
         started = now()
         await self.api.patch_object("pods", meta["namespace"], meta["name"], {"status": {
-            "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "hostIP": "127.0.0.1",
+            "phase": "Running", "podIP": self.pod_ip(meta["uid"]), "podIPs": [{"ip": self.pod_ip(meta["uid"])}],
+            "hostIP": "127.0.0.1",
             "startTime": started,
             "conditions": [{"type": t, "status": "True", "lastTransitionTime": started}
                            for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],

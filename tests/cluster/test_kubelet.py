@@ -86,7 +86,7 @@ async def test_env_secrets_volumes_paths_and_termination_message(cluster: Cluste
     assert condition(done, "Complete") and condition(done, "SuccessCriteriaMet")
     assert done["status"]["succeeded"] == 1 and done["status"]["active"] == 0
     [pod] = pods(cluster, "envjob")
-    assert pod["status"]["phase"] == "Succeeded" and pod["status"]["podIP"] == "127.0.0.1"
+    assert pod["status"]["phase"] == "Succeeded" and pod["status"]["podIP"].startswith("127.")
     state = terminated(pod)
     assert state["exitCode"] == 0 and state["reason"] == "Completed"
     token, data, who, name, tmpdir = state["message"].split("|")
@@ -247,6 +247,52 @@ async def test_pod_port_is_reachable_on_127_0_0_1(cluster: Cluster, kubelet: Kub
         except aiohttp.ClientError:
             return False
     assert await eventually(answers, 20, "the pod's port")
+
+
+async def test_pods_under_a_headless_service_find_each_other_by_name(cluster: Cluster, kubelet: Kubelet) -> None:
+    """An Indexed Job whose pods have the Service as subdomain: `<job>-<i>.<service>.<ns>.svc` in argv and env is
+    pod i's own IP; pod 1 connects to pod 0 by name (the way torchrun reaches its rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    await cluster.api.put_object("services", {"apiVersion": "v1", "kind": "Service",
+                                              "metadata": {"name": "mesh", "namespace": NS},
+                                              "spec": {"clusterIP": "None", "selector": {"app": "mesh"}}})
+    script = ("import os, socket, sys, time\n"
+              "me, peer = sys.argv[1], sys.argv[2]\n"
+              "if os.environ['JOB_COMPLETION_INDEX'] == '0':\n"
+              "    srv = socket.create_server(('0.0.0.0', int(os.environ['PORT'])))\n"
+              "    conn, _ = srv.accept(); got = conn.recv(200).decode()\n"
+              "else:\n"
+              "    for _ in range(200):\n"
+              "        try:\n"
+              "            conn = socket.create_connection((peer, int(os.environ['PORT'])), timeout=1); break\n"
+              "        except OSError: time.sleep(0.1)\n"
+              "    got = ''; conn.sendall(('hello from ' + me).encode())\n"
+              "open(os.environ['MSG'], 'w').write(' '.join([me, peer, os.environ['SELF'], os.environ['POD_IP'],"
+              " os.environ['OTHER'], os.environ['INDEX'], got]))\n")
+    await create(cluster, job(
+        "mesh", script, shell=False, completionMode="Indexed", completions=2, parallelism=2,
+        container={"args": ["mesh-$(JOB_COMPLETION_INDEX).mesh.ml.svc", "mesh-0.mesh.ml.svc.cluster.local"],
+                   "env": [{"name": "PORT", "value": str(port)}, {"name": "MSG", "value": "/dev/termination-log"},
+                           {"name": "SELF", "value": "mesh-1.mesh.ml.svc:1234"},  # env values are resolved too
+                           {"name": "OTHER", "value": "mesh-0.nosuch.ml.svc"},  # no such Service: unresolved
+                           {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                           {"name": "INDEX", "valueFrom": {"fieldRef": {
+                               "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}]},
+        pod={"subdomain": "mesh"}))
+    done = await finished(cluster, "mesh")
+    assert condition(done, "Complete"), [kubelet.log(NS, p["metadata"]["name"]) for p in pods(cluster, "mesh")]
+    by_index = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p
+                for p in pods(cluster, "mesh")}
+    ips = {i: p["status"]["podIP"] for i, p in by_index.items()}
+    assert ips["0"] != ips["1"] and all(ip.startswith("127.") for ip in ips.values())
+    me0, peer0, self0, pod_ip0, other0, index0, *got = terminated(by_index["0"])["message"].split()
+    me1, peer1, self1, pod_ip1, other1, index1 = terminated(by_index["1"])["message"].split()
+    assert (me0, peer0, self0, pod_ip0, index0) == (ips["0"], ips["0"], f"{ips['1']}:1234", ips["0"], "0")
+    assert (me1, peer1, self1, pod_ip1, index1) == (ips["1"], ips["0"], f"{ips['1']}:1234", ips["1"], "1")
+    assert other0 == other1 == "mesh-0.nosuch.ml.svc"
+    assert got == ["hello", "from", ips["1"]]
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -28,6 +28,7 @@ import celpy
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _ENV = celpy.Environment()
+TRANSITION = re.compile(r"\boldSelf\b")
 
 
 @cache
@@ -134,6 +135,8 @@ def validate(schema: dict[str, Any], value: Any, path: str, errors: list[str]) -
                 validate(sub, item, _join(path, key), errors)
     if len(errors) == before:
         for rule in schema.get("x-kubernetes-validations", []):
+            if TRANSITION.search(rule["rule"]):
+                continue  # a transition rule: kube-apiserver evaluates it on updates only
             where = path + rule.get("fieldPath", "")
             try:
                 ok = program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})

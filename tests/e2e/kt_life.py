@@ -47,8 +47,9 @@ class World:
     hub: Any
     pollers: list[asyncio.Task[None]] = field(default_factory=list)
     served: dict[str, list[str]] = field(default_factory=dict)
+    operator_settings: dict[str, Any] = field(default_factory=dict)  # more Settings for start_operator
 
-    def manifest(self, name: str, **training: Any) -> str:
+    def manifest(self, name: str, resources: dict[str, Any] | None = None, **training: Any) -> str:
         return yaml.safe_dump({
             "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
             "metadata": {"name": name, "namespace": NS},
@@ -62,17 +63,19 @@ class World:
                              "learningRate": 1e-3, "warmupRatio": 0.0, "seed": 7, **training},
                 "output": {"uri": f"s3://{self.bucket}/adapters/{name}/", "endpointUrl": self.s3_endpoint,
                            "credentialsSecret": "s3-creds"},
+                **({"resources": resources} if resources else {}),
             },
         }, sort_keys=False)
 
     async def start_operator(self) -> None:
         """The operator as the chart configures it: the test hub as `hub.endpoint`, the model cache PVC."""
-        await self.cluster.start_operator(trainer_port=self.port, poll_interval=0.5, hf_endpoint=self.hub.url,
-                                          model_cache_claim=MODEL_CACHE_CLAIM)
+        await self.cluster.start_operator(**{"trainer_port": self.port, "poll_interval": 0.5,
+                                             "hf_endpoint": self.hub.url, "model_cache_claim": MODEL_CACHE_CLAIM,
+                                             **self.operator_settings})
 
-    async def apply(self, name: str, **training: Any) -> None:
+    async def apply(self, name: str, resources: dict[str, Any] | None = None, **training: Any) -> None:
         path = self.folder / f"{name}.yaml"
-        path.write_text(self.manifest(name, **training))
+        path.write_text(self.manifest(name, resources, **training))
         result = await self.kubectl("apply", "-f", str(path))
         assert result.code == 0 and result.out.strip() == f"finetunejob.kubetune.io/{name} created", result
 

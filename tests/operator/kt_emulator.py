@@ -69,6 +69,7 @@ KINDS = [
     Kind("", "v1", "nodes", "Node", namespaced=False),
     Kind("", "v1", "pods", "Pod", namespaced=True),
     Kind("", "v1", "configmaps", "ConfigMap", namespaced=True, status_subresource=False),
+    Kind("", "v1", "services", "Service", namespaced=True),
     Kind("", "v1", "secrets", "Secret", namespaced=True, status_subresource=False),
     Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", namespaced=True),
     Kind("", "v1", "events", "Event", namespaced=True, status_subresource=False),

@@ -40,6 +40,11 @@ NOT_EXERCISED = {
     ("patch", "jobs.batch"): "suspend and resume (spec.suspend)",
     ("create", "services"): "a multi-node attempt (its headless Service for the rendezvous)",
     ("get", "services"): "a multi-node attempt's create that conflicts (operator restart)",
+    ("list", "jobsets.jobset.x-k8s.io"): "the trainer JobSets' index, where the cluster serves JobSet",
+    ("watch", "jobsets.jobset.x-k8s.io"): "the trainer JobSets' index, where the cluster serves JobSet",
+    ("create", "jobsets.jobset.x-k8s.io"): "a multi-node attempt where the cluster serves JobSet",
+    ("get", "jobsets.jobset.x-k8s.io"): "a JobSet create that conflicts (operator restart)",
+    ("patch", "jobsets.jobset.x-k8s.io"): "suspend and resume of a JobSet (spec.suspend)",
     ("get", "finetunejobs.kubetune.io"): "kopf re-reads an object after a conflicting patch",
     ("list", "customresourcedefinitions.apiextensions.k8s.io"): "kopf follows CRD changes",
     ("watch", "customresourcedefinitions.apiextensions.k8s.io"): "kopf follows CRD changes",
@@ -147,7 +152,8 @@ def test_status_is_patched_never_updated_and_secrets_are_not_granted() -> None:
     assert not {res for _, res in granted if res.startswith("secrets")}
     assert not {v for v, _ in granted} & {"update", "delete", "deletecollection", "escalate", "bind", "impersonate"}
     helpers = (ROOT / "charts" / "kubetune" / "templates" / "_helpers.tpl").read_text()
-    for resource in ("finetunejobs:", "finetunejobs/status:", "jobs:", "configmaps:", "pods:", "events:"):
+    for resource in ("finetunejobs:", "finetunejobs/status:", "jobs:", "jobsets:", "configmaps:", "services:",
+                     "pods:", "events:"):
         assert f"# {resource}" in helpers, f"the reason for the {resource} verbs is not documented"
 
 

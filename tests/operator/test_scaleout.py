@@ -1,13 +1,20 @@
-"""The shapes a plan runs in: one pod with torchrun over one node's GPUs, or a headless Service plus an Indexed
-Job over several nodes; every object validated against the Kubernetes schemas."""
+"""The shapes a plan runs in: one pod with torchrun over one node's GPUs, or over several nodes a headless Service
+plus an Indexed Job, or a JobSet where the cluster serves that API; every object validated against the Kubernetes
+schemas, the JobSet against the JobSet CRD's (vendored, tests/operator/data/README.md)."""
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import re
+import sys
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from kubetune_operator import resources, scaleout
 from kubetune_operator.scaleout import Shape, shape_of
 from kubetune_operator.settings import Settings
@@ -19,7 +26,13 @@ from kubetune.planning.plan import make_plan
 from kubetune.planning.ranks import plan_strategy
 from kubetune.spec import parse_spec
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "core"))
+from kt_admission import admit  # kube-apiserver's checks of a custom resource, CEL included
+
 CATALOG = load_catalog()
+JOBSET_CRD = Path(__file__).parent / "data" / "jobset.x-k8s.io_jobsets-v0.12.0.yaml.gz"
+RFC1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names (validation.IsDNS1035Label)
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # pod hostnames and subdomains
 K8S = "1.31.0"
 OWNER = resources.Owner("support-bot", "ml", "0b8f6f3e-1111-2222-3333-444455556666", {})
 A10G = CATALOG.get("A10G", "x")
@@ -117,6 +130,8 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service_for_rendezvous() -
     flags = dict(zip(command[3:-4:2], command[4:-4:2], strict=False))
     assert flags["--nnodes"] == "2" and flags["--nproc-per-node"] == "4" and flags["--rdzv-backend"] == "c10d"
     assert flags["--rdzv-endpoint"] == f"{name}-0.{name}.ml.svc:29400" and flags["--rdzv-id"] == name
+    # each pod's own DNS name: torchrun ranks nodes by it, so the pod of index 0 is node rank 0
+    assert flags["--local-addr"] == f"{name}-$(JOB_COMPLETION_INDEX).{name}.ml.svc"
     assert {"name": "rendezvous", "containerPort": 29400, "protocol": "TCP"} in c["ports"]
     assert job["metadata"]["annotations"]["kubetune.io/shape"] == "fsdp 2x4"
 
@@ -153,3 +168,154 @@ def test_the_plans_strategy_decides_the_shape() -> None:
     two_per_node = dataclasses.replace(A10G, max_per_node=2)  # more GPUs than one node holds: several pods
     _, job = scaleout.trainer_children(OWNER, spec, plan, two_per_node, 1, Settings())
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == plan.gpu_count // 2
+
+
+# --- JobSet ------------------------------------------------------------------------------------------------
+
+@cache
+def jobset_crd() -> dict[str, Any]:
+    return dict(yaml.safe_load(gzip.decompress(JOBSET_CRD.read_bytes())))
+
+
+@pytest.mark.parametrize(("discovery", "expected"), [
+    (None, None),  # 404: the group is not served
+    ({"kind": "APIGroup", "name": "jobset.x-k8s.io", "versions": [{"groupVersion": "jobset.x-k8s.io/v1alpha2",
+                                                                    "version": "v1alpha2"}]}, scaleout.JOBSET_API),
+    ({"kind": "APIGroup", "name": "jobset.x-k8s.io", "versions": [{"groupVersion": "jobset.x-k8s.io/v1alpha1",
+                                                                    "version": "v1alpha1"}]}, None),
+    ({"versions": "nonsense"}, None),
+])
+def test_jobset_is_used_when_discovery_says_the_cluster_serves_it(discovery: Any, expected: str | None) -> None:
+    assert scaleout.jobset_api(discovery) == expected
+
+
+def child_job_of(jobset: dict[str, Any], index: int) -> dict[str, Any]:
+    """The Job the JobSet controller makes of replicatedJob 0 (constructJob in jobset_controller.go, v0.12.0):
+    the template's labels and spec, the JobSet's labels and annotations added, the subdomain, the suspend flag."""
+    name, namespace = jobset["metadata"]["name"], jobset["metadata"]["namespace"]
+    rjob = jobset["spec"]["replicatedJobs"][0]
+    extra = {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": rjob["name"],
+             "jobset.sigs.k8s.io/job-index": str(index)}
+    spec = yaml.safe_load(yaml.safe_dump(rjob["template"]["spec"]))  # a deep copy
+    spec["template"]["metadata"]["labels"].update(extra)
+    spec["template"]["metadata"]["annotations"].update(extra)
+    spec["template"]["spec"]["subdomain"] = jobset["spec"]["network"]["subdomain"]
+    spec["suspend"] = jobset["spec"]["suspend"]
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": f"{name}-{rjob['name']}-{index}", "namespace": namespace,
+                         "labels": {**rjob["template"]["metadata"]["labels"], **extra}, "annotations": extra},
+            "spec": spec}
+
+
+def test_multi_node_is_a_jobset_when_the_cluster_has_the_crd() -> None:
+    spec = job_spec(strategy="fsdp")
+    [jobset] = scaleout.trainer_children(OWNER, spec, plan_on(spec, "A10G", 8), A10G_4, 3,
+                                         Settings(rendezvous_port=29555), scaleout.JOBSET_API)
+    assert admit(jobset_crd(), jobset) == []  # schema, unknown fields, CEL rules of the JobSet CRD v0.12.0
+    assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and jobset["kind"] == "JobSet"
+    name = "support-bot-a3"
+    assert jobset["metadata"]["name"] == name and jobset["metadata"]["ownerReferences"] == [OWNER.reference()]
+    assert jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"  # Kueue admits the whole set
+    assert jobset["spec"]["suspend"] is True
+    assert jobset["spec"]["failurePolicy"] == {"maxRestarts": 0}
+    assert jobset["spec"]["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True,
+                                         "subdomain": name}
+    [rjob] = jobset["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node" and rjob["replicas"] == 2
+    job_spec_ = rjob["template"]["spec"]
+    assert (job_spec_["completionMode"], job_spec_["completions"], job_spec_["parallelism"],
+            job_spec_["backoffLimit"]) == ("Indexed", 1, 1, 0)
+    assert "suspend" not in job_spec_  # the JobSet's, passed on to its Jobs
+    assert "kueue.x-k8s.io/queue-name" not in rjob["template"]["metadata"]["labels"]
+
+    c = container({"spec": job_spec_})
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    command = c["command"]
+    flags = dict(zip(command[3:-4:2], command[4:-4:2], strict=False))
+    assert flags["--nnodes"] == "2" and flags["--rdzv-id"] == name
+    assert flags["--rdzv-endpoint"] == f"{name}-node-0-0.{name}.ml.svc:29555"
+    assert flags["--local-addr"] == f"{name}-node-$(KUBETUNE_NODE_INDEX)-0.{name}.ml.svc"
+    assert {"name": "KUBETUNE_NODE_INDEX", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.annotations['jobset.sigs.k8s.io/job-index']"}}} in c["env"]
+    assert {"name": "rendezvous", "containerPort": 29555, "protocol": "TCP"} in c["ports"]
+
+    # What the JobSet controller makes of it passes the Kubernetes schemas, and torchrun reads the command.
+    from torch.distributed.run import parse_args
+
+    for index in range(2):
+        child = child_job_of(jobset, index)
+        kubernetes_validate.validate(child, K8S, strict=True)
+        assert child["spec"]["template"]["spec"]["subdomain"] == name
+    assert parse_args(command[3:]).local_addr == flags["--local-addr"]
+    assert scaleout.jobset_job_names(jobset) == [f"{name}-node-0", f"{name}-node-1"]
+
+
+def test_one_node_stays_a_plain_job_even_where_jobsets_are_served() -> None:
+    spec = job_spec(strategy="ddp")
+    [job] = scaleout.trainer_children(OWNER, spec, plan_on(spec, "A10G", 4), A10G, 1, Settings(),
+                                      scaleout.JOBSET_API)
+    assert job["kind"] == "Job" and "--standalone" in container(job)["command"]
+
+
+# --- names ---------------------------------------------------------------------------------------------------
+
+NAMES = ["support-bot", "7b-run", "0", "team.a.7b", "v1.2-tune", "a" * 58, "7" * 63,
+         "nightly-support-bot-finetune-llama-3-1-8b-instruct-with-long-name", ("x." * 120 + "y")[:253],
+         "a-" * 30 + "b"]
+
+
+@pytest.mark.parametrize("owner_name", NAMES)
+@pytest.mark.parametrize("nodes", [2, 11])
+def test_multi_node_names_are_valid_service_names_and_hostnames(owner_name: str, nodes: int) -> None:
+    """A FineTuneJob name is a DNS-1123 subdomain (a digit first, dots, 253 characters); the Service name must be an
+    RFC 1035 label, an Indexed Job's pod hostname `<job>-<index>` a DNS label, a JobSet's Job and pod names RFC 1035
+    labels (the JobSet webhook checks `<jobset>-node-<last>-<last>-abcde`), all 63 characters at most."""
+    owner = dataclasses.replace(OWNER, name=owner_name)
+    spec = job_spec(strategy="ddp")
+    plan = plan_on(spec, "A10G", nodes)
+    one_per_node = dataclasses.replace(A10G, max_per_node=1)
+    service, job = scaleout.trainer_children(owner, spec, plan, one_per_node, 12, Settings())
+    kubernetes_validate.validate(service, K8S, strict=True)
+    kubernetes_validate.validate(job, K8S, strict=True)
+    name = service["metadata"]["name"]
+    assert job["metadata"]["name"] == name == job["spec"]["template"]["spec"]["subdomain"]
+    assert len(name) <= 63 and RFC1035_LABEL.match(name), name
+    assert name.endswith("-a12")
+    for index in (0, nodes - 1):
+        hostname = f"{name}-{index}"
+        assert len(hostname) <= 63 and DNS1123_LABEL.match(hostname), hostname
+    if RFC1035_LABEL.match(owner_name) and len(owner_name) <= 63 - len(f"-a12-{nodes - 1}"):
+        assert name == f"{owner_name}-a12"  # readable names stay as they were
+    # The ConfigMap keeps its name (the pods mount it).
+    assert {"name": "config", "configMap": {"name": resources.child_name(owner_name, 12)}} in \
+        job["spec"]["template"]["spec"]["volumes"]
+
+    [jobset] = scaleout.trainer_children(owner, spec, plan, one_per_node, 12, Settings(), scaleout.JOBSET_API)
+    assert admit(jobset_crd(), jobset) == []
+    js = jobset["metadata"]["name"]
+    assert RFC1035_LABEL.match(js) and js.endswith("-a12")
+    for job_name in scaleout.jobset_job_names(jobset):
+        assert len(job_name) <= 63 and RFC1035_LABEL.match(job_name), job_name
+        pod_name = f"{job_name}-0-abcde"
+        assert len(pod_name) <= 63 and RFC1035_LABEL.match(pod_name), pod_name
+
+
+def test_names_that_clean_up_alike_never_collide() -> None:
+    names = ["my.job", "my-job", "7b-run", "ft-7b-run", "a" * 70 + "1", "a" * 70 + "2"]
+    gangs = {resources.gang_name(n, 1, 61) for n in names}
+    assert len(gangs) == len(names), gangs
+    assert resources.gang_name("my-job", 1) == resources.child_name("my-job", 1) == "my-job-a1"
+    assert resources.gang_name("7b-run", 1).startswith("ft-7b-run-")
+    assert resources.gang_name("team.a.7b", 3).startswith("team-a-7b-") and \
+        resources.gang_name("team.a.7b", 3).endswith("-a3")
+    with pytest.raises(ValueError, match="no room"):
+        resources.gang_name("x", 1, 10)
+
+
+def test_single_node_job_names_are_unchanged() -> None:
+    """Jobs that run today keep their names (`<name>-a<n>`), digits first or dots included."""
+    for owner_name in ("7b-run", "team.a.7b", "support-bot"):
+        owner = dataclasses.replace(OWNER, name=owner_name)
+        spec = job_spec(strategy="ddp")
+        [job] = scaleout.trainer_children(owner, spec, plan_on(spec, "A10G", 4), A10G, 2, Settings())
+        assert job["metadata"]["name"] == resources.child_name(owner_name, 2) == f"{owner_name}-a2"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer.faults import OOM_AT_STEP, oom_step
+from kubetune_trainer.faults import KILL_AT_STEP, OOM_AT_STEP, fault_step, oom_step
 
 
 def test_oom_at_step_k_exits_3_and_the_next_attempt_resumes(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
@@ -33,3 +33,6 @@ def test_the_variable_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(OOM_AT_STEP, "0")
     with pytest.raises(ValueError, match=f"{OOM_AT_STEP}='0': expected a step number >= 1"):
         oom_step()
+    monkeypatch.setenv(KILL_AT_STEP, "x")
+    with pytest.raises(ValueError, match=f"{KILL_AT_STEP}='x': expected a step number >= 1"):
+        fault_step(KILL_AT_STEP)

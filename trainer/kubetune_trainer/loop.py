@@ -296,7 +296,7 @@ class Recipe:
         # labelled tokens (and scaled by the world size, which DDP's / FSDP's gradient averaging divides out)
         mine = distributed.micro_batches_of(len(batches), self.ranks)
         for n, (i, weight) in enumerate(mine):
-            faults.before_forward(step + 1)  # a no-op unless a test set KUBETUNE_FAULT_OOM_AT_STEP
+            faults.before_forward(step + 1)  # a no-op unless a test set KUBETUNE_FAULT_*_AT_STEP
             with distributed.sync_context(self.loss_model, last=n == len(mine) - 1):
                 loss = self.loss_sum(self.to_device(batches[i]))
                 (loss * (weight * self.ranks.world / max(loss_tokens, 1))).backward()

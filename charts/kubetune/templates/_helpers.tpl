@@ -58,6 +58,11 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [services]
   verbs: [get, create]
+# jobsets: list+watch (index), create (a multi-node attempt where the cluster serves jobset.x-k8s.io), get (a
+#   create that conflicts: is it ours?), patch (spec.suspend for suspend/resume); unused without JobSet
+- apiGroups: [jobset.x-k8s.io]
+  resources: [jobsets]
+  verbs: [get, list, watch, create, patch]
 # pods: list+watch (index: GPUs in use per node, trainer pods' exit codes and IPs)
 - apiGroups: [""]
   resources: [pods]
