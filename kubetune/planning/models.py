@@ -98,6 +98,7 @@ CATALOG: dict[str, Architecture] = {
         _arch("huggyllama/llama-30b", 60, 6656, 17920, 52, 52, 32000, False, max_position=2048),
         _arch("huggyllama/llama-65b", 80, 8192, 22016, 64, 64, 32000, False, max_position=2048),
         _arch("meta-llama/Llama-2-70b-hf", 80, 8192, 28672, 64, 8, 32000, False, max_position=4096),
+        _arch("01-ai/Yi-34B", 60, 7168, 20480, 56, 8, 64000, False, max_position=4096),
         _arch("mistralai/Mistral-7B-v0.3", 32, 4096, 14336, 32, 8, 32768, False, max_position=32768),
         _arch("mistralai/Mixtral-8x7B-v0.1", 32, 4096, 14336, 32, 8, 32000, False, experts=8,
               experts_per_token=2, max_position=32768),
