@@ -130,7 +130,7 @@ def test_pinned_class_too_small_names_the_smallest_that_fits(run_plan, job, with
     code, _, err = run_plan(job)
     assert code == 2
     assert "spec.resources.gpuClass: L4 (20.7 GiB usable per GPU, 1 GPU(s)) cannot hold this job" in err
-    assert "the cheapest that would hold it is A100-80GB" in err
+    assert "the cheapest that would hold it is 4x L4 FSDP" in err  # the cheapest shape per job (issue 12)
 
 
 def test_max_gpu_class_too_low(run_plan, job, with_value) -> None:
