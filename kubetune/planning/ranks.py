@@ -76,7 +76,7 @@ def per_rank(arch: Architecture, shape: TrainingShape, strategy: Strategy, ranks
 
 
 def step_time(arch: Architecture, shape: TrainingShape, strategy: str, gpus: int, nodes: int,
-              tokens_per_step: int, gpu_class: str = "A10G") -> float:
+              tokens_per_step: int, gpu_class: str = "A10G", one_gpu: Estimate | None = None) -> float:
     """Seconds of one optimizer step, roughly (for comparing shapes: kubetune.planning.shapes).
 
     Compute: each frozen base weight costs 2 FLOPs per token forward and 2 backward (the gradient of its input;
@@ -89,6 +89,8 @@ def step_time(arch: Architecture, shape: TrainingShape, strategy: str, gpus: int
       idles), plus what the strategy moves, not overlapped with compute: FSDP all-gathers every layer's
       weights for each micro-batch's forward and again for its backward, DDP all-reduces the LoRA gradients
       once a step; over NVLink or PCIe within a node, the network between nodes.
+
+    `one_gpu`: vram.estimate of the shape on one GPU, when the caller has it (what is moved comes from it).
     """
     micro_tokens = shape.micro_batch * shape.seq_len
     micro_batches = max(1, tokens_per_step // max(1, micro_tokens))
@@ -103,7 +105,7 @@ def step_time(arch: Architecture, shape: TrainingShape, strategy: str, gpus: int
         return micro_batches * (one + hops / link)
     mine = -(-micro_batches // gpus)
     ring = 2 * (gpus - 1) / gpus
-    single = estimate(arch, replace(shape, gpu_count=1))
+    single = one_gpu or estimate(arch, replace(shape, gpu_count=1))
     if strategy == "fsdp":  # an all-gather brings (n-1)/n of the weights to each rank: forward, then backward
         moved = (single.parts["base_weights"] + single.parts["quant_constants"]) * mine * ring
     else:  # a ring all-reduce of the LoRA gradients

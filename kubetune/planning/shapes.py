@@ -22,14 +22,14 @@ candidates, compared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from kubetune.planning.gpus import GpuCatalog, GpuClass
 from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Supply, node_split
 from kubetune.planning.ranks import job_estimate, step_time
-from kubetune.planning.vram import Estimate, GiB, TrainingShape
+from kubetune.planning.vram import Estimate, GiB, TrainingShape, estimate
 from kubetune.spec import FineTuneJobSpec
 
 PlanStrategy = Literal["single", "pipeline", "ddp", "fsdp"]
@@ -214,7 +214,8 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
     lean_mb, lean_gc = leanest(spec)
     tokens = effective_batch(spec) * spec.training.max_seq_length
     steps = spec.training.max_steps or STEPS_WHEN_UNKNOWN
-    knobs: dict[tuple[PlanStrategy, int, int], tuple[TrainingShape, Estimate]] = {}
+    knobs: dict[tuple[PlanStrategy, int, int], tuple[TrainingShape, Estimate]] = {}  # memo: 6 classes, 5 sizes
+    singles: dict[TrainingShape, Estimate] = {}  # memo: what step_time moves, per knobs
 
     def build(gpu: GpuClass, strategy: PlanStrategy, count: int, lean: Estimate, why: str = "") -> Candidate:
         nodes, _ = _layout(gpu, strategy, count) or (1, count)
@@ -224,7 +225,10 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
             assert best is not None  # the leanest knobs fit, so the search finds at least those
             knobs[strategy, count, usable] = best
         shape, est = knobs[strategy, count, usable]
-        seconds = step_time(arch, shape, strategy, count, nodes, tokens, gpu.name)
+        one_gpu = replace(shape, gpu_count=1)
+        if one_gpu not in singles:
+            singles[one_gpu] = estimate(arch, one_gpu)
+        seconds = step_time(arch, shape, strategy, count, nodes, tokens, gpu.name, singles[one_gpu])
         return Candidate(gpu, strategy, count, nodes, lean, shape, est, seconds, why)
 
     one = job_estimate(arch, training_shape(spec, lean_mb, lean_gc, 1), "single")
