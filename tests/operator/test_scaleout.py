@@ -153,3 +153,21 @@ def test_the_plans_strategy_decides_the_shape() -> None:
     two_per_node = dataclasses.replace(A10G, max_per_node=2)  # more GPUs than one node holds: several pods
     _, job = scaleout.trainer_children(OWNER, spec, plan, two_per_node, 1, Settings())
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == plan.gpu_count // 2
+
+
+def test_the_trainer_is_told_the_strategy_the_planner_chose_under_auto() -> None:
+    """70B under strategy: auto plans FSDP ranks; the trainer shards by its config's spec.resources.strategy, so
+    the ConfigMap carries the plan's strategy (the FineTuneJob keeps its own)."""
+    import json
+
+    spec = parse_spec({"model": {"name": "meta-llama/Llama-3.1-70B-Instruct"},
+                       "dataset": {"source": "s3://datasets/train.jsonl"},
+                       "output": {"uri": "s3://adapters/x/", "credentialsSecret": "s3-creds"}})
+    plan = make_plan(spec, resolve_architecture(spec.model.name, None), CATALOG)
+    assert (spec.resources.strategy, plan.strategy) == ("auto", "fsdp")
+    config = json.loads(resources.config_map(OWNER, spec, plan, 1, Settings())["data"]["job.json"])
+    assert config["spec"]["resources"]["strategy"] == "fsdp" and config["gpuCount"] == plan.gpu_count
+    one = make_plan(spec.model_copy(update={"resources": spec.resources.model_copy(update={"max_gpu_count": 1})}),
+                    resolve_architecture(spec.model.name, None), CATALOG)
+    config = json.loads(resources.config_map(OWNER, spec, one, 1, Settings())["data"]["job.json"])
+    assert one.strategy == "single" and config["spec"]["resources"]["strategy"] == "auto"  # as written
