@@ -7,7 +7,7 @@ Rules, in order (kubetune.planning.shapes does 2-4):
    (`strategy: auto` compares them all; `ddp`/`fsdp` only that one; `gpuCount` pins the count and
    `maxGpuCount` caps it), on every class that holds them and is no dearer per GPU-hour than the cheapest
    class that holds the job on one GPU.
-3. On that class, the fastest knobs that still fit: checkpointing off if it fits, then the largest
+3. On each class, the fastest knobs that still fit: checkpointing off if it fits, then the largest
    micro-batch (a divisor of the effective batch, so accumulation keeps it unchanged).
 4. The lowest estimated cost per job wins (price per hour x estimated hours); equal costs go to the faster.
    The reasons name the runner-ups, with their cost and time.
