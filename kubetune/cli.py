@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -35,11 +36,10 @@ def render_plan(job: FineTuneJob, plan: Plan) -> None:
     from rich.table import Table
 
     console = Console()
-    where = f"{plan.gpu_count}x {plan.gpu_class}" if plan.gpu_count > 1 else plan.gpu_class
     console.print(
         f"[bold]{job.metadata.namespace}/{job.metadata.name}[/]: {plan.model} {plan.method.upper()} -> "
-        f"[bold green]{where}[/] ({plan.hourly_cost:.2f}/h), estimate [bold]{plan.vram_estimate_bytes / GiB:.1f} GiB"
-        f"[/] of {plan.usable_bytes_per_gpu / GiB:.1f} GiB usable per GPU"
+        f"[bold green]{plan.label()}[/] ({plan.hourly_cost:.2f}/h), estimate [bold]"
+        f"{plan.vram_estimate_bytes / GiB:.1f} GiB[/] of {plan.usable_bytes_per_gpu / GiB:.1f} GiB usable per GPU"
     )
     parts = Table(title="VRAM estimate per GPU", title_justify="left")
     parts.add_column("part")
@@ -58,15 +58,37 @@ def render_plan(job: FineTuneJob, plan: Plan) -> None:
     console.print("[bold]Why[/]")
     for reason in plan.reasons:
         console.print(f"  - {reason}")
-    if plan.alternatives:
-        alts = Table(title="Runner-up classes that also fit", title_justify="left")
-        for column in ("class", "GPUs", "needs GiB (leanest)", "cost/h", "vs chosen"):
-            alts.add_column(column, justify="left" if column == "class" else "right")
-        for alt in plan.alternatives:
-            alts.add_row(alt.gpu_class, str(alt.gpu_count), f"{alt.vram_estimate_bytes / GiB:.1f}",
-                         f"{alt.hourly_cost:.2f}", f"{alt.cost_ratio:.2f}x")
-        console.print(alts)
+    console.print(shapes_table(plan))
     console.print()
+
+
+SHAPE_NOTES = {"candidate": "", "dearer": "dearer/h", "unavailable": "no nodes"}  # Alternative.note has it all
+SHAPE_LEGEND = {"dearer": "dearer/h: a class dearer per GPU-hour than the cheapest single GPU that holds the job, "
+                          "not a candidate",
+                "unavailable": "no nodes: the cluster cannot run it (the reasons say why)"}
+
+
+def shapes_table(plan: Plan) -> Any:
+    """The chosen shape and what it was compared with, by estimated cost per job (price/h x estimated hours)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"Shapes compared (cost = price/h x estimated hours, {plan.per()})", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    for column in ("shape", "GiB", "/h", "hours", "cost", "x cost", "x time", "note"):
+        table.add_column(column, justify="left" if column in ("shape", "note") else "right",
+                         no_wrap=column != "note")
+    table.add_row(f"[bold green]{plan.label()}[/]", f"{plan.lean_bytes_per_gpu / GiB:.1f}", f"{plan.hourly_cost:.2f}",
+                  f"{plan.estimated_hours:.1f}", f"{plan.estimated_cost:.2f}", "1.00", "1.00", "chosen")
+    for alt in plan.alternatives:
+        hours = alt.step_seconds * plan.steps / 3600
+        table.add_row(alt.label(), f"{alt.vram_estimate_bytes / GiB:.1f}", f"{alt.hourly_cost:.2f}", f"{hours:.1f}",
+                      f"{alt.hourly_cost * hours:.2f}", f"{alt.job_cost_ratio:.2f}", f"{alt.time_ratio:.2f}",
+                      SHAPE_NOTES[alt.kind])
+    legend = [text for kind, text in SHAPE_LEGEND.items() if any(a.kind == kind for a in plan.alternatives)]
+    if legend:
+        table.caption, table.caption_justify = "; ".join(legend), "left"
+    return table
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -98,6 +98,7 @@ CATALOG: dict[str, Architecture] = {
         _arch("huggyllama/llama-30b", 60, 6656, 17920, 52, 52, 32000, False, max_position=2048),
         _arch("huggyllama/llama-65b", 80, 8192, 22016, 64, 64, 32000, False, max_position=2048),
         _arch("meta-llama/Llama-2-70b-hf", 80, 8192, 28672, 64, 8, 32000, False, max_position=4096),
+        _arch("01-ai/Yi-34B", 60, 7168, 20480, 56, 8, 64000, False, max_position=4096),
         _arch("mistralai/Mistral-7B-v0.3", 32, 4096, 14336, 32, 8, 32768, False, max_position=32768),
         _arch("mistralai/Mixtral-8x7B-v0.1", 32, 4096, 14336, 32, 8, 32000, False, experts=8,
               experts_per_token=2, max_position=32768),
@@ -215,15 +216,21 @@ def resolve_architecture(name: str | None, source: str | None,
             return architecture_from_config(json.loads(config_path.read_text()), label)
     if name and (cached := _hf_cache_config(name)):
         return architecture_from_config(json.loads(cached.read_text()), label)
-    if name and not source and read_hub_config is not None:
-        # A hub that does not answer is not the spec's fault: HubUnreachable propagates, and callers retry
-        # (the operator keeps the job Pending) instead of failing the job.
-        return architecture_from_config(read_hub_config(name, revision), label)
     known = ", ".join(sorted(a.name for a in CATALOG.values()))
+    instead = (f"use a catalog model ({known}) or point spec.model.source at a directory or s3:// prefix holding "
+               "config.json")
+    if name and not source and read_hub_config is not None:
+        from kubetune.planning.hub_config import HubUnreachable
+
+        try:
+            return architecture_from_config(read_hub_config(name, revision), label)
+        except HubUnreachable as exc:  # not the spec's fault: callers retry (the operator keeps the job Pending)
+            raise HubUnreachable(f"spec.model: {label!r} is not in the catalog and the hub did not serve its "
+                                 f"config.json ({str(exc).removeprefix('spec.model.name: ')}); retry when it "
+                                 f"answers, or {instead}") from None
     raise SpecError(
         f"spec.model: unknown model {label!r} and no readable config.json "
-        f"(looked in {'the source and ' if source else ''}the Hugging Face cache). "
-        f"Use a catalog model ({known}) or point spec.model.source at a directory or s3:// prefix holding config.json."
+        f"(looked in {'the source and ' if source else ''}the Hugging Face cache). {instead[0].upper()}{instead[1:]}."
     )
 
 

@@ -99,33 +99,69 @@ def inventory_of(nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str,
     return Inventory(tuple(node_info(n) for n in nodes), in_use)
 
 
+def node_split(gpus: int, per_node: int) -> tuple[int, int] | None:
+    """`gpus` GPUs of a class whose nodes hold `per_node` (the catalog's maxPerNode) as (nodes, GPUs on each): as
+    few nodes as hold them, the same count on each; None when they do not split evenly (6 over nodes of 4: 2 x 3;
+    5 over nodes of 4: None). The planner and the operator's workload builder (scaleout.shape_of) both use it."""
+    if gpus < 1 or per_node < 1:
+        return None
+    nodes = -(-gpus // per_node)
+    return None if gpus % nodes else (nodes, gpus // nodes)
+
+
 @dataclass(frozen=True)
 class Supply:
-    """The GPU classes a cluster offers: those with schedulable nodes now (and the most GPUs one node has),
-    and those the platform can provision from zero. The planner chooses among these (kubetune.planning.plan)."""
+    """The GPU classes a cluster offers: those with schedulable nodes now (the most GPUs one node has, and each
+    node's GPU count), and those the platform can provision from zero. The planner chooses among these
+    (kubetune.planning.plan); a shape over several nodes needs that many nodes with enough GPUs each."""
 
     nodes: tuple[tuple[str, int], ...] = ()  # (class, most allocatable GPUs on one schedulable node), sorted
     provisionable: frozenset[str] = frozenset()
+    # (class, allocatable GPUs of each schedulable node, largest first); a class listed in `nodes` only counts
+    # as one node of its largest size
+    node_gpus: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
-    def why_not(self, gpu: GpuClass, count: int) -> str | None:
-        """None when `count` GPUs of the class can be had on one node; otherwise the reason, for the plan."""
+    def sizes(self, name: str) -> tuple[int, ...]:
+        """Allocatable GPUs of each schedulable node of the class, largest first (empty: no node)."""
+        sizes = dict(self.node_gpus).get(name)
+        if sizes is not None:
+            return sizes
+        most = dict(self.nodes).get(name)
+        return (most,) if most else ()
+
+    def why_not(self, gpu: GpuClass, count: int, nodes: int = 1) -> str | None:
+        """None when `nodes` nodes of the class with `count` GPUs each can be had (now, or provisioned);
+        otherwise the reason, for the plan."""
         if gpu.name in self.provisionable:
             return None
-        most = dict(self.nodes).get(gpu.name)
-        if most is None:
+        sizes = self.sizes(gpu.name)
+        if not sizes:
             return f"{gpu.name}: no nodes in the cluster and not provisionable"
-        if most < count:
-            return f"{gpu.name}: its nodes have at most {most} GPUs and it is not provisionable"
-        return None
+        big_enough = sum(1 for n in sizes if n >= count)
+        if big_enough >= nodes:
+            return None
+        hint = ""
+        if count > sizes[0] and gpu.max_per_node > sizes[0]:
+            hint = (f" (the GPU catalog says {gpu.max_per_node} per node: set maxPerNode: {sizes[0]} for "
+                    f"{gpu.name} to spread larger shapes over several nodes)")
+        if nodes == 1:
+            return (f"{gpu.name}: its nodes have at most {sizes[0]} GPU{'s' if sizes[0] > 1 else ''} and it is "
+                    f"not provisionable{hint}")
+        have = ", ".join(map(str, sizes))
+        return (f"{gpu.name}: {nodes * count} GPUs as {nodes} nodes x {count} need {nodes} nodes with {count} "
+                f"allocatable GPUs each; {big_enough} of its nodes have that many (GPUs per node: {have}) and "
+                f"it is not provisionable{hint}")
 
 
 def supply_of(inventory: Inventory, catalog: GpuCatalog) -> Supply:
-    most: dict[str, int] = {}
+    sizes: dict[str, list[int]] = {}
     for node in inventory.nodes:
         gpu = catalog.class_of_node(dict(node.labels))
         if gpu is not None and node.schedulable and node.allocatable_gpus > 0:
-            most[gpu.name] = max(most.get(gpu.name, 0), node.allocatable_gpus)
-    return Supply(tuple(sorted(most.items())), frozenset(g.name for g in catalog.classes if g.provisionable))
+            sizes.setdefault(gpu.name, []).append(node.allocatable_gpus)
+    return Supply(tuple(sorted((name, max(n)) for name, n in sizes.items())),
+                  frozenset(g.name for g in catalog.classes if g.provisionable),
+                  tuple(sorted((name, tuple(sorted(n, reverse=True))) for name, n in sizes.items())))
 
 
 def _labels_text(gpu: GpuClass) -> str:

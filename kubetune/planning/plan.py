@@ -1,22 +1,26 @@
-"""Spec + architecture + GPU catalog -> Plan: which class, how many, which knobs, and why.
+"""Spec + architecture + GPU catalog -> Plan: which class, how many GPUs in which shape, which knobs, and why.
 
-Rules, in order:
+Rules, in order (kubetune.planning.shapes does 2-4):
 1. The leanest settings the spec allows (gradient checkpointing on unless forced off, micro-batch 1
-   unless pinned) decide whether a class can hold the job at all.
-2. One GPU whenever some class holds the job; the cheapest such class wins (price x count). Only when
-   no single GPU can, the layers are split over 2, 4 or 8 GPUs of one class (cheapest total wins).
-3. On the chosen class, the fastest knobs that still fit: checkpointing off if it fits, then the
-   largest micro-batch (a divisor of the effective batch, so accumulation keeps it unchanged).
+   unless pinned) decide whether a class can hold the job at all, per GPU of each shape.
+2. Shapes: one GPU, the layer split over one node's GPUs, DDP or FSDP ranks over one or several nodes
+   (`strategy: auto` compares them all; `ddp`/`fsdp` only that one; `gpuCount` pins the count and
+   `maxGpuCount` caps it), on every class that holds them and is no dearer per GPU-hour than the cheapest
+   class that holds the job on one GPU.
+3. On each class, the fastest knobs that still fit: checkpointing off if it fits, then the largest
+   micro-batch (a divisor of the effective batch, so accumulation keeps it unchanged).
+4. The lowest estimated cost per job wins (price per hour x estimated hours); equal costs go to the faster.
+   The reasons name the runner-ups, with their cost and time.
 
-With a `Supply` (the classes a cluster has nodes of, or can provision), only those classes are candidates,
-and the reasons name the cheaper classes skipped and why. When none of them holds the job, the plan falls
-back to the whole catalog and says so: the job waits (Pending) for a node of that class.
-Without a supply (`kubetune plan` with no cluster) the whole catalog is the candidate set.
+With a `Supply` (the classes a cluster has nodes of, or can provision), a shape's class must be one the
+cluster can run it on (enough nodes with enough GPUs each), and the reasons name the cheaper classes skipped
+and why. When no shape fits anything the cluster offers, the plan falls back to the whole catalog and says so:
+the job waits (Pending) for a node of that class. Without a supply (`kubetune plan` with no cluster) the whole
+catalog is the candidate set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,12 +30,24 @@ from kubetune.errors import PlanError
 from kubetune.planning.gpus import GpuCatalog, GpuClass
 from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Supply
-from kubetune.planning.ranks import job_estimate, plan_strategy, step_time
-from kubetune.planning.vram import Estimate, GiB, TrainingShape, estimate
-from kubetune.spec import FineTuneJobSpec
+from kubetune.planning.ranks import job_estimate
+from kubetune.planning.shapes import (
+    Candidate,
+    Comparison,
+    PlanStrategy,
+    compare,
+    effective_batch,
+    explain,
+    fastest_knobs,
+    gib,
+    leanest,
+    runner_ups,
+    shape_label,
+    training_shape,
+)
+from kubetune.spec import FineTuneJobSpec, ResourcesSpec
 
-GPU_COUNTS = (1, 2, 4, 8)
-RANK_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # strategy ddp/fsdp: ranks may span nodes
+__all__ = ["Alternative", "Knobs", "Plan", "effective_batch", "fastest_knobs", "gib", "local_knobs", "make_plan"]
 
 
 class _Out(BaseModel):
@@ -47,11 +63,26 @@ class Knobs(_Out):
 
 
 class Alternative(_Out):
+    """Another shape the planner compared (or the chosen shape on a dearer class)."""
+
     gpu_class: str
     gpu_count: int
     hourly_cost: float
-    cost_ratio: float
-    vram_estimate_bytes: int
+    cost_ratio: float = Field(description="Its price per hour / the chosen plan's.")
+    vram_estimate_bytes: int = Field(description="Per GPU at the leanest settings.")
+    strategy: PlanStrategy = "single"
+    nodes: int = 1
+    step_seconds: float = Field(default=0.0, description="Estimated seconds per optimizer step.")
+    job_cost_ratio: float = Field(default=0.0, description="Its estimated cost per job / the chosen plan's.")
+    time_ratio: float = Field(default=0.0, description="Its estimated time / the chosen plan's.")
+    kind: Literal["candidate", "dearer", "unavailable"] = Field(
+        default="candidate", description="candidate: compared and dearer per job; dearer: on a class dearer per "
+        "GPU-hour than the cheapest single GPU that holds the job, so not a candidate; unavailable: the cluster "
+        "cannot run it (note says why).")
+    note: str = ""
+
+    def label(self) -> str:
+        return shape_label(self.gpu_count, self.gpu_class, self.strategy, self.nodes)
 
 
 class Plan(_Out):
@@ -71,12 +102,43 @@ class Plan(_Out):
     reasons: list[str]
     alternatives: list[Alternative]
     strategy: Literal["single", "pipeline", "ddp", "fsdp"] = "single"  # how gpu_count GPUs train (scaleout.py)
+    nodes: int = Field(default=1, description="Nodes the GPUs span (the catalog's maxPerNode per node).")
+    lean_bytes_per_gpu: int = Field(default=0, description="Per GPU at the leanest settings: what decided that "
+                                    "the class holds it (vram_estimate_bytes is at the chosen knobs).")
+    step_seconds: float = Field(default=0.0, description="Estimated seconds per optimizer step "
+                                "(kubetune.planning.ranks.step_time: rough, for comparing shapes).")
+    steps: int = Field(default=0, description="The steps the estimated hours and cost are for: "
+                       "training.maxSteps, or 1,000 when the data decides.")
+    steps_known: bool = False
+
+    def label(self) -> str:
+        """'1x L4', '4x L4 FSDP', '16x L4 FSDP on 2 nodes', '2x A100-40GB layer split'."""
+        return shape_label(self.gpu_count, self.gpu_class, self.strategy, self.nodes)
+
+    def per(self) -> str:
+        """What the estimated hours and cost are for."""
+        return f"for {self.steps} steps" if self.steps_known else f"per {self.steps:,} steps"
+
+    @property
+    def estimated_hours(self) -> float:
+        return self.step_seconds * self.steps / 3600
+
+    @property
+    def estimated_cost(self) -> float:
+        return self.hourly_cost * self.estimated_hours
 
     def summary(self) -> dict[str, object]:
         """The `-o json` shape of `kubetune plan`."""
         return {
             "gpuClass": self.gpu_class,
             "gpuCount": self.gpu_count,
+            "strategy": self.strategy,
+            "nodes": self.nodes,
+            "hourlyCost": self.hourly_cost,
+            "stepSeconds": round(self.step_seconds, 3),
+            "estimatedHours": round(self.estimated_hours, 3),
+            "estimatedCost": round(self.estimated_cost, 2),
+            "estimatedFor": f"{self.steps} steps" if self.steps_known else f"{self.steps} steps (maxSteps unset)",
             "vramEstimateBytes": self.vram_estimate_bytes,
             "breakdown": self.breakdown,
             "knobs": self.knobs.model_dump(by_alias=True),
@@ -85,74 +147,11 @@ class Plan(_Out):
         }
 
 
-@dataclass(frozen=True)
-class _Fit:
-    gpu: GpuClass
-    count: int
-    shape: TrainingShape
-    estimate: Estimate
-
-    @property
-    def cost(self) -> float:
-        return self.gpu.hourly_price * self.count
-
-
-def gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
-
-
-def effective_batch(spec: FineTuneJobSpec) -> int:
-    mb = spec.training.micro_batch_size
-    return (mb if isinstance(mb, int) else 1) * spec.training.gradient_accumulation_steps
-
-
-def _shape(spec: FineTuneJobSpec, micro_batch: int, checkpointing: bool, count: int) -> TrainingShape:
-    targets = spec.lora.target_modules
-    return TrainingShape(
-        method=spec.method,
-        micro_batch=micro_batch,
-        seq_len=spec.training.max_seq_length,
-        gradient_checkpointing=checkpointing,
-        lora_r=spec.lora.r,
-        target_modules=targets if isinstance(targets, str) else tuple(targets),  # type: ignore[arg-type]
-        lora_dropout=spec.lora.dropout,
-        optimizer=spec.training.optimizer,
-        gpu_count=count,
-    )
-
-
-def _leanest(spec: FineTuneJobSpec) -> tuple[int, bool]:
-    mb = spec.training.micro_batch_size
-    gc = spec.training.gradient_checkpointing
-    return (mb if isinstance(mb, int) else 1), (gc if isinstance(gc, bool) else True)
-
-
-def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, count: int = 1
-                  ) -> tuple[TrainingShape, Estimate] | None:
-    """The fastest (checkpointing, micro-batch) that fits in usable_bytes per GPU, or None.
-
-    Checkpointing off beats any micro-batch with it on (recomputing every layer's forward costs about
-    a third more compute); then the largest micro-batch that divides the effective batch.
-    """
-    mb_spec = spec.training.micro_batch_size
-    gc_spec = spec.training.gradient_checkpointing
-    batch = effective_batch(spec)
-    micro_batches = [mb_spec] if isinstance(mb_spec, int) else [d for d in range(batch, 0, -1) if batch % d == 0]
-    checkpointing = [gc_spec] if isinstance(gc_spec, bool) else [False, True]
-    for gc in checkpointing:
-        for mb in micro_batches:
-            shape = _shape(spec, mb, gc, count)
-            est = job_estimate(arch, shape, spec.resources.strategy)
-            if est.total <= usable_bytes:
-                return shape, est
-    return None
-
-
 def local_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int) -> tuple[Knobs, int]:
     """`kubetune train` on this machine: the fastest knobs that fit `usable_bytes`, and their estimate (0 when
     even the leanest settings exceed it by the estimate: they are tried anyway, and the run tells)."""
     best = fastest_knobs(spec, arch, usable_bytes)
-    lean_mb, lean_gc = _leanest(spec)
+    lean_mb, lean_gc = leanest(spec)
     micro_batch, checkpointing, total = (lean_mb, lean_gc, 0) if best is None else \
         (best[0].micro_batch, best[0].gradient_checkpointing, best[1].total)
     knobs = Knobs(micro_batch_size=micro_batch,
@@ -187,98 +186,51 @@ def _candidates(spec: FineTuneJobSpec, catalog: GpuCatalog, above: str | None) -
     return classes, notes
 
 
-def _fits(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, classes: list[GpuClass],
-          counts: list[int], supply: Supply | None, skipped: dict[str, str]) -> list[_Fit]:
-    lean_mb, lean_gc = _leanest(spec)
-    fits: list[_Fit] = []
-    for count in counts:
-        for gpu in classes:
-            if count > gpu.max_per_node and spec.resources.strategy == "auto":
-                continue  # the layer split stays on one node; DDP/FSDP ranks span nodes
-            shape = _shape(spec, lean_mb, lean_gc, count)
-            est = job_estimate(arch, shape, spec.resources.strategy)
-            if est.total > catalog.usable_bytes(gpu):
-                continue
-            missing = supply.why_not(gpu, min(count, gpu.max_per_node)) if supply is not None else None
-            if missing:
-                skipped.setdefault(gpu.name, missing)
-                continue
-            fits.append(_Fit(gpu, count, shape, est))
-        if fits and spec.resources.gpu_count == "auto" and spec.resources.strategy == "auto":
-            break  # fewest GPUs first: sharding only when no single GPU (or smaller group) can hold it
-    return fits
-
-
 def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, above: str | None = None,
               supply: Supply | None = None) -> Plan:
-    """Choose class, count and knobs. `above`: a class the job ran out of memory on (OOM escalation).
+    """Choose class, shape and knobs. `above`: a class the job ran out of memory on (OOM escalation).
     `supply`: the classes the cluster offers (None: the whole catalog)."""
     classes, reasons = _candidates(spec, catalog, above)
-    lean_mb, lean_gc = _leanest(spec)
-    counts = [spec.resources.gpu_count] if isinstance(spec.resources.gpu_count, int) else \
-        list(GPU_COUNTS if spec.resources.strategy == "auto" else RANK_COUNTS)
-    cap = spec.resources.max_gpu_count
-    if cap is not None:
-        if not [c for c in counts if c <= cap]:
-            raise PlanError(f"spec.resources.gpuCount: {counts[0]} is above spec.resources.maxGpuCount {cap}")
-        counts = [c for c in counts if c <= cap]
+    lean_mb, lean_gc = leanest(spec)
+    resources = spec.resources
+    cap = resources.max_gpu_count
+    if cap is not None and isinstance(resources.gpu_count, int) and resources.gpu_count > cap:
+        raise PlanError(f"spec.resources.gpuCount: {resources.gpu_count} is above spec.resources.maxGpuCount {cap}")
 
-    pinned = spec.resources.gpu_class != "auto"
-    skipped: dict[str, str] = {}
-    fits = _fits(spec, arch, catalog, classes, counts, None if pinned else supply, skipped)
+    pinned = resources.gpu_class != "auto"
+    comparison = compare(spec, arch, catalog, classes, supply)  # a pinned class too: a shape its nodes can run
     lacking = ""
-    if not fits and skipped:  # the cluster offers no class that holds it: plan on the catalog and wait
-        fits = _fits(spec, arch, catalog, classes, counts, None, {})
-        lacking = ("no class the cluster has nodes of or can provision holds it (" + "; ".join(skipped.values())
-                   + "); planned on the cheapest class that does, and waits for a node of it")
-    if not fits:
-        raise _no_fit(spec, arch, catalog, classes, counts, lean_mb, lean_gc, above)
+    if not comparison.ranked and comparison.refused:  # the cluster offers nothing that holds it
+        refused = "; ".join(comparison.refused)
+        lacking = (f"the cluster cannot run it on the pinned class ({refused}); planned as if it could, and waits "
+                   "for a node of it") if pinned else \
+            (f"no class the cluster has nodes of or can provision holds it ({refused}); planned on the cheapest "
+             "class that does, and waits for a node of it")
+        comparison = compare(spec, arch, catalog, classes, None)
+    if not comparison.ranked:
+        raise _no_fit(spec, arch, catalog, classes, comparison, above)
+    chosen = comparison.chosen
+    shape, est = chosen.shape, chosen.estimate
+    usable = catalog.usable_bytes(chosen.gpu)
 
-    if spec.resources.strategy == "auto":
-        fits.sort(key=lambda f: (f.cost, -f.gpu.memory_bytes))
-    else:  # ranks: one big GPU against several small ones, by price x estimated step time
-        tokens = effective_batch(spec) * spec.training.max_seq_length
-        fits.sort(key=lambda f: (f.cost * _step_seconds(arch, f, spec.resources.strategy, tokens), f.count))
-    chosen = fits[0]
+    what = f"{arch.name} {spec.method.upper()} (LoRA r={spec.lora.r}, {spec.training.max_seq_length} tokens)"
+    one_gpu = job_estimate(arch, training_shape(spec, lean_mb, lean_gc, 1), "single").total
+    lean = f"{what} needs {gib(one_gpu)} on one GPU at the leanest settings (checkpointing " \
+           f"{'on' if lean_gc else 'off'}, micro-batch {lean_mb})"
+    if chosen.count > 1:
+        lean += f"; {gib(chosen.lean.total)} per GPU as {chosen.label()}"
+    if resources.strategy != "auto" and chosen.count == 1:
+        lean += f"; strategy {resources.strategy} has one GPU to run on (maxGpuCount or gpuCount is 1)"
+    reasons.insert(0, lean)
     if lacking:
         reasons.append(lacking)
     else:
-        reasons.extend(why for name, why in skipped.items()
-                       if catalog.get(name, "plan").hourly_price < chosen.gpu.hourly_price)
-    if supply is not None and not lacking and chosen.gpu.name not in dict(supply.nodes) and not pinned:
+        reasons.extend(_skipped(comparison))
+    if supply is not None and not lacking and chosen.gpu.name not in dict(supply.nodes):
         reasons.append(f"{chosen.gpu.name}: no node yet, but provisionable (its node pool scales up from zero)")
-    usable = catalog.usable_bytes(chosen.gpu)
-    best = fastest_knobs(spec, arch, usable, chosen.count)
-    assert best is not None  # the leanest shape fits, so the search finds at least that
-    shape, est = best
-
-    lean_total = chosen.estimate.total
-    what = f"{arch.name} {spec.method.upper()} (LoRA r={spec.lora.r}, {spec.training.max_seq_length} tokens)"
-    reasons.insert(0, f"{what} needs {gib(lean_total)} per GPU at the leanest settings "
-                      f"(checkpointing {'on' if lean_gc else 'off'}, micro-batch {lean_mb})")
-    where = f"{chosen.count}x {chosen.gpu.name}" if chosen.count > 1 else chosen.gpu.name
-    reasons.append(
-        f"{where}: cheapest that holds it ({gib(usable)} usable of {chosen.gpu.memory_gib:.1f} GiB per GPU, "
-        f"{chosen.cost:.2f}/h)"
-    )
-    strategy = plan_strategy(spec.resources.strategy, chosen.count)
-    if strategy == "pipeline":
-        reasons.append(f"no single GPU holds it; layers are split over {chosen.count} GPUs of one node")
-    elif strategy == "ddp":
-        reasons.append(f"strategy ddp: {chosen.count} ranks, each with a full copy; each optimizer step's "
-                       "micro-batches are divided between them")
-    elif strategy == "fsdp":
-        reasons.append(f"strategy fsdp: weights, gradients and optimizer states sharded over {chosen.count} ranks "
-                       f"({gib(est.parts.get('communication', 0))} per GPU for all-gathers and NCCL)")
-    if spec.resources.strategy != "auto" and len(fits) > 1:
-        tokens = effective_batch(spec) * spec.training.max_seq_length
-        mine = chosen.cost * _step_seconds(arch, chosen, spec.resources.strategy, tokens)
-        for other in fits[1:3]:
-            theirs = other.cost * _step_seconds(arch, other, spec.resources.strategy, tokens)
-            label = f"{other.count}x {other.gpu.name}" if other.count > 1 else other.gpu.name
-            reasons.append(f"{label} also holds it but costs {theirs / mine:.2f}x as much per run "
-                           "(price x estimated step time)")
-    reasons.extend(_knob_reasons(spec, arch, shape, est, usable, chosen.count))
+    reasons.extend(explain(comparison, catalog))
+    reasons.extend(_strategy_reasons(comparison))
+    reasons.extend(_knob_reasons(spec, arch, chosen, usable))
 
     batch = effective_batch(spec)
     knobs = Knobs(
@@ -288,34 +240,90 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
         max_seq_length=shape.seq_len,
         compute_dtype="bfloat16" if chosen.gpu.bf16 else "float16",
     )
-    alternatives = [
-        Alternative(
-            gpu_class=f.gpu.name, gpu_count=f.count, hourly_cost=round(f.cost, 2),
-            cost_ratio=round(f.cost / chosen.cost, 2), vram_estimate_bytes=f.estimate.total,
-        )
-        for f in fits[1:]
-    ]
     return Plan(
         model=arch.name, method=spec.method, gpu_class=chosen.gpu.name, gpu_count=chosen.count,
-        gpu_memory_bytes=chosen.gpu.memory_bytes, usable_bytes_per_gpu=usable, hourly_cost=round(chosen.cost, 2),
+        gpu_memory_bytes=chosen.gpu.memory_bytes, usable_bytes_per_gpu=usable, hourly_cost=round(chosen.hourly, 2),
         vram_estimate_bytes=est.total, breakdown=est.parts, lora_params=est.lora_params, knobs=knobs,
-        reasons=reasons, alternatives=alternatives, strategy=strategy, model_params=arch.total_params,
+        reasons=reasons, alternatives=_alternatives(comparison), strategy=chosen.strategy,
+        model_params=arch.total_params, nodes=chosen.nodes, lean_bytes_per_gpu=chosen.lean.total,
+        step_seconds=chosen.step_seconds,
+        steps=comparison.steps, steps_known=comparison.steps_known,
     )
 
 
-def _step_seconds(arch: Architecture, fit: _Fit, strategy: str, tokens: int) -> float:
-    nodes = -(-fit.count // fit.gpu.max_per_node)
-    return step_time(arch, fit.shape, plan_strategy(strategy, fit.count), fit.count, nodes, tokens, fit.gpu.name)
+ALTERNATIVES = 12  # at most, in the plan (and in `kubetune plan`'s table)
 
 
-def _knob_reasons(spec: FineTuneJobSpec, arch: Architecture, shape: TrainingShape, est: Estimate,
-                  usable: int, count: int) -> list[str]:
+def _alternatives(comparison: Comparison) -> list[Alternative]:
+    """What the chosen shape was compared with, cheapest per job first: the runner-ups the reasons name, the
+    cheapest count of every other class and strategy (and the next count of the chosen one), the best shape of
+    each class dearer per GPU-hour than the baseline, and cheaper shapes the cluster cannot run."""
+    chosen, steps = comparison.chosen, comparison.steps
+    rows: dict[int, tuple[Candidate, str]] = {id(c): (c, "") for c in runner_ups(comparison)}  # id: unhashable
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for c in comparison.ranked[1:]:
+        groups.setdefault((c.gpu.name, c.strategy), []).append(c)
+    for (name, strategy), found in groups.items():
+        mine = (name, strategy) == (chosen.gpu.name, chosen.strategy)
+        for c in [c for c in found if c.count > chosen.count][:1] if mine else found[:1]:
+            rows.setdefault(id(c), (c, ""))
+    if comparison.baseline is not None:
+        dearer = f"not a candidate: dearer per GPU-hour than {comparison.baseline.name}"
+        for c in {c.gpu.name: c for c in reversed(comparison.dearer)}.values():
+            rows.setdefault(id(c), (c, dearer))
+    for c in comparison.unavailable:
+        if c.cost(steps) < chosen.cost(steps):
+            rows.setdefault(id(c), (c, c.unavailable))
+    ordered = sorted(rows.values(), key=lambda row: (row[0].cost(steps), row[0].step_seconds))
+    return [
+        Alternative(
+            gpu_class=c.gpu.name, gpu_count=c.count, hourly_cost=round(c.hourly, 2),
+            cost_ratio=round(c.hourly / chosen.hourly, 2), vram_estimate_bytes=c.lean.total, strategy=c.strategy,
+            nodes=c.nodes, step_seconds=round(c.step_seconds, 3),
+            job_cost_ratio=round(c.cost(steps) / chosen.cost(steps), 3),
+            time_ratio=round(c.step_seconds / chosen.step_seconds, 3), note=note,
+            kind="unavailable" if c.unavailable else "dearer" if note else "candidate",
+        )
+        for c, note in ordered[:ALTERNATIVES]
+    ]
+
+
+def _skipped(comparison: Comparison) -> list[str]:
+    """Why the cluster could not take a shape that would otherwise have been chosen, or a class cheaper per hour
+    than the chosen one (each reason once)."""
+    chosen, steps = comparison.chosen, comparison.steps
+    return list(dict.fromkeys(
+        c.unavailable for c in comparison.unavailable
+        if c.gpu.hourly_price < chosen.gpu.hourly_price or c.cost(steps) < chosen.cost(steps)
+    ))
+
+
+def _strategy_reasons(comparison: Comparison) -> list[str]:
+    chosen = comparison.chosen
+    spread = f" on {chosen.nodes} nodes of {chosen.per_node}" if chosen.nodes > 1 else ""
+    if chosen.strategy == "pipeline":
+        data_parallel = any(c.strategy in ("ddp", "fsdp") for c in comparison.ranked)
+        return [f"layer split: the layers are divided over {chosen.count} GPUs of one node, one GPU working at a "
+                "time (" + ("every DDP or FSDP shape costs more per job" if data_parallel else
+                            "no DDP or FSDP shape within the limits holds it: each rank keeps a whole micro-batch's "
+                            "activations") + ")"]
+    if chosen.strategy == "ddp":
+        return [f"strategy ddp: {chosen.count} ranks{spread}, each with a full copy; each optimizer step's "
+                "micro-batches are divided between them"]
+    if chosen.strategy == "fsdp":
+        return [f"strategy fsdp: weights, gradients and optimizer states sharded over {chosen.count} ranks{spread} "
+                f"({gib(chosen.estimate.parts.get('communication', 0))} per GPU for all-gathers and NCCL)"]
+    return []
+
+
+def _knob_reasons(spec: FineTuneJobSpec, arch: Architecture, chosen: Candidate, usable: int) -> list[str]:
     reasons = []
+    shape, est = chosen.shape, chosen.estimate
     gc_spec = spec.training.gradient_checkpointing
     if isinstance(gc_spec, bool):
         reasons.append(f"gradient checkpointing {'on' if gc_spec else 'off'}: set by the spec")
     elif shape.gradient_checkpointing:
-        without = estimate(arch, _shape(spec, 1, False, count)).total
+        without = job_estimate(arch, training_shape(spec, 1, False, chosen.count), chosen.strategy).total
         reasons.append(f"gradient checkpointing on: off would need {gib(without)} > {gib(usable)} usable")
     else:
         reasons.append("gradient checkpointing off: it fits without recomputing activations (~1/3 less compute)")
@@ -323,33 +331,40 @@ def _knob_reasons(spec: FineTuneJobSpec, arch: Architecture, shape: TrainingShap
     if isinstance(spec.training.micro_batch_size, int):
         reasons.append(f"micro-batch {shape.micro_batch}: set by the spec")
     else:
+        steps = batch // shape.micro_batch
+        per_rank = f" ({-(-steps // chosen.count)} a step on each of {chosen.count} ranks)" \
+            if chosen.strategy in ("ddp", "fsdp") else ""
         reasons.append(
-            f"micro-batch {shape.micro_batch} x accumulation {batch // shape.micro_batch} keeps the effective "
-            f"batch of {batch}; estimate {gib(est.total)} of {gib(usable)} usable"
+            f"micro-batch {shape.micro_batch} x accumulation {steps}{per_rank} keeps the effective batch of "
+            f"{batch}; estimate {gib(est.total)} of {gib(usable)} usable"
         )
     return reasons
 
 
-def _cheapest_anywhere(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, lean_mb: int,
-                       lean_gc: bool) -> str | None:
-    """The cheapest class (fewest GPUs first) in the whole catalog that would hold the job, ignoring limits."""
-    for count in GPU_COUNTS:
-        per_gpu = estimate(arch, _shape(spec, lean_mb, lean_gc, count)).total
-        gpu = next((g for g in catalog.by_price() if per_gpu <= catalog.usable_bytes(g)), None)
-        if gpu:
-            return f"{count}x {gpu.name}" if count > 1 else gpu.name
-    return None
+def _cheapest_anywhere(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog) -> str | None:
+    """The cheapest shape in the whole catalog that would hold the job, ignoring the spec's limits."""
+    free = spec.model_copy(update={"resources": ResourcesSpec()})
+    found = compare(free, arch, catalog, catalog.by_price(), None)
+    return found.chosen.label() if found.ranked else None
 
 
 def _no_fit(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, classes: list[GpuClass],
-            counts: list[int], lean_mb: int, lean_gc: bool, above: str | None) -> PlanError:
-    lean = estimate(arch, _shape(spec, lean_mb, lean_gc, 1)).total
+            comparison: Comparison, above: str | None) -> PlanError:
+    lean_mb, lean_gc = leanest(spec)
+    lean = job_estimate(arch, training_shape(spec, lean_mb, lean_gc, 1), "single").total
     need = f"the job needs {gib(lean)} on one GPU at the leanest settings"
-    would_text = _cheapest_anywhere(spec, arch, catalog, lean_mb, lean_gc)
+    tried = [m for m in comparison.misses if m.count > 1]
+    if tried:
+        fewest = min(tried, key=lambda m: m.need)
+        how = f"a layer split over {fewest.count} GPUs" if fewest.strategy == "pipeline" else \
+            f"{fewest.count} {fewest.strategy.upper()} ranks"
+        need += f" ({gib(fewest.need)} per GPU at best, as {how})"
+    would_text = _cheapest_anywhere(spec, arch, catalog)
     hint = f"; the cheapest that would hold it is {would_text}" if would_text else (
-        "; no class in the catalog holds it even 8 to a node: lower training.maxSeqLength or lora.r, "
+        "; no class in the catalog holds it, even as 64 FSDP ranks: lower training.maxSeqLength or lora.r, "
         "or use method: qlora"
     )
+    counts = sorted({m.count for m in comparison.misses})
     if spec.resources.gpu_class != "auto":
         gpu = classes[0]
         where = "spec.resources.gpuClass"
@@ -363,4 +378,7 @@ def _no_fit(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
     if isinstance(spec.resources.gpu_count, int):
         return PlanError(f"spec.resources.gpuCount: {spec.resources.gpu_count} GPU(s) of any class cannot hold "
                          f"this job: {need}{hint}")
+    if spec.resources.max_gpu_count is not None:
+        return PlanError(f"spec.resources.maxGpuCount: no class holds this job on up to "
+                         f"{spec.resources.max_gpu_count} GPU(s): {need}{hint}")
     return PlanError(f"spec: {need}{hint}")

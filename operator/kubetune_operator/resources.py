@@ -120,6 +120,11 @@ def child_labels(owner: Owner, attempt: int, queue: str | None, settings: Settin
 
 
 def trainer_config(owner: Owner, spec: FineTuneJobSpec, plan: Plan, attempt: int) -> TrainerConfig:
+    """The trainer's config. Its spec's `resources.strategy` is the plan's when the plan runs DDP or FSDP ranks: under
+    `strategy: auto` the planner chose it, and the trainer shards (or not) by that field. The resume key leaves
+    resources out, so a re-planned shape still resumes from the checkpoint."""
+    if plan.strategy in ("ddp", "fsdp") and spec.resources.strategy != plan.strategy:
+        spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"strategy": plan.strategy})})
     return TrainerConfig(
         job=JobRef(name=owner.name, namespace=owner.namespace),
         spec=spec,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kubetune.planning.gpus import GpuClass
+from kubetune.planning.placement import node_split
 from kubetune.planning.plan import Plan
 from kubetune.spec import FineTuneJobSpec
 from kubetune_operator import resources
@@ -116,7 +117,7 @@ def jobset_api(discovery: Mapping[str, Any] | None) -> str | None:
 
 
 def strategy_of(spec: FineTuneJobSpec, plan: Plan) -> Strategy:
-    """The plan's strategy (kubetune.planning.ranks.plan_strategy of the spec's and the GPU count)."""
+    """The plan's strategy: the planner chose it (kubetune.planning.shapes)."""
     return plan.strategy
 
 
@@ -129,11 +130,12 @@ def shape_of(strategy: Strategy, gpu_count: int, gpu: GpuClass) -> Shape:
             raise ValueError(f"{strategy}: {gpu_count} GPUs exceed one {gpu.name} node ({gpu.max_per_node}); "
                              "only ddp and fsdp span nodes")
         return Shape(strategy, 1, gpu_count)
-    nodes = math.ceil(gpu_count / gpu.max_per_node)
-    if gpu_count % nodes:
+    split = node_split(gpu_count, gpu.max_per_node)  # the planner's own split (kubetune.planning.shapes)
+    if split is None:
+        nodes = math.ceil(gpu_count / gpu.max_per_node)
         raise ValueError(f"{gpu_count} {gpu.name} GPUs do not split evenly over {nodes} nodes of at most "
                          f"{gpu.max_per_node}")
-    return Shape(strategy, nodes, gpu_count // nodes)
+    return Shape(strategy, *split)
 
 
 def launch_command(shape: Shape, gang: Gang | None, namespace: str, grace_seconds: int | None,

@@ -68,7 +68,10 @@ def test_a_big_job_takes_the_big_class_the_cluster_has() -> None:
 def test_nothing_in_the_cluster_holds_it_plans_on_the_catalog_and_says_it_waits() -> None:
     only_a10g = supply_of(Inventory((NodeInfo("g5-1", A10G, 1),)), default_catalog())
     p = plan("meta-llama/Llama-3.1-70B-Instruct", only_a10g)
-    assert p.gpu_class == "A100-80GB"
+    # the catalog's cheapest shape per job (issue 12): 4 L4s with FSDP, where 1 A100-80GB was planned before
+    assert (p.gpu_class, p.gpu_count, p.strategy) == ("L4", 4, "fsdp")
+    assert "A10G: its nodes have at most 1 GPU and it is not provisionable (the GPU catalog says 8 per node" \
+        in p.reasons[1]
     assert any("no class the cluster has nodes of or can provision holds it" in r and "waits" in r
                for r in p.reasons)
 

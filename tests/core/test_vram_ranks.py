@@ -1,5 +1,6 @@
-"""Per-rank memory of DDP and FSDP against published multi-GPU figures (docs/vram_published_ranks.yaml), its
-invariants, and the comparison of shapes (one big GPU against several small ones) by cost and time."""
+"""Per-rank memory of DDP and FSDP, and the step-time estimate, against published multi-GPU figures
+(docs/vram_published_ranks.yaml), and the per-rank estimate's invariants. The planner's choice between shapes is
+tested in test_plan_shapes.py."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import yaml
 
 from kubetune.planning.gpus import load_catalog
 from kubetune.planning.models import CATALOG
-from kubetune.planning.ranks import choose, options, per_rank
+from kubetune.planning.ranks import active_params, per_rank, step_time
 from kubetune.planning.vram import GiB, TrainingShape, estimate
 
 ROOT = Path(__file__).resolve().parents[2]
-ROWS = yaml.safe_load((ROOT / "docs" / "vram_published_ranks.yaml").read_text())["rows"]
+PUBLISHED = yaml.safe_load((ROOT / "docs" / "vram_published_ranks.yaml").read_text())
+ROWS = PUBLISHED["rows"]
+HELD = [r for r in ROWS if r.get("band", True)]
 GPUS = load_catalog()
-CLASSES = [(g.name, GPUS.usable_bytes(g), g.hourly_price, g.max_per_node) for g in GPUS.classes]
+LLAMA2_70B = CATALOG["meta-llama/llama-2-70b-hf"]
 
 
 def published_shape(settings: dict[str, Any]) -> TrainingShape:
@@ -27,13 +30,27 @@ def published_shape(settings: dict[str, Any]) -> TrainingShape:
                          lora_dropout=0.0, optimizer="adamw_torch", recipe="hf")
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[f"{r['strategy']}-{r['settings']['microBatch']}x{r['settings']['seq']}"
-                                            for r in ROWS])
+def row_id(row: dict[str, Any]) -> str:
+    return f"{row['model'].split('/')[-1]}-{row['strategy']}{row['ranks']}-{row['settings']['microBatch']}x" \
+           f"{row['settings']['seq']}"
+
+
+@pytest.mark.parametrize("row", HELD, ids=[row_id(r) for r in HELD])
 def test_per_rank_estimate_holds_to_published_figures(row: dict[str, Any]) -> None:
     arch = CATALOG[row["model"].lower()]
     got = per_rank(arch, published_shape(row["settings"]), row["strategy"], row["ranks"]).total / GiB
     ratio = got / row["figureGiB"]
     assert 0.95 <= ratio <= 1.30, f"{got:.2f} GiB vs published {row['figureGiB']} ({row['source']})"
+
+
+def test_rows_not_held_say_why_and_are_what_the_estimate_does_not_model() -> None:
+    """The 70B row ran with CPU offload (weights in host memory): the estimate keeps each shard on the GPU."""
+    loose = [r for r in ROWS if not r.get("band", True)]
+    assert loose and all(r["differs"].strip() for r in loose)
+    for row in loose:
+        arch = CATALOG[row["model"].lower()]
+        got = per_rank(arch, published_shape(row["settings"]), row["strategy"], row["ranks"]).total / GiB
+        assert got > 1.3 * row["figureGiB"]  # over, never under: not modelling offload errs on the safe side
 
 
 def test_docs_table_lists_every_multi_gpu_row() -> None:
@@ -42,9 +59,76 @@ def test_docs_table_lists_every_multi_gpu_row() -> None:
         assert f"| {row['figureGiB']} |" in text, row["source"]
 
 
+@pytest.mark.parametrize("fit", PUBLISHED["fits"], ids=[f"{f['gpus']}x-{f['card']}-b{f['microBatch']}"
+                                                       for f in PUBLISHED["fits"]])
+def test_shapes_published_as_training_70b_fit_their_cards_by_the_estimate(fit: dict[str, Any]) -> None:
+    """Answer.AI trained Llama-2 70B QLoRA without offload on these shapes: the estimate must not refuse them."""
+    shape = published_shape({"r": 64, "seq": 2048, "microBatch": fit["microBatch"], "checkpointing": True})
+    got = per_rank(LLAMA2_70B, shape, "fsdp", fit["gpus"]).total / GiB
+    assert got <= fit["cardGiB"], f"{fit['gpus']}x {fit['card']} at batch {fit['microBatch']}: {got:.1f} GiB"
+
+
+# --- the step-time estimate against the same source's training times -------------------------------------
+
+TIMES = {(t["gpu"], t["gpus"]): t for t in PUBLISHED["times"]}
+
+
+def estimated_seconds(gpu: str, gpus: int) -> float:
+    """Answer.AI's run: 1,024 samples of 2,048 tokens, an effective batch of 32 (32 optimizer steps)."""
+    t = TIMES[gpu, gpus]
+    shape = published_shape({"r": 64, "seq": 2048, "microBatch": t["microBatch"], "checkpointing": True})
+    return 32 * step_time(LLAMA2_70B, shape, "fsdp", gpus, 1, 32 * 2048, gpu)
+
+
+@pytest.mark.parametrize("key", list(TIMES), ids=[f"{g}x{n}" for g, n in TIMES])
+def test_step_time_is_never_much_faster_than_published_and_at_most_half_again_slower(key: tuple[str, int]) -> None:
+    ratio = estimated_seconds(*key) / TIMES[key]["seconds"]
+    assert 0.9 <= ratio <= 1.5, f"{key}: {ratio:.2f}x the published time"
+
+
+def test_step_time_scales_with_the_rank_count_as_published() -> None:
+    """Same class and micro-batch, 4 -> 8 A100s: published 1266 s -> 672 s."""
+    published = TIMES["A100-40GB", 8]["seconds"] / TIMES["A100-40GB", 4]["seconds"]
+    assert estimated_seconds("A100-40GB", 8) / estimated_seconds("A100-40GB", 4) == pytest.approx(published,
+                                                                                                   rel=0.10)
+
+
+def test_h100_over_a100_speed_is_the_measured_one_not_the_data_sheets() -> None:
+    published = TIMES["H100-80GB", 4]["seconds"] / TIMES["A100-40GB", 4]["seconds"]  # 0.53: 1.9x as fast
+    assert estimated_seconds("H100-80GB", 4) / estimated_seconds("A100-40GB", 4) == pytest.approx(published,
+                                                                                                  rel=0.05)
+
+
 ARCH_70B = CATALOG["meta-llama/llama-3.1-70b"]
 SHAPE = TrainingShape(method="qlora", micro_batch=1, seq_len=2048, gradient_checkpointing=True, lora_r=16)
+TOKENS = 8 * 2048  # the spec's default effective batch: 8 sequences
 
+
+def test_a_frozen_base_costs_4_flops_a_weight_and_token_6_with_recompute() -> None:
+    one = step_time(ARCH_70B, replace(SHAPE, gradient_checkpointing=False), "single", 1, 1, TOKENS, "A100-80GB")
+    again = step_time(ARCH_70B, SHAPE, "single", 1, 1, TOKENS, "A100-80GB")
+    assert again / one == pytest.approx(6 / 4)
+    assert one == pytest.approx(4 * ARCH_70B.total_params * TOKENS / (312e12 * 0.4))
+
+
+def test_a_mixture_of_experts_computes_with_the_routed_experts_only() -> None:
+    mixtral = CATALOG["mistralai/mixtral-8x7b-v0.1"]
+    assert active_params(mixtral) < 0.3 * mixtral.total_params  # 2 of 8 experts: ~13B of ~47B
+    assert active_params(ARCH_70B) == ARCH_70B.total_params
+
+
+def test_ranks_beyond_the_micro_batches_idle_and_the_layer_split_is_no_faster_than_one_gpu() -> None:
+    def t(strategy: str, gpus: int, nodes: int = 1) -> float:
+        return step_time(ARCH_70B, SHAPE, strategy, gpus, nodes, TOKENS, "L4")
+
+    one = t("single", 1)
+    assert t("fsdp", 8) < t("fsdp", 4) < t("fsdp", 2) < one
+    assert t("fsdp", 16, 2) > t("fsdp", 8)  # 8 micro-batches a step: 8 of 16 ranks idle, and the network is slower
+    assert t("ddp", 8) == pytest.approx(one / 8, rel=0.01)  # DDP moves only the LoRA gradients
+    assert one < t("pipeline", 4) < 1.01 * one  # one GPU works at a time, plus the hidden states between them
+
+
+# --- per-rank invariants ------------------------------------------------------------------------------
 
 def test_fsdp_shards_weights_and_states_ddp_copies_them() -> None:
     one = estimate(ARCH_70B, SHAPE)
@@ -66,73 +150,3 @@ def test_70b_qlora_fits_several_24gb_gpus_only_sharded() -> None:
     assert per_rank(ARCH_70B, SHAPE, "ddp", 4).total > a10g
     assert per_rank(ARCH_70B, SHAPE, "fsdp", 2).total > a10g  # 2 x 24 GB: 27 GiB per rank with comms
     assert per_rank(ARCH_70B, SHAPE, "fsdp", 4).total < a10g
-
-
-def test_shapes_are_compared_by_price_times_time_and_the_reasons_say_so() -> None:
-    found = options(ARCH_70B, SHAPE, 16 * 2048, CLASSES, max_gpus=8)
-    best, reasons = choose(found)
-    assert best is not None and best.fits
-    assert all(best.relative_cost <= o.relative_cost for o in found if o.fits)
-    assert reasons[0].startswith(best.label()) and "cheapest shape that fits" in reasons[0]
-    small = [o for o in found if o.gpu_class in ("A10G", "L4") and o.fits]
-    assert small and all(o.strategy == "fsdp" and o.gpus >= 4 for o in small)  # only sharded, 4 or more
-
-
-def test_a_small_model_stays_on_one_gpu() -> None:
-    arch = CATALOG["meta-llama/llama-3.1-8b"]
-    best, _ = choose(options(arch, SHAPE, 16 * 2048, CLASSES, max_gpus=8))
-    assert best is not None and best.strategy == "single" and best.gpus == 1
-
-
-def test_multi_node_shapes_use_the_network() -> None:
-    capped = [(name, usable, price, 4) for name, usable, price, _ in CLASSES]
-    found = options(ARCH_70B, SHAPE, 16 * 2048, capped, max_gpus=8)
-    eight = next(o for o in found if o.gpu_class == "A10G" and o.gpus == 8 and o.strategy == "fsdp")
-    assert (eight.nodes, eight.gpus_per_node) == (2, 4)
-    one_node = next(o for o in options(ARCH_70B, SHAPE, 16 * 2048, CLASSES, max_gpus=8)
-                    if o.gpu_class == "A10G" and o.gpus == 8 and o.strategy == "fsdp")
-    assert eight.relative_time > one_node.relative_time
-
-
-def test_no_shape_fits_says_what_each_needs() -> None:
-    huge = replace(SHAPE, micro_batch=64, seq_len=8192, gradient_checkpointing=False)
-    best, reasons = choose(options(CATALOG["meta-llama/llama-3.1-405b"], huge, 64 * 8192, CLASSES[:2], max_gpus=2))
-    assert best is None and "no shape fits" in reasons[0] and "GiB per GPU" in reasons[0]
-
-
-# --- the planner with resources.strategy and maxGpuCount ------------------------------------------------
-
-def plan_for(model: str, **resources: Any) -> Any:
-    from kubetune.planning.models import resolve_architecture
-    from kubetune.planning.plan import make_plan
-    from kubetune.spec import parse_spec
-
-    spec = parse_spec({"model": {"name": model}, "dataset": {"source": "s3://datasets/train.jsonl"},
-                       "output": {"uri": "s3://adapters/x/"}, "resources": resources})
-    return make_plan(spec, resolve_architecture(spec.model.name, None), GPUS)
-
-
-def test_fsdp_plans_70b_on_small_gpus_when_the_big_ones_are_ruled_out() -> None:
-    plan = plan_for("meta-llama/Llama-3.1-70B", strategy="fsdp", maxGpuClass="A10G")
-    assert (plan.gpu_class, plan.gpu_count, plan.strategy) == ("L4", 4, "fsdp")
-    assert plan.vram_estimate_bytes <= plan.usable_bytes_per_gpu and plan.breakdown["communication"] > 0
-    assert any("strategy fsdp: weights, gradients and optimizer states sharded over 4 ranks" in r
-               for r in plan.reasons)
-    assert any(r.startswith("8x L4 also holds it but costs") for r in plan.reasons)
-
-
-def test_the_count_cap_is_honoured_and_a_pinned_count_above_it_is_refused() -> None:
-    from kubetune.errors import PlanError
-
-    with pytest.raises(PlanError, match="cannot hold this job"):
-        plan_for("meta-llama/Llama-3.1-70B", strategy="fsdp", gpuClass="L4", maxGpuCount=2)
-    with pytest.raises(PlanError, match=r"spec\.resources\.gpuCount: 4 is above spec\.resources\.maxGpuCount 2"):
-        plan_for("meta-llama/Llama-3.1-70B", strategy="fsdp", gpuCount=4, maxGpuCount=2)
-
-
-def test_auto_strategy_keeps_the_one_node_layer_split_and_ddp_costs_its_copies() -> None:
-    auto = plan_for("meta-llama/Llama-3.1-70B", gpuClass="A10G")
-    assert auto.strategy == "pipeline" and auto.gpu_count <= 8
-    ddp = plan_for("meta-llama/Llama-3.1-8B", strategy="ddp", gpuClass="L4", gpuCount=4)
-    one = plan_for("meta-llama/Llama-3.1-8B", gpuClass="L4", gpuCount=1)
-    assert ddp.strategy == "ddp" and ddp.breakdown["base_weights"] == one.breakdown["base_weights"]

@@ -319,3 +319,21 @@ def test_single_node_job_names_are_unchanged() -> None:
         spec = job_spec(strategy="ddp")
         [job] = scaleout.trainer_children(owner, spec, plan_on(spec, "A10G", 4), A10G, 2, Settings())
         assert job["metadata"]["name"] == resources.child_name(owner_name, 2) == f"{owner_name}-a2"
+
+
+def test_the_trainer_is_told_the_strategy_the_planner_chose_under_auto() -> None:
+    """70B under strategy: auto plans FSDP ranks; the trainer shards by its config's spec.resources.strategy, so
+    the ConfigMap carries the plan's strategy (the FineTuneJob keeps its own)."""
+    import json
+
+    spec = parse_spec({"model": {"name": "meta-llama/Llama-3.1-70B-Instruct"},
+                       "dataset": {"source": "s3://datasets/train.jsonl"},
+                       "output": {"uri": "s3://adapters/x/", "credentialsSecret": "s3-creds"}})
+    plan = make_plan(spec, resolve_architecture(spec.model.name, None), CATALOG)
+    assert (spec.resources.strategy, plan.strategy) == ("auto", "fsdp")
+    config = json.loads(resources.config_map(OWNER, spec, plan, 1, Settings())["data"]["job.json"])
+    assert config["spec"]["resources"]["strategy"] == "fsdp" and config["gpuCount"] == plan.gpu_count
+    one = make_plan(spec.model_copy(update={"resources": spec.resources.model_copy(update={"max_gpu_count": 1})}),
+                    resolve_architecture(spec.model.name, None), CATALOG)
+    config = json.loads(resources.config_map(OWNER, spec, one, 1, Settings())["data"]["job.json"])
+    assert one.strategy == "single" and config["spec"]["resources"]["strategy"] == "auto"  # as written
