@@ -4,10 +4,14 @@ of each part).
 
 - DDP: every rank holds a full copy of the model, the LoRA weights, gradients and optimizer states, plus
   DDP's gradient buckets (a flat copy of the trainable gradients) and the NCCL communicator's buffers.
-- FSDP (FSDP2 `fully_shard` per decoder layer, 4-bit weights stored in the compute dtype so they shard):
-  base weights, quantization constants, LoRA weights, gradients and optimizer states are divided by the
-  rank count; while a layer runs, its full weights are all-gathered, and the next layer's are prefetched
-  (two layers' worth), plus the NCCL buffers.
+- FSDP (FSDP2 `fully_shard` per decoder layer, then the root; 4-bit weights stored in the compute dtype so
+  they shard): base weights, LoRA weights, gradients and optimizer states are divided by the rank count; the
+  4-bit quantization constants are not parameters and stay whole on every rank; while a layer runs, its full
+  weights are all-gathered and the next layer's prefetched (two layers' worth; an untied input table is gathered
+  for its lookup, a unit of its own), the root's (lm_head and the final norm, or a tied table) stay gathered
+  through the step, plus the NCCL buffers.
+- With several ranks the trainer keeps an untied input embedding table on each rank's GPU (not in host memory
+  as on one GPU: kubetune_trainer.memory), under both strategies.
 - Activations and logits are per rank and do not shrink: each rank runs whole micro-batches through every
   layer (the step's micro-batches are divided between ranks, not the sequence).
 
@@ -31,6 +35,7 @@ from kubetune.planning.vram import (
     GiB,
     TrainingShape,
     estimate,
+    hosts_input_embeddings,
 )
 
 Strategy = Literal["ddp", "fsdp"]
@@ -62,13 +67,26 @@ def per_rank(arch: Architecture, shape: TrainingShape, strategy: Strategy, ranks
     live = sum(parts.values())
     # vram.estimate: overhead = context + workspace + (live + workspace) * fragmentation
     workspace = (overhead - CUDA_CONTEXT_BYTES - live * ALLOCATOR_FRAGMENTATION) / (1 + ALLOCATOR_FRAGMENTATION)
+    if ranks > 1 and shape.recipe == "kubetune" and hosts_input_embeddings(True, arch.tied_embeddings, 1):
+        parts["base_weights"] += arch.vocab * arch.hidden * 2  # ranks keep the input table on their GPU
     if strategy == "ddp":
         parts["communication"] = one.lora_params * ADAPTER_BYTES + NCCL_BYTES * (ranks > 1)
     else:
-        weights = parts["base_weights"] + parts["quant_constants"]
-        for name in ("base_weights", "quant_constants", "lora_weights", "lora_gradients", "optimizer_states"):
+        # kubetune_trainer.fsdp.units: the root (lm_head and the final norm, or the one tied table; 16-bit)
+        # stays gathered from forward to the end of backward; each layer's weights are gathered while it runs
+        # and the next one's prefetched; an untied input table is a unit of its own, gathered for its lookup.
+        # The 4-bit quantization state is not a parameter: whole on every rank.
+        table = arch.vocab * arch.hidden * 2
+        embeddings = arch.embedding_params * 2
+        root = (embeddings - (0 if arch.tied_embeddings else table)) + arch.hidden * 2
+        layer = (parts["base_weights"] - embeddings) / arch.layers
+        # The input table is gathered at the start of forward (and, for PEFT's input gradients, at the end of
+        # backward), when no activations are alive: it raises the peak only past what they take.
+        lookup = 0.0 if arch.tied_embeddings else table - parts["activations"] - parts["logits"]
+        transient = max(min(PREFETCHED_LAYERS, arch.layers) * layer, lookup)
+        for name in ("base_weights", "lora_weights", "lora_gradients", "optimizer_states"):
             parts[name] /= ranks
-        gathered = min(PREFETCHED_LAYERS, arch.layers) * weights / arch.layers if ranks > 1 else 0.0
+        gathered = transient + root if ranks > 1 else 0.0
         parts["communication"] = gathered + NCCL_BYTES * (ranks > 1)
     live = sum(parts.values()) + workspace
     parts["cuda_overhead"] = CUDA_CONTEXT_BYTES + workspace + live * ALLOCATOR_FRAGMENTATION

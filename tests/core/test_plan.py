@@ -36,8 +36,10 @@ def plan(model: str, catalog=None, above: str | None = None, **spec):
         # bigger GPU (1x A100-40GB / A100-80GB before; test_plan_shapes.py has the figures)
         ("Qwen/Qwen2.5-32B-Instruct", "qlora", "L4", 2, "fsdp"),
         ("meta-llama/Llama-3.1-70B-Instruct", "qlora", "L4", 4, "fsdp"),
-        ("Qwen/Qwen2.5-72B-Instruct", "qlora", "L4", 4, "fsdp"),
-        ("mistralai/Mixtral-8x7B-Instruct-v0.1", "qlora", "L4", 2, "fsdp"),
+        # Qwen's 152k-token tables (lm_head gathered through the step) and Mixtral's 47B of whole quantization
+        # constants per rank take one step more than Llama-70B and Qwen-32B
+        ("Qwen/Qwen2.5-72B-Instruct", "qlora", "L4", 8, "fsdp"),
+        ("mistralai/Mixtral-8x7B-Instruct-v0.1", "qlora", "L4", 4, "fsdp"),
         # no single GPU holds 405B: 8 A100-80GB with FSDP, not the layer split over 2 H200 (2.4x the cost per job)
         ("meta-llama/Llama-3.1-405B-Instruct", "qlora", "A100-80GB", 8, "fsdp"),
     ],

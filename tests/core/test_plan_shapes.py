@@ -41,7 +41,8 @@ def plan(model: str, supply: Supply | None = None, catalog: GpuCatalog | None = 
      "4 L4s cannot hold 4096 tokens"),
     ("meta-llama/Llama-3.1-405B", {}, "8x A100-80GB FSDP", "nothing holds 405B on one GPU"),
     ("Qwen/Qwen2.5-32B-Instruct", {}, "2x L4 FSDP", "24 GiB on one GPU: 2 L4s beat an A100-40GB"),
-    ("mistralai/Mixtral-8x7B-v0.1", {}, "2x L4 FSDP", "FSDP gathers every expert; compute is 2 of 8"),
+    ("mistralai/Mixtral-8x7B-v0.1", {}, "4x L4 FSDP", "FSDP gathers every expert, and each rank keeps the whole "
+                                                      "quantization constants: 2 L4s cannot hold it"),
     # a job that fits one cheap GPU stays on it: more GPUs of a class cost more per job (they add communication)
     (L8, {}, "1x L4", "fits one L4"),
     ("HuggingFaceTB/SmolLM2-135M-Instruct", {}, "1x L4", "fits one L4"),
@@ -99,14 +100,14 @@ def test_the_reasons_tell_which_shape_won_by_how_much_and_why_not_fewer() -> Non
     p = plan(L70)
     text = "\n".join(p.reasons)
     assert p.reasons[0].startswith("meta-llama/Llama-3.1-70B QLORA") and "46.7 GiB on one GPU" in p.reasons[0]
-    assert "17.2 GiB per GPU as 4x L4 FSDP" in p.reasons[0]
+    assert "20.6 GiB per GPU as 4x L4 FSDP" in p.reasons[0]
     chosen = next(r for r in p.reasons if r.startswith("4x L4 FSDP: the cheapest shape per job"))
     assert "3.20/h x" in chosen and "per 1,000 steps" in chosen
     versus = next(r for r in p.reasons if r.startswith("vs 1x A100-80GB: 3.43/h x"))
     assert "x the cost" in versus and "x the time" in versus
     one = next(a for a in p.alternatives if a.label() == "1x A100-80GB")
     assert one.job_cost_ratio > 1.2 and one.time_ratio > 1  # dearer and slower than 4 L4s
-    assert "fewer L4s do not hold it: 2 would need 27.5 GiB per GPU; 1 would need 46.7 GiB per GPU" in text
+    assert "fewer L4s do not hold it: 2 would need 31.1 GiB per GPU; 1 would need 46.7 GiB per GPU" in text
     assert "strategy fsdp: weights, gradients and optimizer states sharded over 4 ranks" in text
     faster = next(r for r in p.reasons if r.startswith("vs 8x L4 FSDP"))
     assert "faster but dearer (to ask for it: gpuClass L4, gpuCount 8, strategy fsdp)" in faster

@@ -40,7 +40,10 @@ def test_per_rank_estimate_holds_to_published_figures(row: dict[str, Any]) -> No
     arch = CATALOG[row["model"].lower()]
     got = per_rank(arch, published_shape(row["settings"]), row["strategy"], row["ranks"]).total / GiB
     ratio = got / row["figureGiB"]
-    assert 0.95 <= ratio <= 1.30, f"{got:.2f} GiB vs published {row['figureGiB']} ({row['source']})"
+    # Up to 1.35x: the estimate charges what the kubetune trainer holds (kubetune_trainer.fsdp: lm_head gathered
+    # through the step, the 4-bit quantization constants whole on every rank, the input table on the GPU), which
+    # Answer.AI's FSDP1 runs need not; on their smallest row (7B, batch 1) that is 1.32x.
+    assert 0.95 <= ratio <= 1.35, f"{got:.2f} GiB vs published {row['figureGiB']} ({row['source']})"
 
 
 def test_rows_not_held_say_why_and_are_what_the_estimate_does_not_model() -> None:
@@ -132,12 +135,15 @@ def test_ranks_beyond_the_micro_batches_idle_and_the_layer_split_is_no_faster_th
 
 def test_fsdp_shards_weights_and_states_ddp_copies_them() -> None:
     one = estimate(ARCH_70B, SHAPE)
+    table = ARCH_70B.vocab * ARCH_70B.hidden * 2  # one GPU keeps the untied input table in host memory; ranks do not
     for ranks in (2, 4, 8):
         fsdp = per_rank(ARCH_70B, SHAPE, "fsdp", ranks)
         ddp = per_rank(ARCH_70B, SHAPE, "ddp", ranks)
-        assert fsdp.parts["base_weights"] == pytest.approx(one.parts["base_weights"] / ranks, rel=1e-6)
+        assert fsdp.parts["base_weights"] == pytest.approx((one.parts["base_weights"] + table) / ranks, rel=1e-6)
         assert fsdp.parts["optimizer_states"] == pytest.approx(one.parts["optimizer_states"] / ranks, rel=1e-6)
-        assert ddp.parts["base_weights"] == one.parts["base_weights"]
+        assert fsdp.parts["quant_constants"] == one.parts["quant_constants"]  # not parameters: whole on every rank
+        assert fsdp.parts["communication"] >= table  # lm_head, gathered through the step
+        assert ddp.parts["base_weights"] == one.parts["base_weights"] + table
         assert fsdp.parts["activations"] == ddp.parts["activations"] == one.parts["activations"]  # per rank
         assert fsdp.parts["communication"] > 0 and ddp.total > one.total
     totals = [per_rank(ARCH_70B, SHAPE, "fsdp", n).total for n in (2, 4, 8)]

@@ -59,16 +59,14 @@ def tokenizer(smollm_dir: Path) -> Any:
     return load_tokenizer(smollm_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path, tokenizer: Any) -> Path:
+def tiny_llama(folder: Path, tokenizer: Any, *, tied: bool = True) -> Path:
     """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer: trains in milliseconds per step."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model: Any = LlamaForCausalLM(config)
@@ -76,6 +74,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path, t
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path, tokenizer: Any) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path, tokenizer: Any) -> Path:
+    """The tiny Llama with separate input and output embedding tables (as Llama-3.1-8B and 70B have)."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama-untied"), tokenizer, tied=False)
 
 
 @pytest.fixture

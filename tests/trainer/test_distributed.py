@@ -272,8 +272,9 @@ def step_lines(err: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_train_the_one_rank_qlora_adapter(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
-                                                          spec_for: Callable[..., dict[str, Any]],
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_fsdp_two_ranks_train_the_one_rank_qlora_adapter(tied: bool, request: pytest.FixtureRequest, tmp_path: Path,
+                                                          chat_file: Path, spec_for: Callable[..., dict[str, Any]],
                                                           write_config: Callable[..., Path], trainer_pythonpath: None,
                                                           adapter_tensors: Callable[[Path], dict[str, Any]],
                                                           capfd: pytest.CaptureFixture[str]) -> None:
@@ -281,9 +282,12 @@ def test_fsdp_two_ranks_train_the_one_rank_qlora_adapter(tmp_path: Path, tiny_mo
     micro-batches per step (2 + 1 and a weight-0 pad; rank 0 accumulates without gradient sync), clipping
     active every step (it must use the whole gradient's norm: a rank-local norm changes the adapter), a
     checkpoint gathered mid-run, 3 eval batches (2 + 1 and a pad: every rank runs as many forwards). Same
-    steps, losses and pre-clipping norms, the same adapter, and PEFT loads it as it is."""
+    steps, losses and pre-clipping norms, the same adapter, and PEFT loads it as it is. Untied: the input
+    embedding table is a unit of its own (fsdp.units)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    tiny_model_dir: Path = request.getfixturevalue("tiny_model_dir" if tied else "tiny_untied_model_dir")
 
     adapters, summaries, norms = [], [], []
     for nproc in (1, 2):
@@ -301,7 +305,9 @@ def test_fsdp_two_ranks_train_the_one_rank_qlora_adapter(tmp_path: Path, tiny_mo
         lines = step_lines(capfd.readouterr().err)
         norms.append([line["gradNorm"] for line in lines if line["event"] == "step"])
         if nproc == 2:
-            assert any(line["event"] == "ranks" and "FSDP2: 2 decoder layers and the root sharded" in line["message"]
+            units = "2 units" if tied else "3 units"
+            assert any(line["event"] == "ranks" and f"FSDP2: {units} (decoder layers, an untied input embedding) "
+                       "and the root sharded" in line["message"]
                        for line in lines), [line for line in lines if line["event"] == "ranks"]
     one, two = summaries
     assert one["steps"] == two["steps"] == 4

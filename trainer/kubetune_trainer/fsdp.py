@@ -1,11 +1,11 @@
 """`resources.strategy: fsdp` on several ranks: FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
 Units: every decoder layer (the model's `_no_split_modules`: LoRA adapters and their frozen base weights in
-one unit; FSDP2 shards per parameter, so trainable and frozen parameters mix), then the root, which holds
-what is left (embeddings, final norm, lm_head) and runs the head's loss, so those weights are gathered when
-the loss reads them. A layer's weights are all-gathered for its forward and again for its backward and freed
-in between (kubetune/planning/ranks.py charges the running layer and the prefetched next one); the root's
-stay gathered from forward to the end of backward.
+one unit; FSDP2 shards per parameter, so trainable and frozen parameters mix), an untied input embedding
+table (`units`), then the root, which holds what is left (final norm, lm_head, a tied table) and runs the
+head's loss, so those weights are gathered when the loss reads them. A layer's weights are all-gathered for
+its forward and again for its backward and freed in between (kubetune/planning/ranks.py charges the running
+layer and the prefetched next one); the root's stay gathered from forward to the end of backward.
 
 QLoRA: the 4-bit weights are stored in the compute dtype (`bnb_4bit_quant_storage`, model.quantization_config)
 as the planner assumes, so every base weight gathers in the dtype it computes in. Each Linear4bit keeps its
@@ -44,6 +44,17 @@ def decoder_layers(model: Any) -> list[nn.Module]:
     return layers
 
 
+def units(model: Any) -> list[nn.Module]:
+    """What gets a unit of its own below the root: every decoder layer, and an input embedding table that is not
+    tied to lm_head. In the root it would stay gathered through the whole step (the root is not resharded after
+    forward); in a unit of its own it is gathered for the lookup and freed (1 GiB of a 70B model's 2 GiB root
+    table; kubetune/planning/ranks.py charges it so)."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    own = head is None or embedding.weight.data_ptr() != head.weight.data_ptr()
+    return [*decoder_layers(model), *([embedding] if own else [])]
+
+
 def shard(root: nn.Module, layers: list[nn.Module], device: torch.device, world: int) -> None:
     """fully_shard every layer, then the root, over a 1-D mesh of `world` ranks on `device`'s type (gloo on
     the CPU, NCCL on GPUs). Parameters still on the host move to `device` one unit at a time, so a rank never
@@ -77,8 +88,9 @@ def describe(root: nn.Module) -> str:
     params = list(root.parameters())
     mine = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
     total = sum(p.numel() for p in params)
-    return (f"{units - 1} decoder layers and the root sharded; this rank holds {mine:,} of {total:,} parameter "
-            f"elements ({mine / max(total, 1):.0%}), its gradient and optimizer shards likewise")
+    return (f"{units - 1} units (decoder layers, an untied input embedding) and the root sharded; this rank "
+            f"holds {mine:,} of {total:,} parameter elements ({mine / max(total, 1):.0%}), its gradient and "
+            "optimizer shards likewise")
 
 
 def is_sharded(module: nn.Module) -> bool:

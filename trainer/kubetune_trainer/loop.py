@@ -241,7 +241,7 @@ class Recipe:
         """The loss module, alone (one rank), under DDP, or sharded by FSDP2 (strategy fsdp)."""
         inner = self.model.get_base_model()
         strategy = "fsdp" if self.sharded else "ddp"
-        layers = fsdp.decoder_layers(inner) if self.sharded else None
+        layers = fsdp.units(inner) if self.sharded else None
         self.loss_model = distributed.wrap(CausalLMLoss(self.model, data_mod.IGNORE), self.ranks, self.device,
                                            strategy, layers)
         if self.sharded:
