@@ -5,6 +5,12 @@ Disk (the pod's `ephemeral-storage` request): the base model as the hub stores i
 (the adapter and its Adam states in fp32, staged on disk before the upload) and the final adapter, plus
 fixed scratch for the dataset and temporary files. With a shared model-cache PVC the weights live there.
 
+Host memory (the pod's `memory` request and limit, at least the operator's `memoryPerGpu` x GPUs): each rank is
+a process with Python, torch, the CUDA runtime, the tokenizer and the dataset. Under FSDP each rank also loads
+and quantizes the whole model into host memory before `fully_shard` moves its shards to the GPU
+(kubetune_trainer.fsdp): a 4-bit copy per rank under QLoRA (0.5 bytes a weight, plus the quantization constants
+and the 16-bit embeddings), a 16-bit one under LoRA. One GPU, DDP and the layer split load straight onto the GPU.
+
 Grace (`terminationGracePeriodSeconds`): on SIGTERM the trainer finishes its optimizer step, then writes
 and uploads a checkpoint. The step is sized pessimistically (6 x parameters x tokens per step at a low
 sustained throughput, x4/3 with activation checkpointing), the upload at a modest bandwidth, then doubled
@@ -21,6 +27,8 @@ CHECKPOINT_BYTES_PER_LORA_PARAM = 4 + 8  # fp32 adapter + AdamW's two fp32 state
 SCRATCH_BYTES = 2 * 2**30  # dataset cache, tokenizer, temporary files
 SLOW_FLOPS = 20e12  # sustained training FLOP/s assumed for the slowest class (an L4 running NF4 matmuls)
 UPLOAD_BYTES_PER_SECOND = 20e6  # to S3 from a pod, pessimistic
+PROCESS_BYTES = 3 * 2**30  # one trainer rank's host memory besides a model copy
+HOST_BYTES_PER_PARAM = {"qlora": 0.55, "lora": 2.0}  # a whole model copy in host memory (FSDP loading)
 MIN_GRACE_SECONDS = 60
 MAX_GRACE_SECONDS = 3600
 
@@ -30,10 +38,13 @@ class PodBudget:
     ephemeral_storage_bytes: int
     model_cache_bytes: int  # what the model cache volume holds (a sizeLimit for an emptyDir)
     grace_period_seconds: int
+    host_memory_bytes: int  # what the pod's ranks hold in host memory at their peak (model loading)
 
 
 def pod_budget(model_params: int, lora_params: int, tokens_per_step: int, gradient_checkpointing: bool,
-               gpu_count: int = 1, cache_on_volume: bool = False) -> PodBudget:
+               gpu_count: int = 1, cache_on_volume: bool = False, method: str = "qlora",
+               sharded: bool = False) -> PodBudget:
+    """`gpu_count`: the pod's GPUs (one rank each under DDP and FSDP); `sharded`: the ranks run FSDP."""
     model_bytes = model_params * BYTES_PER_PARAM_ON_DISK
     checkpoint = lora_params * CHECKPOINT_BYTES_PER_LORA_PARAM
     cache = int(model_bytes * 1.05) + 64 * 2**20  # tokenizer, config, and filesystem slack
@@ -42,8 +53,11 @@ def pod_budget(model_params: int, lora_params: int, tokens_per_step: int, gradie
     step_seconds = flops / (SLOW_FLOPS * max(1, gpu_count))
     upload_seconds = checkpoint / UPLOAD_BYTES_PER_SECOND
     grace = math.ceil(2 * (step_seconds + upload_seconds) + 30)
+    copy = model_params * HOST_BYTES_PER_PARAM.get(method, 2.0) if sharded else 0
+    host = max(1, gpu_count if sharded else 1) * (PROCESS_BYTES + copy)
     return PodBudget(ephemeral_storage_bytes=_round_up(disk), model_cache_bytes=_round_up(cache),
-                     grace_period_seconds=max(MIN_GRACE_SECONDS, min(MAX_GRACE_SECONDS, grace)))
+                     grace_period_seconds=max(MIN_GRACE_SECONDS, min(MAX_GRACE_SECONDS, grace)),
+                     host_memory_bytes=_round_up(int(host)))
 
 
 def _round_up(n: int, unit: int = 2**30) -> int:

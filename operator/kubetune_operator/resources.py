@@ -199,6 +199,18 @@ def trainer_env(owner: Owner, spec: FineTuneJobSpec, attempt: int, settings: Set
     return env
 
 
+UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(text: str) -> float:
+    """'12Gi' -> bytes (the binary and decimal suffixes a memory setting uses)."""
+    digits = "".join(ch for ch in text if ch.isdigit() or ch == ".")
+    unit = text[len(digits):]
+    if not digits or unit not in UNITS:
+        raise ValueError(f"not a memory quantity: {text!r} (use e.g. 12Gi)")
+    return float(digits) * UNITS[unit]
+
+
 def _memory(quantity: str, count: int) -> str:
     """'12Gi' x 2 -> '24Gi' (a plain multiple keeps the unit)."""
     digits = "".join(ch for ch in quantity if ch.isdigit() or ch == ".")
@@ -214,15 +226,19 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
     labels = child_labels(owner, attempt, queue, settings)
     pod_labels = child_labels(owner, attempt, None, settings)
     count = plan.gpu_count
-    resources = {
-        GPU_RESOURCE: str(count),
-        "cpu": _memory(settings.cpu_per_gpu, count),
-        "memory": _memory(settings.memory_per_gpu, count),
-    }
     knobs = plan.knobs
     budget = pod_budget(plan.model_params, plan.lora_params,
                         knobs.micro_batch_size * knobs.gradient_accumulation_steps * knobs.max_seq_length,
-                        knobs.gradient_checkpointing, count, cache_on_volume=bool(settings.model_cache_claim))
+                        knobs.gradient_checkpointing, count, cache_on_volume=bool(settings.model_cache_claim),
+                        method=spec.method, sharded=plan.strategy == "fsdp" and count > 1)
+    memory = _memory(settings.memory_per_gpu, count)
+    if budget.host_memory_bytes > quantity_bytes(memory):  # FSDP ranks each load the model into host memory
+        memory = quantity(budget.host_memory_bytes)
+    resources = {
+        GPU_RESOURCE: str(count),
+        "cpu": _memory(settings.cpu_per_gpu, count),
+        "memory": memory,
+    }
     cache_volume: dict[str, Any] = (
         {"name": "model-cache", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}}
         if settings.model_cache_claim else

@@ -164,3 +164,29 @@ def test_two_long_names_that_share_a_prefix_never_collide() -> None:
     first, second = prefix[:60] + "aaa", prefix[:60] + "aab"  # 63 characters each, identical 60-prefix
     assert resources.child_name(first, 1) != resources.child_name(second, 1)
     assert resources.job_label(first) == first and resources.job_label(second) == second
+
+
+def test_fsdp_ranks_get_the_host_memory_to_load_the_model_each() -> None:
+    """Each FSDP rank loads and quantizes the whole model into host memory before fully_shard moves its shards
+    (kubetune_trainer.fsdp): 70B QLoRA on 4 L4s asks for 4 x (a 4-bit copy + a process), not 4 x 12Gi. One GPU
+    and DDP load straight onto the GPU and keep the operator's memoryPerGpu."""
+    seventy = spec({"name": "meta-llama/Llama-3.1-70B-Instruct"})
+    plan = plan_for(seventy)
+    assert (plan.gpu_class, plan.gpu_count, plan.strategy) == ("L4", 4, "fsdp")
+    limits = pod_of(job_for(seventy))["containers"][0]["resources"]["limits"]
+    want = 4 * (0.55 * plan.model_params + 3 * 2**30)
+    assert resources.quantity_bytes(limits["memory"]) >= want > 4 * 12 * 2**30
+    one = job_for(spec({"name": "meta-llama/Llama-3.1-70B-Instruct"}, resources={"maxGpuCount": 1}))
+    assert pod_of(one)["containers"][0]["resources"]["limits"]["memory"] == "12Gi"
+    ddp = job_for(spec(resources={"strategy": "ddp", "gpuCount": 2}))
+    assert pod_of(ddp)["containers"][0]["resources"]["limits"]["memory"] == "24Gi"
+    budget = pod_budget(70_000_000_000, 200_000_000, 16384, True, gpu_count=4, sharded=True)
+    assert budget.host_memory_bytes == -(-int(4 * (0.55 * 70e9 + 3 * 2**30)) // 2**30) * 2**30
+
+
+@pytest.mark.parametrize(("text", "size"), [("12Gi", 12 * 2**30), ("1.5Gi", 1.5 * 2**30), ("16G", 16e9),
+                                            ("512Mi", 2**29), ("1000", 1000)])
+def test_memory_quantities_are_read_as_kubernetes_writes_them(text: str, size: float) -> None:
+    assert resources.quantity_bytes(text) == size
+    with pytest.raises(ValueError, match="12Gi"):
+        resources.quantity_bytes("12 gigs")
