@@ -1,12 +1,13 @@
-"""Trainer scaling: tokens/s of the same job on 1 rank and on N data-parallel ranks, side by side, one run.
+"""Trainer scaling: tokens/s of the same job on 1 rank and on N ranks (DDP and FSDP), side by side, one run.
 
     .venv/bin/python bench/trainer_scaling.py [--ranks 2] [--steps 4] [--micro-batch 2] [--accumulation 4]
-                                              [--repeats 2] [--device cpu|cuda]
+                                              [--repeats 2] [--device cpu|cuda] [--strategies ddp,fsdp]
 
 The job: the bundled SmolLM2-135M-Instruct, QLoRA (NF4, double quantization, bf16 compute), LoRA r=16 on
 every linear, the 96 mixed-length chat rows of bench/trainer_throughput.py, maxSeqLength 512, the same
 optimizer steps (micro-batch x accumulation rows each) for every variant. N ranks run under torchrun
-(kubetune_trainer.launch, gloo on the CPU, NCCL on GPUs) and divide each step's micro-batches between them.
+(kubetune_trainer.launch, gloo on the CPU, NCCL on GPUs) and divide each step's micro-batches between them;
+under FSDP they also shard the model (kubetune_trainer.fsdp) and all-gather each layer's weights as it runs.
 
 On the CPU the ranks share the machine's cores: 1 rank uses all of them, N ranks use cores/N threads each,
 so the ratio shows what data parallelism costs or gains at equal hardware (on GPUs each rank adds a GPU).
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from trainer_throughput import SMOLLM, mixed_rows  # noqa: E402
 
 
-def job_config(folder: Path, rows_file: Path, args: argparse.Namespace, name: str) -> Path:
+def job_config(folder: Path, rows_file: Path, args: argparse.Namespace, name: str, strategy: str) -> Path:
     from kubetune_trainer.config import JobRef, TrainerConfig
 
     from kubetune.planning.plan import Knobs
@@ -44,6 +45,7 @@ def job_config(folder: Path, rows_file: Path, args: argparse.Namespace, name: st
         "training": {"maxSteps": args.steps, "microBatchSize": args.micro_batch,
                      "gradientAccumulationSteps": args.accumulation, "maxSeqLength": 512,
                      "checkpointSteps": 10_000, "loggingSteps": 1, "warmupRatio": 0.0},
+        "resources": {"strategy": strategy},
         "output": {"uri": str(folder / name)},
     })
     knobs = Knobs(micro_batch_size=args.micro_batch, gradient_accumulation_steps=args.accumulation,
@@ -53,9 +55,10 @@ def job_config(folder: Path, rows_file: Path, args: argparse.Namespace, name: st
     return path
 
 
-def run(folder: Path, rows_file: Path, args: argparse.Namespace, ranks: int, repeat: int) -> dict[str, Any]:
-    name = f"r{ranks}-{repeat}"
-    config = job_config(folder, rows_file, args, name)
+def run(folder: Path, rows_file: Path, args: argparse.Namespace, ranks: int, strategy: str,
+        repeat: int) -> dict[str, Any]:
+    name = f"r{ranks}-{strategy}-{repeat}"
+    config = job_config(folder, rows_file, args, name, strategy)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "trainer")]),
            "KUBETUNE_LOG_FORMAT": "json", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
     trainer = ["-m", "kubetune_trainer", "--config", str(config), "--device", args.device, "--metrics-port", "0",
@@ -77,6 +80,10 @@ def run(folder: Path, rows_file: Path, args: argparse.Namespace, ranks: int, rep
             "final_loss": metrics["finalLoss"], "wall": wall}
 
 
+def label(ranks: int, strategy: str) -> str:
+    return "1 rank" if ranks == 1 else f"{ranks} {strategy}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2, help="data-parallel ranks compared with 1")
@@ -85,35 +92,38 @@ def main() -> int:
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; fastest counts")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--strategies", default="ddp,fsdp", help="how the N ranks train, comma-separated")
     args = parser.parse_args()
+    variants = [(1, "auto"), *((args.ranks, s) for s in args.strategies.split(","))]
 
     with tempfile.TemporaryDirectory(prefix="kubetune-scaling-") as tmp:
         folder = Path(tmp)
         rows_file = folder / "rows.jsonl"
         rows_file.write_text("".join(json.dumps(row) + "\n" for row in mixed_rows()))
-        runs: dict[int, list[dict[str, Any]]] = {1: [], args.ranks: []}
+        runs: dict[tuple[int, str], list[dict[str, Any]]] = {v: [] for v in variants}
         for repeat in range(args.repeats):
-            for ranks in runs:
-                result = run(folder, rows_file, args, ranks, repeat)
-                runs[ranks].append(result)
-                print(f"  run {repeat + 1}: {ranks} rank(s): {result['tokens_per_second']:,.0f} tok/s "
+            for ranks, strategy in runs:
+                result = run(folder, rows_file, args, ranks, strategy, repeat)
+                runs[ranks, strategy].append(result)
+                print(f"  run {repeat + 1}: {label(ranks, strategy)}: {result['tokens_per_second']:,.0f} tok/s "
                       f"({result['tokens']} tokens in {result['seconds']:.1f}s, loss {result['final_loss']:.4f})",
                       file=sys.stderr)
-    best = {ranks: max(results, key=lambda r: r["tokens_per_second"]) for ranks, results in runs.items()}
-    one, many = best[1], best[args.ranks]
-    speedup = many["tokens_per_second"] / one["tokens_per_second"]
+    best = {v: max(results, key=lambda r: r["tokens_per_second"]) for v, results in runs.items()}
+    one = best[1, "auto"]
     cores = os.cpu_count()
     print(f"device {args.device}, {cores} CPU cores, load average {os.getloadavg()[0]:.2f} at the end; "
           f"{args.steps} steps of {args.accumulation} x {args.micro_batch} rows")
-    print(f"{'ranks':>5}  {'tokens/s':>9}  {'train s':>7}  {'final loss':>10}")
-    for ranks in runs:
-        r = best[ranks]
-        print(f"{ranks:>5}  {r['tokens_per_second']:>9,.0f}  {r['seconds']:>7.1f}  {r['final_loss']:>10.4f}")
-    # efficiency = throughput per unit of hardware: on GPUs each rank adds a GPU, on the CPU the ranks split
-    # the same cores (so there the efficiency is the speedup itself)
-    efficiency = speedup if args.device == "cpu" else speedup / args.ranks
-    print(f"speedup {speedup:.2f}x with {args.ranks} ranks; scaling efficiency {efficiency:.0%}"
-          + (f" (CPU: the {args.ranks} ranks share the same {cores} cores)" if args.device == "cpu" else ""))
+    print(f"{'variant':>8}  {'tokens/s':>9}  {'train s':>7}  {'final loss':>10}  {'speedup':>7}  {'efficiency':>10}")
+    for ranks, strategy in runs:
+        r = best[ranks, strategy]
+        speedup = r["tokens_per_second"] / one["tokens_per_second"]
+        # throughput per unit of hardware: on GPUs each rank adds a GPU; on the CPU the ranks split the same
+        # cores, so there the efficiency is the speedup itself
+        efficiency = speedup if args.device == "cpu" else speedup / ranks
+        print(f"{label(ranks, strategy):>8}  {r['tokens_per_second']:>9,.0f}  {r['seconds']:>7.1f}  "
+              f"{r['final_loss']:>10.4f}  {speedup:>6.2f}x  {efficiency:>10.0%}")
+    if args.device == "cpu":
+        print(f"(CPU: the {args.ranks} ranks share the same {cores} cores)")
     return 0
 
 
