@@ -26,7 +26,7 @@ from typing import Any
 from kubetune_trainer.config import JobRef, TrainerConfig
 
 from kubetune.contracts import ExitCode
-from kubetune.planning.budget import pod_budget, quantity
+from kubetune.planning.budget import PodBudget, pod_budget, quantity
 from kubetune.planning.gpus import GPU_RESOURCE, GpuClass
 from kubetune.planning.plan import Plan
 from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
@@ -219,32 +219,46 @@ def _memory(quantity: str, count: int) -> str:
     return f"{int(value) if value.is_integer() else value}{unit}"
 
 
-def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, attempt: int,
-                settings: Settings) -> dict[str, Any]:
-    name = child_name(owner.name, attempt)
-    queue = queue_name(spec, owner.labels)
-    labels = child_labels(owner, attempt, queue, settings)
-    pod_labels = child_labels(owner, attempt, None, settings)
-    count = plan.gpu_count
+def pod_failure_policy() -> dict[str, Any]:
+    """Which pod failures fail the Job at once, and which do not count against its backoffLimit."""
+    return {
+        "rules": [
+            # Bad input or out of GPU memory: retrying on the same class cannot help.
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                  "values": [int(ExitCode.BAD_INPUT), int(ExitCode.OOM)]}},
+            # Preemption, node drain, eviction: not the trainer's fault, not counted.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # SIGTERM without that condition (spot reclaim, node shutdown): the trainer checkpointed
+            # before exiting, so the replacement pod resumes and loses nothing; not counted either.
+            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                 "values": [int(ExitCode.PREEMPTED)]}},
+        ]
+    }
+
+
+def plan_budget(spec: FineTuneJobSpec, plan: Plan, settings: Settings) -> PodBudget:
+    """What the pod needs besides GPUs (kubetune.planning.budget), for the plan's GPUs on one node."""
     knobs = plan.knobs
-    budget = pod_budget(plan.model_params, plan.lora_params,
-                        knobs.micro_batch_size * knobs.gradient_accumulation_steps * knobs.max_seq_length,
-                        knobs.gradient_checkpointing, count, cache_on_volume=bool(settings.model_cache_claim),
-                        method=spec.method, sharded=plan.strategy == "fsdp" and count > 1)
+    return pod_budget(plan.model_params, plan.lora_params,
+                      knobs.micro_batch_size * knobs.gradient_accumulation_steps * knobs.max_seq_length,
+                      knobs.gradient_checkpointing, plan.gpu_count, cache_on_volume=bool(settings.model_cache_claim),
+                      method=spec.method, sharded=plan.strategy == "fsdp" and plan.gpu_count > 1)
+
+
+def container_resources(plan: Plan, settings: Settings, budget: PodBudget) -> dict[str, str]:
+    """Requests = limits: GPUs, and CPU and memory per GPU (memory: at least what FSDP ranks need to load)."""
+    count = plan.gpu_count
     memory = _memory(settings.memory_per_gpu, count)
     if budget.host_memory_bytes > quantity_bytes(memory):  # FSDP ranks each load the model into host memory
         memory = quantity(budget.host_memory_bytes)
-    resources = {
-        GPU_RESOURCE: str(count),
-        "cpu": _memory(settings.cpu_per_gpu, count),
-        "memory": memory,
-    }
-    cache_volume: dict[str, Any] = (
-        {"name": "model-cache", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}}
-        if settings.model_cache_claim else
-        {"name": "model-cache", "emptyDir": {"sizeLimit": quantity(budget.model_cache_bytes)}})
+    return {GPU_RESOURCE: str(count), "cpu": _memory(settings.cpu_per_gpu, count), "memory": memory}
+
+
+def trainer_container(owner: Owner, spec: FineTuneJobSpec, plan: Plan, attempt: int, settings: Settings,
+                      budget: PodBudget) -> dict[str, Any]:
+    resources = container_resources(plan, settings, budget)
     port = settings.trainer_port
-    container = {
+    return {
         "name": CONTAINER,
         "image": settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
@@ -278,7 +292,15 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    pod_spec = {
+
+
+def trainer_pod_spec(name: str, gpu: GpuClass, container: dict[str, Any], settings: Settings,
+                     budget: PodBudget) -> dict[str, Any]:
+    cache_volume: dict[str, Any] = (
+        {"name": "model-cache", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}}
+        if settings.model_cache_claim else
+        {"name": "model-cache", "emptyDir": {"sizeLimit": quantity(budget.model_cache_bytes)}})
+    return {
         "restartPolicy": "Never",
         # SIGTERM -> finish the step, write and upload a checkpoint (kubetune.planning.budget), then SIGKILL
         "terminationGracePeriodSeconds": budget.grace_period_seconds,
@@ -301,6 +323,18 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
             cache_volume,
         ],
     }
+
+
+def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, attempt: int,
+                settings: Settings) -> dict[str, Any]:
+    name = child_name(owner.name, attempt)
+    queue = queue_name(spec, owner.labels)
+    labels = child_labels(owner, attempt, queue, settings)
+    pod_labels = child_labels(owner, attempt, None, settings)
+    port = settings.trainer_port
+    budget = plan_budget(spec, plan, settings)
+    container = trainer_container(owner, spec, plan, attempt, settings, budget)
+    pod_spec = trainer_pod_spec(name, gpu, container, settings, budget)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -315,19 +349,7 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
             # Kueue admits a queued Job by unsuspending it; spec.suspend pauses it (checkpoints stay in S3).
             "suspend": bool(queue) or spec.suspend,
             "backoffLimit": settings.backoff_limit,
-            "podFailurePolicy": {
-                "rules": [
-                    # Bad input or out of GPU memory: retrying on the same class cannot help.
-                    {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                          "values": [int(ExitCode.BAD_INPUT), int(ExitCode.OOM)]}},
-                    # Preemption, node drain, eviction: not the trainer's fault, not counted.
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                    # SIGTERM without that condition (spot reclaim, node shutdown): the trainer checkpointed
-                    # before exiting, so the replacement pod resumes and loses nothing; not counted either.
-                    {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                         "values": [int(ExitCode.PREEMPTED)]}},
-                ]
-            },
+            "podFailurePolicy": pod_failure_policy(),
             "template": {
                 "metadata": {
                     "labels": pod_labels,
