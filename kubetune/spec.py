@@ -290,6 +290,9 @@ class Condition(_Model):
 class PlanStatus(_Model):
     gpu_class: str
     gpu_count: int
+    strategy: Literal["single", "pipeline", "ddp", "fsdp"] = Field(
+        default="single", description="How the GPUs train: one GPU, the layer split, or DDP/FSDP ranks.")
+    nodes: int = Field(default=1, ge=1, description="Nodes the GPUs span.")
     vram_estimate_bytes: int
     knobs: dict[str, int | bool | str] = Field(default_factory=dict)
     reasons: list[str] = Field(default_factory=list)

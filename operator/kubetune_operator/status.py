@@ -113,8 +113,10 @@ def _strip_times(conds: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 # --- display fields -----------------------------------------------------------------------------------
 
-def gpu_text(gpu_class: str, count: int) -> str:
-    return f"{gpu_class} x{count}"
+def gpu_text(gpu_class: str, count: int, strategy: str = "single", nodes: int = 1) -> str:
+    """The GPU column of `kubectl get ftj`: 'L4 x1', 'L4 x4 FSDP', 'A10G x2 DDP, 2 nodes', 'A100-40GB x2 split'."""
+    how = {"ddp": " DDP", "fsdp": " FSDP", "pipeline": " split"}.get(strategy, "") if count > 1 else ""
+    return f"{gpu_class} x{count}{how}" + (f", {nodes} nodes" if nodes > 1 else "")
 
 
 def vram_text(estimate_bytes: int) -> str:
@@ -125,6 +127,8 @@ def plan_status(plan: Plan) -> dict[str, Any]:
     return {
         "gpuClass": plan.gpu_class,
         "gpuCount": plan.gpu_count,
+        "strategy": plan.strategy,
+        "nodes": plan.nodes,
         "vramEstimateBytes": plan.vram_estimate_bytes,
         "knobs": plan.knobs.model_dump(by_alias=True),
         "reasons": list(plan.reasons),
@@ -132,7 +136,7 @@ def plan_status(plan: Plan) -> dict[str, Any]:
 
 
 def plan_fields(plan: Plan) -> dict[str, Any]:
-    return {"plan": plan_status(plan), "gpu": gpu_text(plan.gpu_class, plan.gpu_count),
+    return {"plan": plan_status(plan), "gpu": gpu_text(plan.gpu_class, plan.gpu_count, plan.strategy, plan.nodes),
             "vram": vram_text(plan.vram_estimate_bytes)}
 
 

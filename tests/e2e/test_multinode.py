@@ -91,7 +91,7 @@ async def test_two_pods_rendezvous_train_and_write_the_adapter(two_nodes: World)
     done = await world.wait_phase("wide", "Succeeded")
     seconds = time.perf_counter() - started
 
-    assert done["gpu"] == "A10G x2" and done["jobName"] == "wide-a1"
+    assert done["gpu"] == "A10G x2 DDP, 2 nodes" and done["jobName"] == "wide-a1"
     [job] = world.jobs("wide")
     assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == \
         ("Indexed", 2, 2)

@@ -66,7 +66,7 @@ RUNNING = after(gang(QUEUED, job=indexed_job(), pods=(rank_pod(0), rank_pod(1)))
 def test_a_multi_node_launch_creates_the_service_and_the_indexed_job_or_a_jobset() -> None:
     actions = reconcile(gang())
     assert [c["kind"] for c in actions.create] == ["ConfigMap", "Service", "Job"]
-    assert QUEUED["jobName"] == "j-a1" and QUEUED["phase"] == "Queued" and QUEUED["gpu"] == "A10G x2"
+    assert QUEUED["jobName"] == "j-a1" and QUEUED["phase"] == "Queued" and QUEUED["gpu"] == "A10G x2 DDP, 2 nodes"
     assert actions.create[2]["spec"]["completions"] == 2
     with_jobset = reconcile(gang(jobset=True))
     assert [c["kind"] for c in with_jobset.create] == ["ConfigMap", "JobSet"]

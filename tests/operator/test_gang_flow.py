@@ -68,7 +68,7 @@ async def test_an_indexed_job_and_its_service_run_two_nodes(cluster: Cluster, on
     await start(cluster, one_a10g_per_node, rendezvous_port=29411)
     await cluster.apply(finetunejob("wide", **GANG))
     status = await cluster.wait_phase("wide", "Queued")
-    assert status["jobName"] == "wide-a1" and status["gpu"] == "A10G x2"
+    assert status["jobName"] == "wide-a1" and status["gpu"] == "A10G x2 DDP, 2 nodes"
     service = cluster.api.read("services", NS, "wide-a1")
     [job] = cluster.jobs()
     assert service is not None and service["spec"]["clusterIP"] == "None"

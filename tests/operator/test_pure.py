@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -25,7 +26,7 @@ from kubetune.planning.gpus import load_catalog
 from kubetune.planning.models import resolve_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, inventory_of, place
 from kubetune.planning.plan import make_plan
-from kubetune.spec import parse_spec
+from kubetune.spec import FineTuneJobStatus, parse_spec
 
 CATALOG = load_catalog()
 K8S = "1.31.0"
@@ -281,3 +282,22 @@ def test_exit_codes_in_the_pod_failure_policy_are_the_trainers() -> None:
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["onExitCodes"]["values"] == [ExitCode.BAD_INPUT, ExitCode.OOM]
     assert rules[2]["onExitCodes"]["values"] == [ExitCode.PREEMPTED]
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (("L4", 1), "L4 x1"),
+    (("L4", 4, "fsdp"), "L4 x4 FSDP"),
+    (("A10G", 2, "ddp", 2), "A10G x2 DDP, 2 nodes"),
+    (("A100-40GB", 2, "pipeline"), "A100-40GB x2 split"),
+    (("L4", 1, "single"), "L4 x1"),
+])
+def test_the_gpu_column_says_how_several_gpus_train(args: tuple[Any, ...], text: str) -> None:
+    assert st.gpu_text(*args) == text
+
+
+def test_the_plan_in_status_carries_its_strategy_and_nodes() -> None:
+    s = spec(model={"name": "meta-llama/Llama-3.1-70B-Instruct"})
+    fields = st.plan_fields(plan_for(s))
+    assert fields["gpu"] == "L4 x4 FSDP"
+    assert (fields["plan"]["strategy"], fields["plan"]["nodes"]) == ("fsdp", 1)
+    FineTuneJobStatus.model_validate({"plan": fields["plan"]})  # the status model (and so the CRD) accepts it
