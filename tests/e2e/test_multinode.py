@@ -22,6 +22,7 @@ from kt_cluster import NS
 from kt_life import CHECKPOINT_STEPS, MAX_STEPS, World, free_port
 from kubetune_operator import scaleout
 from test_life import adapter_files, check_manifest, wait_events
+from tiny_llama import tiny_llama
 
 from kubetune.planning.gpus import load_catalog
 
@@ -34,19 +35,9 @@ GANG = {"gpuClass": "A10G", "gpuCount": 2, "strategy": "ddp"}
 @pytest.fixture(scope="session")
 def tiny_repo(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, on the test hub."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(smollm_model_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model: Any = LlamaForCausalLM(config)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = tiny_llama(tmp_path_factory.mktemp("tiny-llama"), AutoTokenizer.from_pretrained(smollm_model_dir()))
     hub_server.publish(TINY, model_files(folder, decoys=False))
     return TINY
 

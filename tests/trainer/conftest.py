@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny_llama import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -57,23 +58,6 @@ def tokenizer(smollm_dir: Path) -> Any:
     from kubetune_trainer.model import load_tokenizer
 
     return load_tokenizer(smollm_dir)
-
-
-def tiny_llama(folder: Path, tokenizer: Any, *, tied: bool = True) -> Path:
-    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer: trains in milliseconds per step."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model: Any = LlamaForCausalLM(config)
-    model = model.to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -103,6 +103,19 @@ def run_one_rank(config: Path, termination: Path, device: str = "cpu") -> int:
                  "--termination-log", str(termination)])
 
 
+def step_lines(err: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in err.splitlines() if line.startswith('{"ts"')]
+
+
+def trained(config: Path, termination: Path, nproc: int, capfd: pytest.CaptureFixture[str]
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train `config` on `nproc` ranks (1: in this process; more: torchrun); its summary and rank 0's log lines."""
+    code = run_one_rank(config, termination) if nproc == 1 else launch(ranks_argv(config, termination, nproc))
+    summary = json.loads(termination.read_text())
+    assert code == 0, summary
+    return summary, step_lines(capfd.readouterr().err)
+
+
 def assert_same_adapter(a: dict[str, Any], b: dict[str, Any], atol: float = 2e-5) -> float:
     """Returns the largest absolute difference."""
     assert a.keys() == b.keys()
@@ -135,13 +148,9 @@ def test_two_ranks_train_the_one_rank_adapter(tmp_path: Path, tiny_model_dir: Pa
                         gradientAccumulationSteps=3, checkpointSteps=100, loggingSteps=1)
         spec["dataset"]["evalFraction"] = 0.25
         termination = tmp_path / f"summary-{nproc}.json"
-        config = write_config(spec, name=f"ddp-{nproc}")
-        code = run_one_rank(config, termination) if nproc == 1 else launch(ranks_argv(config, termination, nproc))
-        summary = json.loads(termination.read_text())
-        assert code == 0, summary
+        summary, lines = trained(write_config(spec, name=f"ddp-{nproc}"), termination, nproc, capfd)
         summaries.append(summary)
         adapters.append(adapter_tensors(out / ADAPTER))
-        lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith('{"ts"')]
         norms.append([line["gradNorm"] for line in lines if line["event"] == "step"])
     one, two = summaries
     assert one["steps"] == two["steps"] == 4
@@ -267,10 +276,6 @@ def fsdp_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "resources": {"strategy": "fsdp"}}
 
 
-def step_lines(err: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in err.splitlines() if line.startswith('{"ts"')]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_fsdp_two_ranks_train_the_one_rank_qlora_adapter(tied: bool, request: pytest.FixtureRequest, tmp_path: Path,
@@ -296,13 +301,9 @@ def test_fsdp_two_ranks_train_the_one_rank_qlora_adapter(tied: bool, request: py
                                   gradientAccumulationSteps=3, checkpointSteps=2, loggingSteps=1, maxGradNorm=0.05))
         spec["dataset"]["evalFraction"] = 0.25
         termination = tmp_path / f"summary-{nproc}.json"
-        config = write_config(spec, name=f"fsdp-{nproc}")
-        code = run_one_rank(config, termination) if nproc == 1 else launch(ranks_argv(config, termination, nproc))
-        summary = json.loads(termination.read_text())
-        assert code == 0, summary
+        summary, lines = trained(write_config(spec, name=f"fsdp-{nproc}"), termination, nproc, capfd)
         summaries.append(summary)
         adapters.append(adapter_tensors(out / ADAPTER))
-        lines = step_lines(capfd.readouterr().err)
         norms.append([line["gradNorm"] for line in lines if line["event"] == "step"])
         if nproc == 2:
             units = "2 units" if tied else "3 units"
