@@ -67,3 +67,22 @@ def _round_up(n: int, unit: int = 2**30) -> int:
 def quantity(n: int) -> str:
     """Bytes as a Kubernetes quantity in whole Gi (the budget is rounded up to a GiB)."""
     return f"{-(-n // 2**30)}Gi"
+
+
+UNITS = {"": 1, "m": 10**-3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+         "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def split_quantity(text: str) -> tuple[float, str]:
+    """'12Gi' -> (12.0, 'Gi'), '500m' -> (500.0, 'm'): a quantity with a suffix Kubernetes writes (no exponents)."""
+    digits = "".join(ch for ch in text if ch.isdigit() or ch == ".")
+    unit = text[len(digits):]
+    if not digits or not text.startswith(digits) or unit not in UNITS:
+        raise ValueError(f"not a memory quantity: {text!r} (use e.g. 12Gi)")
+    return float(digits), unit
+
+
+def quantity_bytes(text: str) -> float:
+    """'12Gi' -> bytes."""
+    value, unit = split_quantity(text)
+    return value * UNITS[unit]

@@ -26,7 +26,7 @@ from typing import Any
 from kubetune_trainer.config import JobRef, TrainerConfig
 
 from kubetune.contracts import ExitCode
-from kubetune.planning.budget import PodBudget, pod_budget, quantity
+from kubetune.planning.budget import PodBudget, pod_budget, quantity, quantity_bytes, split_quantity
 from kubetune.planning.gpus import GPU_RESOURCE, GpuClass
 from kubetune.planning.plan import Plan
 from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
@@ -199,23 +199,10 @@ def trainer_env(owner: Owner, spec: FineTuneJobSpec, attempt: int, settings: Set
     return env
 
 
-UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-
-
-def quantity_bytes(text: str) -> float:
-    """'12Gi' -> bytes (the binary and decimal suffixes a memory setting uses)."""
-    digits = "".join(ch for ch in text if ch.isdigit() or ch == ".")
-    unit = text[len(digits):]
-    if not digits or unit not in UNITS:
-        raise ValueError(f"not a memory quantity: {text!r} (use e.g. 12Gi)")
-    return float(digits) * UNITS[unit]
-
-
-def _memory(quantity: str, count: int) -> str:
+def _memory(text: str, count: int) -> str:
     """'12Gi' x 2 -> '24Gi' (a plain multiple keeps the unit)."""
-    digits = "".join(ch for ch in quantity if ch.isdigit() or ch == ".")
-    unit = quantity[len(digits):]
-    value = float(digits) * count
+    value, unit = split_quantity(text)
+    value *= count
     return f"{int(value) if value.is_integer() else value}{unit}"
 
 

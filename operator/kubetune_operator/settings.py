@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kubetune.planning.budget import quantity_bytes
+
 
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name)
@@ -41,6 +43,13 @@ class Settings:
     run_as_user: int = 10001  # the trainer image's user (Dockerfile.trainer), one uid everywhere
     scratch_size: str = "20Gi"  # sizeLimit of the trainer's writable /tmp (the root filesystem is read-only)
     extra_labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            quantity_bytes(self.memory_per_gpu)
+        except ValueError as exc:
+            raise ValueError(f"memory_per_gpu (KUBETUNE_MEMORY_PER_GPU, the chart's trainer.memoryPerGpu): {exc}") \
+                from None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

@@ -190,3 +190,9 @@ def test_memory_quantities_are_read_as_kubernetes_writes_them(text: str, size: f
     assert resources.quantity_bytes(text) == size
     with pytest.raises(ValueError, match="12Gi"):
         resources.quantity_bytes("12 gigs")
+
+
+def test_a_malformed_memory_setting_stops_the_operator_at_start_naming_the_setting() -> None:
+    with pytest.raises(ValueError, match=r"KUBETUNE_MEMORY_PER_GPU.*'12 gigs'.*12Gi"):
+        Settings(memory_per_gpu="12 gigs")
+    assert resources._memory("500m", 4) == "2000m"  # CPU quantities keep their unit
