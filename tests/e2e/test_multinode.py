@@ -75,14 +75,16 @@ def terminated(pod: dict[str, Any]) -> dict[str, Any]:
     return dict(pod["status"]["containerStatuses"][0]["state"]["terminated"])
 
 
-async def test_two_pods_rendezvous_train_and_write_the_adapter(two_nodes: World) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+async def test_two_pods_rendezvous_train_and_write_the_adapter(two_nodes: World, strategy: str) -> None:
+    """fsdp: the seam from the planner's strategy through the ConfigMap to FSDP2 sharding over two pods."""
     world = two_nodes
     started = time.perf_counter()
-    await world.apply("wide", resources=GANG)
+    await world.apply("wide", resources={**GANG, "strategy": strategy})
     done = await world.wait_phase("wide", "Succeeded")
     seconds = time.perf_counter() - started
 
-    assert done["gpu"] == "A10G x2 DDP, 2 nodes" and done["jobName"] == "wide-a1"
+    assert done["gpu"] == f"A10G x2 {strategy.upper()}, 2 nodes" and done["jobName"] == "wide-a1"
     [job] = world.jobs("wide")
     assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == \
         ("Indexed", 2, 2)
@@ -99,7 +101,9 @@ async def test_two_pods_rendezvous_train_and_write_the_adapter(two_nodes: World)
     # The two torchrun agents met in one rendezvous: pod 0 (index 0) runs global rank 0 of 2, which logs the
     # story (steps, checkpoints); rank 1 logs only what goes wrong.
     logs = [world.trainer_log(p["metadata"]["name"]) for p in pods]
-    assert '"message": "2 ranks, DDP over the LoRA parameters"' in logs[0], logs[0][-3000:]
+    ranks_line = '"message": "2 ranks, DDP over the LoRA parameters"' if strategy == "ddp" else \
+        '"message": "2 ranks, FSDP2: 2 units (decoder layers, an untied input embedding) and the root sharded'
+    assert ranks_line in logs[0], logs[0][-3000:]
     assert logs[0].count('"event": "step"') == MAX_STEPS and '"event": "checkpoint"' in logs[0]
     assert '"event": "step"' not in logs[1] and '"event": "done"' not in logs[1], logs[1][-3000:]
 
