@@ -21,7 +21,7 @@ the first that fails ends the pod; a trainer pod has one) as a process in its ow
   `items`), `emptyDir` per pod, `persistentVolumeClaim` per claim (shared by every pod that mounts it and
   outliving them; the claim must exist), `subPath` honoured;
 - PATHS. A process cannot see a mount at `/etc/kubetune`, so the kubelet maps container paths to those
-  host folders: every argv item, env value and `workingDir` that equals a `mountPath` or starts with
+  host folders: every argv item, env value the pod declares and `workingDir` that equals a `mountPath` or starts with
   `mountPath + "/"` is rewritten to the host folder (longest mount first). The `terminationMessagePath`
   is mapped the same way to a per-container host file. A volume mounted at `/tmp` also sets `TMPDIR`.
   Paths that reach the process any other way (inside a config file) are not rewritten;
@@ -299,24 +299,25 @@ class Kubelet:
         message_file.write_text("")
         message_path = container.get("terminationMessagePath", "/dev/termination-log")
         paths = {**mounts, message_path: message_file}
-        env: dict[str, str] = dict(self.image_env)
+        env: dict[str, str] = dict(self.image_env)  # host paths (PATH): never rewritten, wherever the checkout is
         if "/tmp" in mounts:
             env["TMPDIR"] = str(mounts["/tmp"])
+        declared: dict[str, str] = {}  # what the pod spec sets: container paths, rewritten to the mounts
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix", "")
             if ref := source.get("configMapRef"):
                 data = self._object_data("configmaps", meta["namespace"], ref, None)
             else:
                 data = self._object_data("secrets", meta["namespace"], source.get("secretRef") or {}, None)
-            env.update({prefix + k: v for k, v in (data or {}).items()})
+            declared.update({prefix + k: v for k, v in (data or {}).items()})
         for item in container.get("env") or []:
-            value = self._env_value(pod, item, env)
+            value = self._env_value(pod, item, {**env, **declared})
             if value is not None:
-                env[item["name"]] = value
+                declared[item["name"]] = value
+        env.update({k: self.resolve(map_path(v, paths)) for k, v in declared.items()})
         for predicate, extra in self.extra_env:
             if predicate(pod):
                 env.update(extra)
-        env = {k: self.resolve(map_path(v, paths)) for k, v in env.items()}
         argv = [self.resolve(map_path(expand(a, env), paths)) for a in [*(container.get("command") or []),
                                                                           *(container.get("args") or [])]]
         if not argv:
