@@ -23,6 +23,7 @@ from kubetune.api.auth import Gate, OwnToken, bearer_token
 from kubetune.api.kube import Kube
 from kubetune.api.limits import BodyLimit, Offload
 from kubetune.api.settings import ApiSettings
+from kubetune.api.web import router as web_page
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
 from kubetune.planning.hub_config import HubUnreachable
@@ -207,6 +208,7 @@ def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None =
         return {"status": "deleting", "name": name}
 
     app.include_router(jobs)
+    app.include_router(web_page)  # the self-serve page at / (static files; no data without a token)
 
     @app.post("/v1/plan", tags=["plan"], responses=problems, openapi_extra=JOB_BODY,
               dependencies=[Depends(authenticated)])

@@ -1,0 +1,114 @@
+"""The self-serve page in a real browser (Debian's chromium) against the API and the RBAC-enforcing emulator.
+
+The whole life (submit -> Succeeded -> adapter) is test_life_ui.py; these are the small, fast views: what an
+anonymous visitor gets, a bad field's error beside it, a refused namespace, axe-core, a phone's width.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from kt_api import JOB, Stack
+from kt_browser import PHONE, tab
+from playwright.async_api import Browser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_errors(job: dict[str, Any], folder: Path) -> list[str]:
+    """What `kubetune plan -f` prints for this job, one line per problem (without its `error: ` prefix)."""
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run = subprocess.run([sys.executable, "-m", "kubetune.cli", "plan", "-f", str(path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 2, run
+    return [line.removeprefix("error: ") for line in run.stderr.splitlines() if line.strip()]
+
+
+async def test_anonymous_gets_the_page_and_no_data(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url) as anonymous:
+        page = await anonymous.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert "set-cookie" not in page.headers
+        for name in ("app.js", "app.css", "vendor/js-yaml.min.js"):
+            assert (await anonymous.get(f"/static/{name}")).status_code == 200, name
+        assert (await anonymous.get("/static/../web.py")).status_code == 404
+        assert (await anonymous.get("/static/index.html")).status_code == 404  # only the listed files
+        assert (await anonymous.get("/v1/namespaces/team-a/finetunejobs")).status_code == 401
+
+
+async def test_bad_token_is_refused(stack: Stack, browser: Browser) -> None:
+    async with tab(browser) as t:
+        await t.page.goto(stack.url + "/")
+        await t.page.get_by_label("Bearer token").fill("not-a-token")
+        await t.page.get_by_role("button", name="Sign in").click()
+        await t.page.get_by_text("This token was not accepted").wait_for()
+        assert await t.page.evaluate("sessionStorage.length") == 0
+        assert await t.page.context.cookies() == []
+
+
+async def test_bad_field_shows_the_cli_line_beside_it(stack: Stack, browser: Browser, tmp_path: Path) -> None:
+    bad = {**JOB, "spec": {**JOB["spec"], "lora": {"r": -4}}}
+    expected = cli_errors(bad, tmp_path)
+    assert expected == ["spec.lora.r: must be >= 1, got -4"]
+    async with tab(browser) as t:
+        await t.sign_in(stack.url, "team-a-token")
+        await t.open_namespace("team-a")
+        await t.paste_job(yaml.safe_dump(bad))
+        await t.page.get_by_role("button", name="Plan").click()
+        beside = t.page.locator("#f-spec-lora-r-err")
+        await beside.wait_for()
+        assert await beside.inner_text() == expected[0]
+        field = t.page.get_by_label("r", exact=True)
+        assert await field.get_attribute("aria-invalid") == "true"
+        assert "f-spec-lora-r-err" in (await field.get_attribute("aria-describedby") or "")
+        assert await t.page.locator("#form-errors li").all_inner_texts() == expected
+        assert await t.page.get_by_role("button", name="Submit").is_disabled()
+        await t.page.locator("#form-errors a").click()  # the summary's link moves focus to the field
+        assert await t.page.evaluate("document.activeElement.id") == "f-spec-lora-r"
+        await t.shot("new-job-error")
+        # fixed in the form, the YAML follows and the plan goes through
+        await field.fill("8")
+        assert "r: 8" in await t.page.get_by_label("FineTuneJob YAML").input_value()
+        await t.page.get_by_role("button", name="Plan").click()
+        await t.page.locator("#plan .gpu-class").wait_for()
+        assert await t.page.locator(".field-error").count() == 0
+    assert not stack.kube.items("finetunejobs", "team-a")  # planning creates nothing
+
+
+async def test_a_namespace_the_token_may_not_use_is_refused(stack: Stack, browser: Browser) -> None:
+    async with tab(browser) as t:
+        await t.sign_in(stack.url, "team-a-token")
+        await t.open_namespace("team-b")  # alice has no rights there (bob's team)
+        refused = t.page.locator("#jobs-error")
+        await refused.get_by_text('Refused: you may not use the namespace "team-b"').wait_for()
+        assert "may not list finetunejobs" in await refused.inner_text()
+        assert await t.page.locator("#jobs-table").is_hidden()
+        await t.shot("namespace-refused")
+
+
+async def test_accessible_and_readable_on_a_phone(stack: Stack, browser: Browser) -> None:
+    for viewport, suffix in ((None, ""), (PHONE, "-phone")):
+        async with tab(browser, **({"viewport": viewport} if viewport else {})) as t:
+            await t.sign_in(stack.url, "team-a-token")
+            assert await t.axe() == [], "sign-in/namespace view"
+            await t.open_namespace("team-a")
+            await t.page.locator("#jobs-table").wait_for()
+            assert await t.axe() == [], "job list"
+            await t.paste_job(yaml.safe_dump(JOB))
+            await t.page.get_by_role("button", name="Plan").click()
+            await t.page.locator("#plan .gpu-class").wait_for()
+            assert await t.axe() == [], "new job with its plan"
+            overflow = await t.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"the page scrolls sideways by {overflow}px at {viewport}"
+            await t.shot(f"plan{suffix}")
+            # keyboard only: Tab reaches the Plan button and Enter plans
+            await t.page.get_by_role("button", name="Plan").focus()
+            await t.page.keyboard.press("Enter")
+            await t.page.locator("#plan .gpu-class").wait_for()
