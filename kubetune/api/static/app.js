@@ -149,6 +149,7 @@ async function signIn() {
     const items = Array.isArray(data) ? data : (data && (data.items || data.namespaces)) || [];
     state.namespaces = items.map((x) => (typeof x === 'string' ? x : x.name || (x.metadata || {}).name))
       .filter(Boolean);
+    if (data && data.message) say(data.message);
   } catch (err) {
     if (err.status === 401) return false;
     if (err.status !== 404 || !state.token) throw err;
@@ -260,18 +261,22 @@ function refusal(err, ns) {
 async function showQuota(ns) {
   let quota;
   try { quota = await api('GET', `${nsPath(ns)}/quota`); } catch { $('#quota').hidden = true; return; }
-  const list = $('#quota-list');
-  list.replaceChildren();
-  const limits = (quota && quota.limits) || {};
-  const usage = (quota && quota.usage) || {};
-  for (const key of new Set([...Object.keys(limits), ...Object.keys(usage)])) {
-    const limit = limits[key];
-    const used = usage[key];
-    const text = Array.isArray(limit) ? limit.join(', ') : `${used ?? '–'} of ${limit ?? 'no limit'}`;
-    list.append(el('dt', { text: key }), el('dd', { text }));
+  const limits = quota.limits || {};
+  const usage = quota.usage || {};
+  const of = (used, limit) => `${used ?? 0} of ${limit ?? 'no limit'}`;
+  const rows = [
+    ['Running or queued jobs', of(usage.concurrentJobs, limits.maxConcurrentJobs)],
+    ['GPUs in use', of(usage.gpus, limits.maxGpus)],
+    ['GPU classes allowed', limits.allowedGpuClasses ? limits.allowedGpuClasses.join(', ') : 'any'],
+    ['Estimated cost per job', limits.maxEstimatedCost ? `at most ${money(limits.maxEstimatedCost)}` : 'no limit'],
+  ];
+  for (const q of (quota.kueue && quota.kueue.localQueues) || []) {
+    const cq = q.clusterQueueStatus || {};
+    rows.push([`Kueue queue ${q.name}`, `ClusterQueue ${q.clusterQueue}: ${cq.admittedWorkloads ?? 0} admitted, `
+      + `${cq.pendingWorkloads ?? 0} pending${q.message ? ` (${q.message})` : ''}`]);
   }
-  if (quota && quota.kueue) list.append(el('dt', { text: 'Kueue' }), el('dd', { text: JSON.stringify(quota.kueue) }));
-  $('#quota').hidden = list.children.length === 0;
+  $('#quota-list').replaceChildren(...rows.flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: v })]));
+  $('#quota').hidden = false;
 }
 
 // --- the form generated from the JSON schema ---------------------------------------------------------------
@@ -285,6 +290,11 @@ async function loadSchema() {
     const openapi = await api('GET', '/openapi.json');  // an API without the schema route: the same model
     const defs = openapi.components.schemas;
     schema = { ...defs.FineTuneJob, $defs: defs };
+  }
+  if (!(schema.properties || {}).spec) {  // the spec's schema: the job around it is metadata.name + spec
+    const { $defs, ...spec } = schema;
+    schema = { $defs: $defs || {}, properties: { metadata: { properties: { name: { type: 'string',
+      description: "The job's name: lowercase letters, digits and '-'" } } }, spec } };
   }
   state.schema = schema;
   return schema;
@@ -656,13 +666,11 @@ function onJobEvent(kind, data) {
     if (data.type === 'DELETED') { say('This job was deleted.'); $('#job-phase').textContent = 'Deleted'; return; }
     if (data.resource) renderJob(data.resource);
   } else if (kind === 'kevent') {
-    state.events.set(data.name || `${data.reason}-${data.time}`, data);
+    state.events.set(`${data.reason}|${data.message}`, data);  // a repeat bumps its count: one line
     renderEvents();
   } else if (kind === 'snapshot') {
-    for (const item of data.items || []) {
-      if (item.reason !== undefined) state.events.set(item.name || `${item.reason}-${item.time}`, item);
-      else if (item.resource || item.metadata) renderJob(item.resource || item);
-    }
+    for (const item of data.items || []) if (item.resource) renderJob(item.resource);
+    for (const e of data.kevents || []) state.events.set(`${e.reason}|${e.message}`, e);
     renderEvents();
   }
 }
