@@ -107,7 +107,9 @@ async def test_accessible_and_readable_on_a_phone(stack: Stack, browser: Browser
             assert await t.axe() == [], "new job with its plan"
             overflow = await t.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, f"the page scrolls sideways by {overflow}px at {viewport}"
-            await t.shot(f"plan{suffix}")
+            if viewport:  # the phone: what one screen shows around the plan's headline
+                await t.page.locator("#plan").scroll_into_view_if_needed()
+            await t.shot(f"plan{suffix}", full_page=viewport is None)
             # keyboard only: Tab reaches the Plan button and Enter plans
             await t.page.get_by_role("button", name="Plan").focus()
             await t.page.keyboard.press("Enter")

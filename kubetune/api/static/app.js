@@ -7,7 +7,7 @@ const TOKEN_KEY = 'kubetune.token';
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || '', proxy: false, ns: '', namespaces: [],
   jobs: new Map(), sort: { key: 'created', dir: -1 }, abort: null, schema: null,
-  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null,
+  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(),
 };
 
 // --- HTTP with the caller's token -----------------------------------------------------------------------
@@ -533,16 +533,20 @@ function shapesTable(plan) {
   ));
 }
 
+// The full plan (POST /v1/plan, a submission's answer) or the part the operator keeps in status.plan.
 function renderPlan(plan) {
   const knobs = Object.entries(plan.knobs || {});
+  const costed = Number.isFinite(plan.hourlyCost) && Number.isFinite(plan.estimatedHours);
   const node = el('div', { class: 'plan' },
     el('p', { class: 'headline' }, el('strong', { class: 'gpu-class', text: `${plan.gpuClass} × ${plan.gpuCount}` }),
-      ` ${plan.strategy || 'single'}${plan.nodes > 1 ? ` over ${plan.nodes} nodes` : ''} · ${money(plan.hourlyCost)}/h · `,
-      `about ${duration(plan.estimatedHours * 3600)} and ${money(plan.estimatedCost)} for ${plan.estimatedFor}`),
-    el('h3', { text: 'VRAM estimate' }), estimateBar(plan),
+      ` ${plan.strategy || 'single'}${plan.nodes > 1 ? ` over ${plan.nodes} nodes` : ''}`,
+      plan.vramEstimateBytes ? ` · ${gib(plan.vramEstimateBytes)} per GPU` : '',
+      costed ? ` · ${money(plan.hourlyCost)}/h · about ${duration(plan.estimatedHours * 3600)} and `
+        + `${money(plan.estimatedCost)} for ${plan.estimatedFor}` : ''),
+    plan.breakdown ? [el('h3', { text: 'VRAM estimate' }), estimateBar(plan)] : [],
     el('h3', { text: 'Knobs' }), el('dl', { class: 'kv' }, knobs.map(([k, v]) => [el('dt', { text: k }), el('dd', { text: String(v) })])),
     el('h3', { text: 'Why' }), el('ul', { class: 'reasons' }, (plan.reasons || []).map((r) => el('li', { text: r }))),
-    shapesTable(plan));
+    costed ? shapesTable(plan) : []);
   sizeBars(node);
   return node;
 }
@@ -629,7 +633,13 @@ function renderJob(obj) {
   $('#job-progress-text').textContent = total || step ? `step ${step}/${total || '?'} · ${pct}%`
     + `${progress.etaSeconds !== undefined && progress.etaSeconds !== null && st.phase === 'Running' ? ` · ETA ${duration(progress.etaSeconds)}` : ''}`
     + `${progress.loss !== undefined && progress.loss !== null ? ` · loss ${Number(progress.loss).toFixed(4)}` : ''}` : 'not started';
-  $('#loss-chart').replaceChildren(lossChart(st.lossHistory));
+  // the operator's bounded history, plus every step this page saw live (a page left open keeps them all)
+  for (const p of st.lossHistory || []) state.losses.set(p.step, p.loss);
+  if (Number.isFinite(progress.step) && Number.isFinite(progress.loss) && st.phase !== 'Succeeded') {
+    state.losses.set(progress.step, progress.loss);
+  }
+  const points = [...state.losses].map(([step, loss]) => ({ step, loss })).sort((a, b) => a.step - b.step);
+  $('#loss-chart').replaceChildren(lossChart(points));
   const adapter = $('#adapter-list');
   adapter.replaceChildren();
   if (st.adapterUri) {
@@ -657,7 +667,8 @@ function renderJob(obj) {
 function renderEvents() {
   const items = [...state.events.values()].sort((a, b) => String(a.time).localeCompare(String(b.time)));
   $('#events-list').replaceChildren(...items.map((e) => el('li', { class: e.type === 'Warning' ? 'warning' : null },
-    el('time', { text: e.time || '' }), ' ', el('strong', { text: e.reason || '' }),
+    el('time', { datetime: e.time || null, text: e.time ? new Date(e.time).toLocaleTimeString() : '' }), ' ',
+    el('strong', { text: e.reason || '' }),
     e.count > 1 ? ` (×${e.count})` : '', ` ${e.message || ''}`)));
 }
 
@@ -680,6 +691,7 @@ async function showJob(ns, name) {
   $('#job-title').textContent = name;
   $('#job-error').textContent = '';
   state.events = new Map();
+  state.losses = new Map();
   renderEvents();
   try {
     const got = await api('GET', jobPath(ns, name));
