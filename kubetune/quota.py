@@ -20,6 +20,7 @@ a Warning Event) and decides again every poll interval.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ from kubetune.errors import SpecError
 
 ACTIVE_PHASES = (Phase.QUEUED.value, Phase.RUNNING.value)  # what counts against maxConcurrentJobs and maxGpus
 ENV_QUOTAS = "KUBETUNE_QUOTAS"
+log = logging.getLogger("kubetune.quota")
 _KEYS = {"maxConcurrentJobs": "max_concurrent_jobs", "maxGpus": "max_gpus",
          "allowedGpuClasses": "allowed_gpu_classes", "maxEstimatedCost": "max_estimated_cost"}
 
@@ -157,12 +159,14 @@ def parse_quotas(raw: Any, origin: str = "quotas") -> Quotas:
 
 
 class QuotaFile:
-    """The mounted quotas file, parsed again whenever it changes (a ConfigMap update needs no restart)."""
+    """The mounted quotas file, parsed again whenever it changes (a ConfigMap update needs no restart); a file that
+    does not parse is logged and the last good quotas stay in force (none, if it never parsed)."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._stamp: tuple[float, int] | None = None
         self._quotas = Quotas()
+        self.error: str | None = None  # why the file's current content is not in force (the last good one is)
 
     @classmethod
     def from_env(cls) -> QuotaFile:
@@ -171,9 +175,13 @@ class QuotaFile:
     def get(self) -> Quotas:
         if self.path is None:
             return self._quotas
-        stat = Path(self.path).stat()
-        if self._stamp != (stat.st_mtime, stat.st_size):
-            self._quotas = parse_quotas(yaml.safe_load(Path(self.path).read_text()), self.path)
-            self._stamp = (stat.st_mtime, stat.st_size)
+        try:
+            stat = Path(self.path).stat()
+            if self._stamp != (stat.st_mtime, stat.st_size):
+                self._stamp = (stat.st_mtime, stat.st_size)
+                self._quotas, self.error = parse_quotas(yaml.safe_load(Path(self.path).read_text()), self.path), None
+        except (OSError, yaml.YAMLError, SpecError) as exc:
+            self.error = "; ".join(exc.problems) if isinstance(exc, SpecError) else f"{self.path}: {exc}"
+            log.error(f"quotas not reloaded, the last good ones stay in force: {self.error}")
         return self._quotas
 
