@@ -15,7 +15,8 @@ import httpx
 import yaml
 from kt_api import JOB, Stack, stack_factory
 from kt_browser import PHONE, tab
-from playwright.async_api import Browser
+from kt_proxy import CuttableProxy
+from playwright.async_api import Browser, Request
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,3 +136,31 @@ async def test_the_quota_and_its_refusal_are_on_the_page(browser: Browser, tmp_p
         assert "allowedGpuClasses" in await refused.inner_text()
         await t.shot("quota-refused", full_page=False)
     assert not stack.kube.items("finetunejobs", "team-a")
+
+
+async def test_the_list_stays_live_across_a_dropped_stream(stack: Stack, browser: Browser) -> None:
+    """The page reads the event stream with fetch(); when the connection drops it reconnects with Last-Event-ID
+    and a job created while it was cut off still appears (replayed), with no reload."""
+    async def create(name: str) -> None:
+        response = await stack.client.post("/v1/namespaces/team-a/finetunejobs",
+                                           json={**JOB, "metadata": {"name": name}})
+        assert response.status_code == 201, response.text
+
+    port = int(stack.url.rsplit(":", 1)[1])
+    async with CuttableProxy(port) as proxy, tab(browser) as t:
+        streams: list[Request] = []
+        t.page.on("request", lambda r: streams.append(r) if r.url.endswith("/v1/namespaces/team-a/events") else None)
+        await t.sign_in(proxy.url, "team-a-token")
+        await t.open_namespace("team-a")
+        await t.page.locator("#status", has_text="Jobs in team-a: live").wait_for()
+        await create("before-the-cut")
+        rows = t.page.locator("#jobs-table tbody td:first-child")
+        await rows.get_by_text("before-the-cut").wait_for()
+        assert proxy.cut() >= 1
+        await create("while-cut-off")
+        await rows.get_by_text("while-cut-off").wait_for()
+        assert len(streams) >= 2, [r.url for r in streams]
+        resumed = await streams[-1].all_headers()
+        assert resumed.get("last-event-id"), resumed  # resumed after the last message it had, not from scratch
+        assert "authorization" in resumed and "token" not in streams[-1].url
+        assert await t.page.locator("#status").inner_text() == "Jobs in team-a: live"

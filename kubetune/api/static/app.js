@@ -7,7 +7,7 @@ const TOKEN_KEY = 'kubetune.token';
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || '', proxy: false, ns: '', namespaces: [],
   jobs: new Map(), sort: { key: 'created', dir: -1 }, abort: null, schema: null,
-  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(),
+  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(), fullPlan: null,
 };
 
 // --- HTTP with the caller's token -----------------------------------------------------------------------
@@ -576,6 +576,8 @@ async function doSubmit(ns) {
   try {
     const created = await api('POST', `${nsPath(ns)}/finetunejobs`, body(ns));
     state.draft = null;
+    // the full plan (costs, shapes) for this tab's job page; the operator keeps a shorter one in status.plan
+    sessionStorage.setItem(`kubetune.plan:${ns}/${created.summary.name}`, JSON.stringify(created.plan));
     say(`Submitted ${created.summary.name}`);
     location.hash = `#/ns/${ns}/jobs/${created.summary.name}`;
   } catch (err) {
@@ -655,7 +657,10 @@ function renderJob(obj) {
     }
   }
   $('#adapter').hidden = !st.adapterUri;
-  if (st.plan && typeof st.plan === 'object' && st.plan.gpuClass) $('#job-plan').replaceChildren(renderPlan(st.plan));
+  const full = state.fullPlan;  // what the submission answered; a re-plan (OOM escalation) replaces it
+  const plan = !(st.plan && st.plan.gpuClass) ? full
+    : full && full.gpuClass === st.plan.gpuClass && full.gpuCount === st.plan.gpuCount ? full : st.plan;
+  if (plan && typeof plan === 'object' && plan.gpuClass) $('#job-plan').replaceChildren(renderPlan(plan));
   $('#attempts-table tbody').replaceChildren(...(st.attempts || []).map((a) => el('tr', {},
     el('td', { text: a.attempt ?? '' }), el('td', { text: a.gpuClass || '' }), el('td', { text: a.outcome || '' }),
     el('td', { text: a.resumedFromStep ?? '' }), el('td', { text: a.startedAt || '' }), el('td', { text: a.message || '' }))));
@@ -695,8 +700,9 @@ async function showJob(ns, name) {
   renderEvents();
   try {
     const got = await api('GET', jobPath(ns, name));
+    const submitted = JSON.parse(sessionStorage.getItem(`kubetune.plan:${ns}/${name}`) || 'null');
+    state.fullPlan = submitted && submitted.gpuClass ? submitted : null;
     renderJob(got.resource);
-    if (got.plan && got.plan.gpuClass) $('#job-plan').replaceChildren(renderPlan(got.plan));
   } catch (err) {
     $('#job-error').textContent = refusal(err, ns);
     return;
