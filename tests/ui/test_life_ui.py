@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import kmock
 import pytest
 from kmock._internal import rendering
@@ -94,7 +95,12 @@ async def test_submit_watch_and_get_the_adapter_from_the_page(world: Any) -> Non
         page = t.page
         await t.sign_in(url, TOKEN)
         offered = await page.locator("#ns-list option").evaluate_all("o => o.map(x => x.value)")
-        assert offered == [NS], (offered, await page.locator("#status").inner_text())
+        if offered != [NS]:
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+                again = (await client.get("/v1/namespaces")).text
+            raise AssertionError(f"offered {offered}; the API now answers {again}; "
+                                 f"status {await page.locator('#status').inner_text()!r}; denied "
+                                 f"{world.cluster.api.denied[-5:]}; reviews {world.cluster.api.reviews[-8:]}")
         await t.open_namespace(NS)
         await page.locator("#jobs-empty").wait_for()
         await t.paste_job(manifest.read_text())

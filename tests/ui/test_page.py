@@ -6,6 +6,7 @@ anonymous visitor gets, a bad field's error beside it, a refused namespace, axe-
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ import httpx
 import yaml
 from kt_api import JOB, Stack, stack_factory
 from kt_browser import PHONE, tab
-from kt_proxy import CuttableProxy
-from playwright.async_api import Browser, Request
+from kt_proxy import CuttableProxy, HeaderProxy
+from playwright.async_api import Browser, Request, expect
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,7 +62,11 @@ async def test_bad_field_shows_the_cli_line_beside_it(stack: Stack, browser: Bro
     async with tab(browser) as t:
         await t.sign_in(stack.url, "team-a-token")
         await t.open_namespace("team-a")
-        await t.paste_job(yaml.safe_dump(bad))
+        await t.page.get_by_role("link", name="New job").click()  # this time uploaded as a file
+        await t.page.locator("#fields fieldset").first.wait_for()
+        (tmp_path / "upload.yaml").write_text(yaml.safe_dump(bad))
+        await t.page.get_by_label("Or upload a YAML file").set_input_files(tmp_path / "upload.yaml")
+        await expect(t.page.get_by_label("r", exact=True)).to_have_value("-4")  # the form follows the file
         await t.page.get_by_role("button", name="Plan").click()
         beside = t.page.locator("#f-spec-lora-r-err")
         await beside.wait_for()
@@ -164,3 +169,29 @@ async def test_the_list_stays_live_across_a_dropped_stream(stack: Stack, browser
         assert resumed.get("last-event-id"), resumed  # resumed after the last message it had, not from scratch
         assert "authorization" in resumed and "token" not in streams[-1].url
         assert await t.page.locator("#status").inner_text() == "Jobs in team-a: live"
+        name = t.page.locator("#jobs-table th[data-key=name]")  # sortable: by keyboard too
+        await name.get_by_role("button").focus()
+        await t.page.keyboard.press("Enter")
+        assert await name.get_attribute("aria-sort") == "ascending"
+        assert await rows.all_inner_texts() == ["before-the-cut", "while-cut-off"]
+        await t.page.keyboard.press("Enter")
+        assert await rows.all_inner_texts() == ["while-cut-off", "before-the-cut"]
+        # delete from the job's page (confirmed): the list drops it live
+        t.page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await rows.get_by_role("link", name="while-cut-off").click()
+        await t.page.locator("#job-title", has_text="while-cut-off").wait_for()
+        await t.page.get_by_role("button", name="Delete").click()
+        await t.page.locator("#jobs-title", has_text="Jobs in team-a").wait_for()
+        await expect(rows.get_by_text("while-cut-off")).to_have_count(0)
+        await expect(rows.get_by_text("before-the-cut")).to_have_count(1)
+        assert stack.kube.read("finetunejobs", "team-a", "while-cut-off") is None
+
+
+async def test_behind_an_oidc_proxy_there_is_no_token_prompt(stack: Stack, browser: Browser) -> None:
+    async with HeaderProxy(stack.url, "team-a-token") as proxy, tab(browser) as t:
+        await t.page.goto(proxy.url + "/#/ns/team-a")
+        await t.page.locator("#status", has_text="Jobs in team-a: live").wait_for()
+        assert await t.page.locator("#view-signin").is_hidden()
+        assert await t.page.get_by_role("button", name="Sign out").is_hidden()  # sign out at the proxy
+        assert await t.page.evaluate("sessionStorage.length") == 0  # the page never saw the token
+        assert await t.page.locator("#jobs-table").is_visible()

@@ -157,7 +157,7 @@ async function signIn() {
   }
   $('#ns-list').replaceChildren(...state.namespaces.map((n) => el('option', { value: n })));
   $('#ns-form').hidden = false;
-  $('#sign-out').hidden = state.proxy;
+  $('#sign-out').hidden = !state.token;  // behind a proxy: sign out there
   return true;
 }
 
@@ -174,6 +174,7 @@ async function boot() {
 }
 
 function showSignIn(message) {
+  if (state.abort) { state.abort.abort(); state.abort = null; }
   state.token = '';
   sessionStorage.removeItem(TOKEN_KEY);
   $('#ns-form').hidden = true;
@@ -430,8 +431,8 @@ async function showNew(ns) {
     state.draft = structuredClone(TEMPLATE);
     state.yamlText = window.jsyaml.dump(state.draft, { lineWidth: 120 });
     $('#yaml-input').value = state.yamlText;
-    fillForm();
   }
+  fillForm();  // the fields may have come after a file or a paste did
   draftChanged();
 }
 
