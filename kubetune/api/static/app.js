@@ -7,7 +7,7 @@ const TOKEN_KEY = 'kubetune.token';
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || '', proxy: false, ns: '', namespaces: [],
   jobs: new Map(), sort: { key: 'created', dir: -1 }, abort: null, schema: null,
-  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(), fullPlan: null,
+  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(), fullPlan: null, boots: 0,
 };
 
 // --- HTTP with the caller's token -----------------------------------------------------------------------
@@ -162,15 +162,17 @@ async function signIn() {
 }
 
 async function boot() {
+  const run = ++state.boots;  // a later boot (a sign-in while the first probe is out) wins
   if (!state.token) {  // behind an OIDC proxy the header is set for us: try without a token first
-    state.proxy = await signIn().catch(() => false);
-    if (state.proxy) return route();
-    return showSignIn('');
+    const proxied = await signIn().catch(() => false);
+    if (run !== state.boots) return undefined;
+    state.proxy = proxied;
+    return proxied ? route() : showSignIn('');
   }
-  if (!(await signIn().catch((err) => { showSignIn(err.message); return null; }))) {
-    return showSignIn('This token was not accepted (401). Paste a valid one.');
-  }
-  return route();
+  let failure = 'This token was not accepted (401). Paste a valid one.';
+  const ok = await signIn().catch((err) => { failure = err.message; return false; });
+  if (run !== state.boots) return undefined;
+  return ok ? route() : showSignIn(failure);
 }
 
 function showSignIn(message) {
@@ -722,9 +724,11 @@ async function act(verb) {
       say(`Deleting ${name}`);
       return;
     }
-    const summary = await api('POST', `${jobPath(ns, name)}/${verb}`);
+    await api('POST', `${jobPath(ns, name)}/${verb}`);
+    // the buttons follow at once; the phase comes from the stream (the operator's answer), never from this
+    // reply, which may be older than a transition the stream has already shown
     state.job.spec = { ...state.job.spec, suspend: verb === 'suspend' };
-    renderJob({ ...state.job, status: { ...state.job.status, phase: summary.phase } });
+    renderJob(state.job);
     say(`${verb === 'suspend' ? 'Suspended' : 'Resumed'} ${name}`);
   } catch (err) {
     $('#job-error').textContent = refusal(err, ns);
