@@ -111,6 +111,10 @@ async def test_accessible_and_readable_on_a_phone(stack: Stack, browser: Browser
             await t.paste_job(yaml.safe_dump(JOB))
             await t.page.get_by_role("button", name="Plan").click()
             await t.page.locator("#plan .gpu-class").wait_for()
+            await t.page.get_by_text("GPU classes the planner sees").click()  # the catalog, opened
+            assert await t.page.locator("#gpus-table tbody tr").count() >= 5
+            assert "meta-llama/Llama-3.1-8B" in await t.page.locator("#model-list option").evaluate_all(
+                "o => o.map(x => x.value)")
             assert await t.axe() == [], "new job with its plan"
             overflow = await t.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, f"the page scrolls sideways by {overflow}px at {viewport}"

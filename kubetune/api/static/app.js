@@ -348,6 +348,7 @@ function leaf(path, key, s, raw) {
       placeholder: s.default !== undefined && s.default !== null ? `default: ${JSON.stringify(s.default)}` : null });
   }
   if (describedBy) input.setAttribute('aria-describedby', describedBy);
+  if (path === 'spec.model.name') input.setAttribute('list', 'model-list');  // the known architectures
   return el('div', { class: 'field' }, el('label', { for: id, text: key }), input,
     help ? el('small', { id: describedBy, class: 'help', text: help }) : []);
 }
@@ -421,6 +422,26 @@ function onYamlInput() {
 const TEMPLATE = { apiVersion: 'kubetune.io/v1alpha1', kind: 'FineTuneJob', metadata: { name: '' },
   spec: { model: { name: '' }, dataset: { source: '', format: 'chat' }, method: 'qlora', output: { uri: '' } } };
 
+// What the planner sees: the catalog with the cluster's free GPUs, and the models it knows by name.
+async function showCatalog() {
+  if (!$('#gpus').hidden) return;
+  try {
+    const gpus = await api('GET', '/v1/gpus');
+    const known = (x) => (x === null || x === undefined ? 'unknown' : String(x));
+    $('#gpus-table tbody').replaceChildren(...(gpus.classes || []).map((g) => el('tr', {},
+      el('th', { scope: 'row', text: g.name }), el('td', { text: `${g.memoryGiB} GiB` }),
+      el('td', { text: money(g.hourlyPrice) }), el('td', { text: known(g.nodes) }),
+      el('td', { text: known(g.freeGpus) }))));
+    $('#gpus-note').textContent = gpus.message || (gpus.inventory ? "Free GPUs from the cluster's nodes."
+      : 'The whole catalog (no node inventory).');
+    $('#gpus').hidden = false;
+  } catch { /* an API without the catalog route: the plan still says what it chose */ }
+  try {
+    const models = await api('GET', '/v1/models');
+    $('#model-list').replaceChildren(...(models.items || []).map((m) => el('option', { value: m.name })));
+  } catch { /* no suggestions */ }
+}
+
 async function showNew(ns) {
   show('new');
   $('#new-title').textContent = `New job in ${ns}`;
@@ -436,6 +457,7 @@ async function showNew(ns) {
   }
   fillForm();  // the fields may have come after a file or a paste did
   draftChanged();
+  showCatalog();
 }
 
 function body(ns) {
