@@ -78,7 +78,8 @@ async def test_bad_field_shows_the_cli_line_beside_it(stack: Stack, browser: Bro
         assert await t.page.get_by_role("button", name="Submit").is_disabled()
         await t.page.locator("#form-errors a").click()  # the summary's link moves focus to the field
         assert await t.page.evaluate("document.activeElement.id") == "f-spec-lora-r"
-        await t.shot("new-job-error")
+        assert await t.page.evaluate("document.querySelector('#job-form').scrollTop") > 0  # the field in sight
+        await t.shot("new-job-error", full_page=False)
         # fixed in the form, the YAML follows and the plan goes through
         await field.fill("8")
         assert "r: 8" in await t.page.get_by_label("FineTuneJob YAML").input_value()

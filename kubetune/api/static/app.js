@@ -516,6 +516,11 @@ function showErrors(err, ns) {
       : line);
   });
   box.append(el('p', { text: err.status === 422 ? 'The job is not valid:' : `Error ${err.status}:` }), el('ul', {}, items));
+  const first = $('#job-form [aria-invalid="true"]');
+  if (first) {  // bring the first bad field into the form's own scroll area (the page stays where it is)
+    const form = $('#job-form');
+    form.scrollTop += first.getBoundingClientRect().top - form.getBoundingClientRect().top - 60;
+  }
 }
 
 // --- the plan --------------------------------------------------------------------------------------------
