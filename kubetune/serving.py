@@ -44,7 +44,8 @@ from typing import Any
 import yaml
 
 from kubetune.contracts import ServingFinding
-from kubetune.spec import BUNDLED_MODELS, VLLM_MAX_LORA_RANKS, FineTuneJobSpec
+from kubetune.errors import KubetuneError
+from kubetune.spec import BUNDLED_MODELS, VLLM_MAX_LORA_RANKS, FineTuneJobSpec, parse_spec
 
 
 class Rule(StrEnum):
@@ -284,3 +285,42 @@ def serving_status(name: str, namespace: str, spec: FineTuneJobSpec, adapter_uri
         "vllm": vllm_text(name, spec, adapter_uri),
         "command": f"kubetune serve-manifest {name} -n {namespace}",
     }
+
+
+class NoAdapterYet(KubetuneError):
+    """The FineTuneJob has not written its adapter yet: there is nothing to serve."""
+
+
+def serving_of(obj: Mapping[str, Any], adapter_uri: str | None = None) -> dict[str, Any]:
+    """`status.serving` of a FineTuneJob as stored (a dict), or rendered from its spec for `adapter_uri` (or its
+    status.adapterUri) when the operator has not written one; NoAdapterYet when there is no adapter to serve."""
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
+    name, namespace = str(meta.get("name") or "adapter"), str(meta.get("namespace") or "default")
+    stored = (status or {}).get("serving")
+    if adapter_uri is None and isinstance(stored, dict) and stored.get("kserve"):
+        return dict(stored)
+    uri = adapter_uri or (status or {}).get("adapterUri")
+    if not uri:
+        phase = (status or {}).get("phase") or "not started"
+        raise NoAdapterYet(f"finetunejob {namespace}/{name} has no adapter yet (phase {phase}); wait for Succeeded "
+                           "(kubectl wait --for=condition=Ready ftj/" + name + "), or give --adapter-uri")
+    spec = parse_spec(obj.get("spec"))
+    gpus = int(((status or {}).get("plan") or {}).get("gpuCount") or 1)
+    return serving_status(name, namespace, spec, str(uri), None, gpus)
+
+
+def render(serving: Mapping[str, Any], output: str) -> str:
+    """What `kubetune serve-manifest` prints: `kserve` (YAML for `kubectl apply -f -`, the vLLM lines as
+    comments above it), `vllm` (the shell lines), or `json` (status.serving)."""
+    if output == "json":
+        return json.dumps(dict(serving), indent=2) + "\n"
+    if output == "vllm":
+        return str(serving["vllm"]) + "\n"
+    verdict = {True: "meets every serving rule", False: "BREAKS serving rules (see below)",
+               None: "was not checked by the trainer"}[serving.get("ready")]
+    head = [f"# kubetune: adapter {serving['adapterName']} at {serving['adapterUri']} {verdict}"]
+    head += [f"# {f['severity']} {f['rule']}: {f['message']}" for f in serving.get("findings") or []]
+    head += ["# Serve it with KServe: kubectl apply -f - (this document). Or with vLLM:"]
+    head += [f"#   {line}" for line in str(serving["vllm"]).splitlines()]
+    return "\n".join(head) + "\n" + str(serving["kserve"])
