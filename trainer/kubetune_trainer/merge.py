@@ -23,8 +23,9 @@ import shutil
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -74,7 +75,7 @@ def read_header(path: Path) -> list[Entry]:
     return sorted(entries, key=lambda e: e.start)
 
 
-def read_tensor(f: BinaryIO, entry: Entry) -> torch.Tensor:
+def read_tensor(f: BufferedReader, entry: Entry) -> torch.Tensor:
     f.seek(entry.start)
     buffer = bytearray(entry.length)
     f.readinto(buffer)
