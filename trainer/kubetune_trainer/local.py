@@ -150,7 +150,7 @@ def report(result: Result, prompt: str | None, seconds: float) -> None:
     first = f"{result.first_loss:.4f} -> " if result.first_loss is not None else ""
     print(f"\nTrained {result.steps} steps in {seconds:.0f}s (train loss {first}{loss}).", file=out)
     print(f"Adapter: {shown(result.adapter_uri)}", file=out)
-    if getattr(result, "serving", None) is not None:  # the serving check (docs/serving.md)
+    if result.serving is not None:  # the serving check (docs/serving.md)
         from kubetune_trainer.serving_check import describe
 
         print(f"Serving: {describe(result.serving)}", file=out)
