@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse
 
 from kubetune.api import jobs, namespaces, planning, streams, web
 from kubetune.api.auth import Gate, OwnToken
-from kubetune.api.deps import summarize
+from kubetune.api.deps import access, summarize
 from kubetune.api.feed import Feeds
 from kubetune.api.limits import BodyLimit, Offload
+from kubetune.api.serving import serving_router
 from kubetune.api.settings import ApiSettings
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
@@ -40,8 +41,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-ROUTERS: list[APIRouter] = [jobs.router, streams.router, planning.router, namespaces.router, health,
-                            web.router]  # web: the self-serve page at / (static files; no data without a token)
+ROUTERS: list[APIRouter] = [jobs.router, streams.router, planning.router, namespaces.router, serving_router(access),
+                            health, web.router]  # web: the self-serve page at / (static files; no data without a token)
 
 
 def lifespan_for(settings: ApiSettings) -> Any:
