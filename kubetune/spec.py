@@ -24,6 +24,7 @@ from pydantic.alias_generators import to_camel
 from kubetune.cel import Cel, object_rule
 from kubetune.contracts import ConditionType, Phase, Reason
 from kubetune.errors import SpecError
+from kubetune.wire import SpecStrategy, Strategy
 
 API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
@@ -240,7 +241,7 @@ class ResourcesSpec(_Model):
         default=None, min_length=1, description="The most expensive class the planner (and OOM escalation) may use."
     )
     gpu_count: GpuCount = Field(default="auto", description="'auto' or the number of GPUs on one node (1-8).")
-    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+    strategy: SpecStrategy = Field(
         default="auto",
         description="How several GPUs train: ddp (data parallel, a full copy per GPU), fsdp (weights, gradients and "
                     "optimizer states sharded over the GPUs, for models no single GPU holds), or auto (the planner "
@@ -290,7 +291,7 @@ class Condition(_Model):
 class PlanStatus(_Model):
     gpu_class: str
     gpu_count: int
-    strategy: Literal["single", "pipeline", "ddp", "fsdp"] = Field(
+    strategy: Strategy = Field(
         default="single", description="How the GPUs train: one GPU, the layer split, or DDP/FSDP ranks.")
     nodes: int = Field(default=1, ge=1, description="Nodes the GPUs span.")
     vram_estimate_bytes: int

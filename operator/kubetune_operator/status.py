@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kubetune import wire
 from kubetune.contracts import (
     TERMINAL_PHASES,
     ConditionType,
@@ -274,7 +275,7 @@ def _finished(workload: Mapping[str, Any]) -> bool:
 def _port(pod: Mapping[str, Any], default_port: int) -> int:
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     try:
-        return int(annotations.get("prometheus.io/port", default_port))
+        return int(annotations.get(wire.PROMETHEUS_PORT, default_port))
     except ValueError:
         return default_port
 

@@ -107,8 +107,11 @@ async def test_a_replay_buffer_too_short_for_the_gap_sends_a_snapshot(make_stack
         await put_job(stack)
         async with sse(stack.client, NS_EVENTS) as stream:
             last_id = (await stream.message()).id
-        for step in range(5):
-            await set_phase(stack, "Running", step=f"{step}/5")
+        async with sse(stack.client, NS_EVENTS) as witness:  # stays on: once it has all 5, so has the buffer
+            await witness.message()
+            for step in range(5):
+                await set_phase(stack, "Running", step=f"{step}/5")
+            await phases(witness, 5)
         async with sse(stack.client, NS_EVENTS, {"Last-Event-ID": str(last_id)}) as resumed:
             first = await resumed.message()
             assert first.event == "snapshot"

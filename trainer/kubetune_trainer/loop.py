@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
+from kubetune.contracts import Outcome, TrainerPhase
+from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import distributed, faults, fsdp
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loss import CausalLMLoss
 from kubetune_trainer.memory import input_device
 from kubetune_trainer.metrics import Stopwatch, Telemetry
@@ -67,7 +68,7 @@ class RunOptions:
 
 @dataclass
 class Result:
-    outcome: str = "Failed"
+    outcome: Outcome = Outcome.FAILED
     steps: int = 0
     total_steps: int = 0
     final_loss: float | None = None
@@ -187,10 +188,10 @@ class Recipe:
         random.seed(spec.training.seed)
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
-        self.telemetry.phase("Preparing", "checking output and dataset")
+        self.telemetry.phase(TrainerPhase.PREPARING, "checking output and dataset")
         if self.ranks.main:  # rank 0 alone writes; two ranks probing one folder would race on the probe file
             self.storage.check()
-        self.telemetry.phase("Preparing", "fetching the base model")
+        self.telemetry.phase(TrainerPhase.PREPARING, "fetching the base model")
         files = resolve_model(spec, spec.output.endpoint_url, say=lambda m: self.log.event("download", m),
                               progress=self.options.download_progress)
         model_dir, self.model_commit = files.path, files.commit
@@ -210,7 +211,7 @@ class Recipe:
                        + (f"; {self.train_data.dropped_too_long} rows longer than maxSeqLength skipped"
                           if self.train_data.dropped_too_long else ""))
 
-        self.telemetry.phase("Loading", "loading the base model")
+        self.telemetry.phase(TrainerPhase.LOADING, "loading the base model")
         started = time.perf_counter()
         self.loaded: LoadedModel = load_model(spec, self.load_device, self.dtype, knobs.gradient_checkpointing,
                                               spec.output.endpoint_url, seed=spec.training.seed,
@@ -314,7 +315,7 @@ class Recipe:
     def train(self) -> Result:
         spec = self.spec
         self.model.train()
-        self.telemetry.phase("Training", None)
+        self.telemetry.phase(TrainerPhase.TRAINING, None)
         watch = Stopwatch()
         self.started = time.perf_counter()
         if self.ranks.distributed:
@@ -354,7 +355,7 @@ class Recipe:
     @torch.no_grad()
     def evaluate(self) -> float:
         assert self.eval_data is not None
-        self.telemetry.phase("Evaluating")
+        self.telemetry.phase(TrainerPhase.EVALUATING)
         self.model.eval()
         total, count = 0.0, 0
         batches = list(data_mod.iter_batches(self.eval_data.rows, self.config.knobs.micro_batch_size))
@@ -369,7 +370,7 @@ class Recipe:
         self.telemetry.record_eval(loss)
         self.result.eval_loss = loss
         self.log.event("eval", f"eval loss {loss:.4f} at step {self.step}", evalLoss=loss, step=self.step)
-        self.telemetry.phase("Training")
+        self.telemetry.phase(TrainerPhase.TRAINING)
         return loss
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ class Recipe:
             return
         from safetensors.torch import save_file
 
-        self.telemetry.phase("Checkpointing")
+        self.telemetry.phase(TrainerPhase.CHECKPOINTING)
         started = time.perf_counter()
         name = f"{CHECKPOINTS}/step-{self.step:08d}"
         state = {"step": self.step, "epoch": self.schedule.epoch_of(self.step), "totalSteps": self.total_steps,
@@ -409,7 +410,7 @@ class Recipe:
         self.telemetry.record_checkpoint(seconds)
         self.log.event("checkpoint", f"checkpoint at step {self.step} -> {self.storage.join(name)} "
                        f"({written / 1e6:.1f} MB, {seconds:.1f}s)", step=self.step, seconds=round(seconds, 2))
-        self.telemetry.phase("Training")
+        self.telemetry.phase(TrainerPhase.TRAINING)
         distributed.barrier(self.ranks)
 
     def gathered_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -486,7 +487,7 @@ class Recipe:
         weights = fsdp.trainable_state(self.model, self.ranks.main) if self.sharded else None
         if not self.ranks.main:
             return None
-        self.telemetry.phase("Uploading", "writing the adapter")
+        self.telemetry.phase(TrainerPhase.UPLOADING, "writing the adapter")
         # A re-run to the same output: the old manifest goes first, so no reader takes the files below,
         # half-written, for a complete adapter described by the previous run's manifest.
         self.storage.delete_key(f"{ADAPTER}/manifest.json")

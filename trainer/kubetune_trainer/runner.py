@@ -16,8 +16,8 @@ from typing import Any
 
 from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
+from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import distributed
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loop import Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
