@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
-from kubetune.api import jobs, namespaces, planning, streams
+from kubetune.api import jobs, loss, namespaces, planning, streams
 from kubetune.api.auth import Gate, OwnToken
 from kubetune.api.deps import summarize
 from kubetune.api.feed import Feeds
@@ -40,7 +40,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-ROUTERS: list[APIRouter] = [jobs.router, streams.router, planning.router, namespaces.router, health]
+ROUTERS: list[APIRouter] = [jobs.router, loss.router, streams.router, planning.router, namespaces.router, health]
 
 
 def lifespan_for(settings: ApiSettings) -> Any:
