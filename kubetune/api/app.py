@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse
 
 from kubetune.api import jobs, loss, namespaces, planning, streams
 from kubetune.api.auth import Gate, OwnToken
-from kubetune.api.deps import summarize
+from kubetune.api.deps import access, summarize
 from kubetune.api.feed import Feeds
 from kubetune.api.limits import BodyLimit, Offload
+from kubetune.api.serving import serving_router
 from kubetune.api.settings import ApiSettings
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
@@ -40,7 +41,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-ROUTERS: list[APIRouter] = [jobs.router, loss.router, streams.router, planning.router, namespaces.router, health]
+ROUTERS: list[APIRouter] = [jobs.router, loss.router, serving_router(access), streams.router, planning.router,
+                            namespaces.router, health]
 
 
 def lifespan_for(settings: ApiSettings) -> Any:

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kubetune.contracts import TERMINAL_PHASES, ExitCode, Phase, Reason, TrainerStatus
+from kubetune import serving
+from kubetune.contracts import TERMINAL_PHASES, ExitCode, Phase, Reason, TerminationSummary, TrainerStatus
 from kubetune.errors import PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.hub_config import HubUnreachable
@@ -266,6 +267,29 @@ def _essence(progress: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in progress.items() if k != "updatedAt" and v is not None}
 
 
+def _serving(job: _Job, summary: TerminationSummary, uri: str) -> None:
+    """status.serving (the ready-to-apply text) and, when the trainer checked the adapter, the ServingReady
+    condition; a broken rule is also a Warning Event. Once per job: the first time it is seen succeeded."""
+    if job.status.get("serving"):
+        return
+    try:
+        spec = parse_spec(job.spec)
+    except SpecError:  # edited to something invalid after it succeeded: no text to render from it
+        return
+    name, namespace = job.meta.get("name", "adapter"), job.meta.get("namespace", "default")
+    findings = summary.serving
+    gpus = int((job.status.get("plan") or {}).get("gpuCount") or 1)
+    job.set(serving=serving.serving_status(name, namespace, spec, uri, findings, gpus))
+    if findings is None:  # a trainer that did not check (an older image): the text, but no verdict
+        return
+    bad = serving.broken(findings)
+    job.set(conditions=st.serving_condition(job.status.get("conditions") or [], not bad, serving.summary(findings),
+                                            job.generation, job.snap.now))
+    if bad:
+        job.event(Reason.SERVING_RULES_BROKEN, "the adapter breaks serving rules: " + serving.summary(findings)
+                  + f" (kubetune serve-manifest {name} -n {namespace})")
+
+
 def _follow(job: _Job) -> None:
     snap = job.snap
     name = job.status["jobName"]
@@ -305,6 +329,7 @@ def _follow(job: _Job) -> None:
                   attempts=with_attempt(attempts, number, outcome=AttemptOutcome.SUCCEEDED, finishedAt=snap.now,
                                         resumedFromStep=summary.resumed_from_step),
                   **st.progress_fields(progress, job.status.get("lossHistory") or [], final=True))
+        _serving(job, summary, uri)
     elif outcome.state == "OutOfMemory":
         was = plan.get("gpuClass", "?")
         job.set(attempts=with_attempt(attempts, number, outcome=AttemptOutcome.OUT_OF_MEMORY, message=outcome.message,

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from kubetune.contracts import Outcome, TrainerPhase
+from kubetune.contracts import Outcome, ServingFinding, TrainerPhase
 from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import data as data_mod
-from kubetune_trainer import distributed, faults, fsdp
+from kubetune_trainer import distributed, faults, fsdp, serving_check
 from kubetune_trainer.loss import CausalLMLoss
 from kubetune_trainer.memory import input_device
 from kubetune_trainer.metrics import Stopwatch, Telemetry
@@ -82,6 +82,7 @@ class Result:
     samples: dict[str, str] = field(default_factory=dict)
     model_commit: str | None = None  # the hub commit the base model came from
     resumed_from_step: int | None = None  # the checkpoint step this run resumed from (0: the beginning)
+    serving: list[ServingFinding] | None = None  # the serving check of the adapter (kubetune.serving)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainerConfig, device: torch.device,
@@ -218,6 +219,7 @@ class Recipe:
                                               gpu_count=1 if self.ranks.distributed else self.config.gpu_count,
                                               model_dir=model_dir, sharded=self.sharded)
         self.model = self.loaded.model
+        self.check_servable()
         checkpoint = self.latest_checkpoint()
         if checkpoint is not None:  # into the plain model, before DDP broadcasts it or FSDP shards it
             self.load_adapter(checkpoint)
@@ -498,6 +500,7 @@ class Recipe:
             self.model.save_pretrained(str(folder), state_dict=weights)  # None: PEFT reads the model
             self.loaded.tokenizer.save_pretrained(str(folder))
             (folder / "README.md").unlink(missing_ok=True)
+            findings = self.check_serving(folder)
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                 rel = path.relative_to(folder).as_posix()
                 written += self.storage.put_file(path, f"{ADAPTER}/{rel}")
@@ -519,6 +522,7 @@ class Recipe:
                 "knobs": self.config.knobs.model_dump(by_alias=True),
                 "files": files,
                 "merged": {"uri": self.storage.join(MERGED), "files": merged} if merged else None,
+                "serving": [f.model_dump(by_alias=True) for f in findings],
                 "metrics": metrics,
                 "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
@@ -528,6 +532,20 @@ class Recipe:
         uri = self.storage.join(ADAPTER)
         self.telemetry.status.adapter_uri = uri
         return uri
+
+    def check_servable(self) -> None:
+        """Before training: an adapter of this spec that no serving engine would apply fails now, not after the
+        run (kubetune_trainer.serving_check; exit code 2)."""
+        self.base_modules = serving_check.base_modules(self.loaded.model_dir)
+        serving_check.judge(serving_check.in_memory_adapter(self.model), self.base_modules, self.spec)
+
+    def check_serving(self, folder: Path) -> list[ServingFinding]:
+        """The saved adapter against the serving rules, before upload: the findings go to the log, the manifest
+        and the termination summary (the operator's ServingReady condition and Warning Event)."""
+        findings = serving_check.judge(serving_check.read_adapter(folder), self.base_modules, self.spec)
+        self.result.serving = findings
+        self.log.event("serving", serving_check.describe(findings), rules=[f.rule for f in findings])
+        return findings
 
     def save_merged(self, adapter_dir: Path, out: Path) -> tuple[dict[str, dict[str, Any]], int]:
         """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged."""
