@@ -121,5 +121,7 @@ def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None =
 def run_api(host: str, port: int) -> int:
     import uvicorn
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    # Event streams never end by themselves: on SIGTERM, give requests 5 s, then close the streams (clients
+    # reconnect to another replica with Last-Event-ID).
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     return 0

@@ -138,11 +138,16 @@ async def test_every_listener_of_a_namespace_shares_one_watch(stack: Stack) -> N
         assert len(watch_requests(stack)) == 2 and len(stack.kube.watchers[FTJ_KEY]) == 1
 
 
-async def test_heartbeat_comments_keep_an_idle_stream_open(make_stack: MakeStack) -> None:
-    async with make_stack(sse_heartbeat=0.2) as stack, sse(stack.client, NS_EVENTS) as stream:
+async def test_heartbeats_keep_an_idle_stream_open_and_a_revoked_binding_ends_it(make_stack: MakeStack) -> None:
+    async with make_stack(sse_heartbeat=0.2, review_ttl=0) as stack, sse(stack.client, NS_EVENTS) as stream:
         assert (await stream.next()).event == "snapshot"
         assert (await stream.next(timeout=2)).comment == "ping"
         assert (await stream.next(timeout=2)).comment == "ping"
+        stack.kube.rules[:] = [r for r in stack.kube.rules if r.subject != "team-a-devs"]  # the RoleBinding goes
+        closed = await stream.next(timeout=2)
+        assert closed.comment is not None and closed.comment.startswith("closed: you may not watch finetunejobs")
+        with pytest.raises(EOFError):
+            await stream.next(timeout=2)
 
 
 @pytest.mark.parametrize("auth", ["passthrough", "serviceaccount"])
