@@ -164,3 +164,25 @@ async def test_a_token_that_may_not_watch_the_namespace_is_refused(make_stack: M
         async with httpx.AsyncClient(base_url=stack.url) as anonymous:
             assert (await anonymous.get(NS_EVENTS)).status_code == 401
         assert watch_requests(stack) == []  # refused before any watch started
+
+
+async def test_serviceaccount_mode_watches_with_the_apis_own_token(make_stack: MakeStack) -> None:
+    async with make_stack(auth="serviceaccount") as stack:
+        await put_job(stack)
+        async with sse(stack.client, JOB_EVENTS) as stream:
+            assert (await stream.message()).data["items"][0]["summary"]["name"] == "support-bot"
+            await set_phase(stack, "Running")
+            assert await phases(stream, 1) == [("MODIFIED", "Running")]
+        assert {r.headers.get("Authorization") for r in watch_requests(stack)} == {"Bearer api-token"}
+
+
+async def test_a_token_allowed_to_watch_but_refused_the_list_gets_403_not_a_stream(stack: Stack) -> None:
+    from kt_auth import Rule, User
+
+    stack.kube.tokens["carol-token"] = User("carol")
+    stack.kube.rules.append(Rule("carol", "watch", "finetunejobs.kubetune.io", "team-a"))  # watch, but no list
+    response = await stack.client.get(NS_EVENTS, headers={"Authorization": "Bearer carol-token"})
+    assert response.status_code == 403, response.text
+    assert "Kubernetes refused this token's watch (HTTP 403)" in response.json()["detail"]
+    async with sse(stack.client, NS_EVENTS) as stream:  # alice, on the same feed, is not affected
+        assert (await stream.message()).event == "snapshot"
