@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -186,3 +187,30 @@ async def test_a_token_allowed_to_watch_but_refused_the_list_gets_403_not_a_stre
     assert "Kubernetes refused this token's watch (HTTP 403)" in response.json()["detail"]
     async with sse(stack.client, NS_EVENTS) as stream:  # alice, on the same feed, is not affected
         assert (await stream.message()).event == "snapshot"
+
+
+async def test_the_shared_watch_moves_to_a_present_listeners_token_when_its_owner_leaves(stack: Stack) -> None:
+    from contextlib import AsyncExitStack
+
+    from kt_auth import User
+
+    stack.kube.tokens["dave-token"] = User("dave", ("team-a-devs",))
+    await put_job(stack)
+    async with AsyncExitStack() as alices, AsyncExitStack() as daves:
+        leaves = await alices.enter_async_context(sse(stack.client, NS_EVENTS))  # first: the watch is alice's
+        assert (await leaves.message()).event == "snapshot"
+        stays = await daves.enter_async_context(sse(stack.client, NS_EVENTS, {"Authorization": "Bearer dave-token"}))
+        assert (await stays.message()).event == "snapshot"
+        assert [w.headers["Authorization"] for w in watch_requests(stack)] == ["Bearer team-a-token"]
+        await set_phase(stack, "Queued")
+        assert await phases(stays, 1) == [("MODIFIED", "Queued")]
+        await alices.aclose()  # alice closes her tab; the API notices, and watches again with dave's token
+        await set_phase(stack, "Running")  # while it moves: the relist still brings it
+        for _ in range(100):
+            if watch_requests(stack)[-1].headers["Authorization"] == "Bearer dave-token":
+                break
+            await asyncio.sleep(0.05)
+        assert watch_requests(stack)[-1].headers["Authorization"] == "Bearer dave-token"
+        await set_phase(stack, "Succeeded")
+        assert await phases(stays, 2) == [("MODIFIED", "Running"), ("MODIFIED", "Succeeded")]  # none lost
+        assert len(stack.kube.watchers[FTJ_KEY]) == 1
