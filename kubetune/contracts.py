@@ -263,6 +263,13 @@ class TerminationSummary(_Contract):
     serving: list[ServingFinding] | None = None  # the serving check's findings (None: not checked; []: all rules met)
     error: str | None = None
 
+    @classmethod
+    def from_result(cls, result: object, exit_code: int) -> TerminationSummary:
+        """The trainer's side: the summary of a run's result (kubetune_trainer.loop.Result, read by attribute:
+        every field of this summary the result has) and the process's exit code."""
+        told = {name: getattr(result, name) for name in cls.model_fields if hasattr(result, name)}
+        return cls.model_validate({**told, "exit_code": exit_code})
+
     def message(self) -> str:
         """The JSON text, with `error` shortened so the whole fits Kubernetes' 4096-byte limit."""
         text = self.model_dump_json(by_alias=True)

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
-from kubetune.api import jobs, loss, namespaces, planning, streams
+from kubetune.api import jobs, loss, namespaces, planning, streams, web
 from kubetune.api.auth import Gate, OwnToken
 from kubetune.api.deps import access, summarize
 from kubetune.api.feed import Feeds
@@ -42,7 +42,8 @@ async def healthz() -> dict[str, str]:
 
 
 ROUTERS: list[APIRouter] = [jobs.router, loss.router, serving_router(access), streams.router, planning.router,
-                            namespaces.router, health]
+                            namespaces.router, health,
+                            web.router]  # web: the self-serve page at / (static files; no data without a token)
 
 
 def lifespan_for(settings: ApiSettings) -> Any:
