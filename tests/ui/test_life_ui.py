@@ -124,7 +124,9 @@ async def test_submit_watch_and_get_the_adapter_from_the_page(world: Any) -> Non
         await page.locator("#job-phase", has_text="Succeeded").wait_for(timeout=400_000)
         status = world.ftj("ui-life")["status"]
         assert await page.locator("#adapter-uri").inner_text() == status["adapterUri"]
-        assert await page.locator("#loss-svg circle").count() >= 1
+        assert await page.locator("#loss-svg circle").count() >= len(status["lossHistory"]) >= 1
+        assert await page.locator("#loss-source").inner_text() == "From the job's status, and live."
+
         assert await page.locator("#job-progress").evaluate("p => p.value") == 100
         reasons = await page.locator("#events-list strong").all_inner_texts()
         assert "Succeeded" in reasons, reasons
