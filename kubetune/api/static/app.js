@@ -247,16 +247,17 @@ async function showJobs(ns) {
     renderJobs();
   } catch (err) {
     $('#jobs-error').textContent = refusal(err, ns);
-    $('#jobs-table').hidden = true;
+    for (const id of ['#jobs-table', '#jobs-empty', '#new-job-link', '#quota']) $(id).hidden = true;
     return;
   }
   $('#jobs-table').hidden = false;
+  $('#new-job-link').hidden = false;
   showQuota(ns);
   watch(`${nsPath(ns)}/events`, onNamespaceEvent, `Jobs in ${ns}`);
 }
 
 function refusal(err, ns) {
-  if (err.status === 403) return `Refused: you may not use the namespace "${ns}". ${err.message}`;
+  if (err.status === 403) return `Refused: you may not use the namespace "${ns}" (${err.message}).`;
   if (err.status === 401) return 'Your token is no longer accepted: sign in again.';
   return err.message;
 }
