@@ -112,8 +112,11 @@ def run_ranks(config: TrainerConfig, options: Any, nproc: int) -> tuple[int, Any
                        "--config", str(path), "--device", options.device, "--metrics-port", str(options.metrics_port),
                        "--termination-log", str(summary)])
         fields = json.loads(summary.read_text()) if summary.exists() else {}
+    from kubetune.contracts import EvalSummary
+
+    evaluation = EvalSummary.model_validate(fields["evaluation"]) if fields.get("evaluation") else None
     result = SimpleNamespace(steps=fields.get("steps", 0), final_loss=fields.get("finalLoss"), first_loss=None,
-                             adapter_uri=fields.get("adapterUri"), samples={})
+                             adapter_uri=fields.get("adapterUri"), samples={}, evaluation=evaluation)
     return code, result
 
 
@@ -127,6 +130,21 @@ def report(result: Any, prompt: str | None, seconds: float) -> None:
         print(f"\nPrompt: {prompt}", file=out)
         print(f"  before: {result.samples.get('before', '')}", file=out)
         print(f"  after:  {result.samples.get('after', '')}", file=out)
+    if getattr(result, "evaluation", None) is not None:
+        print_evaluation(result.evaluation)
+
+
+def print_evaluation(summary: Any) -> None:
+    """spec.evaluation's result (kubetune.contracts.EvalSummary): losses, then each kept answer, base vs adapter."""
+    print(f"\nEvaluation: {summary.loss_line()}", file=sys.stdout)
+    for item in summary.answers:
+        print(f"\nPrompt: {item.prompt}", file=sys.stdout)
+        if item.base is not None:
+            print(f"  base:    {item.base}", file=sys.stdout)
+        print(f"  adapter: {item.adapter}", file=sys.stdout)
+    more = summary.prompts - len(summary.answers)
+    print(("\n" if summary.answers else "") + f"All answers{f' ({more} more)' if more > 0 else ''}: "
+          f"{shown(summary.uri)}", file=sys.stdout)
 
 
 def shown(uri: str | None) -> str:

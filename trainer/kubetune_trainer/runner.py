@@ -16,7 +16,7 @@ from typing import Any
 
 from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
-from kubetune_trainer import distributed
+from kubetune_trainer import distributed, evaluate
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loop import Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
@@ -41,7 +41,7 @@ def write_termination(path: str | None, result: Result, exit_code: int) -> None:
         outcome=Outcome(result.outcome), exit_code=exit_code, steps=result.steps, total_steps=result.total_steps,
         final_loss=result.final_loss, eval_loss=result.eval_loss, peak_memory_bytes=result.peak_memory_bytes,
         adapter_uri=result.adapter_uri, model_commit=result.model_commit, error=result.error,
-        resumed_from_step=result.resumed_from_step,
+        resumed_from_step=result.resumed_from_step, evaluation=result.evaluation,
     ))
 
 
@@ -92,6 +92,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
         recipe.setup()
         before = recipe_answer(recipe, options.prompt) if options.prompt and ranks.main else None
         result = recipe.train()
+        result.evaluation = evaluate.run(recipe)  # spec.evaluation: every rank scores, rank 0 writes eval.json
         if before is not None:
             result.samples["before"] = before
         result.adapter_uri = recipe.save()  # rank 0 writes; under FSDP every rank helps gather the adapter
