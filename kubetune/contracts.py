@@ -95,6 +95,8 @@ class Reason(StrEnum):
     # --- Succeeded (Ready=True, Reconciling=False) ----------------------------------------------------
     SUCCEEDED = "Succeeded"
     """The trainer exited 0 and wrote the adapter."""
+    EVALUATED = "Evaluated"
+    """Event only: spec.evaluation's result (held-out loss base -> adapter, the first answers); in status.result."""
     # --- Failed (Ready=False, Reconciling=False, Stalled=True) ----------------------------------------
     INVALID_SPEC = "InvalidSpec"
     """The spec does not validate; the message names the field and the allowed values."""
@@ -297,6 +299,10 @@ class TerminationSummary(_Contract):
             keep = max(0, len(self.error.encode()) - excess - 8)
             short = self.error.encode()[:keep].decode(errors="ignore") + "…"
             text = self.model_copy(update={"error": short}).model_dump_json(by_alias=True)
+        evaluation = self.evaluation
+        while len(text.encode()) > TERMINATION_MESSAGE_LIMIT and evaluation is not None and evaluation.answers:
+            evaluation = evaluation.model_copy(update={"answers": evaluation.answers[:-1]})  # eval.json has them
+            text = self.model_copy(update={"evaluation": evaluation}).model_dump_json(by_alias=True)
         return text
 
     @classmethod

@@ -398,6 +398,27 @@ class Attempt(_Model):
                                           "from, as its trainer reports it (/status or termination summary)")
 
 
+class EvalAnswerStatus(_Model):
+    prompt: str
+    base: str | None = Field(default=None, description="The base model's greedy answer (clipped); None without "
+                             "spec.evaluation.compareBase.")
+    adapter: str = Field(description="The adapter's greedy answer (clipped).")
+
+
+class ResultStatus(_Model):
+    """spec.evaluation's result, from the trainer's termination summary; the whole record is evalUri."""
+
+    summary: str = Field(description="e.g. 'held-out loss 2.413 -> 1.052 (perplexity 11.2 -> 2.86) on 6 rows, "
+                         "1,204 tokens'")
+    base_loss: float | None = Field(default=None, description="Held-out loss of the base model (adapter off).")
+    adapter_loss: float | None = Field(default=None, description="Held-out loss with the adapter, same rows.")
+    base_perplexity: float | None = None
+    adapter_perplexity: float | None = None
+    rows: int = Field(default=0, description="Held-out rows both were scored on.")
+    answers: list[EvalAnswerStatus] = Field(default_factory=list, description="The first answers, clipped.")
+    eval_uri: str | None = Field(default=None, description="eval.json: every answer, whole.")
+
+
 class FineTuneJobStatus(_Model):
     """What the operator writes. Flat display fields (gpu, vram, step) feed `kubectl get ftj` columns."""
 
@@ -414,6 +435,8 @@ class FineTuneJobStatus(_Model):
     step: str | None = Field(default=None, description="e.g. '120/500'")
     loss: str | None = Field(default=None, description="latest train loss, e.g. '1.234'")
     adapter_uri: str | None = None
+    result: ResultStatus | None = Field(default=None, description="The evaluation (spec.evaluation): held-out loss "
+                                        "before -> after, the first answers")
     model_commit: str | None = Field(default=None, description="The hub commit the base model came from")
     job_name: str | None = None
     attempts: list[Attempt] = Field(default_factory=list)

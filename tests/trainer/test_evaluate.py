@@ -95,3 +95,27 @@ def test_a_prompts_file_without_the_prompt_field_fails_before_training(tmp_path:
     assert code == 2 and summary["outcome"] == "InvalidInput"
     assert summary["error"].startswith("spec.evaluation.prompts prompts.jsonl line 2: needs a 'prompt' field")
     assert summary["steps"] == 0
+
+
+def test_the_summary_fits_the_termination_message() -> None:
+    """Kubernetes keeps 4096 bytes of a termination message: answers go first (eval.json keeps them whole)."""
+    from kubetune.contracts import (
+        SUMMARY_ANSWER_CHARS,
+        EvalAnswer,
+        EvalSummary,
+        Outcome,
+        TerminationSummary,
+        clip,
+    )
+
+    long = "word " * 400
+    assert clip(long) is not None and len(clip(long) or "") == SUMMARY_ANSWER_CHARS
+    answers = [EvalAnswer(prompt=clip(long) or "", base=clip(long), adapter=clip(long) or "") for _ in range(3)]
+    uri = "s3://bucket/" + "p" * 1500 + "/eval.json"
+    summary = TerminationSummary(outcome=Outcome.SUCCEEDED, exit_code=0, adapter_uri=uri,
+                                 evaluation=EvalSummary(base_loss=2.0, adapter_loss=1.0, answers=answers, uri=uri))
+    text = summary.message()
+    assert len(text.encode()) <= 4096
+    parsed = TerminationSummary.parse(text)
+    assert parsed is not None and parsed.evaluation is not None
+    assert 1 <= len(parsed.evaluation.answers) < 3 and parsed.evaluation.adapter_loss == 1.0
