@@ -51,7 +51,7 @@ def test_eval_json_base_vs_adapter_on_the_same_rows(tmp_path: Path, tiny_model_d
     assert held["base"]["perplexity"] > held["adapter"]["perplexity"] > 1
     assert [a["prompt"] for a in document["answers"]] == PROMPTS
     assert all(isinstance(a["base"], str) and isinstance(a["adapter"], str) for a in document["answers"])
-    assert document["generation"] == {"greedy": True, "maxNewTokens": 6, "compareBase": True}
+    assert document["generation"] == {"greedy": True, "maxNewTokens": 6, "compareBase": True, "prompts": 2}
 
     manifest = json.loads((out / "adapter" / "manifest.json").read_text())
     entry = manifest["evaluation"]["files"]["eval.json"]

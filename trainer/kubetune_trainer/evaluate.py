@@ -109,6 +109,10 @@ def answers(recipe: Recipe, prompts: list[str], max_new_tokens: int, compare_bas
 
     out = []
     for prompt in prompts:
+        if recipe.stop_requested and not recipe.sharded:  # SIGTERM: the adapter's upload comes first; FSDP ranks
+            recipe.log.event("evaluation", f"SIGTERM: stopped answering after {len(out)} of {len(prompts)} "
+                             "prompts, to upload the adapter within the grace period")  # keep their lockstep
+            break
         entry: dict[str, Any] = {"prompt": prompt, "adapter": say(prompt), "base": None}
         if compare_base:
             with base_model(recipe.model):
@@ -148,7 +152,7 @@ def run(recipe: Recipe, now: Callable[[], float] = time.perf_counter) -> EvalSum
         "heldOut": held,
         "note": None if held else "no held-out split: set spec.dataset.evalFraction or spec.dataset.evalSource",
         "generation": {"greedy": True, "maxNewTokens": evaluation.max_new_tokens, "compareBase":
-                       evaluation.compare_base},
+                       evaluation.compare_base, "prompts": len(recipe.prompts)},  # answers: fewer after a SIGTERM
         "answers": said,
         "seconds": round(now() - started, 2),
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
