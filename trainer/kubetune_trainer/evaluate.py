@@ -107,7 +107,7 @@ def answers(recipe: Recipe, prompts: list[str], max_new_tokens: int, compare_bas
         return answer(recipe.model, recipe.loaded.tokenizer, prompt, recipe.input_device,
                       max_new_tokens=max_new_tokens, dtype=recipe.dtype)
 
-    out = []
+    out: list[dict[str, Any]] = []
     for prompt in prompts:
         if recipe.stop_requested and not recipe.sharded:  # SIGTERM: the adapter's upload comes first; FSDP ranks
             recipe.log.event("evaluation", f"SIGTERM: stopped answering after {len(out)} of {len(prompts)} "
