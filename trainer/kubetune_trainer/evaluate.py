@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.contracts import SUMMARY_ANSWERS, EvalAnswer, EvalSummary, clip
+from kubetune.contracts import SUMMARY_ANSWERS, EvalAnswer, EvalSummary, TrainerPhase, clip
 from kubetune.spec import EVAL_PROMPT_FIELD, EVAL_PROMPT_MAX_CHARS, FineTuneJobSpec
 from kubetune_trainer.data import DataError, read_rows
 from kubetune_trainer.progress import Log
@@ -138,7 +138,7 @@ def run(recipe: Recipe, now: Callable[[], float] = time.perf_counter) -> EvalSum
     evaluation = recipe.spec.evaluation
     if evaluation is None:
         return None
-    recipe.telemetry.phase("Evaluating", "scoring the held-out split and answering the evaluation prompts")
+    recipe.telemetry.phase(TrainerPhase.EVALUATING, "scoring the held-out split and answering the evaluation prompts")
     started = now()
     held = held_out(recipe, evaluation.compare_base)
     said = answers(recipe, recipe.prompts, evaluation.max_new_tokens, evaluation.compare_base)

@@ -16,8 +16,8 @@ from typing import Any
 
 from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
+from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import distributed, evaluate
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loop import Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
@@ -41,7 +41,7 @@ def write_termination(path: str | None, result: Result, exit_code: int) -> None:
         outcome=Outcome(result.outcome), exit_code=exit_code, steps=result.steps, total_steps=result.total_steps,
         final_loss=result.final_loss, eval_loss=result.eval_loss, peak_memory_bytes=result.peak_memory_bytes,
         adapter_uri=result.adapter_uri, model_commit=result.model_commit, error=result.error,
-        resumed_from_step=result.resumed_from_step, evaluation=result.evaluation,
+        resumed_from_step=result.resumed_from_step, serving=result.serving, evaluation=result.evaluation,
     ))
 
 
@@ -122,6 +122,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
             result.steps, result.total_steps = recipe.step, recipe.total_steps
             result.final_loss, result.tokens = recipe.last_loss, recipe.tokens_seen
             result.model_commit = recipe.model_commit
+            result.serving = recipe.result.serving
             result.eval_loss = result.eval_loss if result.eval_loss is not None else recipe.result.eval_loss
         result.peak_memory_bytes = telemetry.memory()
         result.resumed_from_step = telemetry.status.resumed_from_step
