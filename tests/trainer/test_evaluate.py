@@ -119,3 +119,17 @@ def test_the_summary_fits_the_termination_message() -> None:
     parsed = TerminationSummary.parse(text)
     assert parsed is not None and parsed.evaluation is not None
     assert 1 <= len(parsed.evaluation.answers) < 3 and parsed.evaluation.adapter_loss == 1.0
+
+
+def test_kubetune_train_prints_the_evaluation(capsys: Any) -> None:
+    from kubetune_trainer.local import print_evaluation
+
+    from kubetune.contracts import EvalAnswer, EvalSummary
+
+    print_evaluation(EvalSummary(rows=6, tokens=812, base_loss=2.9, adapter_loss=0.4, base_perplexity=18.17,
+                                 adapter_perplexity=1.49, prompts=5, uri="s3://bucket/out/eval.json",
+                                 answers=[EvalAnswer(prompt="Warranty?", base="Unsure.", adapter="Three years.")]))
+    printed = capsys.readouterr().out
+    assert "Evaluation: held-out loss 2.900 -> 0.400 (perplexity 18.2 -> 1.49) on 6 rows, 812 tokens" in printed
+    assert "Prompt: Warranty?\n  base:    Unsure.\n  adapter: Three years." in printed
+    assert "All answers (4 more): s3://bucket/out/eval.json" in printed
