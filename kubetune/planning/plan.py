@@ -112,6 +112,9 @@ class Plan(_Out):
     steps_known: bool = False
     eval_seconds: float = Field(default=0.0, description="Estimated seconds spec.evaluation adds once, after the "
                                 "last step (kubetune.planning.evaluation); in the estimated hours.")
+    largest_weight_params: int = Field(default=0, description="Elements of the model's largest weight (embedding or "
+                                       "MLP projection): sizes the streamed merged export's host memory "
+                                       "(kubetune.planning.budget).")
 
     def label(self) -> str:
         """'1x L4', '4x L4 FSDP', '16x L4 FSDP on 2 nodes', '2x A100-40GB layer split'."""
@@ -252,6 +255,7 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
         reasons=reasons, alternatives=_alternatives(comparison), strategy=chosen.strategy,
         model_params=arch.total_params, nodes=chosen.nodes, lean_bytes_per_gpu=chosen.lean.total,
         step_seconds=chosen.step_seconds, eval_seconds=chosen.evaluation.seconds,
+        largest_weight_params=arch.hidden * max(arch.vocab, arch.intermediate),
         steps=comparison.steps, steps_known=comparison.steps_known,
     )
 

@@ -21,14 +21,14 @@ import random
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from kubetune.contracts import Outcome, ServingFinding, TrainerPhase
+from kubetune.contracts import EvalSummary, Outcome, ServingFinding, TerminationSummary, TrainerPhase
 from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import distributed, faults, fsdp, serving_check
@@ -56,9 +56,12 @@ KEEP_CHECKPOINTS = 2
 
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
 @dataclass
 class RunOptions:
-    device: str = "auto"
+    device: Device = "auto"
     metrics_port: int = 0
     termination_log: str | None = None
     prompt: str | None = None  # print the model's answer before and after training (the quickstart)
@@ -82,8 +85,15 @@ class Result:
     samples: dict[str, str] = field(default_factory=dict)
     model_commit: str | None = None  # the hub commit the base model came from
     resumed_from_step: int | None = None  # the checkpoint step this run resumed from (0: the beginning)
-    evaluation: Any = None  # kubetune.contracts.EvalSummary when spec.evaluation is set
+    evaluation: EvalSummary | None = None  # spec.evaluation's summary (kubetune_trainer.evaluate)
     serving: list[ServingFinding] | None = None  # the serving check of the adapter (kubetune.serving)
+
+    @classmethod
+    def from_summary(cls, summary: TerminationSummary) -> Result:
+        """A run's result as its summary tells it (rank 0 of a torchrun launch, read back by the launcher): the
+        fields the two share (TerminationSummary.from_result is the other way)."""
+        told = {f.name: getattr(summary, f.name, None) for f in fields(cls)}
+        return cls(**{name: value for name, value in told.items() if value is not None})
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainerConfig, device: torch.device,
@@ -164,7 +174,7 @@ class Recipe:
         self.options = options
         self.telemetry = telemetry
         self.log = log
-        self.result = Result()
+        self._result = Result()
         self.stop_requested = False
         self.step = 0
         self.total_steps = 0
@@ -182,6 +192,18 @@ class Recipe:
         self.held_out: tuple[int, float, int] | None = None  # (step, loss, tokens) of the last evaluate()
         self.prompts: list[str] = []  # spec.evaluation's prompts, read in setup (a bad file fails before training)
         self.evaluation_files: dict[str, dict[str, Any]] = {}  # eval.json's sha256 and size, for the manifest
+
+    @property
+    def result(self) -> Result:
+        """This run's result so far: its counters as they stand, and what train, evaluate and save set."""
+        result = self._result
+        result.steps, result.total_steps, result.tokens = self.step, self.total_steps, self.tokens_seen
+        result.final_loss, result.model_commit = self.last_loss, self.model_commit
+        return result
+
+    def cleanup(self) -> None:
+        """The run is over, however it ended (after its summary is written): the process group goes down."""
+        distributed.shutdown()
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -563,18 +585,22 @@ class Recipe:
         return findings
 
     def save_merged(self, adapter_dir: Path, out: Path) -> tuple[dict[str, dict[str, Any]], int]:
-        """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged."""
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged tensor by tensor and uploaded
+        shard by shard (kubetune_trainer.merge): host memory within about one tensor, disk within one shard."""
+        from kubetune_trainer.merge import stream_merge
 
-        self.log.event("merge", "merging the adapter into a 16-bit copy of the base model")
-        base = AutoModelForCausalLM.from_pretrained(str(self.loaded.model_dir), dtype=torch.bfloat16)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged.save_pretrained(str(out))
+        self.log.event("merge", "merging the adapter into the 16-bit base model, shard by shard")
+        files: dict[str, dict[str, Any]] = {}
+        written = 0
+
+        def emit(path: Path, name: str) -> None:
+            nonlocal written
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            written += self.storage.put_file(path, f"{MERGED}/{name}")
+            path.unlink()  # uploaded: the next shard reuses the disk
+
+        stream_merge(self.loaded.model_dir, adapter_dir, out, emit, dtype=torch.bfloat16)
         self.loaded.tokenizer.save_pretrained(str(out))
-        files, written = {}, 0
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
-            rel = path.relative_to(out).as_posix()
-            written += self.storage.put_file(path, f"{MERGED}/{rel}")
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        return files, written
+            emit(path, path.relative_to(out).as_posix())
+        return dict(sorted(files.items())), written
