@@ -21,14 +21,14 @@ import random
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from kubetune.contracts import Outcome, ServingFinding, TrainerPhase
+from kubetune.contracts import Outcome, ServingFinding, TerminationSummary, TrainerPhase
 from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import distributed, faults, fsdp, serving_check
@@ -56,9 +56,12 @@ KEEP_CHECKPOINTS = 2
 
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
 @dataclass
 class RunOptions:
-    device: str = "auto"
+    device: Device = "auto"
     metrics_port: int = 0
     termination_log: str | None = None
     prompt: str | None = None  # print the model's answer before and after training (the quickstart)
@@ -83,6 +86,13 @@ class Result:
     model_commit: str | None = None  # the hub commit the base model came from
     resumed_from_step: int | None = None  # the checkpoint step this run resumed from (0: the beginning)
     serving: list[ServingFinding] | None = None  # the serving check of the adapter (kubetune.serving)
+
+    @classmethod
+    def from_summary(cls, summary: TerminationSummary) -> Result:
+        """A run's result as its summary tells it (rank 0 of a torchrun launch, read back by the launcher): the
+        fields the two share (TerminationSummary.from_result is the other way)."""
+        told = {f.name: getattr(summary, f.name, None) for f in fields(cls)}
+        return cls(**{name: value for name, value in told.items() if value is not None})
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainerConfig, device: torch.device,
@@ -163,7 +173,7 @@ class Recipe:
         self.options = options
         self.telemetry = telemetry
         self.log = log
-        self.result = Result()
+        self._result = Result()
         self.stop_requested = False
         self.step = 0
         self.total_steps = 0
@@ -178,6 +188,18 @@ class Recipe:
         self.dtype = compute_dtype(self.device, config.knobs.compute_dtype)
         self.storage: Storage = open_storage(self.spec.output.uri, self.spec.output.endpoint_url)
         self.fingerprint = fingerprint(config)
+
+    @property
+    def result(self) -> Result:
+        """This run's result so far: its counters as they stand, and what train, evaluate and save set."""
+        result = self._result
+        result.steps, result.total_steps, result.tokens = self.step, self.total_steps, self.tokens_seen
+        result.final_loss, result.model_commit = self.last_loss, self.model_commit
+        return result
+
+    def cleanup(self) -> None:
+        """The run is over, however it ended (after its summary is written): the process group goes down."""
+        distributed.shutdown()
 
     # --- setup ------------------------------------------------------------------------------------
 
