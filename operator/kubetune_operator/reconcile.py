@@ -332,11 +332,16 @@ def _follow(job: _Job) -> None:
         if summary.peak_memory_bytes is not None:
             progress["peakMemoryBytes"] = summary.peak_memory_bytes
         progress["updatedAt"] = snap.now
+        evaluation = summary.evaluation
+        result = st.result_status(evaluation) if evaluation else None
+        told = job.status.get("result") == result  # the Event is sent once, not on every later reconcile
         job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
-                  adapterUri=uri, modelCommit=summary.model_commit,
+                  adapterUri=uri, modelCommit=summary.model_commit, result=result,
                   attempts=with_attempt(attempts, number, outcome=AttemptOutcome.SUCCEEDED, finishedAt=snap.now,
                                         resumedFromStep=summary.resumed_from_step),
                   **st.progress_fields(progress, job.status.get("lossHistory") or [], final=True))
+        if evaluation is not None and not told:
+            job.actions.events.append(st.result_event(evaluation))
         _serving(job, summary, uri)
     elif outcome.state == "OutOfMemory":
         was = plan.get("gpuClass", "?")
