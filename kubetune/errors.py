@@ -23,3 +23,9 @@ class SpecError(KubetuneError):
 
 class PlanError(SpecError):
     """The spec is valid but no GPU class satisfies it (a pinned class too small, maxGpuClass too low…)."""
+
+
+class HubUnreachable(KubetuneError):
+    """The hub did not answer in time or at all: planning can be retried, the spec is not at fault."""
+
+    exit_code = ExitCode.ERROR

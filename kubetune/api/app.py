@@ -24,12 +24,11 @@ from kubetune.api.kube import Kube
 from kubetune.api.limits import BodyLimit, Offload
 from kubetune.api.serving import serving_router
 from kubetune.api.settings import ApiSettings
-from kubetune.errors import SpecError
+from kubetune.errors import HubUnreachable, SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
-from kubetune.planning.hub_config import HubUnreachable
-from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Supply, inventory_of, supply_of
 from kubetune.planning.plan import Plan, make_plan
+from kubetune.sources import model_architecture
 from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJob, parse_job
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"

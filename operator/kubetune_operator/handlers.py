@@ -27,12 +27,12 @@ import kopf
 
 from kubetune import wire
 from kubetune.contracts import TERMINAL_PHASES, TrainerStatus
-from kubetune.errors import SpecError
+from kubetune.errors import HubUnreachable, SpecError
 from kubetune.planning.gpus import GpuCatalog
-from kubetune.planning.hub_config import HubUnreachable
-from kubetune.planning.models import Architecture, model_architecture
+from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Inventory, NodeInfo, Supply, node_info, pod_gpus, supply_of
 from kubetune.planning.plan import Plan, make_plan
+from kubetune.sources import model_architecture
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
 from kubetune_operator import resources, scaleout, trust
 from kubetune_operator import status as st
