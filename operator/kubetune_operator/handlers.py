@@ -284,9 +284,7 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
     rt.phases[uid] = (rt.written.get(uid) or snap.status).get("phase") or "Pending"
     for event in actions.events:
         kopf.event(dict(snap.body), type=event.type, reason=event.reason.value, message=event.message)  # type: ignore[arg-type]
-    for counter, labels in actions.counters:
-        metric = rt.metrics.placement_failures if counter == "placement_failures" else rt.metrics.oom_escalations
-        metric.labels(*labels).inc()
+    rt.metrics.count(actions.counters)
 
 
 # --- what triggers a reconcile -----------------------------------------------------------------------------
