@@ -73,6 +73,9 @@ class Reason(StrEnum):
     MODEL_CONFIG_UNREACHABLE = "ModelConfigUnreachable"
     """The model is not in the catalog and the hub did not answer for its config.json (a hub or network
     outage, not the spec's fault); planned again every poll interval."""
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    """The namespace's quota (kubetune.quota: concurrent jobs, GPUs, GPU classes, estimated cost) does not admit the
+    plan; the message names the limit. Decided again every poll interval."""
     # --- Queued (Ready=False, Reconciling=True) -------------------------------------------------------
     JOB_CREATED = "JobCreated"
     """The ConfigMap and trainer Job of an attempt were created (or adopted)."""
@@ -132,8 +135,8 @@ CONDITION_REASONS: dict[ConditionType, frozenset[Reason]] = {
         Reason.NOT_RECONCILING, Reason.NOT_STALLED, Reason.SPEC_CHANGE_IGNORED, Reason.SPEC_CHANGE_DEFERRED,
         Reason.SERVING_RULES_MET, Reason.SERVING_RULES_BROKEN)),
     ConditionType.RECONCILING: frozenset({
-        Reason.NO_MATCHING_NODES, Reason.MODEL_CONFIG_UNREACHABLE, Reason.JOB_CREATED, Reason.WAITING_FOR_KUEUE,
-        Reason.RESUMED, Reason.PREEMPTED,
+        Reason.NO_MATCHING_NODES, Reason.MODEL_CONFIG_UNREACHABLE, Reason.QUOTA_EXCEEDED, Reason.JOB_CREATED,
+        Reason.WAITING_FOR_KUEUE, Reason.RESUMED, Reason.PREEMPTED,
         Reason.RESCHEDULING, Reason.OUT_OF_MEMORY_ESCALATED, Reason.RANK_FAILED, Reason.TRAINING,
         Reason.NOT_RECONCILING}),
     ConditionType.STALLED: frozenset({

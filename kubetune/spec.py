@@ -344,6 +344,11 @@ class Progress(_Model):
     updated_at: str | None = None
 
 
+class LossPoint(_Model):
+    step: int
+    loss: float
+
+
 class Attempt(_Model):
     attempt: int
     gpu_class: str
@@ -391,6 +396,9 @@ class FineTuneJobStatus(_Model):
     gpu: str | None = Field(default=None, description="e.g. 'A100-80GB x1'")
     vram: str | None = Field(default=None, description="e.g. '52.4Gi' (the planner's estimate)")
     progress: Progress | None = None
+    loss_history: list[LossPoint] = Field(default_factory=list, description="Train loss by step, for a curve: at "
+                                          "most 200 points, thinned evenly as training goes on (the operator "
+                                          "adds one per progress update)")
     step: str | None = Field(default=None, description="e.g. '120/500'")
     loss: str | None = Field(default=None, description="latest train loss, e.g. '1.234'")
     adapter_uri: str | None = None

@@ -110,6 +110,9 @@ class Plan(_Out):
     steps: int = Field(default=0, description="The steps the estimated hours and cost are for: "
                        "training.maxSteps, or 1,000 when the data decides.")
     steps_known: bool = False
+    largest_weight_params: int = Field(default=0, description="Elements of the model's largest weight (embedding or "
+                                       "MLP projection): sizes the streamed merged export's host memory "
+                                       "(kubetune.planning.budget).")
 
     def label(self) -> str:
         """'1x L4', '4x L4 FSDP', '16x L4 FSDP on 2 nodes', '2x A100-40GB layer split'."""
@@ -246,7 +249,7 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
         vram_estimate_bytes=est.total, breakdown=est.parts, lora_params=est.lora_params, knobs=knobs,
         reasons=reasons, alternatives=_alternatives(comparison), strategy=chosen.strategy,
         model_params=arch.total_params, nodes=chosen.nodes, lean_bytes_per_gpu=chosen.lean.total,
-        step_seconds=chosen.step_seconds,
+        step_seconds=chosen.step_seconds, largest_weight_params=arch.hidden * max(arch.vocab, arch.intermediate),
         steps=comparison.steps, steps_known=comparison.steps_known,
     )
 

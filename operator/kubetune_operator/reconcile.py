@@ -30,6 +30,7 @@ from kubetune.errors import HubUnreachable, PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.placement import Inventory, place
 from kubetune.planning.plan import Plan
+from kubetune.quota import Ask, Limits, Usage, decide
 from kubetune.spec import FineTuneJobSpec, parse_spec
 from kubetune.wire import AttemptOutcome
 from kubetune_operator import resources, scaleout
@@ -55,6 +56,8 @@ class Snapshot:
     trainer_status: TrainerStatus | None = None  # the running trainer's /status, when the timer polled it
     child_conflict: str | None = None  # creating a child met an object of that name that is not ours
     jobset_api: str | None = None  # the cluster serves JobSets (scaleout.jobset_api): multi-node attempts use one
+    quota: Limits | None = None  # the namespace's quota (kubetune.quota), if the platform set one
+    usage: Usage = field(default_factory=Usage)  # what the namespace's other jobs hold
 
 
 Counter = Literal["placement_failures", "oom_escalations", "jobs_created"]
@@ -181,6 +184,12 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
 
     fields = st.plan_fields(plan)
+    refusal = decide(snap.quota, snap.usage, Ask(plan.gpu_class, plan.gpu_count, plan.estimated_cost))
+    if refusal is not None:  # `kubectl apply` cannot go around the API's quota: the job waits for room
+        job.write(phase=Phase.PENDING, reason=Reason.QUOTA_EXCEEDED, warning=True, message=f"{note}namespace "
+                  f"{job.meta.get('namespace')}: {refusal.message}; decided again every "
+                  f"{snap.settings.poll_interval:g}s", **fields)
+        return
     labels = dict(job.meta.get("labels") or {})
     queue = resources.queue_name(spec, labels)
     gpu = snap.catalog.get(plan.gpu_class, "status.plan.gpuClass")
@@ -293,7 +302,7 @@ def _follow(job: _Job) -> None:
     if outcome.state == "Running":
         progress = st.trainer_progress(snap.trainer_status, snap.now) if snap.trainer_status else None
         moved = progress and _essence(progress) != _essence(job.status.get("progress") or {})
-        extra = st.progress_fields(progress) if progress and moved else {}  # no write for a trainer at rest
+        extra = st.progress_fields(progress, job.status.get("lossHistory") or []) if progress and moved else {}
         trainer = snap.trainer_status
         if trainer and trainer.model_commit:
             extra["modelCommit"] = trainer.model_commit
@@ -317,7 +326,7 @@ def _follow(job: _Job) -> None:
                   adapterUri=uri, modelCommit=summary.model_commit,
                   attempts=with_attempt(attempts, number, outcome=AttemptOutcome.SUCCEEDED, finishedAt=snap.now,
                                         resumedFromStep=summary.resumed_from_step),
-                  **st.progress_fields(progress))
+                  **st.progress_fields(progress, job.status.get("lossHistory") or [], final=True))
         _serving(job, summary, uri)
     elif outcome.state == "OutOfMemory":
         was = plan.get("gpuClass", "?")

@@ -177,10 +177,37 @@ def with_percent(progress: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def progress_fields(progress: Mapping[str, Any]) -> dict[str, Any]:
+LOSS_POINTS = 200  # status.lossHistory holds at most this many
+
+
+def loss_history(history: Iterable[Mapping[str, Any]], step: int | None, loss: float | None,
+                 limit: int = LOSS_POINTS, force: bool = False) -> list[dict[str, Any]]:
+    """status.lossHistory with (step, loss) added: a point closer than 2 x span/limit steps to the last is skipped
+    (unless `force`: the final loss), a resume from an earlier checkpoint drops the points after it, and past
+    `limit` every other point goes, so the curve stays evenly sampled and bounded."""
+    points = [{"step": int(p["step"]), "loss": float(p["loss"])} for p in history
+              if isinstance(p.get("step"), int) and isinstance(p.get("loss"), int | float)]
+    if step is None or loss is None:
+        return points
+    points = [p for p in points if p["step"] < step] if points and points[-1]["step"] >= step else points
+    gap = 2 * (points[-1]["step"] - points[0]["step"]) / limit if len(points) > 1 else 0
+    if points and not force and step - points[-1]["step"] < gap:
+        return points
+    points.append({"step": step, "loss": round(loss, 4)})
+    if len(points) > limit:
+        points = points[::2] if len(points) % 2 else [*points[::2], points[-1]]
+    return points
+
+
+def progress_fields(progress: Mapping[str, Any], history: Iterable[Mapping[str, Any]] | None = None,
+                    final: bool = False) -> dict[str, Any]:
+    """status.progress and the display fields; with `history` (status.lossHistory) also the curve, extended."""
     progress = with_percent(progress)
-    return {"progress": progress, "step": step_text(progress.get("step"), progress.get("totalSteps")),
-            "loss": loss_text(progress.get("loss"))}
+    fields: dict[str, Any] = {"progress": progress, "loss": loss_text(progress.get("loss")),
+                              "step": step_text(progress.get("step"), progress.get("totalSteps"))}
+    if history is not None:
+        fields["lossHistory"] = loss_history(history, progress.get("step"), progress.get("loss"), force=final)
+    return fields
 
 
 def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:

@@ -150,6 +150,10 @@ def report(result: Result, prompt: str | None, seconds: float) -> None:
     first = f"{result.first_loss:.4f} -> " if result.first_loss is not None else ""
     print(f"\nTrained {result.steps} steps in {seconds:.0f}s (train loss {first}{loss}).", file=out)
     print(f"Adapter: {shown(result.adapter_uri)}", file=out)
+    if result.serving is not None:  # the serving check (docs/serving.md)
+        from kubetune_trainer.serving_check import describe
+
+        print(f"Serving: {describe(result.serving)}", file=out)
     if prompt and result.samples:
         print(f"\nPrompt: {prompt}", file=out)
         print(f"  before: {result.samples.get('before', '')}", file=out)

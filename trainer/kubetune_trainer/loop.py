@@ -570,18 +570,22 @@ class Recipe:
         return findings
 
     def save_merged(self, adapter_dir: Path, out: Path) -> tuple[dict[str, dict[str, Any]], int]:
-        """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged."""
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged tensor by tensor and uploaded
+        shard by shard (kubetune_trainer.merge): host memory within about one tensor, disk within one shard."""
+        from kubetune_trainer.merge import stream_merge
 
-        self.log.event("merge", "merging the adapter into a 16-bit copy of the base model")
-        base = AutoModelForCausalLM.from_pretrained(str(self.loaded.model_dir), dtype=torch.bfloat16)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged.save_pretrained(str(out))
+        self.log.event("merge", "merging the adapter into the 16-bit base model, shard by shard")
+        files: dict[str, dict[str, Any]] = {}
+        written = 0
+
+        def emit(path: Path, name: str) -> None:
+            nonlocal written
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            written += self.storage.put_file(path, f"{MERGED}/{name}")
+            path.unlink()  # uploaded: the next shard reuses the disk
+
+        stream_merge(self.loaded.model_dir, adapter_dir, out, emit, dtype=torch.bfloat16)
         self.loaded.tokenizer.save_pretrained(str(out))
-        files, written = {}, 0
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
-            rel = path.relative_to(out).as_posix()
-            written += self.storage.put_file(path, f"{MERGED}/{rel}")
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        return files, written
+            emit(path, path.relative_to(out).as_posix())
+        return dict(sorted(files.items())), written
