@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 import httpx
 
+from kubetune import wire
 from kubetune.api.deps import summarize
 from kubetune.api.kube import job_path
 from kubetune.spec import KIND
@@ -249,7 +250,7 @@ class Feed:
         await self._watch(job_path(self.namespace), self._on_jobs_list, self._on_job)
 
     async def _watch_events(self) -> None:
-        await self._watch(f"/api/v1/namespaces/{quote(self.namespace, safe='')}/events", self._on_events_list,
+        await self._watch(wire.collection_path("v1", "events", quote(self.namespace, safe="")), self._on_events_list,
                           self._on_event)
 
     async def _run(self, loop: Callable[[], Any]) -> None:
