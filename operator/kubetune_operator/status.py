@@ -21,6 +21,7 @@ from kubetune import wire
 from kubetune.contracts import (
     TERMINAL_PHASES,
     ConditionType,
+    EvalSummary,
     ExitCode,
     Phase,
     Reason,
@@ -238,6 +239,29 @@ class Outcome:
     port: int | None = None
     gang: bool = False  # a multi-node attempt: one pod per node, which fail and finish together
     exit_code: int | None = None  # the exit code the attempt failed with, when a pod's is known
+
+
+EVENT_MESSAGE_LIMIT = 1000  # Kubernetes' event recorders keep about 1 KiB of a message
+
+
+def result_status(evaluation: EvalSummary) -> dict[str, Any]:
+    """status.result from the trainer's evaluation summary (kubetune.spec.ResultStatus, camelCase)."""
+    return {"summary": evaluation.loss_line(), "baseLoss": evaluation.base_loss,
+            "adapterLoss": evaluation.adapter_loss, "basePerplexity": evaluation.base_perplexity,
+            "adapterPerplexity": evaluation.adapter_perplexity, "rows": evaluation.rows,
+            "answers": [a.model_dump(by_alias=True) for a in evaluation.answers], "evalUri": evaluation.uri}
+
+
+def result_event(evaluation: EvalSummary) -> Event:
+    """The Event that tells the evaluation: the losses, then the first answer of each model."""
+    text = f"Evaluated: {evaluation.loss_line()}"
+    if evaluation.answers:
+        first = evaluation.answers[0]
+        text += f"; {first.prompt!r}" + (f" base: {first.base!r}" if first.base is not None else "")
+        text += f" adapter: {first.adapter!r}"
+    if evaluation.uri:
+        text += f"; all answers in {evaluation.uri}"
+    return Event("Normal", Reason.EVALUATED, text[:EVENT_MESSAGE_LIMIT])
 
 
 def termination_summary(message: str | None) -> TerminationSummary:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from kubetune.contracts import Outcome, ServingFinding, TerminationSummary, TrainerPhase
+from kubetune.contracts import EvalSummary, Outcome, ServingFinding, TerminationSummary, TrainerPhase
 from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import distributed, faults, fsdp, serving_check
@@ -85,6 +85,7 @@ class Result:
     samples: dict[str, str] = field(default_factory=dict)
     model_commit: str | None = None  # the hub commit the base model came from
     resumed_from_step: int | None = None  # the checkpoint step this run resumed from (0: the beginning)
+    evaluation: EvalSummary | None = None  # spec.evaluation's summary (kubetune_trainer.evaluate)
     serving: list[ServingFinding] | None = None  # the serving check of the adapter (kubetune.serving)
 
     @classmethod
@@ -188,6 +189,9 @@ class Recipe:
         self.dtype = compute_dtype(self.device, config.knobs.compute_dtype)
         self.storage: Storage = open_storage(self.spec.output.uri, self.spec.output.endpoint_url)
         self.fingerprint = fingerprint(config)
+        self.held_out: tuple[int, float, int] | None = None  # (step, loss, tokens) of the last evaluate()
+        self.prompts: list[str] = []  # spec.evaluation's prompts, read in setup (a bad file fails before training)
+        self.evaluation_files: dict[str, dict[str, Any]] = {}  # eval.json's sha256 and size, for the manifest
 
     @property
     def result(self) -> Result:
@@ -224,6 +228,10 @@ class Recipe:
 
         tokenizer = load_tokenizer(model_dir)
         self.train_data, self.eval_data = self.load_data(tokenizer)
+        if spec.evaluation is not None:
+            from kubetune_trainer.evaluate import read_prompts
+
+            self.prompts = read_prompts(spec, Path(tempfile.gettempdir()) / "kubetune-data", self.log)
         self.schedule = data_mod.Schedule(len(self.train_data.rows), knobs.micro_batch_size,
                                           knobs.gradient_accumulation_steps, spec.training.seed)
         self.total_steps = self.schedule.total_steps(spec.training.epochs, spec.training.max_steps)
@@ -377,20 +385,25 @@ class Recipe:
         return self.result
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def held_out_loss(self) -> tuple[float, int]:
+        """Mean token loss over the eval split and the tokens it counted, reduced over every rank (each runs its
+        share of the batches, as in training: the same number of forwards everywhere; FSDP gathers in each)."""
         assert self.eval_data is not None
-        self.telemetry.phase(TrainerPhase.EVALUATING)
         self.model.eval()
         total, count = 0.0, 0
         batches = list(data_mod.iter_batches(self.eval_data.rows, self.config.knobs.micro_batch_size))
-        # each rank its share, as in training: the same number of forwards everywhere (FSDP gathers in each)
         for i, weight in distributed.micro_batches_of(len(batches), self.ranks) if batches else []:
             batch = data_mod.collate(batches[i], self.pad_id)
             total += weight * float(self.loss_sum(self.to_device(batch)))
             count += int(weight) * int((batch["targets"] != data_mod.IGNORE).sum())
         total, counted = distributed.sum_across([total, float(count)], self.ranks)
         self.model.train()
-        loss = total / max(counted, 1)
+        return total / max(counted, 1), int(counted)
+
+    def evaluate(self) -> float:
+        self.telemetry.phase(TrainerPhase.EVALUATING)
+        loss, tokens = self.held_out_loss()
+        self.held_out = (self.step, loss, tokens)  # the adapter's, at this step (kubetune_trainer.evaluate reuses it)
         self.telemetry.record_eval(loss)
         self.result.eval_loss = loss
         self.log.event("eval", f"eval loss {loss:.4f} at step {self.step}", evalLoss=loss, step=self.step)
@@ -544,6 +557,8 @@ class Recipe:
                 "knobs": self.config.knobs.model_dump(by_alias=True),
                 "files": files,
                 "merged": {"uri": self.storage.join(MERGED), "files": merged} if merged else None,
+                "evaluation": {"uri": self.storage.uri, "files": self.evaluation_files} if self.evaluation_files
+                else None,  # eval.json beside adapter/ (kubetune_trainer.evaluate)
                 "serving": [f.model_dump(by_alias=True) for f in findings],
                 "metrics": metrics,
                 "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -558,7 +573,7 @@ class Recipe:
     def check_servable(self) -> None:
         """Before training: an adapter of this spec that no serving engine would apply fails now, not after the
         run (kubetune_trainer.serving_check; exit code 2)."""
-        self.base_modules = serving_check.base_modules(self.loaded.model_dir)
+        self.base_modules = serving_check.base_modules(self.loaded.model_dir, self.model)
         serving_check.judge(serving_check.in_memory_adapter(self.model), self.base_modules, self.spec)
 
     def check_serving(self, folder: Path) -> list[ServingFinding]:

@@ -18,7 +18,7 @@ from typing import Any
 from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
 from kubetune.trainer_config import TrainerConfig
-from kubetune_trainer import distributed
+from kubetune_trainer import distributed, evaluate
 from kubetune_trainer.loop import Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
@@ -87,6 +87,7 @@ class Run:
         prompt = self.options.prompt if self.ranks.main else None
         before = recipe_answer(recipe, prompt) if prompt else None
         result = recipe.train()
+        result.evaluation = evaluate.run(recipe)  # spec.evaluation: every rank scores, rank 0 writes eval.json
         if before is not None:
             result.samples["before"] = before
         result.adapter_uri = recipe.save()  # rank 0 writes; under FSDP every rank helps gather the adapter
