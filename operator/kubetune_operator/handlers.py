@@ -94,6 +94,17 @@ class Runtime:
         mine = [body for (ns, _), store in jobs.items() if ns == namespace for body in store]
         return limits, quota.usage_of(mine, exclude_uid=uid, statuses=self.written)
 
+    def launch_lock(self, namespace: str | None, uid: str, body: Mapping[str, Any]
+                    ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A job that may launch, in a namespace with a quota, decides alone there: otherwise jobs applied at once
+        would each see the others' room (they count once Queued). Running jobs' reconciles take no lock."""
+        if self.quotas is None:
+            self.quotas = quota.QuotaFile(self.settings.quotas_file)
+        if self.quotas.get().for_namespace(namespace or "") is None or \
+                ((self.written.get(uid) or body.get("status") or {}).get("jobName")):
+            return contextlib.nullcontext()
+        return self.locks.setdefault(f"namespace/{namespace}", asyncio.Lock())
+
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for value in self.phases.values():
@@ -226,7 +237,7 @@ async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[s
         return True
     started, result = time.perf_counter(), "error"
     try:
-        async with rt.locks.setdefault(uid, asyncio.Lock()):
+        async with rt.locks.setdefault(uid, asyncio.Lock()), rt.launch_lock(meta.get("namespace"), uid, body):
             snap = await read(body, rt, indexes, poll=poll)
             await apply(snap, reconcile(snap), rt, uid)
             rt.seen[uid] = _essence(body)

@@ -186,11 +186,7 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
 
     fields = st.plan_fields(plan)
-    refusal = decide(snap.quota, snap.usage, Ask(plan.gpu_class, plan.gpu_count, plan.estimated_cost))
-    if refusal is not None:  # `kubectl apply` cannot go around the API's quota: the job waits for room
-        job.write(phase=Phase.PENDING, reason=Reason.QUOTA_EXCEEDED, warning=True, message=f"{note}namespace "
-                  f"{job.meta.get('namespace')}: {refusal.message}; decided again every "
-                  f"{snap.settings.poll_interval:g}s", **fields)
+    if _over_quota(job, plan, note, fields):
         return
     labels = dict(job.meta.get("labels") or {})
     queue = resources.queue_name(spec, labels)
@@ -230,6 +226,18 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
               attempts=with_attempt(attempts, attempt, gpuClass=plan.gpu_class, jobName=name,
                                     outcome=AttemptOutcome.PENDING, startedAt=snap.now),
               **fields)
+
+
+def _over_quota(job: _Job, plan: Plan, note: str, fields: Mapping[str, Any]) -> bool:
+    """The namespace's quota (kubetune.quota, as the API decides at submit) refuses the plan: the job waits
+    Pending, so `kubectl apply` cannot go around it."""
+    snap = job.snap
+    refusal = decide(snap.quota, snap.usage, Ask(plan.gpu_class, plan.gpu_count, plan.estimated_cost))
+    if refusal is not None:
+        job.write(phase=Phase.PENDING, reason=Reason.QUOTA_EXCEEDED, warning=True, message=f"{note}namespace "
+                  f"{job.meta.get('namespace')}: {refusal.message}; decided again every "
+                  f"{snap.settings.poll_interval:g}s", **fields)
+    return refusal is not None
 
 
 def _spec_change(job: _Job) -> None:

@@ -573,7 +573,7 @@ class Recipe:
     def check_servable(self) -> None:
         """Before training: an adapter of this spec that no serving engine would apply fails now, not after the
         run (kubetune_trainer.serving_check; exit code 2)."""
-        self.base_modules = serving_check.base_modules(self.loaded.model_dir)
+        self.base_modules = serving_check.base_modules(self.loaded.model_dir, self.model)
         serving_check.judge(serving_check.in_memory_adapter(self.model), self.base_modules, self.spec)
 
     def check_serving(self, folder: Path) -> list[ServingFinding]:

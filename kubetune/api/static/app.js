@@ -7,7 +7,7 @@ const TOKEN_KEY = 'kubetune.token';
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || '', proxy: false, ns: '', namespaces: [],
   jobs: new Map(), sort: { key: 'created', dir: -1 }, abort: null, schema: null,
-  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(), fullPlan: null,
+  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(), fullPlan: null, boots: 0,
 };
 
 // --- HTTP with the caller's token -----------------------------------------------------------------------
@@ -162,15 +162,17 @@ async function signIn() {
 }
 
 async function boot() {
+  const run = ++state.boots;  // a later boot (a sign-in while the first probe is out) wins
   if (!state.token) {  // behind an OIDC proxy the header is set for us: try without a token first
-    state.proxy = await signIn().catch(() => false);
-    if (state.proxy) return route();
-    return showSignIn('');
+    const proxied = await signIn().catch(() => false);
+    if (run !== state.boots) return undefined;
+    state.proxy = proxied;
+    return proxied ? route() : showSignIn('');
   }
-  if (!(await signIn().catch((err) => { showSignIn(err.message); return null; }))) {
-    return showSignIn('This token was not accepted (401). Paste a valid one.');
-  }
-  return route();
+  let failure = 'This token was not accepted (401). Paste a valid one.';
+  const ok = await signIn().catch((err) => { failure = err.message; return false; });
+  if (run !== state.boots) return undefined;
+  return ok ? route() : showSignIn(failure);
 }
 
 function showSignIn(message) {
@@ -346,6 +348,7 @@ function leaf(path, key, s, raw) {
       placeholder: s.default !== undefined && s.default !== null ? `default: ${JSON.stringify(s.default)}` : null });
   }
   if (describedBy) input.setAttribute('aria-describedby', describedBy);
+  if (path === 'spec.model.name') input.setAttribute('list', 'model-list');  // the known architectures
   return el('div', { class: 'field' }, el('label', { for: id, text: key }), input,
     help ? el('small', { id: describedBy, class: 'help', text: help }) : []);
 }
@@ -419,6 +422,26 @@ function onYamlInput() {
 const TEMPLATE = { apiVersion: 'kubetune.io/v1alpha1', kind: 'FineTuneJob', metadata: { name: '' },
   spec: { model: { name: '' }, dataset: { source: '', format: 'chat' }, method: 'qlora', output: { uri: '' } } };
 
+// What the planner sees: the catalog with the cluster's free GPUs, and the models it knows by name.
+async function showCatalog() {
+  if (!$('#gpus').hidden) return;
+  try {
+    const gpus = await api('GET', '/v1/gpus');
+    const known = (x) => (x === null || x === undefined ? 'unknown' : String(x));
+    $('#gpus-table tbody').replaceChildren(...(gpus.classes || []).map((g) => el('tr', {},
+      el('th', { scope: 'row', text: g.name }), el('td', { text: `${g.memoryGiB} GiB` }),
+      el('td', { text: money(g.hourlyPrice) }), el('td', { text: known(g.nodes) }),
+      el('td', { text: known(g.freeGpus) }))));
+    $('#gpus-note').textContent = gpus.message || (gpus.inventory ? "Free GPUs from the cluster's nodes."
+      : 'The whole catalog (no node inventory).');
+    $('#gpus').hidden = false;
+  } catch { /* an API without the catalog route: the plan still says what it chose */ }
+  try {
+    const models = await api('GET', '/v1/models');
+    $('#model-list').replaceChildren(...(models.items || []).map((m) => el('option', { value: m.name })));
+  } catch { /* no suggestions */ }
+}
+
 async function showNew(ns) {
   show('new');
   $('#new-title').textContent = `New job in ${ns}`;
@@ -434,6 +457,7 @@ async function showNew(ns) {
   }
   fillForm();  // the fields may have come after a file or a paste did
   draftChanged();
+  showCatalog();
 }
 
 function body(ns) {
@@ -492,6 +516,11 @@ function showErrors(err, ns) {
       : line);
   });
   box.append(el('p', { text: err.status === 422 ? 'The job is not valid:' : `Error ${err.status}:` }), el('ul', {}, items));
+  const first = $('#job-form [aria-invalid="true"]');
+  if (first) {  // bring the first bad field into the form's own scroll area (the page stays where it is)
+    const form = $('#job-form');
+    form.scrollTop += first.getBoundingClientRect().top - form.getBoundingClientRect().top - 60;
+  }
 }
 
 // --- the plan --------------------------------------------------------------------------------------------
@@ -722,9 +751,11 @@ async function act(verb) {
       say(`Deleting ${name}`);
       return;
     }
-    const summary = await api('POST', `${jobPath(ns, name)}/${verb}`);
+    await api('POST', `${jobPath(ns, name)}/${verb}`);
+    // the buttons follow at once; the phase comes from the stream (the operator's answer), never from this
+    // reply, which may be older than a transition the stream has already shown
     state.job.spec = { ...state.job.spec, suspend: verb === 'suspend' };
-    renderJob({ ...state.job, status: { ...state.job.status, phase: summary.phase } });
+    renderJob(state.job);
     say(`${verb === 'suspend' ? 'Suspended' : 'Resumed'} ${name}`);
   } catch (err) {
     $('#job-error').textContent = refusal(err, ns);
