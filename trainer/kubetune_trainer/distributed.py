@@ -174,6 +174,17 @@ def gather_int(value: int, ranks: Ranks) -> list[int]:
     return [int(p.item()) for p in parts]
 
 
+def gather_objects(value: Any, ranks: Ranks) -> list[Any]:
+    """Every rank's picklable `value`, indexed by rank (on every rank)."""
+    if not ranks.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * ranks.world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier(ranks: Ranks) -> None:
     if ranks.distributed:
         import torch.distributed as dist

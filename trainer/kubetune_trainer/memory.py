@@ -37,6 +37,7 @@ def host_input_embeddings(model: Any, device: torch.device, gpu_count: int = 1) 
         return False
     embedding = model.get_input_embeddings()
     embedding.to(HOST)
+    as_buffer(embedding)
 
     def ids_to_host(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(a.to(HOST) if isinstance(a, torch.Tensor) else a for a in args)
@@ -51,6 +52,17 @@ def host_input_embeddings(model: Any, device: torch.device, gpu_count: int = 1) 
     embedding.register_forward_hook(rows_to_device)
     embedding.kubetune_output_device = device
     return True
+
+
+def as_buffer(embedding: torch.nn.Module) -> None:
+    """The host table as a (persistent) buffer, not a parameter: transformers' `model.device` is the first
+    parameter, and `generate` moves every input there (position ids, cache positions); were the host table that
+    parameter, they would land on the CPU while the rotary frequencies are on the GPU. Frozen, it needs no
+    parameter slot; its state_dict key is unchanged."""
+    weight = embedding.weight
+    assert isinstance(weight, torch.Tensor)
+    del embedding._parameters["weight"]
+    embedding.register_buffer("weight", weight.detach(), persistent=True)
 
 
 def input_device(model: Any) -> torch.device:
