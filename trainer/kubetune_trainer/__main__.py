@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CONFIG = "/etc/kubetune/job.json"
 DEFAULT_METRICS_PORT = 9090
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def load_config(path: str) -> TrainerConfig:
@@ -52,12 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"/metrics /healthz /readyz /status port (default {DEFAULT_METRICS_PORT}; 0: off)")
     parser.add_argument("--termination-log", default=None,
                         help="where the JSON summary goes (default $KUBETUNE_TERMINATION_LOG or /dev/termination-log)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=DEVICES, default=os.environ.get("KUBETUNE_DEVICE", "auto"),
+                        help="cuda, cpu, or auto (default $KUBETUNE_DEVICE or auto): the plan's device when it names "
+                             "one (the operator's GPU plans do), else CUDA when usable, else the CPU")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.device not in DEVICES:  # argparse checks choices on the command line only, not on a default
+        print(f"error: KUBETUNE_DEVICE={args.device!r}: must be one of {', '.join(DEVICES)}", file=sys.stderr)
+        return 2
     try:
         from kubetune.errors import KubetuneError
         from kubetune_trainer.loop import Result, RunOptions
