@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from kubetune_trainer import data as data_mod
-from kubetune_trainer import devices, distributed, faults, fsdp
+from kubetune_trainer import devices, distributed, faults, fsdp, optimizer_state
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loss import CausalLMLoss
 from kubetune_trainer.memory import input_device
@@ -499,10 +499,11 @@ class Recipe:
     def restore(self, checkpoint: Checkpoint) -> None:
         """Optimizer, scheduler, RNG and data position of `checkpoint` (its adapter is already loaded)."""
         saved, state = checkpoint.trainer_state, checkpoint.state
+        moments = optimizer_state.adapted(saved["optimizer"], self.optimizer)  # bitsandbytes' <-> torch's AdamW
         if self.sharded:
-            fsdp.load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
+            fsdp.load_optimizer_state(self.model, self.optimizer, moments)
         else:
-            self.optimizer.load_state_dict(saved["optimizer"])
+            self.optimizer.load_state_dict(moments)
             repage(self.optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"], self.ranks.rank, self.device)
