@@ -16,14 +16,17 @@ Rows:
   Liger's loss on vs off (peak, tokens/s, loss equal to 1e-3).
 
 The device machine has torch (CUDA 13), transformers and peft, no network, and not bitsandbytes, trl or liger.
-Carry their wheels (about 60 MiB with --no-deps; the carry limit is 64 MiB), from this machine:
+Carry their wheels (43 MiB with --no-deps, measured: bitsandbytes 41 MiB, trl and liger-kernel 1 MiB each; the
+carry limit is 64 MiB), from this machine (set --python-version to the device's Python):
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 \\
-        -d .gpu-wheels bitsandbytes==0.50.2 trl==1.16.0 liger-kernel==0.6.4
+        -d .gpu-wheels bitsandbytes==0.50.2 trl==1.16.0 liger-kernel==0.8.5
     # then on the device (run tool, carry [".gpu-wheels"]):
     pip install --no-index --no-deps .gpu-wheels/*.whl && python bench/gpu_check.py
 
-(versions: requirements/trainer.lock; `.gpu-wheels/` is git-ignored.) Without a wheel its rows say "skipped".
+(versions: requirements/trainer.lock; `.gpu-wheels/` is git-ignored.) The script first lists any module it needs
+that the machine lacks (and exits 2): carry those wheels the same way. trl also needs `datasets`; without trl (or
+datasets) the seed-recipe row says "skipped", without liger-kernel the Liger row does.
 """
 
 from __future__ import annotations
@@ -196,8 +199,8 @@ def memory_row(setup: Setup, label: str, method: str, model_dir: Path, data: Pat
 
 
 def seed_row(setup: Setup, label: str, model_dir: Path, data: Path) -> Row:
-    if importlib.util.find_spec("trl") is None:
-        return Row(f"seed recipe (TRL + PEFT) {label} qlora", "skipped", note="trl is not installed (carry it)")
+    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
+        return Row(f"seed recipe (TRL + PEFT) {label} qlora", "skipped", note="trl or datasets is not installed")
     from kubetune_trainer.model import load_tokenizer
     from trainer_throughput import plain_recipe
 
@@ -439,11 +442,23 @@ def run(setup: Setup) -> list[Row]:
     return rows
 
 
+NEEDED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers", "pydantic",
+          "yaml", "prometheus_client", "fastapi", "psutil")
+
+
+def missing_modules() -> list[str]:
+    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the CPU, a tiny config: every row's code path")
     parser.add_argument("--work", type=Path, help="where models and runs go (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if missing := missing_modules():
+        print(f"gpu_check: missing {', '.join(missing)}: carry their wheels (see this file's docstring)",
+              file=sys.stderr)
+        return 2
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():

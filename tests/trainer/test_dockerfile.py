@@ -66,3 +66,10 @@ def test_the_base_image_cuda_is_the_locked_torch_cuda() -> None:
     assert image.groups() == runtime.groups(), (image.groups(), runtime.groups())
     driver = minimum_driver(".".join(runtime.groups()))
     assert driver and f"driver >= {driver}" in (ROOT / "README.md").read_text()
+
+
+def test_the_image_ships_the_liger_kernel_the_trainer_takes_on_cuda() -> None:
+    """loss.loss_path takes Liger's kernel on CUDA when it is installed: the image has it, pinned with hashes."""
+    lock = (ROOT / "requirements" / "trainer.lock").read_text()
+    assert re.search(r"^liger-kernel==\S+ \\\n\s+--hash=sha256:", lock, re.MULTILINE)
+    assert re.search(r"^triton==", lock, re.MULTILINE)  # its kernels' compiler, brought by torch
