@@ -314,7 +314,7 @@ class Recipe:
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One pinned host-to-device copy per tensor, asynchronous; nothing on a CPU run."""
-        if self.input_device.type == "cpu":
+        if self.input_device.type == "cpu":  # pinned memory needs CUDA; a GPU run copies asynchronously (test_gpu.py)
             return batch
         return {k: v.pin_memory().to(self.input_device, non_blocking=True) for k, v in batch.items()}
 

@@ -33,6 +33,8 @@ def host_input_embeddings(model: Any, device: torch.device, gpu_count: int = 1) 
     Its input ids go to the host and its output comes back to `device`, so callers see no difference. Returns
     whether it moved."""
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: DDP/FSDP want every parameter on the rank's GPU
+    # a GPU-memory lever, decided and applied without a CUDA call (test_gpu_branches.py takes it on the CPU;
+    # test_gpu.py and bench/gpu_check.py run a forward and generate with it on a GPU)
     if not hosts_input_embeddings(device.type == "cuda", tied(model), gpu_count * world):
         return False
     embedding = model.get_input_embeddings()
