@@ -147,11 +147,11 @@ def spec_for(model_dir: Path, data: Path, out: Path, method: str, seq: int, step
 
 
 def trainer_config(raw: dict[str, Any], arch: Any, device: str, name: str) -> Any:
-    from kubetune_trainer.config import JobRef, TrainerConfig
     from kubetune_trainer.local import usable_memory
 
     from kubetune.planning.plan import local_knobs
     from kubetune.spec import parse_spec
+    from kubetune.trainer_config import JobRef, TrainerConfig
 
     spec = parse_spec(raw)
     knobs, estimate = local_knobs(spec, arch, usable_memory(device)[0])

@@ -86,7 +86,6 @@ def process_peak(device: str) -> int:
 
 
 def run_ours(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str, Any]:
-    from kubetune_trainer.config import JobRef, TrainerConfig
     from kubetune_trainer.local import usable_memory
     from kubetune_trainer.loop import Recipe, RunOptions
     from kubetune_trainer.metrics import Telemetry
@@ -95,6 +94,7 @@ def run_ours(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str, 
     from kubetune.planning.models import catalog_lookup
     from kubetune.planning.plan import local_knobs
     from kubetune.spec import parse_spec
+    from kubetune.trainer_config import JobRef, TrainerConfig
 
     spec = parse_spec({
         "model": SMOLLM, "dataset": {"source": str(rows_file), "format": "chat"}, "method": "qlora",

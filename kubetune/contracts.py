@@ -53,6 +53,9 @@ class ConditionType(StrEnum):
     """True while the operator or the trainer is still working towards Ready."""
     STALLED = "Stalled"
     """True when nothing will change without a human (the job Failed)."""
+    SERVING_READY = "ServingReady"
+    """Set once the adapter is written: True when it passes every serving rule (kubetune.serving), False with
+    the broken rules in its message (and a Warning Event). Not a kstatus condition: the job still succeeded."""
 
 
 class Reason(StrEnum):
@@ -109,6 +112,11 @@ class Reason(StrEnum):
     visible to the pod, or an NVIDIA driver older than the trainer image needs. The message names both."""
     CHILD_NAME_TAKEN = "ChildNameTaken"
     """A ConfigMap or Job with the child's name exists and is not owned by this FineTuneJob."""
+    # --- ServingReady (set when the adapter is written) ------------------------------------------------
+    SERVING_RULES_MET = "ServingRulesMet"
+    """ServingReady=True: the adapter passes every serving rule (vLLM / KServe, kubetune.serving)."""
+    SERVING_RULES_BROKEN = "ServingRulesBroken"
+    """ServingReady=False and a Warning Event: the adapter breaks a serving rule; the message says which."""
     # --- idle reasons of conditions that are False ---------------------------------------------------
     NOT_RECONCILING = "NotReconciling"
     """Reconciling=False: the job is finished or suspended; the operator has nothing in progress."""
@@ -124,7 +132,8 @@ class Reason(StrEnum):
 # Which reasons each condition may carry (a test holds the operator to it).
 CONDITION_REASONS: dict[ConditionType, frozenset[Reason]] = {
     ConditionType.READY: frozenset(r for r in Reason if r not in (
-        Reason.NOT_RECONCILING, Reason.NOT_STALLED, Reason.SPEC_CHANGE_IGNORED, Reason.SPEC_CHANGE_DEFERRED)),
+        Reason.NOT_RECONCILING, Reason.NOT_STALLED, Reason.SPEC_CHANGE_IGNORED, Reason.SPEC_CHANGE_DEFERRED,
+        Reason.SERVING_RULES_MET, Reason.SERVING_RULES_BROKEN)),
     ConditionType.RECONCILING: frozenset({
         Reason.NO_MATCHING_NODES, Reason.MODEL_CONFIG_UNREACHABLE, Reason.JOB_CREATED, Reason.WAITING_FOR_KUEUE,
         Reason.RESUMED, Reason.PREEMPTED,
@@ -133,6 +142,7 @@ CONDITION_REASONS: dict[ConditionType, frozenset[Reason]] = {
     ConditionType.STALLED: frozenset({
         Reason.INVALID_SPEC, Reason.UNPLANNABLE, Reason.NO_LARGER_GPU_CLASS, Reason.TRAINING_FAILED,
         Reason.GPU_UNAVAILABLE, Reason.CHILD_NAME_TAKEN, Reason.NOT_STALLED}),
+    ConditionType.SERVING_READY: frozenset({Reason.SERVING_RULES_MET, Reason.SERVING_RULES_BROKEN}),
 }
 
 
@@ -233,6 +243,15 @@ OUTCOME_OF_EXIT: dict[int, Outcome] = {
 TERMINATION_MESSAGE_LIMIT = 4096  # Kubernetes keeps the first 4096 bytes of a termination message
 
 
+class ServingFinding(_Contract):
+    """One serving rule an adapter breaks (kubetune.serving.check_adapter): trainer -> summary -> status."""
+
+    rule: str = Field(description="CamelCase rule name, e.g. RankAboveMax (kubetune.serving.Rule).")
+    severity: str = Field(description="Warning (vLLM/KServe would refuse or misserve it), Fatal (nothing "
+                          "servable: the job fails) or Info (asked for by the spec, still worth knowing).")
+    message: str
+
+
 class TerminationSummary(_Contract):
     """The JSON the trainer writes to its termination-message path; the operator reads it from the pod's
     `state.terminated.message` (a message that is not this JSON, such as a log tail, becomes `error`)."""
@@ -247,6 +266,7 @@ class TerminationSummary(_Contract):
     adapter_uri: str | None = None
     resumed_from_step: int | None = None
     model_commit: str | None = None  # the hub commit of the base model (a hub id)
+    serving: list[ServingFinding] | None = None  # the serving check's findings (None: not checked; []: all rules met)
     error: str | None = None
 
     def message(self) -> str:

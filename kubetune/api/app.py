@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kubetune.api.auth import Gate, OwnToken, bearer_token
 from kubetune.api.kube import Kube
 from kubetune.api.limits import BodyLimit, Offload
+from kubetune.api.serving import serving_router
 from kubetune.api.settings import ApiSettings
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
@@ -207,6 +208,7 @@ def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None =
         return {"status": "deleting", "name": name}
 
     app.include_router(jobs)
+    app.include_router(serving_router(access))
 
     @app.post("/v1/plan", tags=["plan"], responses=problems, openapi_extra=JOB_BODY,
               dependencies=[Depends(authenticated)])

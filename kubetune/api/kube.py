@@ -14,13 +14,14 @@ from urllib.parse import quote
 import httpx
 from fastapi import HTTPException
 
+from kubetune import wire
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL
 
 PASSED_ON = (401, 403, 404, 409, 422)
 
 
 def job_path(namespace: str, name: str | None = None) -> str:
-    base = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace, safe='')}/{PLURAL}"
+    base = wire.collection_path(f"{API_GROUP}/{API_VERSION}", PLURAL, quote(namespace, safe=''))
     return f"{base}/{quote(name, safe='')}" if name else base
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import kopf
 
+from kubetune import wire
 from kubetune.contracts import TERMINAL_PHASES, TrainerStatus
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog
@@ -41,7 +42,6 @@ from kubetune_operator.reconcile import Actions, Snapshot, reconcile
 from kubetune_operator.settings import Settings
 
 FTJ = (API_GROUP, API_VERSION, PLURAL)
-MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
 FINALIZER = "kubetune.io/finalizer"  # kopf's, for the per-job timer (main.kopf_settings)
 FIRST_DECISION_RETRIES = 5  # poll intervals apart: a job's first reconcile, before its timer exists
 DISCOVERY_SECONDS = 60.0
@@ -78,9 +78,9 @@ class Runtime:
             return
         self.jobset_checked = now
         try:
-            self.jobset_api = scaleout.jobset_api(await self.kube.api_group(scaleout.JOBSET_GROUP))
+            self.jobset_api = scaleout.jobset_api(await self.kube.api_group(wire.JOBSET_GROUP))
         except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
-            log.warning(f"discovery of {scaleout.JOBSET_GROUP} failed, keeping the last answer: {exc!r}")
+            log.warning(f"discovery of {wire.JOBSET_GROUP} failed, keeping the last answer: {exc!r}")
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -358,13 +358,13 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.on.cleanup(registry=registry, id="close")(close)
     kopf.index("", "v1", "nodes", id="gpu_nodes", registry=registry)(gpu_nodes)
     kopf.index("", "v1", "pods", id="gpu_pods", registry=registry)(gpu_pods)
-    kopf.index("", "v1", "pods", labels=MANAGED, id="trainer_pods", registry=registry)(trainer_pods)
-    kopf.index("batch", "v1", "jobs", labels=MANAGED, id="trainer_jobs", registry=registry)(trainer_jobs)
+    kopf.index("", "v1", "pods", labels=wire.MANAGED, id="trainer_pods", registry=registry)(trainer_pods)
+    kopf.index("batch", "v1", "jobs", labels=wire.MANAGED, id="trainer_jobs", registry=registry)(trainer_jobs)
     # JobSets, where the cluster serves them (kopf watches the API once its CRD exists; a warning before that)
-    kopf.index(scaleout.JOBSET_GROUP, scaleout.JOBSET_VERSION, "jobsets", labels=MANAGED, id="trainer_jobsets",
+    kopf.index(wire.JOBSET_GROUP, wire.JOBSET_VERSION, "jobsets", labels=wire.MANAGED, id="trainer_jobsets",
                registry=registry)(trainer_jobs)
     kopf.index(*FTJ, id="finetunejobs", registry=registry)(finetunejobs)
     kopf.on.event(*FTJ, id="finetunejob", registry=registry)(on_finetunejob)
-    kopf.on.event("", "v1", "pods", labels=MANAGED, id="trainer_pod", registry=registry)(on_trainer_pod)
+    kopf.on.event("", "v1", "pods", labels=wire.MANAGED, id="trainer_pod", registry=registry)(on_trainer_pod)
     kopf.timer(*FTJ, id="timer", interval=settings.poll_interval, initial_delay=settings.poll_interval,
                when=_followed, registry=registry)(on_timer)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kubetune import wire
 from kubetune.contracts import (
     TERMINAL_PHASES,
     ConditionType,
@@ -59,6 +60,7 @@ def conditions(previous: Iterable[Mapping[str, Any]], phase: Phase, reason: Reas
                generation: int | None, now: str) -> list[dict[str, Any]]:
     """Ready, Reconciling, Stalled. The transition's reason goes on Ready and on whichever of the others is
     True; a False Reconciling or Stalled carries its own idle reason (kubetune.contracts.CONDITION_REASONS)."""
+    previous = list(previous)
     old = {c.get("type"): c for c in previous}
     ready, reconciling, stalled = _CONDITIONS[Phase(phase)]
     idle = {ConditionType.RECONCILING: Reason.NOT_RECONCILING, ConditionType.STALLED: Reason.NOT_STALLED}
@@ -76,7 +78,24 @@ def conditions(previous: Iterable[Mapping[str, Any]], phase: Phase, reason: Reas
             "lastTransitionTime": now if changed else prior["lastTransitionTime"],
             "observedGeneration": generation,
         })
-    return result
+    kstatus = {c["type"] for c in result}
+    return result + [dict(c) for c in previous if c.get("type") not in kstatus]  # ServingReady stays as it is
+
+
+def serving_condition(previous: Iterable[Mapping[str, Any]], ready: bool, message: str, generation: int | None,
+                      now: str) -> list[dict[str, Any]]:
+    """The conditions with ServingReady set (True: every serving rule met; False: the message says which broke)."""
+    kept = [dict(c) for c in previous if c.get("type") != ConditionType.SERVING_READY]
+    prior = next((c for c in previous if c.get("type") == ConditionType.SERVING_READY), {})
+    status = "True" if ready else "False"
+    condition = {
+        "type": ConditionType.SERVING_READY.value, "status": status,
+        "reason": (Reason.SERVING_RULES_MET if ready else Reason.SERVING_RULES_BROKEN).value,
+        "message": message,
+        "lastTransitionTime": prior.get("lastTransitionTime") if prior.get("status") == status else now,
+        "observedGeneration": generation,
+    }
+    return [*kept, condition]
 
 
 def transition(current: Mapping[str, Any], *, phase: Phase, reason: Reason, message: str,
@@ -259,7 +278,7 @@ def _finished(workload: Mapping[str, Any]) -> bool:
 def _port(pod: Mapping[str, Any], default_port: int) -> int:
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     try:
-        return int(annotations.get("prometheus.io/port", default_port))
+        return int(annotations.get(wire.PROMETHEUS_PORT, default_port))
     except ValueError:
         return default_port
 

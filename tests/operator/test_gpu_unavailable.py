@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kt_cluster import NS, Cluster, finetunejob
 from kubetune_operator import status as st
 from kubetune_operator.reconcile import reconcile
-from kubetune_trainer.config import TrainerConfig
 from test_reconcile import RUNNING, after, body, pod, snapshot, trainer_job
 
 from kubetune.contracts import ExitCode, Outcome, Reason, TerminationSummary
+from kubetune.trainer_config import TrainerConfig
 
 ERROR = ("the plan runs this job on L4, but CUDA is not usable here: torch 2.13.0 is built for CUDA 13.0, which "
          "needs an NVIDIA driver >= 580.65.06; found driver 535.104.05, 1 GPU(s) visible. Update the node's NVIDIA "

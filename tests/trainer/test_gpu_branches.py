@@ -42,7 +42,7 @@ def run_one_rank(config: Path, termination: Path, device: str = "cpu") -> int:
 
 
 def trainer_config(spec: dict[str, Any], **extra: Any) -> Any:
-    from kubetune_trainer.config import JobRef, TrainerConfig
+    from kubetune.trainer_config import JobRef, TrainerConfig
 
     parsed = parse_spec(spec)
     t = parsed.training

@@ -12,7 +12,7 @@ from kubetune.errors import SpecError
 from kubetune.planning.models import model_architecture
 from kubetune.planning.plan import local_knobs
 from kubetune.spec import FineTuneJobSpec, parse_spec
-from kubetune_trainer.config import JobRef, TrainerConfig
+from kubetune.trainer_config import JobRef, TrainerConfig
 
 SAMPLE_PROMPT_ANNOTATION = "kubetune.io/sample-prompt"
 

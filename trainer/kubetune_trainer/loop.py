@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
+from kubetune.contracts import Outcome, ServingFinding, TrainerPhase
+from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import data as data_mod
-from kubetune_trainer import devices, distributed, faults, fsdp, optimizer_state
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer import devices, distributed, faults, fsdp, optimizer_state, serving_check
 from kubetune_trainer.loss import CausalLMLoss
 from kubetune_trainer.memory import input_device
 from kubetune_trainer.metrics import Stopwatch, Telemetry
@@ -65,7 +66,7 @@ class RunOptions:
 
 @dataclass
 class Result:
-    outcome: str = "Failed"
+    outcome: Outcome = Outcome.FAILED
     steps: int = 0
     total_steps: int = 0
     final_loss: float | None = None
@@ -79,6 +80,7 @@ class Result:
     samples: dict[str, str] = field(default_factory=dict)
     model_commit: str | None = None  # the hub commit the base model came from
     resumed_from_step: int | None = None  # the checkpoint step this run resumed from (0: the beginning)
+    serving: list[ServingFinding] | None = None  # the serving check of the adapter (kubetune.serving)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainerConfig, device: torch.device,
@@ -218,10 +220,10 @@ class Recipe:
         random.seed(spec.training.seed)
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
-        self.telemetry.phase("Preparing", "checking output and dataset")
+        self.telemetry.phase(TrainerPhase.PREPARING, "checking output and dataset")
         if self.ranks.main:  # rank 0 alone writes; two ranks probing one folder would race on the probe file
             self.storage.check()
-        self.telemetry.phase("Preparing", "fetching the base model")
+        self.telemetry.phase(TrainerPhase.PREPARING, "fetching the base model")
         files = resolve_model(spec, spec.output.endpoint_url, say=lambda m: self.log.event("download", m),
                               progress=self.options.download_progress)
         model_dir, self.model_commit = files.path, files.commit
@@ -241,13 +243,14 @@ class Recipe:
                        + (f"; {self.train_data.dropped_too_long} rows longer than maxSeqLength skipped"
                           if self.train_data.dropped_too_long else ""))
 
-        self.telemetry.phase("Loading", "loading the base model")
+        self.telemetry.phase(TrainerPhase.LOADING, "loading the base model")
         started = time.perf_counter()
         self.loaded: LoadedModel = load_model(spec, self.load_device, self.dtype, knobs.gradient_checkpointing,
                                               spec.output.endpoint_url, seed=spec.training.seed,
                                               gpu_count=1 if self.ranks.distributed else self.config.gpu_count,
                                               model_dir=model_dir, sharded=self.sharded)
         self.model = self.loaded.model
+        self.check_servable()
         checkpoint = self.latest_checkpoint()
         if checkpoint is not None:  # into the plain model, before DDP broadcasts it or FSDP shards it
             self.load_adapter(checkpoint)
@@ -346,7 +349,7 @@ class Recipe:
     def train(self) -> Result:
         spec = self.spec
         self.model.train()
-        self.telemetry.phase("Training", None)
+        self.telemetry.phase(TrainerPhase.TRAINING, None)
         watch = Stopwatch()
         self.started = time.perf_counter()
         if self.ranks.distributed:
@@ -386,7 +389,7 @@ class Recipe:
     @torch.no_grad()
     def evaluate(self) -> float:
         assert self.eval_data is not None
-        self.telemetry.phase("Evaluating")
+        self.telemetry.phase(TrainerPhase.EVALUATING)
         self.model.eval()
         total, count = 0.0, 0
         batches = list(data_mod.iter_batches(self.eval_data.rows, self.config.knobs.micro_batch_size))
@@ -401,7 +404,7 @@ class Recipe:
         self.telemetry.record_eval(loss)
         self.result.eval_loss = loss
         self.log.event("eval", f"eval loss {loss:.4f} at step {self.step}", evalLoss=loss, step=self.step)
-        self.telemetry.phase("Training")
+        self.telemetry.phase(TrainerPhase.TRAINING)
         return loss
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -422,7 +425,7 @@ class Recipe:
             return
         from safetensors.torch import save_file
 
-        self.telemetry.phase("Checkpointing")
+        self.telemetry.phase(TrainerPhase.CHECKPOINTING)
         started = time.perf_counter()
         name = f"{CHECKPOINTS}/step-{self.step:08d}"
         state = {"step": self.step, "epoch": self.schedule.epoch_of(self.step), "totalSteps": self.total_steps,
@@ -442,7 +445,7 @@ class Recipe:
         self.telemetry.record_checkpoint(seconds)
         self.log.event("checkpoint", f"checkpoint at step {self.step} -> {self.storage.join(name)} "
                        f"({written / 1e6:.1f} MB, {seconds:.1f}s)", step=self.step, seconds=round(seconds, 2))
-        self.telemetry.phase("Training")
+        self.telemetry.phase(TrainerPhase.TRAINING)
         distributed.barrier(self.ranks)
 
     def gathered_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -521,7 +524,7 @@ class Recipe:
         weights = fsdp.trainable_state(self.model, self.ranks.main) if self.sharded else None
         if not self.ranks.main:
             return None
-        self.telemetry.phase("Uploading", "writing the adapter")
+        self.telemetry.phase(TrainerPhase.UPLOADING, "writing the adapter")
         # A re-run to the same output: the old manifest goes first, so no reader takes the files below,
         # half-written, for a complete adapter described by the previous run's manifest.
         self.storage.delete_key(f"{ADAPTER}/manifest.json")
@@ -532,6 +535,7 @@ class Recipe:
             self.model.save_pretrained(str(folder), state_dict=weights)  # None: PEFT reads the model
             self.loaded.tokenizer.save_pretrained(str(folder))
             (folder / "README.md").unlink(missing_ok=True)
+            findings = self.check_serving(folder)
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                 rel = path.relative_to(folder).as_posix()
                 written += self.storage.put_file(path, f"{ADAPTER}/{rel}")
@@ -553,6 +557,7 @@ class Recipe:
                 "knobs": self.config.knobs.model_dump(by_alias=True),
                 "files": files,
                 "merged": {"uri": self.storage.join(MERGED), "files": merged} if merged else None,
+                "serving": [f.model_dump(by_alias=True) for f in findings],
                 "metrics": metrics,
                 "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
@@ -562,6 +567,20 @@ class Recipe:
         uri = self.storage.join(ADAPTER)
         self.telemetry.status.adapter_uri = uri
         return uri
+
+    def check_servable(self) -> None:
+        """Before training: an adapter of this spec that no serving engine would apply fails now, not after the
+        run (kubetune_trainer.serving_check; exit code 2)."""
+        self.base_modules = serving_check.base_modules(self.loaded.model_dir)
+        serving_check.judge(serving_check.in_memory_adapter(self.model), self.base_modules, self.spec)
+
+    def check_serving(self, folder: Path) -> list[ServingFinding]:
+        """The saved adapter against the serving rules, before upload: the findings go to the log, the manifest
+        and the termination summary (the operator's ServingReady condition and Warning Event)."""
+        findings = serving_check.judge(serving_check.read_adapter(folder), self.base_modules, self.spec)
+        self.result.serving = findings
+        self.log.event("serving", serving_check.describe(findings), rules=[f.rule for f in findings])
+        return findings
 
     def save_merged(self, adapter_dir: Path, out: Path) -> tuple[dict[str, dict[str, Any]], int]:
         """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged."""

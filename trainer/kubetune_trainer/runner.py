@@ -16,8 +16,8 @@ from typing import Any
 
 from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
+from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import devices, distributed
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loop import Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
@@ -55,7 +55,7 @@ def write_termination(path: str | None, result: Result, exit_code: int) -> None:
         outcome=Outcome(result.outcome), exit_code=exit_code, steps=result.steps, total_steps=result.total_steps,
         final_loss=result.final_loss, eval_loss=result.eval_loss, peak_memory_bytes=result.peak_memory_bytes,
         adapter_uri=result.adapter_uri, model_commit=result.model_commit, error=result.error,
-        resumed_from_step=result.resumed_from_step,
+        resumed_from_step=result.resumed_from_step, serving=result.serving,
     ))
 
 
@@ -129,6 +129,7 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
             result.steps, result.total_steps = recipe.step, recipe.total_steps
             result.final_loss, result.tokens = recipe.last_loss, recipe.tokens_seen
             result.model_commit = recipe.model_commit
+            result.serving = recipe.result.serving
             result.eval_loss = result.eval_loss if result.eval_loss is not None else recipe.result.eval_loss
         result.peak_memory_bytes = telemetry.memory()
         result.resumed_from_step = telemetry.status.resumed_from_step
