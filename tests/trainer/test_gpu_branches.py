@@ -222,3 +222,15 @@ def test_is_oom_knows_the_cuda_libraries_allocation_failures(message: str, oom: 
     from kubetune_trainer.runner import is_oom
 
     assert is_oom(RuntimeError(message)) is oom
+
+
+def test_kubetune_device_sets_the_default_device_and_a_bad_value_is_named(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """KUBETUNE_DEVICE=cpu runs a GPU-planned config on the CPU on purpose (the e2e tests' 'image' does)."""
+    from kubetune_trainer.__main__ import build_parser, main
+
+    monkeypatch.setenv("KUBETUNE_DEVICE", "cpu")
+    assert build_parser().parse_args([]).device == "cpu"
+    monkeypatch.setenv("KUBETUNE_DEVICE", "tpu")
+    assert main(["--config", str(tmp_path / "job.json"), "--termination-log", str(tmp_path / "t.json")]) == 2
+    assert "KUBETUNE_DEVICE='tpu': must be one of auto, cpu, cuda" in capsys.readouterr().err

@@ -349,15 +349,14 @@ def answer(model: Any, tokenizer: Any, prompt: str, device: torch.device | None 
            dtype: torch.dtype = torch.float32) -> str:
     """Greedy answer to one user prompt (the model's chat template when it has one). The prompt goes where the
     input embedding's output lands (memory.input_device: the GPU, also when the table itself stays in host
-    memory); `device` None finds that out, a caller's `device` must agree with it."""
+    memory, where generate's `model.device` is still a GPU parameter: memory.as_buffer); `device` is accepted
+    for callers that pass one and not needed."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = prompt
     target = input_device(model)
-    if device is not None and device != target:
-        raise ValueError(f"answer(): the model's inputs go to {target}, not {device}")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(target)
     was_training = model.training
     model.eval()
