@@ -167,7 +167,8 @@ def timed_recipe(config: Any, device: str, steps: int) -> tuple[Any, float, floa
     from kubetune_trainer.progress import Log
     from kubetune_trainer.runner import setup_gpu_memory
 
-    recipe = Recipe(config, RunOptions(device=device), Telemetry("bench", config.job.name),
+    options = RunOptions(device="cuda" if device == "cuda" else "cpu")
+    recipe = Recipe(config, options, Telemetry("bench", config.job.name),
                     Log(stream=open(os.devnull, "w"), fmt="json"))  # noqa: SIM115
     setup_gpu_memory(recipe.device)
     recipe.setup()

@@ -142,11 +142,13 @@ def cmd_serve_manifest(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from kubetune_trainer.local import run_local
+        from kubetune_trainer.local import LocalOptions, run_local
     except ImportError as exc:
         hint = "pip install 'kubetune[trainer]'"
         raise KubetuneError(f"kubetune train needs the trainer extra: {hint} ({exc})") from None
-    return run_local(args)
+    return run_local(LocalOptions(file=args.file, output=args.output, max_steps=args.max_steps,
+                                  metrics_port=args.metrics_port or 0, device=args.device, prompt=args.prompt,
+                                  termination_log=args.termination_log, nproc_per_node=args.nproc_per_node))
 
 
 def cmd_operator(args: argparse.Namespace) -> int:

@@ -73,6 +73,9 @@ class Reason(StrEnum):
     MODEL_CONFIG_UNREACHABLE = "ModelConfigUnreachable"
     """The model is not in the catalog and the hub did not answer for its config.json (a hub or network
     outage, not the spec's fault); planned again every poll interval."""
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    """The namespace's quota (kubetune.quota: concurrent jobs, GPUs, GPU classes, estimated cost) does not admit the
+    plan; the message names the limit. Decided again every poll interval."""
     # --- Queued (Ready=False, Reconciling=True) -------------------------------------------------------
     JOB_CREATED = "JobCreated"
     """The ConfigMap and trainer Job of an attempt were created (or adopted)."""
@@ -98,6 +101,8 @@ class Reason(StrEnum):
     # --- Succeeded (Ready=True, Reconciling=False) ----------------------------------------------------
     SUCCEEDED = "Succeeded"
     """The trainer exited 0 and wrote the adapter."""
+    EVALUATED = "Evaluated"
+    """Event only: spec.evaluation's result (held-out loss base -> adapter, the first answers); in status.result."""
     # --- Failed (Ready=False, Reconciling=False, Stalled=True) ----------------------------------------
     INVALID_SPEC = "InvalidSpec"
     """The spec does not validate; the message names the field and the allowed values."""
@@ -135,8 +140,8 @@ CONDITION_REASONS: dict[ConditionType, frozenset[Reason]] = {
         Reason.NOT_RECONCILING, Reason.NOT_STALLED, Reason.SPEC_CHANGE_IGNORED, Reason.SPEC_CHANGE_DEFERRED,
         Reason.SERVING_RULES_MET, Reason.SERVING_RULES_BROKEN)),
     ConditionType.RECONCILING: frozenset({
-        Reason.NO_MATCHING_NODES, Reason.MODEL_CONFIG_UNREACHABLE, Reason.JOB_CREATED, Reason.WAITING_FOR_KUEUE,
-        Reason.RESUMED, Reason.PREEMPTED,
+        Reason.NO_MATCHING_NODES, Reason.MODEL_CONFIG_UNREACHABLE, Reason.QUOTA_EXCEEDED, Reason.JOB_CREATED,
+        Reason.WAITING_FOR_KUEUE, Reason.RESUMED, Reason.PREEMPTED,
         Reason.RESCHEDULING, Reason.OUT_OF_MEMORY_ESCALATED, Reason.RANK_FAILED, Reason.TRAINING,
         Reason.NOT_RECONCILING}),
     ConditionType.STALLED: frozenset({
@@ -240,6 +245,54 @@ OUTCOME_OF_EXIT: dict[int, Outcome] = {
     ExitCode.NO_GPU: Outcome.GPU_UNAVAILABLE,
 }
 
+SUMMARY_ANSWERS = 3  # answers the summary (termination message, status.result) carries; eval.json has them all
+SUMMARY_ANSWER_CHARS = 160  # each prompt and answer in the summary is cut to this many characters
+
+
+def clip(text: str | None, most: int = SUMMARY_ANSWER_CHARS) -> str | None:
+    """`text` on one line, cut to `most` characters with an ellipsis."""
+    if text is None:
+        return None
+    flat = " ".join(text.split())
+    return flat if len(flat) <= most else flat[: most - 1].rstrip() + "…"
+
+
+class EvalAnswer(_Contract):
+    """One prompt of spec.evaluation and the greedy answers (clipped in a summary, whole in eval.json)."""
+
+    prompt: str
+    base: str | None = Field(default=None, description="The base model's answer (the adapter switched off); "
+                             "None without compareBase.")
+    adapter: str
+
+
+class EvalSummary(_Contract):
+    """What the trainer's evaluation (spec.evaluation) found, short enough for the termination message:
+    held-out loss and perplexity of base and adapter on the same rows, and the first answers clipped.
+    The whole record is `uri` (<output>/eval.json)."""
+
+    rows: int = Field(default=0, ge=0, description="Held-out rows (packed) both models were scored on.")
+    tokens: int = Field(default=0, ge=0, description="Held-out tokens carrying a loss, the same for both.")
+    base_loss: float | None = None
+    adapter_loss: float | None = None
+    base_perplexity: float | None = None
+    adapter_perplexity: float | None = None
+    answers: list[EvalAnswer] = Field(default_factory=list, description="The first answers, clipped.")
+    prompts: int = Field(default=0, ge=0, description="Prompts answered (eval.json has every answer).")
+    uri: str | None = Field(default=None, description="Where eval.json is.")
+
+    def loss_line(self) -> str:
+        """'held-out loss 2.413 -> 1.052 (perplexity 11.2 -> 2.86) on 6 rows, 1,204 tokens', or what there is."""
+        if self.adapter_loss is None:
+            return "no held-out split (set spec.dataset.evalFraction or evalSource)"
+        ppl = f"{self.adapter_perplexity:.3g}"
+        if self.base_loss is not None and self.base_perplexity is not None:
+            loss, ppl = f"{self.base_loss:.3f} -> {self.adapter_loss:.3f}", f"{self.base_perplexity:.3g} -> {ppl}"
+        else:
+            loss = f"{self.adapter_loss:.3f}"
+        return f"held-out loss {loss} (perplexity {ppl}) on {self.rows} rows, {self.tokens:,} tokens"
+
+
 TERMINATION_MESSAGE_LIMIT = 4096  # Kubernetes keeps the first 4096 bytes of a termination message
 
 
@@ -266,8 +319,16 @@ class TerminationSummary(_Contract):
     adapter_uri: str | None = None
     resumed_from_step: int | None = None
     model_commit: str | None = None  # the hub commit of the base model (a hub id)
+    evaluation: EvalSummary | None = None  # spec.evaluation's result (kubetune_trainer.evaluate)
     serving: list[ServingFinding] | None = None  # the serving check's findings (None: not checked; []: all rules met)
     error: str | None = None
+
+    @classmethod
+    def from_result(cls, result: object, exit_code: int) -> TerminationSummary:
+        """The trainer's side: the summary of a run's result (kubetune_trainer.loop.Result, read by attribute:
+        every field of this summary the result has) and the process's exit code."""
+        told = {name: getattr(result, name) for name in cls.model_fields if hasattr(result, name)}
+        return cls.model_validate({**told, "exit_code": exit_code})
 
     def message(self) -> str:
         """The JSON text, with `error` shortened so the whole fits Kubernetes' 4096-byte limit."""
@@ -277,6 +338,10 @@ class TerminationSummary(_Contract):
             keep = max(0, len(self.error.encode()) - excess - 8)
             short = self.error.encode()[:keep].decode(errors="ignore") + "…"
             text = self.model_copy(update={"error": short}).model_dump_json(by_alias=True)
+        evaluation = self.evaluation
+        while len(text.encode()) > TERMINATION_MESSAGE_LIMIT and evaluation is not None and evaluation.answers:
+            evaluation = evaluation.model_copy(update={"answers": evaluation.answers[:-1]})  # eval.json has them
+            text = self.model_copy(update={"evaluation": evaluation}).model_dump_json(by_alias=True)
         return text
 
     @classmethod

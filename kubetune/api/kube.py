@@ -69,3 +69,13 @@ class Kube:
         """The cluster's Nodes (the planner's GPU inventory), when this identity may list them."""
         items = (await self._call("GET", "/api/v1/nodes")).get("items") or []
         return [item for item in items if isinstance(item, dict)]
+
+    async def pods(self) -> builtins.list[dict[str, Any]]:
+        """Every pod that may hold GPUs (not finished), cluster-wide: what the nodes' free GPUs are net of."""
+        answer = await self._call("GET", "/api/v1/pods",
+                                  params={"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"})
+        return [item for item in answer.get("items") or [] if isinstance(item, dict)]
+
+    async def read(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        """GET any Kubernetes path (built by the caller from checked parts) as this identity."""
+        return await self._call("GET", path, params=params)

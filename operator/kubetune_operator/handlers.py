@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from kubetune import wire
+from kubetune import quota, wire
 from kubetune.contracts import TERMINAL_PHASES, TrainerStatus
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog
@@ -68,6 +68,7 @@ class Runtime:
     archs: dict[tuple[str | None, str | None], Architecture | SpecError | HubUnreachable] = field(default_factory=dict)
     jobset_api: str | None = None  # the cluster serves JobSets (discovery, at login and every DISCOVERY_SECONDS)
     jobset_checked: float | None = None  # time.monotonic() of that discovery
+    quotas: quota.QuotaFile | None = None  # the mounted quotas file (settings.quotas_file), read on first use
 
     async def discover(self, force: bool = False) -> None:
         """Whether the cluster serves JobSets (`GET /apis/jobset.x-k8s.io`; scaleout decides from the answer):
@@ -81,6 +82,28 @@ class Runtime:
             self.jobset_api = scaleout.jobset_api(await self.kube.api_group(wire.JOBSET_GROUP))
         except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning(f"discovery of {wire.JOBSET_GROUP} failed, keeping the last answer: {exc!r}")
+
+    def quota_of(self, namespace: str | None, uid: str, jobs: kopf.Index[Any, Any]
+                 ) -> tuple[quota.Limits | None, quota.Usage]:
+        """The namespace's quota and what its other FineTuneJobs hold (as this operator last wrote them)."""
+        if self.quotas is None:
+            self.quotas = quota.QuotaFile(self.settings.quotas_file)
+        limits = self.quotas.get().for_namespace(namespace or "")
+        if limits is None:
+            return None, quota.Usage()
+        mine = [body for (ns, _), store in jobs.items() if ns == namespace for body in store]
+        return limits, quota.usage_of(mine, exclude_uid=uid, statuses=self.written)
+
+    def launch_lock(self, namespace: str | None, uid: str, body: Mapping[str, Any]
+                    ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A job that may launch, in a namespace with a quota, decides alone there: otherwise jobs applied at once
+        would each see the others' room (they count once Queued). Running jobs' reconciles take no lock."""
+        if self.quotas is None:
+            self.quotas = quota.QuotaFile(self.settings.quotas_file)
+        if self.quotas.get().for_namespace(namespace or "") is None or \
+                ((self.written.get(uid) or body.get("status") or {}).get("jobName")):
+            return contextlib.nullcontext()
+        return self.locks.setdefault(f"namespace/{namespace}", asyncio.Lock())
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -214,7 +237,7 @@ async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[s
         return True
     started, result = time.perf_counter(), "error"
     try:
-        async with rt.locks.setdefault(uid, asyncio.Lock()):
+        async with rt.locks.setdefault(uid, asyncio.Lock()), rt.launch_lock(meta.get("namespace"), uid, body):
             snap = await read(body, rt, indexes, poll=poll)
             await apply(snap, reconcile(snap), rt, uid)
             rt.seen[uid] = _essence(body)
@@ -244,9 +267,10 @@ async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any],
         if outcome.state == "Running":
             timeout = min(5.0, max(1.0, rt.settings.poll_interval))
             trainer_status = await poll_trainer(outcome.pod_ip, outcome.port, timeout)
+    limits, usage = rt.quota_of(namespace, uid or "", indexes["finetunejobs"])
     return Snapshot(body=body, status=status, trainer_job=trainer, pods=pods, inventory=cluster, catalog=rt.catalog,
                     settings=rt.settings, planner=rt.planner(rt.supply(cluster)), now=st.now_iso(),
-                    trainer_status=trainer_status, jobset_api=rt.jobset_api)
+                    trainer_status=trainer_status, jobset_api=rt.jobset_api, quota=limits, usage=usage)
 
 
 def workload(indexes: Mapping[str, Any], namespace: str | None, name: str, owner_uid: str | None

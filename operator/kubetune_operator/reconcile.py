@@ -31,6 +31,7 @@ from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.placement import Inventory, place
 from kubetune.planning.plan import Plan
+from kubetune.quota import Ask, Limits, Usage, decide
 from kubetune.spec import FineTuneJobSpec, parse_spec
 from kubetune.wire import AttemptOutcome
 from kubetune_operator import resources, scaleout
@@ -57,6 +58,8 @@ class Snapshot:
     polled: bool = False  # the timer polled (a /status that did not answer leaves progress as it is)
     child_conflict: str | None = None  # creating a child met an object of that name that is not ours
     jobset_api: str | None = None  # the cluster serves JobSets (scaleout.jobset_api): multi-node attempts use one
+    quota: Limits | None = None  # the namespace's quota (kubetune.quota), if the platform set one
+    usage: Usage = field(default_factory=Usage)  # what the namespace's other jobs hold
 
 
 Counter = Literal["placement_failures", "oom_escalations", "jobs_created"]
@@ -183,6 +186,8 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
 
     fields = st.plan_fields(plan)
+    if _over_quota(job, plan, note, fields):
+        return
     labels = dict(job.meta.get("labels") or {})
     queue = resources.queue_name(spec, labels)
     gpu = snap.catalog.get(plan.gpu_class, "status.plan.gpuClass")
@@ -221,6 +226,18 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
               attempts=with_attempt(attempts, attempt, gpuClass=plan.gpu_class, jobName=name,
                                     outcome=AttemptOutcome.PENDING, startedAt=snap.now),
               **fields)
+
+
+def _over_quota(job: _Job, plan: Plan, note: str, fields: Mapping[str, Any]) -> bool:
+    """The namespace's quota (kubetune.quota, as the API decides at submit) refuses the plan: the job waits
+    Pending, so `kubectl apply` cannot go around it."""
+    snap = job.snap
+    refusal = decide(snap.quota, snap.usage, Ask(plan.gpu_class, plan.gpu_count, plan.estimated_cost))
+    if refusal is not None:
+        job.write(phase=Phase.PENDING, reason=Reason.QUOTA_EXCEEDED, warning=True, message=f"{note}namespace "
+                  f"{job.meta.get('namespace')}: {refusal.message}; decided again every "
+                  f"{snap.settings.poll_interval:g}s", **fields)
+    return refusal is not None
 
 
 def _spec_change(job: _Job) -> None:
@@ -295,7 +312,7 @@ def _follow(job: _Job) -> None:
     if outcome.state == "Running":
         progress = st.trainer_progress(snap.trainer_status, snap.now) if snap.trainer_status else None
         moved = progress and _essence(progress) != _essence(job.status.get("progress") or {})
-        extra = st.progress_fields(progress) if progress and moved else {}  # no write for a trainer at rest
+        extra = st.progress_fields(progress, job.status.get("lossHistory") or []) if progress and moved else {}
         trainer = snap.trainer_status
         if trainer and trainer.model_commit:
             extra["modelCommit"] = trainer.model_commit
@@ -315,11 +332,16 @@ def _follow(job: _Job) -> None:
         if summary.peak_memory_bytes is not None:
             progress["peakMemoryBytes"] = summary.peak_memory_bytes
         progress["updatedAt"] = snap.now
+        evaluation = summary.evaluation
+        result = st.result_status(evaluation) if evaluation else None
+        told = job.status.get("result") == result  # the Event is sent once, not on every later reconcile
         job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
-                  adapterUri=uri, modelCommit=summary.model_commit,
+                  adapterUri=uri, modelCommit=summary.model_commit, result=result,
                   attempts=with_attempt(attempts, number, outcome=AttemptOutcome.SUCCEEDED, finishedAt=snap.now,
                                         resumedFromStep=summary.resumed_from_step),
-                  **st.progress_fields(progress))
+                  **st.progress_fields(progress, job.status.get("lossHistory") or [], final=True))
+        if evaluation is not None and not told:
+            job.actions.events.append(st.result_event(evaluation))
         _serving(job, summary, uri)
     elif outcome.state == "OutOfMemory":
         was = plan.get("gpuClass", "?")

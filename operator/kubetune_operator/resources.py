@@ -228,7 +228,8 @@ def plan_budget(spec: FineTuneJobSpec, plan: Plan, settings: Settings) -> PodBud
     return pod_budget(plan.model_params, plan.lora_params,
                       knobs.micro_batch_size * knobs.gradient_accumulation_steps * knobs.max_seq_length,
                       knobs.gradient_checkpointing, plan.gpu_count, cache_on_volume=bool(settings.model_cache_claim),
-                      method=spec.method, sharded=plan.strategy == "fsdp" and plan.gpu_count > 1)
+                      method=spec.method, sharded=plan.strategy == "fsdp" and plan.gpu_count > 1,
+                      merged=spec.output.merged_model, largest_weight_params=plan.largest_weight_params)
 
 
 def container_resources(plan: Plan, settings: Settings, budget: PodBudget) -> dict[str, str]:

@@ -44,6 +44,7 @@ class Settings:
     run_as_user: int = 10001  # the trainer image's user (Dockerfile.trainer), one uid everywhere
     scratch_size: str = "20Gi"  # sizeLimit of the trainer's writable /tmp (the root filesystem is read-only)
     extra_labels: dict[str, str] = field(default_factory=dict)
+    quotas_file: str | None = None  # KUBETUNE_QUOTAS: the mounted quotas ConfigMap (kubetune.quota); None: none
 
     def __post_init__(self) -> None:
         try:
@@ -78,5 +79,6 @@ class Settings:
             backoff_limit=int(_env("KUBETUNE_BACKOFF_LIMIT", str(cls.backoff_limit))),
             poll_interval=float(_env("KUBETUNE_POLL_INTERVAL", str(cls.poll_interval))),
             wait_for_nodes=_env_bool("KUBETUNE_WAIT_FOR_NODES", cls.wait_for_nodes),
+            quotas_file=os.environ.get("KUBETUNE_QUOTAS") or None,
         )
         return replace(settings, **overrides)

@@ -21,6 +21,7 @@ from kubetune import wire
 from kubetune.contracts import (
     TERMINAL_PHASES,
     ConditionType,
+    EvalSummary,
     ExitCode,
     Phase,
     Reason,
@@ -177,10 +178,37 @@ def with_percent(progress: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def progress_fields(progress: Mapping[str, Any]) -> dict[str, Any]:
+LOSS_POINTS = 200  # status.lossHistory holds at most this many
+
+
+def loss_history(history: Iterable[Mapping[str, Any]], step: int | None, loss: float | None,
+                 limit: int = LOSS_POINTS, force: bool = False) -> list[dict[str, Any]]:
+    """status.lossHistory with (step, loss) added: a point closer than 2 x span/limit steps to the last is skipped
+    (unless `force`: the final loss), a resume from an earlier checkpoint drops the points after it, and past
+    `limit` every other point goes, so the curve stays evenly sampled and bounded."""
+    points = [{"step": int(p["step"]), "loss": float(p["loss"])} for p in history
+              if isinstance(p.get("step"), int) and isinstance(p.get("loss"), int | float)]
+    if step is None or loss is None:
+        return points
+    points = [p for p in points if p["step"] < step] if points and points[-1]["step"] >= step else points
+    gap = 2 * (points[-1]["step"] - points[0]["step"]) / limit if len(points) > 1 else 0
+    if points and not force and step - points[-1]["step"] < gap:
+        return points
+    points.append({"step": step, "loss": round(loss, 4)})
+    if len(points) > limit:
+        points = points[::2] if len(points) % 2 else [*points[::2], points[-1]]
+    return points
+
+
+def progress_fields(progress: Mapping[str, Any], history: Iterable[Mapping[str, Any]] | None = None,
+                    final: bool = False) -> dict[str, Any]:
+    """status.progress and the display fields; with `history` (status.lossHistory) also the curve, extended."""
     progress = with_percent(progress)
-    return {"progress": progress, "step": step_text(progress.get("step"), progress.get("totalSteps")),
-            "loss": loss_text(progress.get("loss"))}
+    fields: dict[str, Any] = {"progress": progress, "loss": loss_text(progress.get("loss")),
+                              "step": step_text(progress.get("step"), progress.get("totalSteps"))}
+    if history is not None:
+        fields["lossHistory"] = loss_history(history, progress.get("step"), progress.get("loss"), force=final)
+    return fields
 
 
 def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:
@@ -223,6 +251,29 @@ FAILED_AT_ONCE = {ExitCode.BAD_INPUT: "the trainer rejected its input (exit code
 def failed_reason(exit_code: int | None) -> Reason:
     """The reason of a Failed attempt: GpuUnavailable says a node's driver or device plugin needs a human."""
     return Reason.GPU_UNAVAILABLE if exit_code == ExitCode.NO_GPU else Reason.TRAINING_FAILED
+
+
+EVENT_MESSAGE_LIMIT = 1000  # Kubernetes' event recorders keep about 1 KiB of a message
+
+
+def result_status(evaluation: EvalSummary) -> dict[str, Any]:
+    """status.result from the trainer's evaluation summary (kubetune.spec.ResultStatus, camelCase)."""
+    return {"summary": evaluation.loss_line(), "baseLoss": evaluation.base_loss,
+            "adapterLoss": evaluation.adapter_loss, "basePerplexity": evaluation.base_perplexity,
+            "adapterPerplexity": evaluation.adapter_perplexity, "rows": evaluation.rows,
+            "answers": [a.model_dump(by_alias=True) for a in evaluation.answers], "evalUri": evaluation.uri}
+
+
+def result_event(evaluation: EvalSummary) -> Event:
+    """The Event that tells the evaluation: the losses, then the first answer of each model."""
+    text = f"Evaluated: {evaluation.loss_line()}"
+    if evaluation.answers:
+        first = evaluation.answers[0]
+        text += f"; {first.prompt!r}" + (f" base: {first.base!r}" if first.base is not None else "")
+        text += f" adapter: {first.adapter!r}"
+    if evaluation.uri:
+        text += f"; all answers in {evaluation.uri}"
+    return Event("Normal", Reason.EVALUATED, text[:EVENT_MESSAGE_LIMIT])
 
 
 def termination_summary(message: str | None) -> TerminationSummary:

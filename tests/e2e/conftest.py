@@ -38,6 +38,7 @@ def bucket(s3: Any, request: pytest.FixtureRequest) -> str:
     name = "e2e-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.monotonic_ns() % 100000}"
     s3.create_bucket(Bucket=name)
     s3.upload_file(str(DATA), name, "data/train.jsonl")
+    s3.put_object(Bucket=name, Key="data/eval.jsonl", Body="".join(DATA.read_text().splitlines(keepends=True)[-8:]))
     return name
 
 

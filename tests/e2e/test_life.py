@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 from kt_cluster import NS, eventually
 from kt_life import CHECKPOINT_STEPS, MAX_STEPS, MODEL, World
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 # The adapter of the uninterrupted run (test_whole_life), for the variants to compare with.
 BASELINE: dict[str, Any] = {}
+PROMPT = "What warranty do I get with my Aurora K2 kettle?"
 
 
 def adapter_files(world: World, name: str) -> dict[str, bytes]:
@@ -91,7 +93,7 @@ def _covered(world: World, name: str) -> bool:
 async def test_whole_life(world: World) -> None:
     started = time.perf_counter()
     world.watch_trainer()
-    await world.apply("life")
+    await world.apply("life", evaluation={"prompts": [PROMPT], "maxNewTokens": 12})
     done = await world.wait_phase("life", "Succeeded")
     seconds = time.perf_counter() - started
 
@@ -134,8 +136,48 @@ async def test_whole_life(world: World) -> None:
     assert manifest["metrics"]["steps"] == MAX_STEPS
     assert manifest["baseModel"]["commit"] == world.hub.repos[MODEL].refs["main"]
     BASELINE["tensors"] = adapter_tensors(files)
+
+    # Ready to serve: every serving rule met, and the KServe / vLLM text for this adapter in status.serving.
+    assert manifest["serving"] == []
+    serving = done["serving"]
+    assert serving["ready"] is True and serving["adapterUri"] == done["adapterUri"]
+    ready = next(c for c in done["conditions"] if c["type"] == "ServingReady")
+    assert (ready["status"], ready["reason"]) == ("True", "ServingRulesMet")
+    kserve = yaml.safe_load(serving["kserve"])
+    assert kserve["kind"] == "LLMInferenceService"
+    assert kserve["spec"]["model"]["lora"]["adapters"] == [{"name": "life", "uri": done["adapterUri"]}]
+    assert "--enable-lora --max-lora-rank 16 --lora-modules life=" in serving["vllm"]
+    await check_evaluation(world, "life", manifest, done)
     print(f"\nwhole life: kubectl apply -> Succeeded in {seconds:.1f}s; the pod (cold model cache) ran "
           f"{world.pod_seconds(pod['metadata']['name']):.1f}s")
+
+
+async def check_evaluation(world: World, name: str, manifest: dict[str, Any], done: dict[str, Any]) -> None:
+    """spec.evaluation end to end: eval.json in S3 (sha256 in the manifest), status.result, the Evaluated Event,
+    and `kubectl describe` showing the result."""
+    blob = world.s3.get_object(Bucket=world.bucket, Key=f"adapters/{name}/eval.json")["Body"].read()
+    entry = manifest["evaluation"]["files"]["eval.json"]
+    assert hashlib.sha256(blob).hexdigest() == entry["sha256"] and len(blob) == entry["bytes"]
+    document = json.loads(blob)
+    held = document["heldOut"]
+    assert held["rows"] >= 1 and held["tokens"] > 0 and held["base"]["loss"] > 0 and held["adapter"]["loss"] > 0
+    [said] = document["answers"]
+    assert said["prompt"] == PROMPT and said["base"] and said["adapter"]
+    result = done["result"]
+    assert (result["baseLoss"], result["adapterLoss"], result["rows"]) == (
+        held["base"]["loss"], held["adapter"]["loss"], held["rows"])
+    assert result["summary"].startswith(f"held-out loss {held['base']['loss']:.3f} -> {held['adapter']['loss']:.3f}")
+    assert result["evalUri"] == f"s3://{world.bucket}/adapters/{name}/eval.json"
+    assert result["answers"][0]["prompt"] == PROMPT
+    await eventually(lambda: [e for e in world.events(name) if e.get("reason") == "Evaluated"], 15,
+                     "the Evaluated Event")
+    [told] = [e for e in world.events(name) if e.get("reason") == "Evaluated"]
+    assert told["type"] == "Normal" and told["message"].startswith("Evaluated: " + result["summary"])
+    described = await world.kubectl("describe", "ftj", name)
+    assert described.code == 0, described
+    assert "Result:" in described.out and "Adapter Loss:" in described.out and "Evaluated" in described.out, \
+        described.out
+    print(f"\n$ kubectl describe ftj {name}\n{described.out}")  # what a user sees (pytest -s shows it)
 
 
 async def test_sigkill_and_operator_restart_mid_run(world: World) -> None:
@@ -176,8 +218,16 @@ async def test_sigkill_and_operator_restart_mid_run(world: World) -> None:
 async def test_out_of_memory_escalates_and_resumes(world: World) -> None:
     world.kubelet.inject_env(lambda pod: pod["metadata"]["name"].startswith("oom-a1-"),
                              {"KUBETUNE_FAULT_OOM_AT_STEP": str(CHECKPOINT_STEPS + 1)})
-    await world.apply("oom")
+    # The cheapest serving-rule variant rides along: r 8 above a maxLoraRank of 1 (the adapter is fine for PEFT).
+    await world.apply("oom", serving={"maxLoraRank": 1})
     done = await world.wait_phase("oom", "Succeeded")
+    await eventually(lambda: any(e.get("reason") == "ServingRulesBroken" for e in world.events("oom")), 15,
+                     "the serving Warning Event")
+    [warning] = [e for e in world.events("oom") if e.get("reason") == "ServingRulesBroken"]
+    assert warning["type"] == "Warning" and "RankAboveMax: LoRA rank 8 is above" in warning["message"]
+    served = next(c for c in world.ftj("oom")["status"]["conditions"] if c["type"] == "ServingReady")
+    assert (served["status"], served["reason"]) == ("False", "ServingRulesBroken")
+    assert world.ftj("oom")["status"]["serving"]["ready"] is False
     attempts = done["attempts"]
     assert [a["outcome"] for a in attempts] == ["OutOfMemory", "Succeeded"], attempts
     catalog = load_catalog()

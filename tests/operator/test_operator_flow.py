@@ -263,6 +263,7 @@ async def test_a_first_decision_that_fails_is_retried_before_the_job_has_a_timer
     await cluster.apply(finetunejob("stubborn"))
     status = await cluster.wait_phase("stubborn", "Queued", timeout=30)
     assert status["jobName"] == "stubborn-a1" and len(cluster.jobs()) == 1
+    await eventually(lambda: cluster.events("stubborn"), 5, "the JobCreated event")  # kopf posts it after the status
     assert [e["reason"] for e in cluster.events("stubborn")] == ["JobCreated"]
     await eventually(lambda: "kubetune.io/finalizer" in (cluster.ftj("stubborn")["metadata"].get("finalizers") or []),
                      what="the timer's finalizer once the job is decided")

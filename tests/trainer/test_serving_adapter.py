@@ -80,3 +80,35 @@ def test_an_adapter_on_nothing_servable_fails_before_training(tmp_path: Path, ti
     assert summary["outcome"] == "InvalidInput" and summary["steps"] == 0
     assert summary["error"].startswith("spec.lora.targetModules: NothingServable: the adapter has no LoRA weight")
     assert not (out / "adapter").exists()
+
+
+def test_kubetune_train_reports_the_serving_check(capsys: Any) -> None:
+    from types import SimpleNamespace
+
+    from kubetune_trainer.local import report
+
+    from kubetune.contracts import ServingFinding
+
+    finding = ServingFinding(rule="RankAboveMax", severity="Warning", message="LoRA rank 32 is above 16")
+    for serving, line in (([], "Serving: ready to serve: the adapter meets every serving rule (vLLM, KServe)"),
+                          ([finding], "Serving: Warning RankAboveMax: LoRA rank 32 is above 16")):
+        report(SimpleNamespace(steps=3, final_loss=1.0, first_loss=2.0, adapter_uri="s3://b/a", samples={},
+                               serving=serving), None, 1.0)
+        assert line in capsys.readouterr().out
+
+
+def test_base_modules_from_the_config_or_the_loaded_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from kubetune_trainer.model import load_base
+    from kubetune_trainer.serving_check import base_modules
+    from peft import LoraConfig, get_peft_model
+
+    from kubetune.serving import LINEAR_CLASSES
+
+    meta = base_modules(tiny_model_dir)
+    assert meta["model.layers.1.self_attn.q_proj"] == "Linear" and meta["model.embed_tokens"] == "Embedding"
+    peft_model = get_peft_model(load_base(tiny_model_dir, "lora", torch.device("cpu"), torch.float32),
+                                LoraConfig(r=2, target_modules=["q_proj"]))
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    loaded = base_modules(tmp_path, peft_model)  # transformers cannot build it: read off the loaded model
+    assert LINEAR_CLASSES.search(loaded["model.layers.1.self_attn.q_proj"])
+    assert set(meta) <= set(loaded)

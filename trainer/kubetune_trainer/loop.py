@@ -21,14 +21,14 @@ import random
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from kubetune.contracts import Outcome, ServingFinding, TrainerPhase
+from kubetune.contracts import EvalSummary, Outcome, ServingFinding, TerminationSummary, TrainerPhase
 from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import devices, distributed, faults, fsdp, optimizer_state, serving_check
@@ -54,9 +54,14 @@ COMPLETE = "COMPLETE"
 KEEP_CHECKPOINTS = 2
 
 
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
 @dataclass
 class RunOptions:
-    device: str = "auto"
+    device: Device = "auto"
     metrics_port: int = 0
     termination_log: str | None = None
     prompt: str | None = None  # print the model's answer before and after training (the quickstart)
@@ -80,7 +85,15 @@ class Result:
     samples: dict[str, str] = field(default_factory=dict)
     model_commit: str | None = None  # the hub commit the base model came from
     resumed_from_step: int | None = None  # the checkpoint step this run resumed from (0: the beginning)
+    evaluation: EvalSummary | None = None  # spec.evaluation's summary (kubetune_trainer.evaluate)
     serving: list[ServingFinding] | None = None  # the serving check of the adapter (kubetune.serving)
+
+    @classmethod
+    def from_summary(cls, summary: TerminationSummary) -> Result:
+        """A run's result as its summary tells it (rank 0 of a torchrun launch, read back by the launcher): the
+        fields the two share (TerminationSummary.from_result is the other way)."""
+        told = {f.name: getattr(summary, f.name, None) for f in fields(cls)}
+        return cls(**{name: value for name, value in told.items() if value is not None})
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainerConfig, device: torch.device,
@@ -193,7 +206,7 @@ class Recipe:
         self.options = options
         self.telemetry = telemetry
         self.log = log
-        self.result = Result()
+        self._result = Result()
         self.stop_requested = False
         self.step = 0
         self.total_steps = 0
@@ -209,6 +222,21 @@ class Recipe:
         self.dtype = compute_dtype(self.device, config.knobs.compute_dtype)
         self.storage: Storage = open_storage(self.spec.output.uri, self.spec.output.endpoint_url)
         self.fingerprint = fingerprint(config)
+        self.held_out: tuple[int, float, int] | None = None  # (step, loss, tokens) of the last evaluate()
+        self.prompts: list[str] = []  # spec.evaluation's prompts, read in setup (a bad file fails before training)
+        self.evaluation_files: dict[str, dict[str, Any]] = {}  # eval.json's sha256 and size, for the manifest
+
+    @property
+    def result(self) -> Result:
+        """This run's result so far: its counters as they stand, and what train, evaluate and save set."""
+        result = self._result
+        result.steps, result.total_steps, result.tokens = self.step, self.total_steps, self.tokens_seen
+        result.final_loss, result.model_commit = self.last_loss, self.model_commit
+        return result
+
+    def cleanup(self) -> None:
+        """The run is over, however it ended (after its summary is written): the process group goes down."""
+        distributed.shutdown()
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -233,6 +261,10 @@ class Recipe:
 
         tokenizer = load_tokenizer(model_dir)
         self.train_data, self.eval_data = self.load_data(tokenizer)
+        if spec.evaluation is not None:
+            from kubetune_trainer.evaluate import read_prompts
+
+            self.prompts = read_prompts(spec, Path(tempfile.gettempdir()) / "kubetune-data", self.log)
         self.schedule = data_mod.Schedule(len(self.train_data.rows), knobs.micro_batch_size,
                                           knobs.gradient_accumulation_steps, spec.training.seed)
         self.total_steps = self.schedule.total_steps(spec.training.epochs, spec.training.max_steps)
@@ -387,20 +419,25 @@ class Recipe:
         return self.result
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def held_out_loss(self) -> tuple[float, int]:
+        """Mean token loss over the eval split and the tokens it counted, reduced over every rank (each runs its
+        share of the batches, as in training: the same number of forwards everywhere; FSDP gathers in each)."""
         assert self.eval_data is not None
-        self.telemetry.phase(TrainerPhase.EVALUATING)
         self.model.eval()
         total, count = 0.0, 0
         batches = list(data_mod.iter_batches(self.eval_data.rows, self.config.knobs.micro_batch_size))
-        # each rank its share, as in training: the same number of forwards everywhere (FSDP gathers in each)
         for i, weight in distributed.micro_batches_of(len(batches), self.ranks) if batches else []:
             batch = data_mod.collate(batches[i], self.pad_id)
             total += weight * float(self.loss_sum(self.to_device(batch)))
             count += int(weight) * int((batch["targets"] != data_mod.IGNORE).sum())
         total, counted = distributed.sum_across([total, float(count)], self.ranks)
         self.model.train()
-        loss = total / max(counted, 1)
+        return total / max(counted, 1), int(counted)
+
+    def evaluate(self) -> float:
+        self.telemetry.phase(TrainerPhase.EVALUATING)
+        loss, tokens = self.held_out_loss()
+        self.held_out = (self.step, loss, tokens)  # the adapter's, at this step (kubetune_trainer.evaluate reuses it)
         self.telemetry.record_eval(loss)
         self.result.eval_loss = loss
         self.log.event("eval", f"eval loss {loss:.4f} at step {self.step}", evalLoss=loss, step=self.step)
@@ -557,6 +594,8 @@ class Recipe:
                 "knobs": self.config.knobs.model_dump(by_alias=True),
                 "files": files,
                 "merged": {"uri": self.storage.join(MERGED), "files": merged} if merged else None,
+                "evaluation": {"uri": self.storage.uri, "files": self.evaluation_files} if self.evaluation_files
+                else None,  # eval.json beside adapter/ (kubetune_trainer.evaluate)
                 "serving": [f.model_dump(by_alias=True) for f in findings],
                 "metrics": metrics,
                 "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -571,7 +610,7 @@ class Recipe:
     def check_servable(self) -> None:
         """Before training: an adapter of this spec that no serving engine would apply fails now, not after the
         run (kubetune_trainer.serving_check; exit code 2)."""
-        self.base_modules = serving_check.base_modules(self.loaded.model_dir)
+        self.base_modules = serving_check.base_modules(self.loaded.model_dir, self.model)
         serving_check.judge(serving_check.in_memory_adapter(self.model), self.base_modules, self.spec)
 
     def check_serving(self, folder: Path) -> list[ServingFinding]:
@@ -583,18 +622,22 @@ class Recipe:
         return findings
 
     def save_merged(self, adapter_dir: Path, out: Path) -> tuple[dict[str, dict[str, Any]], int]:
-        """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged."""
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged tensor by tensor and uploaded
+        shard by shard (kubetune_trainer.merge): host memory within about one tensor, disk within one shard."""
+        from kubetune_trainer.merge import stream_merge
 
-        self.log.event("merge", "merging the adapter into a 16-bit copy of the base model")
-        base = AutoModelForCausalLM.from_pretrained(str(self.loaded.model_dir), dtype=torch.bfloat16)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged.save_pretrained(str(out))
+        self.log.event("merge", "merging the adapter into the 16-bit base model, shard by shard")
+        files: dict[str, dict[str, Any]] = {}
+        written = 0
+
+        def emit(path: Path, name: str) -> None:
+            nonlocal written
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            written += self.storage.put_file(path, f"{MERGED}/{name}")
+            path.unlink()  # uploaded: the next shard reuses the disk
+
+        stream_merge(self.loaded.model_dir, adapter_dir, out, emit, dtype=torch.bfloat16)
         self.loaded.tokenizer.save_pretrained(str(out))
-        files, written = {}, 0
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
-            rel = path.relative_to(out).as_posix()
-            written += self.storage.put_file(path, f"{MERGED}/{rel}")
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        return files, written
+            emit(path, path.relative_to(out).as_posix())
+        return dict(sorted(files.items())), written
