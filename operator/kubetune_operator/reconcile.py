@@ -264,7 +264,7 @@ def _spec_change(job: _Job) -> None:
 def _restart_gang(job: _Job, outcome: st.Outcome, attempts: list[dict[str, Any]]) -> bool:
     """A failed multi-node attempt is retried as a whole (a lone replacement pod cannot rejoin a running group):
     unless its input was bad, while the failed attempts so far are fewer than the Job backoff limit."""
-    if not outcome.gang or outcome.exit_code == ExitCode.BAD_INPUT:
+    if not outcome.gang or outcome.exit_code in (ExitCode.BAD_INPUT, ExitCode.NO_GPU):
         return False
     return sum(1 for a in attempts if a.get("outcome") == AttemptOutcome.FAILED) < job.snap.settings.backoff_limit
 
@@ -362,7 +362,7 @@ def _follow(job: _Job) -> None:
         if job.status.get("jobName") == name:  # no node for it yet: this attempt is over all the same
             job.set(jobName=None)
     elif outcome.state == "Failed":
-        job.write(phase=Phase.FAILED, reason=Reason.TRAINING_FAILED, message=outcome.message,
+        job.write(phase=Phase.FAILED, reason=st.failed_reason(outcome.exit_code), message=outcome.message,
                   attempts=with_attempt(attempts, number, outcome=AttemptOutcome.FAILED, message=outcome.message,
                                         finishedAt=snap.now))
     elif outcome.state == "Suspended":

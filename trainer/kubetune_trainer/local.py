@@ -55,7 +55,7 @@ def usable_memory(device_type: str, ranks: int = 1) -> tuple[int, str | None]:
     shared by `ranks` processes that each hold a full copy (DDP)."""
     import torch
 
-    if device_type == "cuda":
+    if device_type == "cuda":  # the GPU's memory; a CPU's share of free RAM (tests: test_train.py, the CPU path)
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return int(props.total_memory * 0.92), props.name
     import psutil
