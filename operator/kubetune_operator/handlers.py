@@ -27,12 +27,12 @@ import kopf
 
 from kubetune import quota, wire
 from kubetune.contracts import TERMINAL_PHASES, TrainerStatus
-from kubetune.errors import SpecError
+from kubetune.errors import HubUnreachable, SpecError
 from kubetune.planning.gpus import GpuCatalog
-from kubetune.planning.hub_config import HubUnreachable
-from kubetune.planning.models import Architecture, model_architecture
+from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Inventory, NodeInfo, Supply, node_info, pod_gpus, supply_of
 from kubetune.planning.plan import Plan, make_plan
+from kubetune.sources import model_architecture
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
 from kubetune_operator import resources, scaleout, trust
 from kubetune_operator import status as st
@@ -308,9 +308,7 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
     rt.phases[uid] = (rt.written.get(uid) or snap.status).get("phase") or "Pending"
     for event in actions.events:
         kopf.event(dict(snap.body), type=event.type, reason=event.reason.value, message=event.message)  # type: ignore[arg-type]
-    for counter, labels in actions.counters:
-        metric = rt.metrics.placement_failures if counter == "placement_failures" else rt.metrics.oom_escalations
-        metric.labels(*labels).inc()
+    rt.metrics.count(actions.counters)
 
 
 # --- what triggers a reconcile -----------------------------------------------------------------------------

@@ -26,9 +26,8 @@ from typing import Any, Literal
 
 from kubetune import serving
 from kubetune.contracts import TERMINAL_PHASES, ExitCode, Phase, Reason, TerminationSummary, TrainerStatus
-from kubetune.errors import PlanError, SpecError
+from kubetune.errors import HubUnreachable, PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
-from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.placement import Inventory, place
 from kubetune.planning.plan import Plan
 from kubetune.quota import Ask, Limits, Usage, decide
@@ -55,7 +54,6 @@ class Snapshot:
     planner: Planner  # make_plan against the cluster's supply (the handlers cache it)
     now: str
     trainer_status: TrainerStatus | None = None  # the running trainer's /status, when the timer polled it
-    polled: bool = False  # the timer polled (a /status that did not answer leaves progress as it is)
     child_conflict: str | None = None  # creating a child met an object of that name that is not ours
     jobset_api: str | None = None  # the cluster serves JobSets (scaleout.jobset_api): multi-node attempts use one
     quota: Limits | None = None  # the namespace's quota (kubetune.quota), if the platform set one

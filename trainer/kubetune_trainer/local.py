@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kubetune.errors import SpecError
-from kubetune.planning.models import model_architecture
 from kubetune.planning.plan import local_knobs
+from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJob, FineTuneJobSpec, parse_spec
 from kubetune.trainer_config import JobRef, TrainerConfig
 from kubetune.wire import CONFIG_FILE
