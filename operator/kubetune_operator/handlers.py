@@ -1,12 +1,17 @@
 """kopf handlers: thin glue around `reconcile()` (reconcile.py). Read, reconcile, apply.
 
 - Indexes keep the cluster as the watches see it: GPU nodes, the GPUs pods hold, trainer Jobs and pods, and
-  the FineTuneJobs themselves. kopf passes them to every handler as arguments; placement costs no request.
-- A FineTuneJob event (except echoes: of our own status write, of kopf's finalizer), a trainer pod event (for
-  its FineTuneJob), and a `@kopf.timer` every `poll_interval` seconds (which also polls a running trainer's
-  /status, re-plans Pending jobs against the current inventory, and notices Job-level changes) each run one
-  reconcile. The timer starts once a job's first decision is written (`_followed`).
-- Every path runs inside kopf's handler context, so every transition's Event is posted (`kopf.event`).
+  the FineTuneJobs themselves, each slimmed to what a decision reads (slim.py). kopf passes them to every
+  handler as arguments; placement costs no request.
+- Events drive every reconcile: a FineTuneJob event (except echoes of our own status write), a trainer pod
+  event, a trainer Job or JobSet event that says something (a condition, a suspend) for its FineTuneJob.
+- One operator-level task (`resync`, started by a startup handler, not a timer per object) wakes every
+  `poll_interval` seconds: it plans Pending (and undecided) jobs again against the current inventory and polls
+  Running trainers' /status for progress; Queued and Suspended jobs are re-read every RESYNC_TICKS wake-ups as a
+  safety net for a missed event. A finished job (`slim.settled`) costs nothing but its index entry: no task, no
+  periodic work, no finalizer.
+- Events (kubectl describe) are posted by the reconcile itself before the status patch that records the
+  transition, so an operator killed in between posts it again on restart rather than never.
 
 State that is not in the cluster lives in `Runtime` (kopf's `memo`): the status each job was last written
 with (the watch lags), per-job locks, and caches. All of it is rebuilt from the cluster on restart.
@@ -25,7 +30,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from kubetune.contracts import TERMINAL_PHASES, TrainerStatus
+from kubetune.contracts import TrainerStatus
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.hub_config import HubUnreachable
@@ -33,7 +38,7 @@ from kubetune.planning.models import Architecture, model_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, Supply, node_info, pod_gpus, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
-from kubetune_operator import resources, scaleout, trust
+from kubetune_operator import resources, scaleout, slim, trust
 from kubetune_operator import status as st
 from kubetune_operator.kube import ApiError, Kube, NotOurs
 from kubetune_operator.metrics import Metrics
@@ -42,8 +47,9 @@ from kubetune_operator.settings import Settings
 
 FTJ = (API_GROUP, API_VERSION, PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
-FINALIZER = "kubetune.io/finalizer"  # kopf's, for the per-job timer (main.kopf_settings)
-FIRST_DECISION_RETRIES = 5  # poll intervals apart: a job's first reconcile, before its timer exists
+FINALIZER = "kubetune.io/finalizer"  # set by operators before 0.x's per-job timer; kopf removes it (main.py)
+RESYNC_TICKS = 6  # Queued and Suspended jobs are re-read every RESYNC_TICKS poll intervals (events follow them)
+RESYNC_CONCURRENCY = 32  # reconciles one resync wake-up runs at once
 DISCOVERY_SECONDS = 60.0
 JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"  # the JobSet controller's label on its Jobs and pods
 JOB_NAME = "batch.kubernetes.io/job-name"  # the Job controller's label on its pods
@@ -68,6 +74,13 @@ class Runtime:
     archs: dict[tuple[str | None, str | None], Architecture | SpecError | HubUnreachable] = field(default_factory=dict)
     jobset_api: str | None = None  # the cluster serves JobSets (discovery, at login and every DISCOVERY_SECONDS)
     jobset_checked: float | None = None  # time.monotonic() of that discovery
+    indexes: Mapping[str, Any] | None = None  # kopf's indexes (live views), as the first handler call got them
+    resync_task: asyncio.Task[None] | None = None  # the operator's one periodic task (start_resync)
+
+    def forget(self, uid: str, *, phase: bool = True) -> None:
+        """Drop a job's working state: when it is deleted, or once it is settled (its phase stays counted)."""
+        for cache in (self.written, self.locks, self.seen, *((self.phases,) if phase else ())):
+            cache.pop(uid, None)
 
     async def discover(self, force: bool = False) -> None:
         """Whether the cluster serves JobSets (`GET /apis/jobset.x-k8s.io`; scaleout decides from the answer):
@@ -138,11 +151,6 @@ class Runtime:
         return plan
 
 
-def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A shallow copy of a watched body's top level (kopf hands each event new dicts; nothing here mutates)."""
-    return {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
-
-
 def _essence(body: Mapping[str, Any]) -> tuple[Any, ...]:
     """What a FineTuneJob event can bring that a reconcile reads, besides status: its spec (by generation) and
     labels (the Kueue queue). An event that changes neither nor the status is an echo (of a status write, or of
@@ -173,15 +181,15 @@ async def trainer_pods(namespace: str | None, labels: Mapping[str, str], body: k
     if not workload:
         attempt = int(labels.get(resources.LABEL_ATTEMPT, "0") or 0)
         workload = resources.child_name(labels.get(resources.LABEL_JOB, ""), attempt)
-    return {(namespace, workload): _plain(body)}
+    return {(namespace, workload): slim.pod(body)}
 
 
 async def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): _plain(body)}
+    return {(namespace, name): slim.workload(body)}
 
 
 async def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, resources.job_label(name)): _plain(body)}  # children find it by their label value
+    return {(namespace, resources.job_label(name)): slim.finetunejob(body)}  # children find it by their label
 
 
 def inventory(gpu_nodes: kopf.Index[str, NodeInfo], gpu_pods: kopf.Index[str, int]) -> Inventory:
@@ -275,6 +283,8 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
     if actions.suspend_job is not None:
         await rt.kube.set_job_suspend(snap.body["metadata"]["namespace"], *actions.suspend_job,
                                       kind=(snap.trainer_job or {}).get("kind") or "Job")
+    for event in actions.events:  # before the status that records the transition: a kill in between repeats it
+        await rt.kube.post_event(snap.body, event.type, event.reason.value, event.message, snap.now)
     if actions.status:
         meta = snap.body["metadata"]
         updated = await rt.kube.patch_status(meta["namespace"], meta["name"], actions.status)
@@ -282,8 +292,6 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
             return  # the FineTuneJob is gone
         rt.written[uid] = dict(updated.get("status") or {})
     rt.phases[uid] = (rt.written.get(uid) or snap.status).get("phase") or "Pending"
-    for event in actions.events:
-        kopf.event(dict(snap.body), type=event.type, reason=event.reason.value, message=event.message)  # type: ignore[arg-type]
     for counter, labels in actions.counters:
         metric = rt.metrics.placement_failures if counter == "placement_failures" else rt.metrics.oom_escalations
         metric.labels(*labels).inc()
@@ -294,40 +302,103 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
 async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, memo: kopf.Memo,
                          **indexes: Any) -> None:
     rt: Runtime = memo.kubetune
+    rt.indexes = indexes
     if event.get("type") == "DELETED":
-        for cache in (rt.written, rt.locks, rt.phases, rt.seen):
-            cache.pop(uid, None)
+        rt.forget(uid)
         return
-    plain = _plain(body)
-    rt.phases.setdefault(uid, (plain.get("status") or {}).get("phase") or "Pending")
-    if rt.seen.get(uid) == _essence(plain) and (plain.get("status") or {}) == rt.written.get(uid):
-        return  # the echo of this operator's own status write, or kopf's finalizer: nothing new to decide
-    for retry in range(FIRST_DECISION_RETRIES + 1):
-        if await run_reconcile(plain, rt, indexes, source="finetunejob") or \
-                _followed(rt.written.get(uid) or plain.get("status") or {}):
-            return
-        if retry < FIRST_DECISION_RETRIES:  # no timer yet for an undecided job (see _followed): retry here
-            await asyncio.sleep(rt.settings.poll_interval)
-    log.error(f"gave up deciding {body.meta.get('namespace')}/{body.meta.get('name')} after "
-              f"{FIRST_DECISION_RETRIES + 1} tries; any change to it (or an operator restart) tries again")
+    watched = slim.finetunejob(body)
+    status = rt.written.get(uid) or watched["status"]
+    rt.phases.setdefault(uid, status.get("phase") or "Pending")
+    if slim.settled(status, watched["metadata"].get("generation")):
+        if slim.settled(watched["status"], watched["metadata"].get("generation")):
+            rt.forget(uid, phase=False)  # the watch has caught up with the last write: nothing left to hold
+        return  # finished and unchanged: nothing to decide, nothing to follow
+    if rt.seen.get(uid) == _essence(watched) and watched["status"] == rt.written.get(uid):
+        return  # the echo of this operator's own status write: nothing new to decide
+    await run_reconcile(watched, rt, indexes, source="finetunejob")  # a failure: the next resync tries again
+
+
+def _parent(rt: Runtime, indexes: Mapping[str, Any], namespace: str | None, label: str) -> Mapping[str, Any] | None:
+    """The FineTuneJob a trainer Job or pod belongs to (by its label), unless it has none or is settled."""
+    parent = _first(indexes["finetunejobs"], (namespace, label))
+    if parent is None:
+        return None
+    meta = parent.get("metadata") or {}
+    status = rt.written.get(meta.get("uid", "")) or parent.get("status") or {}
+    if not status.get("jobName") or slim.settled(status, meta.get("generation")):
+        return None
+    return parent
 
 
 async def on_trainer_pod(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **indexes: Any) -> None:
-    parent = _first(indexes["finetunejobs"], (namespace, labels.get(resources.LABEL_JOB, "")))
-    if parent is not None and (parent.get("status") or {}).get("jobName"):
-        await run_reconcile(parent, memo.kubetune, indexes, source="trainer")
+    rt: Runtime = memo.kubetune
+    rt.indexes = indexes
+    parent = _parent(rt, indexes, namespace, labels.get(resources.LABEL_JOB, ""))
+    if parent is not None:
+        await run_reconcile(parent, rt, indexes, source="trainer")
 
 
-async def on_timer(body: kopf.Body, memo: kopf.Memo, **indexes: Any) -> None:
-    """Every poll_interval: re-plan and place Pending jobs, poll running trainers, see Job-level changes."""
-    await run_reconcile(_plain(body), memo.kubetune, indexes, poll=True, source="timer")
+def _says_something(body: Mapping[str, Any]) -> bool:
+    """A trainer Job or JobSet event a reconcile can act on: suspended (Kueue, spec.suspend) or a condition
+    (Complete, Failed, Suspended...). A Job just created, or one whose pods come and go, says nothing: its
+    pods' own events follow those."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return bool((body.get("spec") or {}).get("suspend")) or any(c.get("status") == "True" for c in conditions)
 
 
-def _followed(status: Mapping[str, Any], **_: Any) -> bool:
-    """The timer runs for jobs decided (a phase written) and not finished. Not before the first decision: kopf
-    adds the timer's finalizer with a resourceVersion-guarded patch, which the first status write would always
-    break (a failed PATCH and a retry per job); on the echo of that write it lands at once."""
-    return status.get("phase") is not None and status.get("phase") not in TERMINAL_PHASES
+async def on_trainer_job(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo,
+                         **indexes: Any) -> None:
+    rt: Runtime = memo.kubetune
+    rt.indexes = indexes
+    if _says_something(body):
+        parent = _parent(rt, indexes, namespace, labels.get(resources.LABEL_JOB, ""))
+        if parent is not None:
+            await run_reconcile(parent, rt, indexes, source="trainer")
+
+
+def due(status: Mapping[str, Any], generation: Any, tick: int) -> bool:
+    """Whether resync wake-up number `tick` reconciles a job: undecided, Pending (plan and place again) and
+    Running (poll the trainer's /status) jobs every time; Queued and Suspended ones every RESYNC_TICKS (their
+    Job and pod events follow them); settled ones never."""
+    if slim.settled(status, generation):
+        return False
+    return status.get("phase") in (None, "Pending", "Running") or tick % RESYNC_TICKS == 0
+
+
+async def resync_once(rt: Runtime, tick: int) -> int:
+    """One wake-up of the resync task: the due jobs' reconciles, RESYNC_CONCURRENCY at a time."""
+    if rt.indexes is None:
+        return 0  # no FineTuneJob seen yet
+    indexes = rt.indexes
+    bodies = [body for _, store in indexes["finetunejobs"].items() for body in store]
+    chosen = [b for b in bodies if due(rt.written.get(b["metadata"].get("uid", "")) or b.get("status") or {},
+                                       b["metadata"].get("generation"), tick)]
+    gate = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
+    async def one(body: Mapping[str, Any]) -> None:
+        async with gate:
+            await run_reconcile(body, rt, indexes, source="resync", poll=True)
+
+    await asyncio.gather(*(one(body) for body in chosen))
+    return len(chosen)
+
+
+async def resync(rt: Runtime) -> None:
+    """The operator's one periodic task: a resync_once every poll_interval seconds, for as long as it runs."""
+    tick = 0
+    while True:
+        await asyncio.sleep(rt.settings.poll_interval)
+        tick += 1
+        try:
+            await resync_once(rt, tick)
+        except Exception:
+            log.exception("resync failed; it runs again in the next interval")
+
+
+async def start_resync(memo: kopf.Memo, **_: Any) -> None:
+    rt: Runtime = memo.kubetune
+    if rt.resync_task is None or rt.resync_task.done():
+        rt.resync_task = asyncio.create_task(resync(rt), name="kubetune-resync")
 
 
 async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -348,6 +419,11 @@ async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 
 async def close(memo: kopf.Memo, **_: Any) -> None:
     rt: Runtime = memo.kubetune
+    if rt.resync_task is not None:
+        rt.resync_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rt.resync_task
+        rt.resync_task = None
     if rt.kube is not None:
         await rt.kube.close()
 
@@ -355,6 +431,7 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     """Register the handlers on `registry` (tests run several operators, each with its own registry)."""
     kopf.on.login(registry=registry, id="login")(login)
+    kopf.on.startup(registry=registry, id="resync")(start_resync)
     kopf.on.cleanup(registry=registry, id="close")(close)
     kopf.index("", "v1", "nodes", id="gpu_nodes", registry=registry)(gpu_nodes)
     kopf.index("", "v1", "pods", id="gpu_pods", registry=registry)(gpu_pods)
@@ -366,5 +443,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index(*FTJ, id="finetunejobs", registry=registry)(finetunejobs)
     kopf.on.event(*FTJ, id="finetunejob", registry=registry)(on_finetunejob)
     kopf.on.event("", "v1", "pods", labels=MANAGED, id="trainer_pod", registry=registry)(on_trainer_pod)
-    kopf.timer(*FTJ, id="timer", interval=settings.poll_interval, initial_delay=settings.poll_interval,
-               when=_followed, registry=registry)(on_timer)
+    kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="trainer_job", registry=registry)(on_trainer_job)
+    kopf.on.event(scaleout.JOBSET_GROUP, scaleout.JOBSET_VERSION, "jobsets", labels=MANAGED, id="trainer_jobset",
+                  registry=registry)(on_trainer_job)
