@@ -324,7 +324,7 @@ async def suite(args: argparse.Namespace, source: Path | None) -> dict[str, Any]
     if args.resident:
         out["resident"] = []
         for size in [0, *args.resident]:
-            out["resident"].append(await run_resident(size, args.idle, source))
+            out["resident"].append(await run_resident(size, args.idle, source, args.relist_limit))
             report_resident(out["resident"][-1], out["resident"][0]["rss"]["VmRSS"] if size else None)
     if args.jobs:
         out["bursts"] = []
@@ -406,7 +406,8 @@ async def quiet(op: Operator, share: float = 0.2, polls: int = 2, limit: float =
     return since
 
 
-async def run_resident(resident: int, idle: float, source: Path | None = None) -> dict[str, Any]:
+async def run_resident(resident: int, idle: float, source: Path | None = None, limit: float = 300.0
+                       ) -> dict[str, Any]:
     """`resident` FineTuneJobs (with ConfigMap, Job, pod) already in the cluster when the operator starts: its
     relist (time, writes), then its RSS and its CPU over `idle` seconds with nothing happening."""
     async with emulator(cluster_nodes()) as (api, url):
@@ -417,7 +418,7 @@ async def run_resident(resident: int, idle: float, source: Path | None = None) -
             try:
                 await watching(api, op)
                 listed = time.perf_counter()
-                settled = await quiet(op)
+                settled = await quiet(op, limit=limit)
                 writes = {k: v - before.get(k, 0) for k, v in api.counts.items()
                           if k[0] in WRITES and v - before.get(k, 0)}
                 rss = memory_kib(op.pid)
@@ -440,7 +441,8 @@ def report_resident(r: dict[str, Any], empty_kib: int | None) -> None:
         if empty_kib is not None and r["resident"] else ""
     print(f"Resident: {r['resident']} FineTuneJobs ({r['resident'] // QUEUED_EVERY} Queued, the rest Succeeded), "
           f"each with its ConfigMap, Job and pod")
-    print(f"  relist at start: {r['relist_s']:.1f} s until the operator's CPU went quiet; writes: {writes} "
+    print(f"  relist at start: {r['relist_s']:.1f} s until the operator's CPU went quiet (or the limit); "
+          f"writes: {writes} "
           f"{dict(sorted(r['relist_writes'].items())) or ''}")
     print(f"  operator RSS {rss / 1024:.0f} MiB (peak {r['rss']['VmHWM'] / 1024:.0f} MiB){per_job}; "
           f"{r['rss_after_idle']['VmRSS'] / 1024:.0f} MiB after the idle stretch")
@@ -458,6 +460,8 @@ if __name__ == "__main__":
                         help="comma-separated counts of FineTuneJobs already in the cluster (e.g. 2000,5000,10000): "
                              "relist time and writes, RSS, idle CPU (an empty cluster runs first)")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle CPU measured per resident run")
+    parser.add_argument("--relist-limit", type=float, default=300.0,
+                        help="seconds a resident run waits for the relist to go quiet before measuring anyway")
     parser.add_argument("--kill", type=int, default=0,
                         help="a burst of this many, the operator SIGKILLed and restarted halfway (0: off)")
     sys.exit(asyncio.run(main(parser.parse_args())))

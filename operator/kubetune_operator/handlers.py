@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -35,24 +37,24 @@ from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.models import Architecture, model_architecture
-from kubetune.planning.placement import Inventory, NodeInfo, Supply, node_info, pod_gpus, supply_of
+from kubetune.planning.placement import Inventory, Supply, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
-from kubetune_operator import resources, scaleout, slim, trust
+from kubetune_operator import resources, scaleout, slim
 from kubetune_operator import status as st
+from kubetune_operator.cache import Cache
 from kubetune_operator.kube import ApiError, Kube, NotOurs
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.reconcile import Actions, Snapshot, reconcile
 from kubetune_operator.settings import Settings
 
 FTJ = (API_GROUP, API_VERSION, PLURAL)
-MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED = {MANAGED_BY: "kubetune"}
 FINALIZER = "kubetune.io/finalizer"  # set by operators before 0.x's per-job timer; kopf removes it (main.py)
 RESYNC_TICKS = 6  # Queued and Suspended jobs are re-read every RESYNC_TICKS poll intervals (events follow them)
 RESYNC_CONCURRENCY = 32  # reconciles one resync wake-up runs at once
 DISCOVERY_SECONDS = 60.0
-JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"  # the JobSet controller's label on its Jobs and pods
-JOB_NAME = "batch.kubernetes.io/job-name"  # the Job controller's label on its pods
 log = logging.getLogger("kubetune.operator")
 
 
@@ -65,6 +67,7 @@ class Runtime:
     catalog: GpuCatalog
     login: Callable[..., Any] | None = None  # a test's login handler (None: in-cluster or kubeconfig)
     kube: Kube | None = None
+    cache: Cache = field(default_factory=Cache)  # the cluster as the watches see it
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> status as last written
     seen: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # uid -> what its last reconcile read (_essence)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # uid -> serializes reconciles of one job
@@ -74,7 +77,6 @@ class Runtime:
     archs: dict[tuple[str | None, str | None], Architecture | SpecError | HubUnreachable] = field(default_factory=dict)
     jobset_api: str | None = None  # the cluster serves JobSets (discovery, at login and every DISCOVERY_SECONDS)
     jobset_checked: float | None = None  # time.monotonic() of that discovery
-    indexes: Mapping[str, Any] | None = None  # kopf's indexes (live views), as the first handler call got them
     resync_task: asyncio.Task[None] | None = None  # the operator's one periodic task (start_resync)
 
     def forget(self, uid: str, *, phase: bool = True) -> None:
@@ -159,42 +161,12 @@ def _essence(body: Mapping[str, Any]) -> tuple[Any, ...]:
     return meta.get("generation"), tuple(sorted((meta.get("labels") or {}).items()))
 
 
-def _first(index: kopf.Index[Any, Any], key: Any) -> Any:
-    return next(iter(index.get(key, [])), None)
+# --- the cache: the cluster as the watches see it (cache.py) -----------------------------------------------
 
-
-# --- indexes: the cluster as the watches see it (async: kopf runs sync handlers in a thread pool) -----------
-
-async def gpu_nodes(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo] | None:
-    info = node_info(body)
-    return {name: info} if info.allocatable_gpus > 0 else None
-
-
-async def gpu_pods(body: kopf.Body, **_: Any) -> dict[str, int] | None:
-    node, gpus = pod_gpus(body)
-    return {node: gpus} if node and gpus else None
-
-
-async def trainer_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    """Keyed by the workload the pod says it belongs to (its JobSet, else its Job); trust checks owners later."""
-    workload = labels.get(JOBSET_NAME) or labels.get(JOB_NAME)
-    if not workload:
-        attempt = int(labels.get(resources.LABEL_ATTEMPT, "0") or 0)
-        workload = resources.child_name(labels.get(resources.LABEL_JOB, ""), attempt)
-    return {(namespace, workload): slim.pod(body)}
-
-
-async def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): slim.workload(body)}
-
-
-async def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, resources.job_label(name)): slim.finetunejob(body)}  # children find it by their label
-
-
-def inventory(gpu_nodes: kopf.Index[str, NodeInfo], gpu_pods: kopf.Index[str, int]) -> Inventory:
-    nodes = [info for _, store in gpu_nodes.items() for info in store]
-    return Inventory(tuple(nodes), {node: sum(store) for node, store in gpu_pods.items()})
+async def on_node(event: Mapping[str, Any], name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    cache: Cache = memo.kubetune.cache
+    cache.saw(event)
+    cache.node(event.get("type") == "DELETED", name, body)
 
 
 # --- read, reconcile, apply ---------------------------------------------------------------------------------
@@ -213,8 +185,7 @@ async def poll_trainer(ip: str | None, port: int | None, timeout: float) -> Trai
     return TrainerStatus.parse(data)
 
 
-async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any], *, source: str,
-                        poll: bool = False) -> bool:
+async def run_reconcile(body: Mapping[str, Any], rt: Runtime, *, source: str, poll: bool = False) -> bool:
     """One reconcile of one FineTuneJob; False when it failed (logged: the next event or timer retries)."""
     meta = body.get("metadata") or {}
     uid = meta.get("uid", "")
@@ -223,7 +194,7 @@ async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[s
     started, result = time.perf_counter(), "error"
     try:
         async with rt.locks.setdefault(uid, asyncio.Lock()):
-            snap = await read(body, rt, indexes, poll=poll)
+            snap = await read(body, rt, poll=poll)
             await apply(snap, reconcile(snap), rt, uid)
             rt.seen[uid] = _essence(body)
         result = "ok"
@@ -236,14 +207,14 @@ async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[s
     return result == "ok"
 
 
-async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any], *, poll: bool) -> Snapshot:
+async def read(body: Mapping[str, Any], rt: Runtime, *, poll: bool) -> Snapshot:
     """The snapshot: spec and metadata from the watch; status as this operator last wrote it (the watch lags)."""
     namespace = (body.get("metadata") or {}).get("namespace")
     status = rt.written.get((body.get("metadata") or {}).get("uid", "")) or body.get("status") or {}
     name = status.get("jobName")
     uid = (body.get("metadata") or {}).get("uid")
-    trainer, pods = workload(indexes, namespace, name, uid) if name else (None, ())
-    cluster = inventory(indexes["gpu_nodes"], indexes["gpu_pods"])
+    trainer, pods = rt.cache.workload(namespace, name, uid) if name else (None, ())
+    cluster = rt.cache.inventory()
     await rt.prefetch(body.get("spec") or {})
     await rt.discover()
     trainer_status = None
@@ -257,17 +228,12 @@ async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any],
                     trainer_status=trainer_status, jobset_api=rt.jobset_api)
 
 
-def workload(indexes: Mapping[str, Any], namespace: str | None, name: str, owner_uid: str | None
-             ) -> tuple[Mapping[str, Any] | None, tuple[Mapping[str, Any], ...]]:
-    """The attempt's Job or JobSet, if this FineTuneJob controls it, and the pods it controls (a JobSet's through
-    its child Jobs, which the trainer_jobs index holds too: they carry the trainer labels)."""
-    found = _first(indexes["trainer_jobs"], (namespace, name)) or _first(indexes["trainer_jobsets"], (namespace, name))
-    trainer = trust.trusted_job(found, owner_uid)
-    pods = indexes["trainer_pods"].get((namespace, name), [])
-    if trainer is not None and trainer.get("kind") == "JobSet":
-        jobs = [_first(indexes["trainer_jobs"], (namespace, job)) for job in scaleout.jobset_job_names(trainer)]
-        return trainer, trust.trusted_jobset_pods(trainer, [j for j in jobs if j is not None], pods)
-    return trainer, trust.trusted_pods(trainer, pods)
+def event_name(snap: Snapshot, reason: str, number: int) -> str:
+    """An Event's name, the same each time one transition is decided: from the job's uid and the status it
+    was decided from (a restart between the Event and the status patch decides it again from that status)."""
+    meta = snap.body["metadata"]
+    source = json.dumps([meta.get("uid"), snap.status, reason, number], sort_keys=True, default=str)
+    return f"{resources.short_name(meta['name'], 63 - 17)}.{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
 
 async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None:
@@ -283,8 +249,9 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
     if actions.suspend_job is not None:
         await rt.kube.set_job_suspend(snap.body["metadata"]["namespace"], *actions.suspend_job,
                                       kind=(snap.trainer_job or {}).get("kind") or "Job")
-    for event in actions.events:  # before the status that records the transition: a kill in between repeats it
-        await rt.kube.post_event(snap.body, event.type, event.reason.value, event.message, snap.now)
+    for number, event in enumerate(actions.events):  # before the status that records the transition
+        await rt.kube.post_event(snap.body, event.type, event.reason.value, event.message, snap.now,
+                                 event_name(snap, event.reason.value, number))
     if actions.status:
         meta = snap.body["metadata"]
         updated = await rt.kube.patch_status(meta["namespace"], meta["name"], actions.status)
@@ -299,29 +266,34 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
 
 # --- what triggers a reconcile -----------------------------------------------------------------------------
 
-async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, memo: kopf.Memo,
-                         **indexes: Any) -> None:
+async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, namespace: str | None, name: str, uid: str,
+                         memo: kopf.Memo, **_: Any) -> None:
     rt: Runtime = memo.kubetune
-    rt.indexes = indexes
-    if event.get("type") == "DELETED":
+    rt.cache.saw(event)
+    deleted = event.get("type") == "DELETED"
+    watched = slim.finetunejob(body)
+    rt.cache.put(rt.cache.finetunejobs, deleted, (namespace, resources.job_label(name)), watched)
+    if deleted:
         rt.forget(uid)
         return
-    watched = slim.finetunejob(body)
     status = rt.written.get(uid) or watched["status"]
     rt.phases.setdefault(uid, status.get("phase") or "Pending")
     if slim.settled(status, watched["metadata"].get("generation")):
         if slim.settled(watched["status"], watched["metadata"].get("generation")):
             rt.forget(uid, phase=False)  # the watch has caught up with the last write: nothing left to hold
         return  # finished and unchanged: nothing to decide, nothing to follow
+    if not rt.cache.listed:
+        return  # the resync task's first pass decides, once the whole cluster is listed
     if rt.seen.get(uid) == _essence(watched) and watched["status"] == rt.written.get(uid):
         return  # the echo of this operator's own status write: nothing new to decide
-    await run_reconcile(watched, rt, indexes, source="finetunejob")  # a failure: the next resync tries again
+    await run_reconcile(watched, rt, source="finetunejob")  # a failure: the next resync tries again
 
 
-def _parent(rt: Runtime, indexes: Mapping[str, Any], namespace: str | None, label: str) -> Mapping[str, Any] | None:
-    """The FineTuneJob a trainer Job or pod belongs to (by its label), unless it has none or is settled."""
-    parent = _first(indexes["finetunejobs"], (namespace, label))
-    if parent is None:
+def _parent(rt: Runtime, namespace: str | None, labels: Mapping[str, str]) -> Mapping[str, Any] | None:
+    """The FineTuneJob a trainer Job or pod belongs to (by its label), unless it has none, is settled, or the
+    initial listing is still coming in."""
+    parent = rt.cache.finetunejobs.get((namespace, labels.get(resources.LABEL_JOB, "")))
+    if parent is None or not rt.cache.listed:
         return None
     meta = parent.get("metadata") or {}
     status = rt.written.get(meta.get("uid", "")) or parent.get("status") or {}
@@ -330,12 +302,15 @@ def _parent(rt: Runtime, indexes: Mapping[str, Any], namespace: str | None, labe
     return parent
 
 
-async def on_trainer_pod(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **indexes: Any) -> None:
+async def on_pod(event: Mapping[str, Any], body: kopf.Body, namespace: str | None, uid: str,
+                 labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    """Every pod: the GPUs it holds (placement); a trainer pod's state (its FineTuneJob's reconcile)."""
     rt: Runtime = memo.kubetune
-    rt.indexes = indexes
-    parent = _parent(rt, indexes, namespace, labels.get(resources.LABEL_JOB, ""))
+    rt.cache.saw(event)
+    rt.cache.pod(event.get("type") == "DELETED", uid, namespace, labels, body)
+    parent = _parent(rt, namespace, labels) if labels.get(MANAGED_BY) == "kubetune" else None
     if parent is not None:
-        await run_reconcile(parent, rt, indexes, source="trainer")
+        await run_reconcile(parent, rt, source="trainer")
 
 
 def _says_something(body: Mapping[str, Any]) -> bool:
@@ -346,14 +321,15 @@ def _says_something(body: Mapping[str, Any]) -> bool:
     return bool((body.get("spec") or {}).get("suspend")) or any(c.get("status") == "True" for c in conditions)
 
 
-async def on_trainer_job(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo,
-                         **indexes: Any) -> None:
+async def on_trainer_job(event: Mapping[str, Any], body: kopf.Body, namespace: str | None, name: str,
+                         labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
     rt: Runtime = memo.kubetune
-    rt.indexes = indexes
-    if _says_something(body):
-        parent = _parent(rt, indexes, namespace, labels.get(resources.LABEL_JOB, ""))
-        if parent is not None:
-            await run_reconcile(parent, rt, indexes, source="trainer")
+    rt.cache.saw(event)
+    store = rt.cache.jobsets if body.get("kind") == "JobSet" else rt.cache.jobs
+    rt.cache.put(store, event.get("type") == "DELETED", (namespace, name), slim.workload(body))
+    parent = _parent(rt, namespace, labels) if _says_something(body) else None
+    if parent is not None:
+        await run_reconcile(parent, rt, source="trainer")
 
 
 def due(status: Mapping[str, Any], generation: Any, tick: int) -> bool:
@@ -367,24 +343,24 @@ def due(status: Mapping[str, Any], generation: Any, tick: int) -> bool:
 
 async def resync_once(rt: Runtime, tick: int) -> int:
     """One wake-up of the resync task: the due jobs' reconciles, RESYNC_CONCURRENCY at a time."""
-    if rt.indexes is None:
-        return 0  # no FineTuneJob seen yet
-    indexes = rt.indexes
-    bodies = [body for _, store in indexes["finetunejobs"].items() for body in store]
+    bodies = list(rt.cache.finetunejobs.values())
     chosen = [b for b in bodies if due(rt.written.get(b["metadata"].get("uid", "")) or b.get("status") or {},
                                        b["metadata"].get("generation"), tick)]
     gate = asyncio.Semaphore(RESYNC_CONCURRENCY)
 
     async def one(body: Mapping[str, Any]) -> None:
         async with gate:
-            await run_reconcile(body, rt, indexes, source="resync", poll=True)
+            await run_reconcile(body, rt, source="resync", poll=True)
 
     await asyncio.gather(*(one(body) for body in chosen))
     return len(chosen)
 
 
 async def resync(rt: Runtime) -> None:
-    """The operator's one periodic task: a resync_once every poll_interval seconds, for as long as it runs."""
+    """The operator's one periodic task: once the initial listing is in, a first pass over every unsettled job
+    (the decisions a restart owes), then a resync_once every poll_interval seconds, for as long as it runs."""
+    await rt.cache.settle()
+    await resync_once(rt, 0)
     tick = 0
     while True:
         await asyncio.sleep(rt.settings.poll_interval)
@@ -433,16 +409,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.on.login(registry=registry, id="login")(login)
     kopf.on.startup(registry=registry, id="resync")(start_resync)
     kopf.on.cleanup(registry=registry, id="close")(close)
-    kopf.index("", "v1", "nodes", id="gpu_nodes", registry=registry)(gpu_nodes)
-    kopf.index("", "v1", "pods", id="gpu_pods", registry=registry)(gpu_pods)
-    kopf.index("", "v1", "pods", labels=MANAGED, id="trainer_pods", registry=registry)(trainer_pods)
-    kopf.index("batch", "v1", "jobs", labels=MANAGED, id="trainer_jobs", registry=registry)(trainer_jobs)
-    # JobSets, where the cluster serves them (kopf watches the API once its CRD exists; a warning before that)
-    kopf.index(scaleout.JOBSET_GROUP, scaleout.JOBSET_VERSION, "jobsets", labels=MANAGED, id="trainer_jobsets",
-               registry=registry)(trainer_jobs)
-    kopf.index(*FTJ, id="finetunejobs", registry=registry)(finetunejobs)
-    kopf.on.event(*FTJ, id="finetunejob", registry=registry)(on_finetunejob)
-    kopf.on.event("", "v1", "pods", labels=MANAGED, id="trainer_pod", registry=registry)(on_trainer_pod)
+    kopf.on.event("", "v1", "nodes", id="node", registry=registry)(on_node)
+    kopf.on.event("", "v1", "pods", id="pod", registry=registry)(on_pod)
     kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="trainer_job", registry=registry)(on_trainer_job)
+    # JobSets, where the cluster serves them (kopf watches the API once its CRD exists; a warning before that)
     kopf.on.event(scaleout.JOBSET_GROUP, scaleout.JOBSET_VERSION, "jobsets", labels=MANAGED, id="trainer_jobset",
                   registry=registry)(on_trainer_job)
+    kopf.on.event(*FTJ, id="finetunejob", registry=registry)(on_finetunejob)

@@ -155,7 +155,7 @@ async def test_progress_from_the_trainer_then_success(cluster: Cluster, trainer_
     assert reasons.count("JobCreated") == 1 and "Training" in reasons
 
     text = operator.metrics.exposition().decode()
-    assert 'kubetune_operator_reconcile_total{handler="finetunejob",result="ok"}' in text
+    assert 'kubetune_operator_reconcile_total{handler="trainer",result="ok"}' in text
     assert 'kubetune_operator_jobs{phase="Succeeded"} 1.0' in text
     assert "kubetune_operator_reconcile_duration_seconds_bucket" in text
 
@@ -412,14 +412,14 @@ async def test_two_replicas_with_peering_fail_over(cluster: Cluster) -> None:
     await eventually(lambda: priorities() == [100, 200], 10, "both replicas in the peering object")
     await cluster.apply(finetunejob("during"))
     await cluster.wait_phase("during", "Queued")
-    assert 'handler="finetunejob"' in leader.metrics.exposition().decode()
-    assert 'handler="finetunejob"' not in standby.metrics.exposition().decode()  # paused by the peering
+    assert "kubetune_operator_reconcile_total{" in leader.metrics.exposition().decode()
+    assert "kubetune_operator_reconcile_total{" not in standby.metrics.exposition().decode()  # paused by the peering
 
     await leader.stop()  # a clean exit removes the leader from the peering object; the standby resumes
     await cluster.apply(finetunejob("second"))
     await cluster.wait_phase("second", "Queued", timeout=20)
     assert sorted(j["metadata"]["name"] for j in cluster.jobs()) == ["during-a1", "first-a1", "second-a1"]
-    assert 'handler="finetunejob"' in standby.metrics.exposition().decode()
+    assert "kubetune_operator_reconcile_total{" in standby.metrics.exposition().decode()
     assert standby.crashed() is None
 
 
