@@ -39,6 +39,9 @@ import aiohttp
 import kmock
 import yaml
 
+from kubetune import wire
+from kubetune.spec import API_GROUP, API_VERSION, PLURAL
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -185,7 +188,7 @@ async def _measure(api: KubeEmulator, url: str, op: Operator, jobs: int, timeout
     started = time.perf_counter()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async def create(body: dict[str, Any]) -> None:
-            path = f"{url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs"
+            path = url + wire.collection_path(f"{API_GROUP}/{API_VERSION}", PLURAL, NS)
             async with session.post(path, json=body) as response:
                 assert response.status == 201, await response.text()
 

@@ -159,13 +159,13 @@ def run_trl(folder: Path, seq: int, decoder_only: bool) -> dict[str, Any]:
 
 def run_kubetune(folder: Path, seq: int, decoder_only: bool) -> dict[str, Any]:
     from kubetune_trainer import loss
-    from kubetune_trainer.config import JobRef, TrainerConfig
     from kubetune_trainer.loop import Recipe, RunOptions
     from kubetune_trainer.metrics import Telemetry
     from kubetune_trainer.progress import Log
 
     from kubetune.planning.plan import Knobs
     from kubetune.spec import parse_spec
+    from kubetune.trainer_config import JobRef, TrainerConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "rows.jsonl"

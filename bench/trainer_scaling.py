@@ -34,10 +34,9 @@ from trainer_throughput import SMOLLM, mixed_rows  # noqa: E402
 
 
 def job_config(folder: Path, rows_file: Path, args: argparse.Namespace, name: str, strategy: str) -> Path:
-    from kubetune_trainer.config import JobRef, TrainerConfig
-
     from kubetune.planning.plan import Knobs
     from kubetune.spec import parse_spec
+    from kubetune.trainer_config import JobRef, TrainerConfig
 
     spec = parse_spec({
         "model": SMOLLM, "dataset": {"source": str(rows_file), "format": "chat", "evalFraction": 0},

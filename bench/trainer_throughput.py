@@ -86,15 +86,15 @@ def process_peak(device: str) -> int:
 
 
 def run_ours(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str, Any]:
-    from kubetune_trainer.config import JobRef, TrainerConfig
     from kubetune_trainer.local import usable_memory
-    from kubetune_trainer.loop import Recipe, RunOptions
+    from kubetune_trainer.loop import Device, Recipe, RunOptions
     from kubetune_trainer.metrics import Telemetry
     from kubetune_trainer.progress import Log
 
     from kubetune.planning.models import catalog_lookup
     from kubetune.planning.plan import local_knobs
     from kubetune.spec import parse_spec
+    from kubetune.trainer_config import JobRef, TrainerConfig
 
     spec = parse_spec({
         "model": SMOLLM, "dataset": {"source": str(rows_file), "format": "chat"}, "method": "qlora",
@@ -106,7 +106,7 @@ def run_ours(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str, 
                         if args.ours_checkpointing != "auto" else {})},
         "output": {"uri": str(out)},
     })
-    device = "cuda" if args.device == "cuda" else "cpu"
+    device: Device = "cuda" if args.device == "cuda" else "cpu"
     arch = catalog_lookup(SMOLLM["name"])
     assert arch is not None
     knobs, estimate = local_knobs(spec, arch, usable_memory(device)[0])

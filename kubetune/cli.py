@@ -1,4 +1,4 @@
-"""`kubetune plan | train | crd | operator | api` — one entry point for people and pipelines.
+"""`kubetune plan | train | serve-manifest | crd | operator | api` — one entry point for people and pipelines.
 
 Exit codes: 0 ok, 2 invalid input (bad YAML, wrong kind, a bad field: the message names it),
 1 anything else. `kubetune train` adds the trainer's codes (3 out of GPU memory, 4 storage error).
@@ -119,13 +119,36 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_manifest(args: argparse.Namespace) -> int:
+    from kubetune.serving import render, serving_of
+
+    if args.file:
+        jobs = [job for job in load_jobs(args.file) if not args.name or job.metadata.name == args.name]
+        if len(jobs) != 1:
+            raise KubetuneError(f"-f {args.file}: " + (f"no FineTuneJob named {args.name}" if args.name else
+                                f"{len(jobs)} FineTuneJobs; name the one to serve"))
+        if not args.adapter_uri:
+            raise KubetuneError("-f needs --adapter-uri (the job's adapter folder, e.g. s3://bucket/prefix/adapter)")
+        obj = jobs[0].model_dump(mode="json", by_alias=True, exclude_none=True)
+    elif args.name:
+        from kubetune.cluster import read_job
+
+        obj = read_job(args.kubeconfig, args.context, args.namespace, args.name)
+    else:
+        raise KubetuneError("give the FineTuneJob's NAME (read from the cluster) or -f job.yaml --adapter-uri URI")
+    print(render(serving_of(obj, args.adapter_uri), args.output), end="")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from kubetune_trainer.local import run_local
+        from kubetune_trainer.local import LocalOptions, run_local
     except ImportError as exc:
         hint = "pip install 'kubetune[trainer]'"
         raise KubetuneError(f"kubetune train needs the trainer extra: {hint} ({exc})") from None
-    return run_local(args)
+    return run_local(LocalOptions(file=args.file, output=args.output, max_steps=args.max_steps,
+                                  metrics_port=args.metrics_port or 0, device=args.device, prompt=args.prompt,
+                                  termination_log=args.termination_log, nproc_per_node=args.nproc_per_node))
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -166,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     crd.set_defaults(func=cmd_crd)
+
+    serve = sub.add_parser("serve-manifest", help="print ready-to-apply serving text for a job's adapter: a KServe "
+                           "LLMInferenceService (kubectl apply -f -) and the vLLM command lines")
+    serve.add_argument("name", nargs="?", help="the FineTuneJob (read from the cluster with your kubeconfig)")
+    serve.add_argument("-n", "--namespace", default="default")
+    serve.add_argument("-f", "--file", help="render offline from this FineTuneJob YAML instead (needs --adapter-uri)")
+    serve.add_argument("--adapter-uri", help="the adapter folder to serve (default: the job's status.adapterUri)")
+    serve.add_argument("-o", "--output", choices=["kserve", "vllm", "json"], default="kserve")
+    serve.add_argument("--kubeconfig", help="the kubeconfig to read the job with (default: $KUBECONFIG, "
+                       "~/.kube/config)")
+    serve.add_argument("--context", help="the kubeconfig context to use (default: its current-context)")
+    serve.set_defaults(func=cmd_serve_manifest)
 
     train = sub.add_parser("train", help="run the fine-tune on this machine (GPU if present, else CPU)")
     train.add_argument("-f", "--file", required=True, help="FineTuneJob YAML, or -")

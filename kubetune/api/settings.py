@@ -24,6 +24,13 @@ class ApiSettings:
     plan_timeout: float = 20.0  # planning (S3 and file reads included) gives up after this: 504
     plan_concurrency: int = 4  # plans in flight at once; one more is 503
     review_ttl: float = 10.0  # seconds a TokenReview / SubjectAccessReview answer is reused
+    sse_heartbeat: float = 15.0  # seconds between `: ping` comment lines on an idle event stream
+    sse_replay: int = 1000  # messages each namespace keeps for Last-Event-ID resumes
+    sse_linger: float = 30.0  # seconds a namespace's watch outlives its last listener (quick reconnects)
+    sse_queue: int = 1000  # messages one slow listener may fall behind before its stream is closed
+    namespaces: tuple[str, ...] = ()  # candidates for GET /v1/namespaces (empty: list the cluster's)
+    quotas_file: str | None = None  # the quotas ConfigMap, mounted (kubetune.quota); None: no quotas
+    prometheus_url: str | None = None  # loss curves from Prometheus (GET .../loss); None: status.lossHistory
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -56,4 +63,10 @@ class ApiSettings:
             plan_timeout=number("KUBETUNE_API_PLAN_TIMEOUT", cls.plan_timeout, 0.1),
             plan_concurrency=int(number("KUBETUNE_API_PLAN_CONCURRENCY", cls.plan_concurrency, 1)),
             review_ttl=number("KUBETUNE_API_REVIEW_TTL", cls.review_ttl, 0),
+            sse_heartbeat=number("KUBETUNE_API_SSE_HEARTBEAT", cls.sse_heartbeat, 0.05),
+            sse_replay=int(number("KUBETUNE_API_SSE_REPLAY", cls.sse_replay, 1)),
+            sse_linger=number("KUBETUNE_API_SSE_LINGER", cls.sse_linger, 0),
+            namespaces=tuple(n for n in env.get("KUBETUNE_API_NAMESPACES", "").replace(",", " ").split() if n),
+            quotas_file=env.get("KUBETUNE_QUOTAS") or None,
+            prometheus_url=env.get("KUBETUNE_PROMETHEUS_URL") or None,
         )

@@ -11,6 +11,11 @@ and quantizes the whole model into host memory before `fully_shard` moves its sh
 (kubetune_trainer.fsdp): a 4-bit copy per rank under QLoRA (0.5 bytes a weight, plus the quantization constants
 and the 16-bit embeddings), a 16-bit one under LoRA. One GPU, DDP and the layer split load straight onto the GPU.
 
+Merged export (`spec.output.mergedModel`, kubetune_trainer.merge): streamed tensor by tensor, so host memory
+grows by about two 16-bit copies of the largest weight (the one read, the one written) plus the fp32 row blocks
+of the LoRA delta (fixed scratch), and disk by one output shard (1 GiB) at a time, uploaded and deleted before
+the next. It never holds the whole model.
+
 Grace (`terminationGracePeriodSeconds`): on SIGTERM the trainer finishes its optimizer step, then writes
 and uploads a checkpoint. The step is sized pessimistically (6 x parameters x tokens per step at a low
 sustained throughput, x4/3 with activation checkpointing), the upload at a modest bandwidth, then doubled
@@ -29,6 +34,8 @@ SLOW_FLOPS = 20e12  # sustained training FLOP/s assumed for the slowest class (a
 UPLOAD_BYTES_PER_SECOND = 20e6  # to S3 from a pod, pessimistic
 PROCESS_BYTES = 3 * 2**30  # one trainer rank's host memory besides a model copy
 HOST_BYTES_PER_PARAM = {"qlora": 0.55, "lora": 2.0}  # a whole model copy in host memory (FSDP loading)
+MERGE_SHARD_BYTES = 2**30  # the merged export's output shard on disk before its upload (kubetune_trainer.merge)
+MERGE_SCRATCH_BYTES = 2**30  # the merge's fp32 row blocks (4096 rows of the LoRA delta) and allocator slack
 MIN_GRACE_SECONDS = 60
 MAX_GRACE_SECONDS = 3600
 
@@ -43,18 +50,21 @@ class PodBudget:
 
 def pod_budget(model_params: int, lora_params: int, tokens_per_step: int, gradient_checkpointing: bool,
                gpu_count: int = 1, cache_on_volume: bool = False, method: str = "qlora",
-               sharded: bool = False) -> PodBudget:
-    """`gpu_count`: the pod's GPUs (one rank each under DDP and FSDP); `sharded`: the ranks run FSDP."""
+               sharded: bool = False, merged: bool = False, largest_weight_params: int = 0) -> PodBudget:
+    """`gpu_count`: the pod's GPUs (one rank each under DDP and FSDP); `sharded`: the ranks run FSDP; `merged`:
+    the merged model is exported (its largest weight has `largest_weight_params` elements)."""
     model_bytes = model_params * BYTES_PER_PARAM_ON_DISK
     checkpoint = lora_params * CHECKPOINT_BYTES_PER_LORA_PARAM
     cache = int(model_bytes * 1.05) + 64 * 2**20  # tokenizer, config, and filesystem slack
-    disk = SCRATCH_BYTES + 2 * checkpoint + (0 if cache_on_volume else cache)
+    disk = SCRATCH_BYTES + 2 * checkpoint + (0 if cache_on_volume else cache) + (MERGE_SHARD_BYTES if merged else 0)
     flops = 6 * model_params * tokens_per_step * (4 / 3 if gradient_checkpointing else 1)
     step_seconds = flops / (SLOW_FLOPS * max(1, gpu_count))
     upload_seconds = checkpoint / UPLOAD_BYTES_PER_SECOND
     grace = math.ceil(2 * (step_seconds + upload_seconds) + 30)
     copy = model_params * HOST_BYTES_PER_PARAM.get(method, 2.0) if sharded else 0
     host = max(1, gpu_count if sharded else 1) * (PROCESS_BYTES + copy)
+    if merged:  # rank 0 merges after training: two 16-bit copies of the largest weight, and scratch
+        host += 2 * BYTES_PER_PARAM_ON_DISK * largest_weight_params + MERGE_SCRATCH_BYTES
     return PodBudget(ephemeral_storage_bytes=_round_up(disk), model_cache_bytes=_round_up(cache),
                      grace_period_seconds=max(MIN_GRACE_SECONDS, min(MAX_GRACE_SECONDS, grace)),
                      host_memory_bytes=_round_up(int(host)))

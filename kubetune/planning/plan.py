@@ -34,7 +34,6 @@ from kubetune.planning.ranks import job_estimate
 from kubetune.planning.shapes import (
     Candidate,
     Comparison,
-    PlanStrategy,
     compare,
     effective_batch,
     explain,
@@ -46,6 +45,7 @@ from kubetune.planning.shapes import (
     training_shape,
 )
 from kubetune.spec import FineTuneJobSpec, ResourcesSpec
+from kubetune.wire import Strategy
 
 __all__ = ["Alternative", "Knobs", "Plan", "effective_batch", "fastest_knobs", "gib", "local_knobs", "make_plan"]
 
@@ -70,7 +70,7 @@ class Alternative(_Out):
     hourly_cost: float
     cost_ratio: float = Field(description="Its price per hour / the chosen plan's.")
     vram_estimate_bytes: int = Field(description="Per GPU at the leanest settings.")
-    strategy: PlanStrategy = "single"
+    strategy: Strategy = "single"
     nodes: int = 1
     step_seconds: float = Field(default=0.0, description="Estimated seconds per optimizer step.")
     job_cost_ratio: float = Field(default=0.0, description="Its estimated cost per job / the chosen plan's.")
@@ -101,7 +101,7 @@ class Plan(_Out):
                               "trainer's graceful stop: kubetune.planning.budget).")
     reasons: list[str]
     alternatives: list[Alternative]
-    strategy: Literal["single", "pipeline", "ddp", "fsdp"] = "single"  # how gpu_count GPUs train (scaleout.py)
+    strategy: Strategy = "single"  # how gpu_count GPUs train (scaleout.py)
     nodes: int = Field(default=1, description="Nodes the GPUs span (the catalog's maxPerNode per node).")
     lean_bytes_per_gpu: int = Field(default=0, description="Per GPU at the leanest settings: what decided that "
                                     "the class holds it (vram_estimate_bytes is at the chosen knobs).")
@@ -110,6 +110,9 @@ class Plan(_Out):
     steps: int = Field(default=0, description="The steps the estimated hours and cost are for: "
                        "training.maxSteps, or 1,000 when the data decides.")
     steps_known: bool = False
+    largest_weight_params: int = Field(default=0, description="Elements of the model's largest weight (embedding or "
+                                       "MLP projection): sizes the streamed merged export's host memory "
+                                       "(kubetune.planning.budget).")
 
     def label(self) -> str:
         """'1x L4', '4x L4 FSDP', '16x L4 FSDP on 2 nodes', '2x A100-40GB layer split'."""
@@ -246,7 +249,7 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
         vram_estimate_bytes=est.total, breakdown=est.parts, lora_params=est.lora_params, knobs=knobs,
         reasons=reasons, alternatives=_alternatives(comparison), strategy=chosen.strategy,
         model_params=arch.total_params, nodes=chosen.nodes, lean_bytes_per_gpu=chosen.lean.total,
-        step_seconds=chosen.step_seconds,
+        step_seconds=chosen.step_seconds, largest_weight_params=arch.hidden * max(arch.vocab, arch.intermediate),
         steps=comparison.steps, steps_known=comparison.steps_known,
     )
 

@@ -24,7 +24,6 @@ published times.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
 
 from kubetune.planning.models import Architecture
 from kubetune.planning.vram import (
@@ -37,8 +36,8 @@ from kubetune.planning.vram import (
     estimate,
     hosts_input_embeddings,
 )
+from kubetune.wire import RankStrategy, Strategy
 
-Strategy = Literal["ddp", "fsdp"]
 NCCL_BYTES = int(0.25 * GiB)  # communicator buffers per rank (NCCL's default channel buffers, a few hundred MB)
 PREFETCHED_LAYERS = 2  # FSDP2: the running layer's all-gathered weights and the next one's
 # For the time estimate: dense bf16 tensor throughput per class (vendor data sheets), the link between GPUs
@@ -57,7 +56,7 @@ MFU = 0.4  # the fraction of peak a QLoRA step reaches (dequantization and small
 MFU_BY_CLASS = {"H100-80GB": 0.24, "H200-141GB": 0.24}
 
 
-def per_rank(arch: Architecture, shape: TrainingShape, strategy: Strategy, ranks: int) -> Estimate:
+def per_rank(arch: Architecture, shape: TrainingShape, strategy: RankStrategy, ranks: int) -> Estimate:
     """Peak memory of one rank, by part (vram.PARTS plus 'communication')."""
     if ranks < 1:
         raise ValueError(f"ranks must be >= 1, got {ranks}")
@@ -146,7 +145,7 @@ def job_estimate(arch: Architecture, shape: TrainingShape, strategy: str) -> Est
     return estimate(arch, shape)
 
 
-def plan_strategy(spec_strategy: str, gpu_count: int) -> Literal["single", "pipeline", "ddp", "fsdp"]:
+def plan_strategy(spec_strategy: str, gpu_count: int) -> Strategy:
     """What a spec's strategy means on `gpu_count` GPUs when nothing else is known: one GPU, DDP/FSDP ranks, or for
     `auto` the layer split. The planner chooses `auto`'s shape itself (kubetune.planning.shapes); tests use this to
     make a plan of a given count."""

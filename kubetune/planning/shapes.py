@@ -23,7 +23,6 @@ candidates, compared.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
 
 from kubetune.planning.gpus import GpuCatalog, GpuClass
 from kubetune.planning.models import Architecture
@@ -31,8 +30,8 @@ from kubetune.planning.placement import Supply, node_split
 from kubetune.planning.ranks import job_estimate, step_time
 from kubetune.planning.vram import Estimate, GiB, TrainingShape, estimate
 from kubetune.spec import FineTuneJobSpec
+from kubetune.wire import Strategy
 
-PlanStrategy = Literal["single", "pipeline", "ddp", "fsdp"]
 RANK_COUNTS = (2, 4, 8, 16, 32, 64)  # DDP/FSDP ranks, over as many nodes as they need
 LAYER_SPLIT_COUNTS = (2, 4, 8)  # the layer split stays on one node
 STEPS_WHEN_UNKNOWN = 1000  # the cost of a job whose step count depends on its data is given per 1,000 steps
@@ -71,7 +70,7 @@ def training_shape(spec: FineTuneJobSpec, micro_batch: int, checkpointing: bool,
 
 
 def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, count: int = 1,
-                  strategy: PlanStrategy = "single") -> tuple[TrainingShape, Estimate] | None:
+                  strategy: Strategy = "single") -> tuple[TrainingShape, Estimate] | None:
     """The fastest (checkpointing, micro-batch) that fits in usable_bytes per GPU, or None.
 
     Checkpointing off beats any micro-batch with it on (recomputing every layer's forward costs about a third
@@ -110,7 +109,7 @@ class Candidate:
     """One way to run the job: `count` GPUs of `gpu` over `nodes` nodes with a strategy, at its fastest knobs."""
 
     gpu: GpuClass
-    strategy: PlanStrategy
+    strategy: Strategy
     count: int
     nodes: int
     lean: Estimate  # per GPU at the leanest settings: what decides whether the class holds it
@@ -142,7 +141,7 @@ class Candidate:
 class Miss:
     """A shape no class within the limits holds: what it needs per GPU at the leanest settings."""
 
-    strategy: PlanStrategy
+    strategy: Strategy
     count: int
     need: int
 
@@ -166,7 +165,7 @@ class Comparison:
         return f"for {self.steps} steps" if self.steps_known else f"per {self.steps:,} steps"
 
 
-def shapes(spec: FineTuneJobSpec) -> list[tuple[PlanStrategy, int]]:
+def shapes(spec: FineTuneJobSpec) -> list[tuple[Strategy, int]]:
     """The (strategy, GPU count) pairs the spec allows, fewest GPUs first."""
     resources = spec.resources
     cap = resources.max_gpu_count
@@ -176,7 +175,7 @@ def shapes(spec: FineTuneJobSpec) -> list[tuple[PlanStrategy, int]]:
         counts = [1, *RANK_COUNTS] if resources.strategy == "auto" else list(RANK_COUNTS)
         if cap is not None:
             counts = [c for c in counts if c <= cap] or [1]
-    found: list[tuple[PlanStrategy, int]] = []
+    found: list[tuple[Strategy, int]] = []
     for count in counts:
         if count == 1:
             found.append(("single", 1))
@@ -189,7 +188,7 @@ def shapes(spec: FineTuneJobSpec) -> list[tuple[PlanStrategy, int]]:
     return found
 
 
-def _layout(gpu: GpuClass, strategy: PlanStrategy, count: int) -> tuple[int, int] | None:
+def _layout(gpu: GpuClass, strategy: Strategy, count: int) -> tuple[int, int] | None:
     """(nodes, GPUs per node) for the shape on the class, or None when the class cannot form it."""
     split = node_split(count, gpu.max_per_node)
     if split is None or (strategy in ("single", "pipeline") and split[0] > 1):
@@ -197,7 +196,7 @@ def _layout(gpu: GpuClass, strategy: PlanStrategy, count: int) -> tuple[int, int
     return split
 
 
-def _refusal(supply: Supply | None, gpu: GpuClass, strategy: PlanStrategy, count: int) -> str:
+def _refusal(supply: Supply | None, gpu: GpuClass, strategy: Strategy, count: int) -> str:
     """Why the cluster cannot run the shape on the class ("" when it can, or when no cluster is known)."""
     layout = _layout(gpu, strategy, count)
     if supply is None or layout is None:
@@ -214,10 +213,10 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
     lean_mb, lean_gc = leanest(spec)
     tokens = effective_batch(spec) * spec.training.max_seq_length
     steps = spec.training.max_steps or STEPS_WHEN_UNKNOWN
-    knobs: dict[tuple[PlanStrategy, int, int], tuple[TrainingShape, Estimate]] = {}  # memo: 6 classes, 5 sizes
+    knobs: dict[tuple[Strategy, int, int], tuple[TrainingShape, Estimate]] = {}  # memo: 6 classes, 5 sizes
     singles: dict[TrainingShape, Estimate] = {}  # memo: what step_time moves, per knobs
 
-    def build(gpu: GpuClass, strategy: PlanStrategy, count: int, lean: Estimate, why: str = "") -> Candidate:
+    def build(gpu: GpuClass, strategy: Strategy, count: int, lean: Estimate, why: str = "") -> Candidate:
         nodes, _ = _layout(gpu, strategy, count) or (1, count)
         usable = catalog.usable_bytes(gpu)
         if (strategy, count, usable) not in knobs:

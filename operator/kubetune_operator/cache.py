@@ -19,12 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune import wire
 from kubetune.planning.placement import Inventory, NodeInfo, node_info, pod_gpus
 from kubetune_operator import resources, scaleout, slim, trust
 
 JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"  # the JobSet controller's label on its Jobs and pods
 JOB_NAME = "batch.kubernetes.io/job-name"  # the Job controller's label on its pods
-MANAGED_BY = "app.kubernetes.io/managed-by"  # "kubetune" on every trainer Job and pod
 QUIET_SECONDS = 0.5  # the initial listing is over when no listed object arrived for this long
 FIRST_WITHIN = 5.0  # seconds to wait for the listing's first object (a GPU node, at least, in any real cluster)
 Key = tuple[str | None, str]  # (namespace, name)
@@ -84,7 +84,7 @@ class Cache:
             self.gpus_held[uid] = (node, gpus)
         else:
             self.gpus_held.pop(uid, None)
-        if labels.get(MANAGED_BY) != "kubetune":
+        if labels.get(wire.MANAGED_BY_LABEL) != wire.MANAGED_BY:
             return  # not a trainer pod
         key = (namespace, pod_workload(labels))
         if deleted:

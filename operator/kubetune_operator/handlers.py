@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 import kopf
 
+from kubetune import quota, wire
 from kubetune.contracts import TrainerStatus
 from kubetune.errors import SpecError
 from kubetune.planning.gpus import GpuCatalog
@@ -49,8 +50,6 @@ from kubetune_operator.reconcile import Actions, Snapshot, reconcile
 from kubetune_operator.settings import Settings
 
 FTJ = (API_GROUP, API_VERSION, PLURAL)
-MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGED = {MANAGED_BY: "kubetune"}
 FINALIZER = "kubetune.io/finalizer"  # set by operators before 0.x's per-job timer; kopf removes it (main.py)
 RESYNC_TICKS = 6  # Queued and Suspended jobs are re-read every RESYNC_TICKS poll intervals (events follow them)
 RESYNC_CONCURRENCY = 32  # reconciles one resync wake-up runs at once
@@ -78,6 +77,17 @@ class Runtime:
     jobset_api: str | None = None  # the cluster serves JobSets (discovery, at login and every DISCOVERY_SECONDS)
     jobset_checked: float | None = None  # time.monotonic() of that discovery
     resync_task: asyncio.Task[None] | None = None  # the operator's one periodic task (start_resync)
+    quotas: quota.QuotaFile | None = None  # the mounted quotas file (settings.quotas_file), read on first use
+
+    def quota_of(self, namespace: str | None, uid: str) -> tuple[quota.Limits | None, quota.Usage]:
+        """The namespace's quota and what its other FineTuneJobs hold (as this operator last wrote them)."""
+        if self.quotas is None:
+            self.quotas = quota.QuotaFile(self.settings.quotas_file)
+        limits = self.quotas.get().for_namespace(namespace or "")
+        if limits is None:
+            return None, quota.Usage()
+        mine = [body for (ns, _), body in self.cache.finetunejobs.items() if ns == namespace]
+        return limits, quota.usage_of(mine, exclude_uid=uid, statuses=self.written)
 
     def forget(self, uid: str, *, phase: bool = True) -> None:
         """Drop a job's working state: when it is deleted, or once it is settled (its phase stays counted)."""
@@ -93,9 +103,9 @@ class Runtime:
             return
         self.jobset_checked = now
         try:
-            self.jobset_api = scaleout.jobset_api(await self.kube.api_group(scaleout.JOBSET_GROUP))
+            self.jobset_api = scaleout.jobset_api(await self.kube.api_group(wire.JOBSET_GROUP))
         except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
-            log.warning(f"discovery of {scaleout.JOBSET_GROUP} failed, keeping the last answer: {exc!r}")
+            log.warning(f"discovery of {wire.JOBSET_GROUP} failed, keeping the last answer: {exc!r}")
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -223,9 +233,10 @@ async def read(body: Mapping[str, Any], rt: Runtime, *, poll: bool) -> Snapshot:
         if outcome.state == "Running":
             timeout = min(5.0, max(1.0, rt.settings.poll_interval))
             trainer_status = await poll_trainer(outcome.pod_ip, outcome.port, timeout)
+    limits, usage = rt.quota_of(namespace, uid or "")
     return Snapshot(body=body, status=status, trainer_job=trainer, pods=pods, inventory=cluster, catalog=rt.catalog,
                     settings=rt.settings, planner=rt.planner(rt.supply(cluster)), now=st.now_iso(),
-                    trainer_status=trainer_status, jobset_api=rt.jobset_api)
+                    trainer_status=trainer_status, jobset_api=rt.jobset_api, quota=limits, usage=usage)
 
 
 def event_name(snap: Snapshot, reason: str, number: int) -> str:
@@ -308,7 +319,7 @@ async def on_pod(event: Mapping[str, Any], body: kopf.Body, namespace: str | Non
     rt: Runtime = memo.kubetune
     rt.cache.saw(event)
     rt.cache.pod(event.get("type") == "DELETED", uid, namespace, labels, body)
-    parent = _parent(rt, namespace, labels) if labels.get(MANAGED_BY) == "kubetune" else None
+    parent = _parent(rt, namespace, labels) if labels.get(wire.MANAGED_BY_LABEL) == wire.MANAGED_BY else None
     if parent is not None:
         await run_reconcile(parent, rt, source="trainer")
 
@@ -411,8 +422,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.on.cleanup(registry=registry, id="close")(close)
     kopf.on.event("", "v1", "nodes", id="node", registry=registry)(on_node)
     kopf.on.event("", "v1", "pods", id="pod", registry=registry)(on_pod)
-    kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="trainer_job", registry=registry)(on_trainer_job)
+    kopf.on.event("batch", "v1", "jobs", labels=wire.MANAGED, id="trainer_job", registry=registry)(on_trainer_job)
     # JobSets, where the cluster serves them (kopf watches the API once its CRD exists; a warning before that)
-    kopf.on.event(scaleout.JOBSET_GROUP, scaleout.JOBSET_VERSION, "jobsets", labels=MANAGED, id="trainer_jobset",
+    kopf.on.event(wire.JOBSET_GROUP, wire.JOBSET_VERSION, "jobsets", labels=wire.MANAGED, id="trainer_jobset",
                   registry=registry)(on_trainer_job)
     kopf.on.event(*FTJ, id="finetunejob", registry=registry)(on_finetunejob)

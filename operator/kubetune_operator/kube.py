@@ -16,11 +16,14 @@ from typing import Any
 import aiohttp
 import kopf
 
-_COLLECTIONS = {
-    ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",
-    ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
-    ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
-    ("jobset.x-k8s.io/v1alpha2", "JobSet"): "/apis/jobset.x-k8s.io/v1alpha2/namespaces/{ns}/jobsets",
+from kubetune import wire
+from kubetune.spec import API_GROUP, API_VERSION, PLURAL
+
+_COLLECTIONS = {  # (apiVersion, kind) -> plural
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Service"): "services",
+    ("batch/v1", "Job"): "jobs",
+    (wire.JOBSET_API, "JobSet"): "jobsets",
 }
 _API_VERSIONS = {kind: api_version for api_version, kind in _COLLECTIONS}
 MERGE_PATCH = "application/merge-patch+json"
@@ -40,7 +43,7 @@ class NotOurs(Exception):
 
 def collection_url(obj: Mapping[str, Any]) -> str:
     key = (obj["apiVersion"], obj["kind"])
-    return _COLLECTIONS[key].format(ns=obj["metadata"]["namespace"])
+    return wire.collection_path(obj["apiVersion"], _COLLECTIONS[key], obj["metadata"]["namespace"])
 
 
 def object_url(obj: Mapping[str, Any]) -> str:
@@ -105,7 +108,7 @@ class Kube:
     async def api_group(self, group: str) -> dict[str, Any] | None:
         """Discovery: the APIGroup document of `group` (its served versions), or None when it is not served."""
         try:
-            return await self.request("GET", f"/apis/{group}")
+            return await self.request("GET", wire.group_path(group))
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -154,7 +157,7 @@ class Kube:
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any] | None:
         """Merge-patch a FineTuneJob's status subresource; the updated object, or None when it is gone."""
-        url = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status"
+        url = f"{wire.collection_path(f'{API_GROUP}/{API_VERSION}', PLURAL, namespace)}/{name}/status"
         try:
             return await self.request("PATCH", url, {"status": dict(status)}, MERGE_PATCH)
         except ApiError as exc:

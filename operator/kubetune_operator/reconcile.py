@@ -24,18 +24,21 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kubetune.contracts import TERMINAL_PHASES, ExitCode, Phase, Reason, TrainerStatus
+from kubetune import serving
+from kubetune.contracts import TERMINAL_PHASES, ExitCode, Phase, Reason, TerminationSummary, TrainerStatus
 from kubetune.errors import PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.placement import Inventory, place
 from kubetune.planning.plan import Plan
+from kubetune.quota import Ask, Limits, Usage, decide
 from kubetune.spec import FineTuneJobSpec, parse_spec
+from kubetune.wire import AttemptOutcome
 from kubetune_operator import resources, scaleout
 from kubetune_operator import status as st
 from kubetune_operator.settings import Settings
 
-FINISHED = ("OutOfMemory", "Failed", "Succeeded")  # attempt outcomes after which the next launch is a new attempt
+FINISHED = frozenset(o for o in AttemptOutcome if o.finished)  # after these the next launch is a new attempt
 
 Planner = Callable[[FineTuneJobSpec, "str | None"], Plan]  # (spec, OOM floor class) -> Plan
 
@@ -55,6 +58,8 @@ class Snapshot:
     polled: bool = False  # the timer polled (a /status that did not answer leaves progress as it is)
     child_conflict: str | None = None  # creating a child met an object of that name that is not ours
     jobset_api: str | None = None  # the cluster serves JobSets (scaleout.jobset_api): multi-node attempts use one
+    quota: Limits | None = None  # the namespace's quota (kubetune.quota), if the platform set one
+    usage: Usage = field(default_factory=Usage)  # what the namespace's other jobs hold
 
 
 Counter = Literal["placement_failures", "oom_escalations", "jobs_created"]
@@ -110,7 +115,8 @@ class _Job:
 
 def oom_floor(attempts: Iterable[Mapping[str, Any]], catalog: GpuCatalog) -> str | None:
     """The largest class an earlier attempt ran out of memory on: re-plans go strictly above it."""
-    classes = [a["gpuClass"] for a in attempts if a.get("outcome") == "OutOfMemory" and a.get("gpuClass")]
+    classes = [a["gpuClass"] for a in attempts
+               if a.get("outcome") == AttemptOutcome.OUT_OF_MEMORY and a.get("gpuClass")]
     known = [catalog.get(c, "status.attempts.gpuClass") for c in classes if c in catalog.names]
     return max(known, key=lambda g: g.memory_bytes).name if known else None
 
@@ -180,6 +186,12 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
 
     fields = st.plan_fields(plan)
+    refusal = decide(snap.quota, snap.usage, Ask(plan.gpu_class, plan.gpu_count, plan.estimated_cost))
+    if refusal is not None:  # `kubectl apply` cannot go around the API's quota: the job waits for room
+        job.write(phase=Phase.PENDING, reason=Reason.QUOTA_EXCEEDED, warning=True, message=f"{note}namespace "
+                  f"{job.meta.get('namespace')}: {refusal.message}; decided again every "
+                  f"{snap.settings.poll_interval:g}s", **fields)
+        return
     labels = dict(job.meta.get("labels") or {})
     queue = resources.queue_name(spec, labels)
     gpu = snap.catalog.get(plan.gpu_class, "status.plan.gpuClass")
@@ -215,8 +227,8 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
             f"no node yet; {plan.gpu_class} is provisionable, the Job's pending pod asks the autoscaler for one"
         text = f"{name} on {plan.gpu_class} x{plan.gpu_count}, estimate {fields['vram']}: {where}"
     job.write(phase=phase, reason=reason or why, message=note + text, warning=bool(note), jobName=name,
-              attempts=with_attempt(attempts, attempt, gpuClass=plan.gpu_class, jobName=name, outcome="Pending",
-                                    startedAt=snap.now),
+              attempts=with_attempt(attempts, attempt, gpuClass=plan.gpu_class, jobName=name,
+                                    outcome=AttemptOutcome.PENDING, startedAt=snap.now),
               **fields)
 
 
@@ -248,11 +260,34 @@ def _restart_gang(job: _Job, outcome: st.Outcome, attempts: list[dict[str, Any]]
     unless its input was bad, while the failed attempts so far are fewer than the Job backoff limit."""
     if not outcome.gang or outcome.exit_code == ExitCode.BAD_INPUT:
         return False
-    return sum(1 for a in attempts if a.get("outcome") == "Failed") < job.snap.settings.backoff_limit
+    return sum(1 for a in attempts if a.get("outcome") == AttemptOutcome.FAILED) < job.snap.settings.backoff_limit
 
 
 def _essence(progress: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in progress.items() if k != "updatedAt" and v is not None}
+
+
+def _serving(job: _Job, summary: TerminationSummary, uri: str) -> None:
+    """status.serving (the ready-to-apply text) and, when the trainer checked the adapter, the ServingReady
+    condition; a broken rule is also a Warning Event. Once per job: the first time it is seen succeeded."""
+    if job.status.get("serving"):
+        return
+    try:
+        spec = parse_spec(job.spec)
+    except SpecError:  # edited to something invalid after it succeeded: no text to render from it
+        return
+    name, namespace = job.meta.get("name", "adapter"), job.meta.get("namespace", "default")
+    findings = summary.serving
+    gpus = int((job.status.get("plan") or {}).get("gpuCount") or 1)
+    job.set(serving=serving.serving_status(name, namespace, spec, uri, findings, gpus))
+    if findings is None:  # a trainer that did not check (an older image): the text, but no verdict
+        return
+    bad = serving.broken(findings)
+    job.set(conditions=st.serving_condition(job.status.get("conditions") or [], not bad, serving.summary(findings),
+                                            job.generation, job.snap.now))
+    if bad:
+        job.event(Reason.SERVING_RULES_BROKEN, "the adapter breaks serving rules: " + serving.summary(findings)
+                  + f" (kubetune serve-manifest {name} -n {namespace})")
 
 
 def _follow(job: _Job) -> None:
@@ -269,12 +304,12 @@ def _follow(job: _Job) -> None:
     if outcome.state == "Running":
         progress = st.trainer_progress(snap.trainer_status, snap.now) if snap.trainer_status else None
         moved = progress and _essence(progress) != _essence(job.status.get("progress") or {})
-        extra = st.progress_fields(progress) if progress and moved else {}  # no write for a trainer at rest
+        extra = st.progress_fields(progress, job.status.get("lossHistory") or []) if progress and moved else {}
         trainer = snap.trainer_status
         if trainer and trainer.model_commit:
             extra["modelCommit"] = trainer.model_commit
         job.write(phase=Phase.RUNNING, reason=Reason.TRAINING, message=outcome.message,
-                  attempts=with_attempt(attempts, number, outcome="Running",
+                  attempts=with_attempt(attempts, number, outcome=AttemptOutcome.RUNNING,
                                         resumedFromStep=trainer.resumed_from_step if trainer else None), **extra)
     elif outcome.state == "Succeeded":
         summary = outcome.summary
@@ -291,12 +326,13 @@ def _follow(job: _Job) -> None:
         progress["updatedAt"] = snap.now
         job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
                   adapterUri=uri, modelCommit=summary.model_commit,
-                  attempts=with_attempt(attempts, number, outcome="Succeeded", finishedAt=snap.now,
+                  attempts=with_attempt(attempts, number, outcome=AttemptOutcome.SUCCEEDED, finishedAt=snap.now,
                                         resumedFromStep=summary.resumed_from_step),
-                  **st.progress_fields(progress))
+                  **st.progress_fields(progress, job.status.get("lossHistory") or [], final=True))
+        _serving(job, summary, uri)
     elif outcome.state == "OutOfMemory":
         was = plan.get("gpuClass", "?")
-        job.set(attempts=with_attempt(attempts, number, outcome="OutOfMemory", message=outcome.message,
+        job.set(attempts=with_attempt(attempts, number, outcome=AttemptOutcome.OUT_OF_MEMORY, message=outcome.message,
                                       finishedAt=snap.now, resumedFromStep=outcome.summary.resumed_from_step))
         _launch(job, number + 1, reason=Reason.OUT_OF_MEMORY_ESCALATED,
                 note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned one class "
@@ -307,7 +343,7 @@ def _follow(job: _Job) -> None:
         if job.status.get("jobName") == name:  # no larger class, or no node of it yet: this attempt is over
             job.set(jobName=None)
     elif outcome.state == "Failed" and _restart_gang(job, outcome, attempts):
-        job.set(attempts=with_attempt(attempts, number, outcome="Failed", message=outcome.message,
+        job.set(attempts=with_attempt(attempts, number, outcome=AttemptOutcome.FAILED, message=outcome.message,
                                       finishedAt=snap.now))
         _launch(job, number + 1, reason=Reason.RANK_FAILED,
                 note=f"attempt {number} failed ({outcome.message}); attempt {number + 1} restarts every rank from the "
@@ -316,7 +352,7 @@ def _follow(job: _Job) -> None:
             job.set(jobName=None)
     elif outcome.state == "Failed":
         job.write(phase=Phase.FAILED, reason=Reason.TRAINING_FAILED, message=outcome.message,
-                  attempts=with_attempt(attempts, number, outcome="Failed", message=outcome.message,
+                  attempts=with_attempt(attempts, number, outcome=AttemptOutcome.FAILED, message=outcome.message,
                                         finishedAt=snap.now))
     elif outcome.state == "Suspended":
         if job.spec.get("suspend"):

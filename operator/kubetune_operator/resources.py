@@ -23,25 +23,21 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune_trainer.config import JobRef, TrainerConfig
-
+from kubetune import wire
 from kubetune.contracts import ExitCode
 from kubetune.planning.budget import PodBudget, pod_budget, quantity, quantity_bytes, split_quantity
 from kubetune.planning.gpus import GPU_RESOURCE, GpuClass
 from kubetune.planning.plan import Plan
 from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from kubetune.trainer_config import JobRef, TrainerConfig
 from kubetune_operator.settings import Settings
 
-CONFIG_MOUNT = "/etc/kubetune"
-CONFIG_FILE = "job.json"
-TERMINATION_LOG = "/dev/termination-log"
 CONTAINER = "trainer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_ATTEMPT = "kubetune.io/attempt"
 LABEL_UID = "kubetune.io/finetunejob-uid"
 MODEL_CACHE = "/models"  # the model cache volume; the trainer's HF_HUB_CACHE is MODEL_CACHE/hub
-MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "kubetune-trainer"}
 MAX_NAME = 63  # Job names become a pod label value (job-name): 63 characters at most
 RFC1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names; DNS hostnames (letter first)
 GANG_PREFIX = "ft-"  # put before a FineTuneJob name that does not start with a letter (Service names must)
@@ -111,7 +107,8 @@ def queue_name(spec: FineTuneJobSpec, labels: dict[str, str]) -> str | None:
 
 
 def child_labels(owner: Owner, attempt: int, queue: str | None, settings: Settings) -> dict[str, str]:
-    labels = {**settings.extra_labels, **MANAGED_BY, LABEL_JOB: job_label(owner.name), LABEL_ATTEMPT: str(attempt)}
+    labels = {**settings.extra_labels, **wire.TRAINER_LABELS, LABEL_JOB: job_label(owner.name),
+              LABEL_ATTEMPT: str(attempt)}
     if owner.uid:
         labels[LABEL_UID] = owner.uid
     if queue:
@@ -147,7 +144,7 @@ def config_map(owner: Owner, spec: FineTuneJobSpec, plan: Plan, attempt: int, se
             "ownerReferences": [owner.reference()],
         },
         "data": {
-            CONFIG_FILE: trainer_config(owner, spec, plan, attempt).model_dump_json(by_alias=True),
+            wire.CONFIG_FILE: trainer_config(owner, spec, plan, attempt).model_dump_json(by_alias=True),
             "plan.json": json.dumps(plan.summary(), sort_keys=True),
         },
     }
@@ -168,12 +165,12 @@ def _secret_env(name: str, secret: str, key: str, optional: bool) -> dict[str, A
 
 def trainer_env(owner: Owner, spec: FineTuneJobSpec, attempt: int, settings: Settings) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_JOB_NAME", "value": owner.name},
-        {"name": "KUBETUNE_NAMESPACE", "value": owner.namespace},
-        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
-        {"name": "KUBETUNE_METRICS_PORT", "value": str(settings.trainer_port)},
+        {"name": wire.ENV_JOB_NAME, "value": owner.name},
+        {"name": wire.ENV_NAMESPACE, "value": owner.namespace},
+        {"name": wire.ENV_ATTEMPT, "value": str(attempt)},
+        {"name": wire.ENV_TRAINER_PORT, "value": str(settings.trainer_port)},
         # The container's terminationMessagePath, said explicitly (a kubelet that maps paths can follow it).
-        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": wire.ENV_TERMINATION_LOG, "value": wire.TERMINATION_LOG},
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_CACHE", "value": f"{MODEL_CACHE}/hub"},
@@ -229,7 +226,8 @@ def plan_budget(spec: FineTuneJobSpec, plan: Plan, settings: Settings) -> PodBud
     return pod_budget(plan.model_params, plan.lora_params,
                       knobs.micro_batch_size * knobs.gradient_accumulation_steps * knobs.max_seq_length,
                       knobs.gradient_checkpointing, plan.gpu_count, cache_on_volume=bool(settings.model_cache_claim),
-                      method=spec.method, sharded=plan.strategy == "fsdp" and plan.gpu_count > 1)
+                      method=spec.method, sharded=plan.strategy == "fsdp" and plan.gpu_count > 1,
+                      merged=spec.output.merged_model, largest_weight_params=plan.largest_weight_params)
 
 
 def container_resources(plan: Plan, settings: Settings, budget: PodBudget) -> dict[str, str]:
@@ -249,14 +247,14 @@ def trainer_container(owner: Owner, spec: FineTuneJobSpec, plan: Plan, attempt: 
         "name": CONTAINER,
         "image": settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-m", "kubetune_trainer", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
+        "command": ["python", "-m", "kubetune_trainer", "--config", wire.CONFIG_PATH],
         "env": trainer_env(owner, spec, attempt, settings),
         "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
         # ephemeral-storage: the emptyDir model cache (the weights on disk) + checkpoint staging + scratch
         "resources": {"requests": {**resources, "ephemeral-storage": quantity(budget.ephemeral_storage_bytes)},
                       "limits": dict(resources)},
         "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "config", "mountPath": wire.CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "scratch", "mountPath": "/tmp"},
             {"name": "model-cache", "mountPath": MODEL_CACHE},
@@ -268,7 +266,7 @@ def trainer_container(owner: Owner, spec: FineTuneJobSpec, plan: Plan, attempt: 
                           "timeoutSeconds": 5, "failureThreshold": 6},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10,
                            "timeoutSeconds": 5},
-        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePath": wire.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "runAsNonRoot": True,
@@ -341,9 +339,9 @@ def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, 
                 "metadata": {
                     "labels": pod_labels,
                     "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(port),
-                        "prometheus.io/path": "/metrics",
+                        wire.PROMETHEUS_SCRAPE: "true",
+                        wire.PROMETHEUS_PORT: str(port),
+                        wire.PROMETHEUS_PATH: "/metrics",
                     },
                 },
                 "spec": pod_spec,

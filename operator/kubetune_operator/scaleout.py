@@ -32,29 +32,24 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from kubetune.planning.gpus import GpuClass
 from kubetune.planning.placement import node_split
 from kubetune.planning.plan import Plan
 from kubetune.spec import FineTuneJobSpec
+from kubetune.wire import CONFIG_PATH, ENV_NODE_INDEX, JOBSET_API, Strategy
 from kubetune_operator import resources
 from kubetune_operator.settings import Settings
 
 RDZV_JOIN_TIMEOUT = 900  # seconds pods wait for each other (image pulls and model downloads differ per node)
 SHUTDOWN_MARGIN = 10  # seconds of the grace period left to torchrun after its ranks' own SIGTERM handling
 LAUNCH = ["python", "-m", "kubetune_trainer.launch"]
-TRAINER = ["-m", "kubetune_trainer", "--config", f"{resources.CONFIG_MOUNT}/{resources.CONFIG_FILE}"]
-JOBSET_GROUP = "jobset.x-k8s.io"
-JOBSET_VERSION = "v1alpha2"
-JOBSET_API = f"{JOBSET_GROUP}/{JOBSET_VERSION}"
+TRAINER = ["-m", "kubetune_trainer", "--config", CONFIG_PATH]
 REPLICATED_JOB = "node"  # the JobSet's one replicatedJob: one child Job (one pod) per node
 JOBSET_JOB_INDEX = "jobset.sigs.k8s.io/job-index"  # the JobSet controller's annotation (and label) on each pod
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the Job controller's, on each Indexed Job pod
-NODE_INDEX_ENV = "KUBETUNE_NODE_INDEX"
 POD_NAME_SUFFIX = 6  # "-abcde": the random part the Job controller appends to a pod's name
-
-Strategy = Literal["single", "pipeline", "ddp", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +99,7 @@ def jobset_gang(owner_name: str, attempt: int, nodes: int) -> Gang:
     """A JobSet: child Jobs `<jobset>-node-<i>`, pods `<jobset>-node-<i>-0-xxxxx` (the JobSet webhook's limit)."""
     tail = f"-{REPLICATED_JOB}-{nodes - 1}-0"
     name = resources.gang_name(owner_name, attempt, resources.MAX_NAME - len(tail) - POD_NAME_SUFFIX)
-    return Gang(name, name, f"{name}-{REPLICATED_JOB}-", "-0", NODE_INDEX_ENV)
+    return Gang(name, name, f"{name}-{REPLICATED_JOB}-", "-0", ENV_NODE_INDEX)
 
 
 def jobset_api(discovery: Mapping[str, Any] | None) -> str | None:
@@ -211,7 +206,7 @@ def jobset(job: dict[str, Any], shape: Shape, gang: Gang, port: int) -> dict[str
     """A JobSet of `shape.nodes` one-pod Indexed Jobs; the JobSet controller makes their headless Service."""
     meta = job["metadata"]
     container = _torchrun(job, shape, gang, port)
-    container["env"] = [*container.get("env", []), {"name": NODE_INDEX_ENV, "valueFrom": {"fieldRef": {
+    container["env"] = [*container.get("env", []), {"name": ENV_NODE_INDEX, "valueFrom": {"fieldRef": {
         "fieldPath": f"metadata.annotations['{JOBSET_JOB_INDEX}']"}}}]
     spec = dict(job["spec"])
     suspend = spec.pop("suspend")  # the JobSet's, which it passes on to its Jobs

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kubetune import wire
 from kubetune.planning.budget import quantity_bytes
 
 
@@ -32,7 +33,7 @@ class Settings:
     hf_endpoint: str | None = None  # HF_ENDPOINT for trainers: a hub mirror or proxy (None: huggingface.co)
     hf_token_secret: str | None = None  # "name" or "name/key": the hub token when spec.model.tokenSecret is unset
     model_cache_claim: str | None = None  # a ReadWriteMany PVC shared by trainer pods (None: an emptyDir each)
-    trainer_port: int = 8000  # the trainer's /metrics, /healthz, /readyz, /status port
+    trainer_port: int = wire.TRAINER_PORT  # the trainer's /metrics, /healthz, /readyz, /status port
     rendezvous_port: int = 29400  # torchrun's c10d rendezvous on pod 0 of a multi-node attempt
     cpu_per_gpu: str = "3"
     memory_per_gpu: str = "12Gi"
@@ -43,6 +44,7 @@ class Settings:
     run_as_user: int = 10001  # the trainer image's user (Dockerfile.trainer), one uid everywhere
     scratch_size: str = "20Gi"  # sizeLimit of the trainer's writable /tmp (the root filesystem is read-only)
     extra_labels: dict[str, str] = field(default_factory=dict)
+    quotas_file: str | None = None  # KUBETUNE_QUOTAS: the mounted quotas ConfigMap (kubetune.quota); None: none
 
     def __post_init__(self) -> None:
         try:
@@ -60,7 +62,7 @@ class Settings:
             image_pull_policy=_env("KUBETUNE_IMAGE_PULL_POLICY", cls.image_pull_policy),
             namespaces=namespaces,
             peering=os.environ.get("KUBETUNE_PEERING") or None,
-            metrics_port=int(_env("KUBETUNE_METRICS_PORT", str(cls.metrics_port))),
+            metrics_port=int(_env(wire.ENV_OPERATOR_METRICS_PORT, str(cls.metrics_port))),
             gpu_catalog=Path(catalog) if catalog else None,
             provisionable_gpu_classes=tuple(
                 n for n in _env("KUBETUNE_PROVISIONABLE_GPU_CLASSES", "").replace(",", " ").split() if n),
@@ -68,7 +70,7 @@ class Settings:
             hf_endpoint=os.environ.get("KUBETUNE_HF_ENDPOINT") or None,
             hf_token_secret=os.environ.get("KUBETUNE_HF_TOKEN_SECRET") or None,
             model_cache_claim=os.environ.get("KUBETUNE_MODEL_CACHE_PVC") or None,
-            trainer_port=int(_env("KUBETUNE_TRAINER_PORT", str(cls.trainer_port))),
+            trainer_port=int(_env(wire.ENV_TRAINER_PORT, str(cls.trainer_port))),
             rendezvous_port=int(_env("KUBETUNE_RENDEZVOUS_PORT", str(cls.rendezvous_port))),
             cpu_per_gpu=_env("KUBETUNE_CPU_PER_GPU", cls.cpu_per_gpu),
             memory_per_gpu=_env("KUBETUNE_MEMORY_PER_GPU", cls.memory_per_gpu),
@@ -77,5 +79,6 @@ class Settings:
             backoff_limit=int(_env("KUBETUNE_BACKOFF_LIMIT", str(cls.backoff_limit))),
             poll_interval=float(_env("KUBETUNE_POLL_INTERVAL", str(cls.poll_interval))),
             wait_for_nodes=_env_bool("KUBETUNE_WAIT_FOR_NODES", cls.wait_for_nodes),
+            quotas_file=os.environ.get("KUBETUNE_QUOTAS") or None,
         )
         return replace(settings, **overrides)

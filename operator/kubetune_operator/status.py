@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kubetune import wire
 from kubetune.contracts import (
     TERMINAL_PHASES,
     ConditionType,
@@ -59,6 +60,7 @@ def conditions(previous: Iterable[Mapping[str, Any]], phase: Phase, reason: Reas
                generation: int | None, now: str) -> list[dict[str, Any]]:
     """Ready, Reconciling, Stalled. The transition's reason goes on Ready and on whichever of the others is
     True; a False Reconciling or Stalled carries its own idle reason (kubetune.contracts.CONDITION_REASONS)."""
+    previous = list(previous)
     old = {c.get("type"): c for c in previous}
     ready, reconciling, stalled = _CONDITIONS[Phase(phase)]
     idle = {ConditionType.RECONCILING: Reason.NOT_RECONCILING, ConditionType.STALLED: Reason.NOT_STALLED}
@@ -76,7 +78,24 @@ def conditions(previous: Iterable[Mapping[str, Any]], phase: Phase, reason: Reas
             "lastTransitionTime": now if changed else prior["lastTransitionTime"],
             "observedGeneration": generation,
         })
-    return result
+    kstatus = {c["type"] for c in result}
+    return result + [dict(c) for c in previous if c.get("type") not in kstatus]  # ServingReady stays as it is
+
+
+def serving_condition(previous: Iterable[Mapping[str, Any]], ready: bool, message: str, generation: int | None,
+                      now: str) -> list[dict[str, Any]]:
+    """The conditions with ServingReady set (True: every serving rule met; False: the message says which broke)."""
+    kept = [dict(c) for c in previous if c.get("type") != ConditionType.SERVING_READY]
+    prior = next((c for c in previous if c.get("type") == ConditionType.SERVING_READY), {})
+    status = "True" if ready else "False"
+    condition = {
+        "type": ConditionType.SERVING_READY.value, "status": status,
+        "reason": (Reason.SERVING_RULES_MET if ready else Reason.SERVING_RULES_BROKEN).value,
+        "message": message,
+        "lastTransitionTime": prior.get("lastTransitionTime") if prior.get("status") == status else now,
+        "observedGeneration": generation,
+    }
+    return [*kept, condition]
 
 
 def transition(current: Mapping[str, Any], *, phase: Phase, reason: Reason, message: str,
@@ -158,10 +177,37 @@ def with_percent(progress: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def progress_fields(progress: Mapping[str, Any]) -> dict[str, Any]:
+LOSS_POINTS = 200  # status.lossHistory holds at most this many
+
+
+def loss_history(history: Iterable[Mapping[str, Any]], step: int | None, loss: float | None,
+                 limit: int = LOSS_POINTS, force: bool = False) -> list[dict[str, Any]]:
+    """status.lossHistory with (step, loss) added: a point closer than 2 x span/limit steps to the last is skipped
+    (unless `force`: the final loss), a resume from an earlier checkpoint drops the points after it, and past
+    `limit` every other point goes, so the curve stays evenly sampled and bounded."""
+    points = [{"step": int(p["step"]), "loss": float(p["loss"])} for p in history
+              if isinstance(p.get("step"), int) and isinstance(p.get("loss"), int | float)]
+    if step is None or loss is None:
+        return points
+    points = [p for p in points if p["step"] < step] if points and points[-1]["step"] >= step else points
+    gap = 2 * (points[-1]["step"] - points[0]["step"]) / limit if len(points) > 1 else 0
+    if points and not force and step - points[-1]["step"] < gap:
+        return points
+    points.append({"step": step, "loss": round(loss, 4)})
+    if len(points) > limit:
+        points = points[::2] if len(points) % 2 else [*points[::2], points[-1]]
+    return points
+
+
+def progress_fields(progress: Mapping[str, Any], history: Iterable[Mapping[str, Any]] | None = None,
+                    final: bool = False) -> dict[str, Any]:
+    """status.progress and the display fields; with `history` (status.lossHistory) also the curve, extended."""
     progress = with_percent(progress)
-    return {"progress": progress, "step": step_text(progress.get("step"), progress.get("totalSteps")),
-            "loss": loss_text(progress.get("loss"))}
+    fields: dict[str, Any] = {"progress": progress, "loss": loss_text(progress.get("loss")),
+                              "step": step_text(progress.get("step"), progress.get("totalSteps"))}
+    if history is not None:
+        fields["lossHistory"] = loss_history(history, progress.get("step"), progress.get("loss"), force=final)
+    return fields
 
 
 def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:
@@ -247,7 +293,7 @@ def _finished(workload: Mapping[str, Any]) -> bool:
 def _port(pod: Mapping[str, Any], default_port: int) -> int:
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     try:
-        return int(annotations.get("prometheus.io/port", default_port))
+        return int(annotations.get(wire.PROMETHEUS_PORT, default_port))
     except ValueError:
         return default_port
 

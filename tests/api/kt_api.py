@@ -41,6 +41,10 @@ RULES = [
     Rule(API_SA.username, "create", "tokenreviews.authentication.k8s.io"),
     Rule(API_SA.username, "create", "subjectaccessreviews.authorization.k8s.io"),
     Rule(API_SA.username, "*", FTJ),
+    Rule("team-a-devs", "list", "events", "team-a"),  # kubectl describe's Events, for the event streams
+    Rule("team-a-devs", "watch", "events", "team-a"),
+    Rule(API_SA.username, "list", "events"),
+    Rule(API_SA.username, "watch", "events"),
 ]
 
 

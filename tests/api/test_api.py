@@ -31,7 +31,7 @@ async def test_invalid_spec_is_422_with_field_lines_and_nothing_is_created(stack
     assert response.status_code == 422
     assert response.json()["errors"] == [
         "spec.lora.r: must be >= 1, got -4",
-        "spec.lora.rank: unknown field; allowed fields here: r, alpha, dropout, targetModules",
+        "spec.lora.rank: unknown field; allowed fields here: r, alpha, dropout, targetModules, modulesToSave",
     ]
     assert stored(stack) is None
 

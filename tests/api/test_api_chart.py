@@ -69,3 +69,40 @@ def test_bad_api_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("KUBETUNE_API_PLAN_TIMEOUT", "soon")
     with pytest.raises(KubetuneError, match="KUBETUNE_API_PLAN_TIMEOUT: must be a number"):
         ApiSettings.from_env()
+
+
+def test_quotas_from_the_values_reach_the_operator_and_the_api_as_one_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from kubetune.quota import Limits, parse_quotas
+
+    values = {"default": {"maxConcurrentJobs": 4},
+              "namespaces": {"team-a": {"maxGpus": 2, "allowedGpuClasses": ["L4"], "maxEstimatedCost": 20}}}
+    objects = RENDER.render({"api": {"enabled": True, "auth": "serviceaccount", "namespaces": ["team-a", "team-b"]},
+                             "quotas": values})
+    [config] = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-quotas")]
+    quotas = parse_quotas(yaml.safe_load(config["data"]["quotas.yaml"]))
+    assert quotas.for_namespace("team-a") == Limits(max_concurrent_jobs=4, max_gpus=2, allowed_gpu_classes=("L4",),
+                                                    max_estimated_cost=20.0)
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    assert len(deployments) == 2  # the operator and the API
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "quotas")
+        assert env["KUBETUNE_QUOTAS"] == f"{mount['mountPath']}/quotas.yaml"
+        volume = next(v for v in pod["volumes"] if v["name"] == "quotas")
+        assert volume["configMap"]["name"] == config["metadata"]["name"]
+    [api] = [d for d in deployments if d["metadata"]["name"].endswith("-api")]
+    api_env = {e["name"]: e.get("value") for e in api["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name, value in api_env.items():
+        monkeypatch.setenv(name, value)
+    settings = ApiSettings.from_env()
+    assert settings.namespaces == ("team-a", "team-b") and settings.quotas_file == api_env["KUBETUNE_QUOTAS"]
+    assert settings.sse_heartbeat == 15 and settings.sse_replay == 1000
+    [role] = [o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith("-api")]
+    rules = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {"watch", "list"} <= rules[("kubetune.io", "finetunejobs")] and rules[("", "events")] == {"list", "watch"}
+    assert rules[("", "nodes")] == rules[("", "namespaces")] == {"list"}
+    assert not any("secrets" in r for _, r in rules)

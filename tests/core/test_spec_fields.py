@@ -34,6 +34,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("spec.lora.dropout", 1.5, "spec.lora.dropout: must be < 1, got 1.5"),
     ("spec.lora.targetModules", [], "spec.lora.targetModules: must be 'all-linear' or a non-empty list"),
     ("spec.lora.targetModules", "all", "spec.lora.targetModules: must be 'all-linear' or a non-empty list"),
+    ("spec.lora.modulesToSave", "lm_head", "spec.lora.modulesToSave: must be a list, got 'lm_head'"),
+    ("spec.lora.modulesToSave", [""], "spec.lora.modulesToSave[0]: must not be empty"),
     ("spec.lora.rank", 8, "spec.lora.rank: unknown field; allowed fields here: r, alpha, dropout, targetModules"),
     ("spec.training.epochs", 0, "spec.training.epochs: must be > 0, got 0"),
     ("spec.training.maxSteps", 0, "spec.training.maxSteps: must be >= 1, got 0"),
@@ -68,6 +70,11 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("spec.output.credentialsSecret", "S3 Creds", "spec.output.credentialsSecret: must be a DNS subdomain name"),
     ("spec.output.endpointUrl", "minio:9000", "spec.output.endpointUrl: must match ^https?://\\S+$, got 'minio:9000'"),
     ("spec.output.mergedModel", "perhaps", "spec.output.mergedModel: must be true or false, got 'perhaps'"),
+    ("spec.output.serving", "vllm", "spec.output.serving: must be a mapping, got 'vllm'"),
+    ("spec.output.serving.maxLoraRank", 24, "spec.output.serving.maxLoraRank: must be one of vLLM's --max-lora-rank "
+                                            "values: 1, 8, 16, 32, 64, 128, 256, 320, 512; got 24"),
+    ("spec.output.serving.maxLoraRank", "16", "spec.output.serving.maxLoraRank: must be one of vLLM's "
+                                              "--max-lora-rank values: 1, 8, 16, 32, 64, 128, 256, 320, 512; got '16'"),
     ("spec.queue", "Team Queue", "spec.queue: must be a DNS subdomain name"),
     ("spec.suspend", 5, "spec.suspend: must be true or false, got 5"),
     ("spec.priority", "high", "spec.priority: unknown field; allowed fields here: model, dataset, method, lora"),

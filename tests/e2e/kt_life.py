@@ -49,7 +49,8 @@ class World:
     served: dict[str, list[str]] = field(default_factory=dict)
     operator_settings: dict[str, Any] = field(default_factory=dict)  # more Settings for start_operator
 
-    def manifest(self, name: str, resources: dict[str, Any] | None = None, **training: Any) -> str:
+    def manifest(self, name: str, resources: dict[str, Any] | None = None, serving: dict[str, Any] | None = None,
+                 **training: Any) -> str:
         return yaml.safe_dump({
             "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
             "metadata": {"name": name, "namespace": NS},
@@ -62,7 +63,7 @@ class World:
                              "microBatchSize": 2, "gradientAccumulationSteps": 1, "maxSeqLength": 128,
                              "learningRate": 1e-3, "warmupRatio": 0.0, "seed": 7, **training},
                 "output": {"uri": f"s3://{self.bucket}/adapters/{name}/", "endpointUrl": self.s3_endpoint,
-                           "credentialsSecret": "s3-creds"},
+                           "credentialsSecret": "s3-creds", **({"serving": serving} if serving else {})},
                 **({"resources": resources} if resources else {}),
             },
         }, sort_keys=False)
@@ -73,9 +74,10 @@ class World:
                                              "hf_endpoint": self.hub.url, "model_cache_claim": MODEL_CACHE_CLAIM,
                                              **self.operator_settings})
 
-    async def apply(self, name: str, resources: dict[str, Any] | None = None, **training: Any) -> None:
+    async def apply(self, name: str, resources: dict[str, Any] | None = None, serving: dict[str, Any] | None = None,
+                    **training: Any) -> None:
         path = self.folder / f"{name}.yaml"
-        path.write_text(self.manifest(name, resources, **training))
+        path.write_text(self.manifest(name, resources, serving, **training))
         result = await self.kubectl("apply", "-f", str(path))
         assert result.code == 0 and result.out.strip() == f"finetunejob.kubetune.io/{name} created", result
 

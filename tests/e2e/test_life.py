@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 from kt_cluster import NS, eventually
 from kt_life import CHECKPOINT_STEPS, MAX_STEPS, MODEL, World
 
@@ -134,6 +135,17 @@ async def test_whole_life(world: World) -> None:
     assert manifest["metrics"]["steps"] == MAX_STEPS
     assert manifest["baseModel"]["commit"] == world.hub.repos[MODEL].refs["main"]
     BASELINE["tensors"] = adapter_tensors(files)
+
+    # Ready to serve: every serving rule met, and the KServe / vLLM text for this adapter in status.serving.
+    assert manifest["serving"] == []
+    serving = done["serving"]
+    assert serving["ready"] is True and serving["adapterUri"] == done["adapterUri"]
+    ready = next(c for c in done["conditions"] if c["type"] == "ServingReady")
+    assert (ready["status"], ready["reason"]) == ("True", "ServingRulesMet")
+    kserve = yaml.safe_load(serving["kserve"])
+    assert kserve["kind"] == "LLMInferenceService"
+    assert kserve["spec"]["model"]["lora"]["adapters"] == [{"name": "life", "uri": done["adapterUri"]}]
+    assert "--enable-lora --max-lora-rank 16 --lora-modules life=" in serving["vllm"]
     print(f"\nwhole life: kubectl apply -> Succeeded in {seconds:.1f}s; the pod (cold model cache) ran "
           f"{world.pod_seconds(pod['metadata']['name']):.1f}s")
 
@@ -176,8 +188,16 @@ async def test_sigkill_and_operator_restart_mid_run(world: World) -> None:
 async def test_out_of_memory_escalates_and_resumes(world: World) -> None:
     world.kubelet.inject_env(lambda pod: pod["metadata"]["name"].startswith("oom-a1-"),
                              {"KUBETUNE_FAULT_OOM_AT_STEP": str(CHECKPOINT_STEPS + 1)})
-    await world.apply("oom")
+    # The cheapest serving-rule variant rides along: r 8 above a maxLoraRank of 1 (the adapter is fine for PEFT).
+    await world.apply("oom", serving={"maxLoraRank": 1})
     done = await world.wait_phase("oom", "Succeeded")
+    await eventually(lambda: any(e.get("reason") == "ServingRulesBroken" for e in world.events("oom")), 15,
+                     "the serving Warning Event")
+    [warning] = [e for e in world.events("oom") if e.get("reason") == "ServingRulesBroken"]
+    assert warning["type"] == "Warning" and "RankAboveMax: LoRA rank 8 is above" in warning["message"]
+    served = next(c for c in world.ftj("oom")["status"]["conditions"] if c["type"] == "ServingReady")
+    assert (served["status"], served["reason"]) == ("False", "ServingRulesBroken")
+    assert world.ftj("oom")["status"]["serving"]["ready"] is False
     attempts = done["attempts"]
     assert [a["outcome"] for a in attempts] == ["OutOfMemory", "Succeeded"], attempts
     catalog = load_catalog()

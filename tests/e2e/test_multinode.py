@@ -24,6 +24,7 @@ from kubetune_operator import scaleout
 from test_life import adapter_files, check_manifest, wait_events
 from tiny_llama import tiny_llama
 
+from kubetune import wire
 from kubetune.planning.gpus import load_catalog
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ async def two_nodes(world: World, tmp_path: Path) -> World:
     world.cluster.operators.clear()
     world.operator_settings.update(gpu_catalog=catalog, rendezvous_port=free_port())
     await world.start_operator()
-    world.kubelet.inject_env(lambda pod: index_of(pod) == 1, {"KUBETUNE_METRICS_PORT": str(free_port())})
+    world.kubelet.inject_env(lambda pod: index_of(pod) == 1, {wire.ENV_TRAINER_PORT: str(free_port())})
     return world
 
 

@@ -183,13 +183,17 @@ def test_api_is_off_by_default_and_hardened_when_on(default_objects: list[dict[s
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
-def test_api_in_serviceaccount_mode_gets_only_finetunejob_rights() -> None:
+def test_api_in_serviceaccount_mode_gets_only_the_rights_its_routes_need() -> None:
     objects = RENDER.render({"api": {"enabled": True, "auth": "serviceaccount"}})
     for obj in objects:
         validate(obj)
     [role] = [o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith("-api")]
     assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
-                              "verbs": ["get", "list", "create", "patch", "delete"]},
+                              "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+                             {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},
+                             {"apiGroups": [""], "resources": ["nodes", "pods", "namespaces"], "verbs": ["list"]},
+                             {"apiGroups": ["kueue.x-k8s.io"], "resources": ["localqueues", "clusterqueues"],
+                              "verbs": ["get", "list"]},
                              {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
                               "verbs": ["create"]},
                              {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],

@@ -15,10 +15,11 @@ from kt_cluster import NS, Cluster, eventually, finetunejob
 from kt_emulator import Kind
 from kubetune_operator import cache, handlers, scaleout
 
+from kubetune import wire
 from kubetune.contracts import Outcome, TerminationSummary
 from kubetune.planning.gpus import load_catalog
 
-JOBSETS = Kind(scaleout.JOBSET_GROUP, scaleout.JOBSET_VERSION, "jobsets", "JobSet", namespaced=True)
+JOBSETS = Kind(wire.JOBSET_GROUP, wire.JOBSET_VERSION, "jobsets", "JobSet", namespaced=True)
 GANG = {"resources": {"gpuClass": "A10G", "gpuCount": 2, "strategy": "ddp"}}
 DONE = TerminationSummary(outcome=Outcome.SUCCEEDED, exit_code=0, steps=500, total_steps=500,
                           adapter_uri="s3://adapters/wide/adapter/").message()

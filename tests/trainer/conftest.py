@@ -101,10 +101,9 @@ def spec_for() -> Callable[..., dict[str, Any]]:
 def write_config(tmp_path: Path) -> Callable[..., Path]:
     """TrainerConfig JSON as the operator writes it into the ConfigMap."""
     def write(spec: dict[str, Any], name: str = "tiny", estimate: int = 123_456_789) -> Path:
-        from kubetune_trainer.config import JobRef, TrainerConfig
-
         from kubetune.planning.plan import Knobs
         from kubetune.spec import parse_spec
+        from kubetune.trainer_config import JobRef, TrainerConfig
 
         parsed = parse_spec(spec)
         t = parsed.training

@@ -105,13 +105,13 @@ def test_the_trainer_never_holds_more_than_one_chunk_of_logits(tmp_path: Path, t
     """The real Recipe on a tiny Llama with SmolLM2's 49k vocabulary: one training micro-batch (forward and
     backward) and one eval pass; the largest tensor any op makes is one chunk's logits, never all of them."""
     from kubetune_trainer import data as data_mod
-    from kubetune_trainer.config import JobRef, TrainerConfig
     from kubetune_trainer.loop import Recipe, RunOptions
     from kubetune_trainer.metrics import Telemetry
     from kubetune_trainer.progress import Log
 
     from kubetune.planning.plan import Knobs
     from kubetune.spec import parse_spec
+    from kubetune.trainer_config import JobRef, TrainerConfig
 
     rows_file = tmp_path / "long.jsonl"
     rows_file.write_text("".join(json.dumps({"messages": [

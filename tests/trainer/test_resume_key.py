@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-from kubetune_trainer.config import JobRef, TrainerConfig
 from kubetune_trainer.loop import fingerprint
 
 from kubetune.planning.plan import Knobs
 from kubetune.spec import parse_spec
+from kubetune.trainer_config import JobRef, TrainerConfig
 
 SPEC = {"model": {"name": "kubetune-test/tiny-llama", "revision": "main"},
         "dataset": {"source": "/data/train.jsonl", "format": "chat"},

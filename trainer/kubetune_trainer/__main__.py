@@ -1,8 +1,8 @@
-"""`python -m kubetune_trainer --config /etc/kubetune/job.json`: what the trainer Job's pod runs.
+"""`python -m kubetune_trainer --config <kubetune.wire.CONFIG_PATH>`: what the trainer Job's pod runs.
 
 The config is the TrainerConfig JSON the operator put in the job's ConfigMap (spec + resolved plan).
 Exit codes: 0 success, 2 bad input, 3 out of GPU memory, 4 storage error, 143 SIGTERM (checkpoint
-written), 1 anything else; the JSON summary goes to /dev/termination-log (or --termination-log).
+written), 1 anything else; the JSON summary goes to the termination log (kubetune_trainer.stop).
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kubetune import wire  # the standard library only, like stop
 from kubetune_trainer import stop  # no torch, no pydantic: cheap to import before the handler is in place
 
 if TYPE_CHECKING:
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune.trainer_config import TrainerConfig
 
-DEFAULT_CONFIG = "/etc/kubetune/job.json"
-DEFAULT_METRICS_PORT = 9090
 
 
 def load_config(path: str) -> TrainerConfig:
@@ -29,7 +28,7 @@ def load_config(path: str) -> TrainerConfig:
 
     from kubetune.errors import SpecError
     from kubetune.spec import format_errors
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune.trainer_config import TrainerConfig
 
     try:
         raw = json.loads(Path(path).read_text())
@@ -43,15 +42,25 @@ def load_config(path: str) -> TrainerConfig:
         raise SpecError(format_errors(exc, TrainerConfig, prefix="config")) from None
 
 
+def default_port() -> int:
+    """The trainer's port from its environment: the operator sets ENV_TRAINER_PORT; older operators and images
+    set ENV_TRAINER_PORT_LEGACY."""
+    for name in (wire.ENV_TRAINER_PORT, wire.ENV_TRAINER_PORT_LEGACY):
+        if value := os.environ.get(name):
+            return int(value)
+    return wire.TRAINER_PORT
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=os.environ.get("KUBETUNE_CONFIG", DEFAULT_CONFIG),
-                        help=f"TrainerConfig JSON (default {DEFAULT_CONFIG})")
-    parser.add_argument("--metrics-port", type=int,
-                        default=int(os.environ.get("KUBETUNE_METRICS_PORT", DEFAULT_METRICS_PORT)),
-                        help=f"/metrics /healthz /readyz /status port (default {DEFAULT_METRICS_PORT}; 0: off)")
+    parser.add_argument("--config", default=os.environ.get(wire.ENV_CONFIG, wire.CONFIG_PATH),
+                        help=f"TrainerConfig JSON (default ${wire.ENV_CONFIG} or {wire.CONFIG_PATH})")
+    parser.add_argument("--metrics-port", type=int, default=default_port(),
+                        help=f"/metrics /healthz /readyz /status port (default ${wire.ENV_TRAINER_PORT}, else "
+                             f"${wire.ENV_TRAINER_PORT_LEGACY}, else {wire.TRAINER_PORT}; 0: off)")
     parser.add_argument("--termination-log", default=None,
-                        help="where the JSON summary goes (default $KUBETUNE_TERMINATION_LOG or /dev/termination-log)")
+                        help=f"where the JSON summary goes (default ${wire.ENV_TERMINATION_LOG} or "
+                             f"{wire.TERMINATION_LOG})")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
@@ -59,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from kubetune.contracts import Outcome
         from kubetune.errors import KubetuneError
         from kubetune_trainer.loop import Result, RunOptions
         from kubetune_trainer.runner import run_job, write_termination
@@ -67,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.config)
         except KubetuneError as exc:
             print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
-            write_termination(args.termination_log, Result(outcome="InvalidInput", error=str(exc)), exc.exit_code)
+            write_termination(args.termination_log, Result(outcome=Outcome.INVALID_INPUT, error=str(exc)),
+                              exc.exit_code)
             return exc.exit_code
     except stop.Preempted as exc:  # SIGTERM while importing the training stack or reading the config
         return stop.preempted_while_starting(args.termination_log, exc)
@@ -81,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     stop.install_early()  # before the training stack is imported: a SIGTERM from here on exits 143 with a summary
     exit_code = main()
-    if exit_code == 143:
+    from kubetune.contracts import ExitCode  # imported by main already
+
+    if exit_code == ExitCode.PREEMPTED:
         # Stopped by SIGTERM: a download interrupted mid-file leaves huggingface_hub's worker threads
         # running, and a normal exit would wait for them until the grace period ends in SIGKILL.
         sys.stdout.flush()

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kubetune.errors import SpecError
 from kubetune.planning.models import model_architecture
 from kubetune.planning.plan import local_knobs
-from kubetune.spec import FineTuneJobSpec, parse_spec
-from kubetune_trainer.config import JobRef, TrainerConfig
+from kubetune.spec import FineTuneJob, FineTuneJobSpec, parse_spec
+from kubetune.trainer_config import JobRef, TrainerConfig
+from kubetune.wire import CONFIG_FILE
+
+if TYPE_CHECKING:
+    from kubetune_trainer.loop import Device, Result, RunOptions
+    from kubetune_trainer.progress import Log
 
 SAMPLE_PROMPT_ANNOTATION = "kubetune.io/sample-prompt"
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """`kubetune train`'s options (the CLI's flags, typed)."""
+
+    file: str
+    output: str | None = None  # overrides spec.output.uri
+    max_steps: int | None = None  # overrides spec.training.maxSteps
+    metrics_port: int = 0  # 0: no server
+    device: Device = "auto"
+    prompt: str | None = None  # else the job's kubetune.io/sample-prompt annotation
+    termination_log: str | None = None
+    nproc_per_node: int = 1
 
 
 def with_overrides(spec: FineTuneJobSpec, output: str | None, max_steps: int | None) -> FineTuneJobSpec:
@@ -43,41 +62,26 @@ def usable_memory(device_type: str, ranks: int = 1) -> tuple[int, str | None]:
     return int(psutil.virtual_memory().available * 0.5) // max(1, ranks), None
 
 
-def run_local(args: argparse.Namespace) -> int:
-    from kubetune.jobfile import load_jobs
+def run_local(args: LocalOptions) -> int:
     from kubetune_trainer.loop import RunOptions
     from kubetune_trainer.model import pick_device
     from kubetune_trainer.progress import Log
     from kubetune_trainer.runner import run_job
 
-    jobs = load_jobs(args.file)
-    if len(jobs) != 1:
-        raise SpecError(f"{args.file}: kubetune train runs one FineTuneJob; this file has {len(jobs)}")
-    job = jobs[0]
-    spec = with_overrides(job.spec, getattr(args, "output", None), getattr(args, "max_steps", None))
-    device = pick_device(getattr(args, "device", "auto") or "auto")
-    log = Log()
+    job, spec = load_job(args)
+    device = pick_device(args.device)
     started = time.perf_counter()
-    arch = model_architecture(spec.model.name, spec.model.source, spec.model.revision)
-    nproc = getattr(args, "nproc_per_node", None)
-    nproc = 1 if nproc is None else nproc
+    nproc = args.nproc_per_node
     if nproc < 1:
         raise SpecError(f"--nproc-per-node: must be >= 1, got {nproc}")
     if device.type == "cuda" and nproc > torch_cuda_count():
         raise SpecError(f"--nproc-per-node: {nproc} ranks need {nproc} GPUs, this machine has {torch_cuda_count()}")
-    usable, gpu = usable_memory(device.type, nproc)
-    knobs, estimate = local_knobs(spec, arch, usable)
-    log.event("plan", f"{job.metadata.namespace}/{job.metadata.name}: {arch.name} {spec.method} on "
-              f"{gpu or 'the CPU'}: micro-batch {knobs.micro_batch_size} x accumulation "
-              f"{knobs.gradient_accumulation_steps}, checkpointing {'on' if knobs.gradient_checkpointing else 'off'}, "
-              f"{knobs.max_seq_length} tokens"
-              + (f"; {nproc} ranks (torchrun, {'nccl' if device.type == 'cuda' else 'gloo'})" if nproc > 1 else ""))
-    config = TrainerConfig(job=JobRef(name=job.metadata.name, namespace=job.metadata.namespace), spec=spec,
-                           knobs=knobs, gpu_class=gpu, vram_estimate_bytes=estimate)
-    prompt = getattr(args, "prompt", None) or job.metadata.annotations.get(SAMPLE_PROMPT_ANNOTATION)
-    options = RunOptions(device=device.type, metrics_port=getattr(args, "metrics_port", 0) or 0,
-                         termination_log=getattr(args, "termination_log", None), prompt=prompt,
-                         download_progress=sys.stderr.isatty())  # a hub id's download: a byte bar at a terminal
+    log = Log()
+    config = local_config(job.metadata.name, job.metadata.namespace, spec, device.type, nproc, log)
+    prompt = args.prompt or job.metadata.annotations.get(SAMPLE_PROMPT_ANNOTATION)
+    options = RunOptions(device="cuda" if device.type == "cuda" else "cpu", metrics_port=args.metrics_port,
+                         termination_log=args.termination_log, prompt=prompt,
+                         download_progress=sys.stderr.isatty())  # a hub download: a byte bar at a TTY
     if nproc > 1:
         code, result = run_ranks(config, options, nproc)
     else:
@@ -87,23 +91,48 @@ def run_local(args: argparse.Namespace) -> int:
     return code
 
 
+def load_job(args: LocalOptions) -> tuple[FineTuneJob, FineTuneJobSpec]:
+    """The one FineTuneJob of `args.file`, and its spec with the command line's overrides."""
+    from kubetune.jobfile import load_jobs
+
+    jobs = load_jobs(args.file)
+    if len(jobs) != 1:
+        raise SpecError(f"{args.file}: kubetune train runs one FineTuneJob; this file has {len(jobs)}")
+    return jobs[0], with_overrides(jobs[0].spec, args.output, args.max_steps)
+
+
+def local_config(name: str, namespace: str, spec: FineTuneJobSpec, device_type: str, nproc: int,
+                 log: Log) -> TrainerConfig:
+    """The plan for this machine (its GPU, else its CPU), logged, as the trainer's config."""
+    arch = model_architecture(spec.model.name, spec.model.source, spec.model.revision)
+    usable, gpu = usable_memory(device_type, nproc)
+    knobs, estimate = local_knobs(spec, arch, usable)
+    log.event("plan", f"{namespace}/{name}: {arch.name} {spec.method} on "
+              f"{gpu or 'the CPU'}: micro-batch {knobs.micro_batch_size} x accumulation "
+              f"{knobs.gradient_accumulation_steps}, checkpointing {'on' if knobs.gradient_checkpointing else 'off'}, "
+              f"{knobs.max_seq_length} tokens"
+              + (f"; {nproc} ranks (torchrun, {'nccl' if device_type == 'cuda' else 'gloo'})" if nproc > 1 else ""))
+    return TrainerConfig(job=JobRef(name=name, namespace=namespace), spec=spec, knobs=knobs, gpu_class=gpu,
+                         vram_estimate_bytes=estimate)
+
+
 def torch_cuda_count() -> int:
     import torch
 
     return torch.cuda.device_count()
 
 
-def run_ranks(config: TrainerConfig, options: Any, nproc: int) -> tuple[int, Any]:
+def run_ranks(config: TrainerConfig, options: RunOptions, nproc: int) -> tuple[int, Result]:
     """The trainer as `nproc` local ranks under torchrun (launch.py), as a pod with several GPUs runs it; the
-    result is read back from rank 0's JSON summary."""
-    import json
+    result is read back from rank 0's summary."""
     import tempfile
-    from types import SimpleNamespace
 
+    from kubetune.contracts import TerminationSummary
     from kubetune_trainer.launch import launch
+    from kubetune_trainer.loop import Result
 
     with tempfile.TemporaryDirectory(prefix="kubetune-train-") as tmp:
-        path = Path(tmp) / "job.json"
+        path = Path(tmp) / CONFIG_FILE
         path.write_text(config.model_dump_json(by_alias=True))
         summary = Path(options.termination_log or Path(tmp) / "summary.json")
         if options.prompt:
@@ -111,18 +140,20 @@ def run_ranks(config: TrainerConfig, options: Any, nproc: int) -> tuple[int, Any
         code = launch(["--standalone", "--nproc-per-node", str(nproc), "-m", "kubetune_trainer",
                        "--config", str(path), "--device", options.device, "--metrics-port", str(options.metrics_port),
                        "--termination-log", str(summary)])
-        fields = json.loads(summary.read_text()) if summary.exists() else {}
-    result = SimpleNamespace(steps=fields.get("steps", 0), final_loss=fields.get("finalLoss"), first_loss=None,
-                             adapter_uri=fields.get("adapterUri"), samples={})
-    return code, result
+        told = TerminationSummary.parse(summary.read_text() if summary.exists() else None)
+    return code, Result.from_summary(told or TerminationSummary())
 
 
-def report(result: Any, prompt: str | None, seconds: float) -> None:
+def report(result: Result, prompt: str | None, seconds: float) -> None:
     out = sys.stdout
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "?"
     first = f"{result.first_loss:.4f} -> " if result.first_loss is not None else ""
     print(f"\nTrained {result.steps} steps in {seconds:.0f}s (train loss {first}{loss}).", file=out)
     print(f"Adapter: {shown(result.adapter_uri)}", file=out)
+    if result.serving is not None:  # the serving check (docs/serving.md)
+        from kubetune_trainer.serving_check import describe
+
+        print(f"Serving: {describe(result.serving)}", file=out)
     if prompt and result.samples:
         print(f"\nPrompt: {prompt}", file=out)
         print(f"  before: {result.samples.get('before', '')}", file=out)

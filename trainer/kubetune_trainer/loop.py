@@ -21,16 +21,17 @@ import random
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from kubetune.contracts import Outcome, ServingFinding, TerminationSummary, TrainerPhase
+from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import data as data_mod
-from kubetune_trainer import distributed, faults, fsdp
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer import distributed, faults, fsdp, serving_check
 from kubetune_trainer.loss import CausalLMLoss
 from kubetune_trainer.memory import input_device
 from kubetune_trainer.metrics import Stopwatch, Telemetry
@@ -55,9 +56,12 @@ KEEP_CHECKPOINTS = 2
 
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
 @dataclass
 class RunOptions:
-    device: str = "auto"
+    device: Device = "auto"
     metrics_port: int = 0
     termination_log: str | None = None
     prompt: str | None = None  # print the model's answer before and after training (the quickstart)
@@ -67,7 +71,7 @@ class RunOptions:
 
 @dataclass
 class Result:
-    outcome: str = "Failed"
+    outcome: Outcome = Outcome.FAILED
     steps: int = 0
     total_steps: int = 0
     final_loss: float | None = None
@@ -81,6 +85,14 @@ class Result:
     samples: dict[str, str] = field(default_factory=dict)
     model_commit: str | None = None  # the hub commit the base model came from
     resumed_from_step: int | None = None  # the checkpoint step this run resumed from (0: the beginning)
+    serving: list[ServingFinding] | None = None  # the serving check of the adapter (kubetune.serving)
+
+    @classmethod
+    def from_summary(cls, summary: TerminationSummary) -> Result:
+        """A run's result as its summary tells it (rank 0 of a torchrun launch, read back by the launcher): the
+        fields the two share (TerminationSummary.from_result is the other way)."""
+        told = {f.name: getattr(summary, f.name, None) for f in fields(cls)}
+        return cls(**{name: value for name, value in told.items() if value is not None})
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainerConfig, device: torch.device,
@@ -161,7 +173,7 @@ class Recipe:
         self.options = options
         self.telemetry = telemetry
         self.log = log
-        self.result = Result()
+        self._result = Result()
         self.stop_requested = False
         self.step = 0
         self.total_steps = 0
@@ -177,6 +189,18 @@ class Recipe:
         self.storage: Storage = open_storage(self.spec.output.uri, self.spec.output.endpoint_url)
         self.fingerprint = fingerprint(config)
 
+    @property
+    def result(self) -> Result:
+        """This run's result so far: its counters as they stand, and what train, evaluate and save set."""
+        result = self._result
+        result.steps, result.total_steps, result.tokens = self.step, self.total_steps, self.tokens_seen
+        result.final_loss, result.model_commit = self.last_loss, self.model_commit
+        return result
+
+    def cleanup(self) -> None:
+        """The run is over, however it ended (after its summary is written): the process group goes down."""
+        distributed.shutdown()
+
     # --- setup ------------------------------------------------------------------------------------
 
     def setup(self) -> None:
@@ -187,10 +211,10 @@ class Recipe:
         random.seed(spec.training.seed)
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
-        self.telemetry.phase("Preparing", "checking output and dataset")
+        self.telemetry.phase(TrainerPhase.PREPARING, "checking output and dataset")
         if self.ranks.main:  # rank 0 alone writes; two ranks probing one folder would race on the probe file
             self.storage.check()
-        self.telemetry.phase("Preparing", "fetching the base model")
+        self.telemetry.phase(TrainerPhase.PREPARING, "fetching the base model")
         files = resolve_model(spec, spec.output.endpoint_url, say=lambda m: self.log.event("download", m),
                               progress=self.options.download_progress)
         model_dir, self.model_commit = files.path, files.commit
@@ -210,13 +234,14 @@ class Recipe:
                        + (f"; {self.train_data.dropped_too_long} rows longer than maxSeqLength skipped"
                           if self.train_data.dropped_too_long else ""))
 
-        self.telemetry.phase("Loading", "loading the base model")
+        self.telemetry.phase(TrainerPhase.LOADING, "loading the base model")
         started = time.perf_counter()
         self.loaded: LoadedModel = load_model(spec, self.load_device, self.dtype, knobs.gradient_checkpointing,
                                               spec.output.endpoint_url, seed=spec.training.seed,
                                               gpu_count=1 if self.ranks.distributed else self.config.gpu_count,
                                               model_dir=model_dir, sharded=self.sharded)
         self.model = self.loaded.model
+        self.check_servable()
         checkpoint = self.latest_checkpoint()
         if checkpoint is not None:  # into the plain model, before DDP broadcasts it or FSDP shards it
             self.load_adapter(checkpoint)
@@ -314,7 +339,7 @@ class Recipe:
     def train(self) -> Result:
         spec = self.spec
         self.model.train()
-        self.telemetry.phase("Training", None)
+        self.telemetry.phase(TrainerPhase.TRAINING, None)
         watch = Stopwatch()
         self.started = time.perf_counter()
         if self.ranks.distributed:
@@ -354,7 +379,7 @@ class Recipe:
     @torch.no_grad()
     def evaluate(self) -> float:
         assert self.eval_data is not None
-        self.telemetry.phase("Evaluating")
+        self.telemetry.phase(TrainerPhase.EVALUATING)
         self.model.eval()
         total, count = 0.0, 0
         batches = list(data_mod.iter_batches(self.eval_data.rows, self.config.knobs.micro_batch_size))
@@ -369,7 +394,7 @@ class Recipe:
         self.telemetry.record_eval(loss)
         self.result.eval_loss = loss
         self.log.event("eval", f"eval loss {loss:.4f} at step {self.step}", evalLoss=loss, step=self.step)
-        self.telemetry.phase("Training")
+        self.telemetry.phase(TrainerPhase.TRAINING)
         return loss
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -389,7 +414,7 @@ class Recipe:
             return
         from safetensors.torch import save_file
 
-        self.telemetry.phase("Checkpointing")
+        self.telemetry.phase(TrainerPhase.CHECKPOINTING)
         started = time.perf_counter()
         name = f"{CHECKPOINTS}/step-{self.step:08d}"
         state = {"step": self.step, "epoch": self.schedule.epoch_of(self.step), "totalSteps": self.total_steps,
@@ -409,7 +434,7 @@ class Recipe:
         self.telemetry.record_checkpoint(seconds)
         self.log.event("checkpoint", f"checkpoint at step {self.step} -> {self.storage.join(name)} "
                        f"({written / 1e6:.1f} MB, {seconds:.1f}s)", step=self.step, seconds=round(seconds, 2))
-        self.telemetry.phase("Training")
+        self.telemetry.phase(TrainerPhase.TRAINING)
         distributed.barrier(self.ranks)
 
     def gathered_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -486,7 +511,7 @@ class Recipe:
         weights = fsdp.trainable_state(self.model, self.ranks.main) if self.sharded else None
         if not self.ranks.main:
             return None
-        self.telemetry.phase("Uploading", "writing the adapter")
+        self.telemetry.phase(TrainerPhase.UPLOADING, "writing the adapter")
         # A re-run to the same output: the old manifest goes first, so no reader takes the files below,
         # half-written, for a complete adapter described by the previous run's manifest.
         self.storage.delete_key(f"{ADAPTER}/manifest.json")
@@ -497,6 +522,7 @@ class Recipe:
             self.model.save_pretrained(str(folder), state_dict=weights)  # None: PEFT reads the model
             self.loaded.tokenizer.save_pretrained(str(folder))
             (folder / "README.md").unlink(missing_ok=True)
+            findings = self.check_serving(folder)
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                 rel = path.relative_to(folder).as_posix()
                 written += self.storage.put_file(path, f"{ADAPTER}/{rel}")
@@ -518,6 +544,7 @@ class Recipe:
                 "knobs": self.config.knobs.model_dump(by_alias=True),
                 "files": files,
                 "merged": {"uri": self.storage.join(MERGED), "files": merged} if merged else None,
+                "serving": [f.model_dump(by_alias=True) for f in findings],
                 "metrics": metrics,
                 "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
@@ -528,19 +555,37 @@ class Recipe:
         self.telemetry.status.adapter_uri = uri
         return uri
 
-    def save_merged(self, adapter_dir: Path, out: Path) -> tuple[dict[str, dict[str, Any]], int]:
-        """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged."""
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+    def check_servable(self) -> None:
+        """Before training: an adapter of this spec that no serving engine would apply fails now, not after the
+        run (kubetune_trainer.serving_check; exit code 2)."""
+        self.base_modules = serving_check.base_modules(self.loaded.model_dir)
+        serving_check.judge(serving_check.in_memory_adapter(self.model), self.base_modules, self.spec)
 
-        self.log.event("merge", "merging the adapter into a 16-bit copy of the base model")
-        base = AutoModelForCausalLM.from_pretrained(str(self.loaded.model_dir), dtype=torch.bfloat16)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged.save_pretrained(str(out))
+    def check_serving(self, folder: Path) -> list[ServingFinding]:
+        """The saved adapter against the serving rules, before upload: the findings go to the log, the manifest
+        and the termination summary (the operator's ServingReady condition and Warning Event)."""
+        findings = serving_check.judge(serving_check.read_adapter(folder), self.base_modules, self.spec)
+        self.result.serving = findings
+        self.log.event("serving", serving_check.describe(findings), rules=[f.rule for f in findings])
+        return findings
+
+    def save_merged(self, adapter_dir: Path, out: Path) -> tuple[dict[str, dict[str, Any]], int]:
+        """The base in 16-bit (not the NF4 copy we trained on) + the adapter, merged tensor by tensor and uploaded
+        shard by shard (kubetune_trainer.merge): host memory within about one tensor, disk within one shard."""
+        from kubetune_trainer.merge import stream_merge
+
+        self.log.event("merge", "merging the adapter into the 16-bit base model, shard by shard")
+        files: dict[str, dict[str, Any]] = {}
+        written = 0
+
+        def emit(path: Path, name: str) -> None:
+            nonlocal written
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            written += self.storage.put_file(path, f"{MERGED}/{name}")
+            path.unlink()  # uploaded: the next shard reuses the disk
+
+        stream_merge(self.loaded.model_dir, adapter_dir, out, emit, dtype=torch.bfloat16)
         self.loaded.tokenizer.save_pretrained(str(out))
-        files, written = {}, 0
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
-            rel = path.relative_to(out).as_posix()
-            written += self.storage.put_file(path, f"{MERGED}/{rel}")
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        return files, written
+            emit(path, path.relative_to(out).as_posix())
+        return dict(sorted(files.items())), written

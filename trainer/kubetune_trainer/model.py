@@ -265,6 +265,7 @@ def apply_lora(model: nn.Module, spec: FineTuneJobSpec, dtype: torch.dtype = tor
         lora_alpha=spec.lora.alpha,
         lora_dropout=spec.lora.dropout,
         target_modules=targets if isinstance(targets, list) else "all-linear",
+        modules_to_save=list(spec.lora.modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

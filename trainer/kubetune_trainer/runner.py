@@ -12,12 +12,13 @@ import os
 import signal
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
+from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import distributed
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.loop import Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
@@ -37,12 +38,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def write_termination(path: str | None, result: Result, exit_code: int) -> None:
-    write_summary(path, TerminationSummary(
-        outcome=Outcome(result.outcome), exit_code=exit_code, steps=result.steps, total_steps=result.total_steps,
-        final_loss=result.final_loss, eval_loss=result.eval_loss, peak_memory_bytes=result.peak_memory_bytes,
-        adapter_uri=result.adapter_uri, model_commit=result.model_commit, error=result.error,
-        resumed_from_step=result.resumed_from_step,
-    ))
+    write_summary(path, TerminationSummary.from_result(result, exit_code))
 
 
 STOP_AT_ONCE = (TrainerPhase.STARTING, TrainerPhase.PREPARING, TrainerPhase.LOADING)
@@ -61,88 +57,114 @@ def sigterm_handler(telemetry: Telemetry, recipe: Callable[[], Recipe | None]) -
     return handler
 
 
-def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) -> tuple[int, Result]:
-    ranks = distributed.ranks_from_env()  # torchrun's; rank 0 serves metrics, writes checkpoints and the adapter
-    log = (log or Log()) if ranks.main else distributed.RankLog(ranks.rank)
-    quiet_libraries(progress_bars=not getattr(log, "json", True))
-    telemetry = Telemetry(config.job.namespace, config.job.name, config.vram_estimate_bytes)
+@dataclass
+class Run:
+    """One trainer process's run: what `run_job` starts (the metrics server, the recipe) and takes down."""
+
+    config: TrainerConfig
+    options: RunOptions
+    ranks: distributed.Ranks
+    log: Log
+    telemetry: Telemetry
     server: MetricsServer | None = None
     recipe: Recipe | None = None
-    result = Result()
-    code: int = ExitCode.ERROR
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, sigterm_handler(telemetry, lambda: recipe))
-    try:
+
+    def train(self) -> None:
+        """Serve, set up, train, save: returns when the adapter is written; raises on anything else."""
         if early := stopped_while_starting():
             raise early
-        if options.metrics_port and ranks.local_rank == 0:  # every pod answers its probes; rank 0 tells the story
-            server = MetricsServer(telemetry, options.metrics_port)
-            server.start()
-            log.event("server", f"metrics and status on :{options.metrics_port} (/metrics /healthz /readyz /status)")
-        recipe = Recipe(config, options, telemetry, log)
-        telemetry.device_type = recipe.device.type
+        port = self.options.metrics_port
+        if port and self.ranks.local_rank == 0:  # every pod answers its probes; rank 0 tells the story
+            self.server = MetricsServer(self.telemetry, port)
+            self.server.start()
+            self.log.event("server", f"metrics and status on :{port} (/metrics /healthz /readyz /status)")
+        self.recipe = recipe = Recipe(self.config, self.options, self.telemetry, self.log)
+        self.telemetry.device_type = recipe.device.type
         if recipe.device.type == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-            fraction = os.environ.get("KUBETUNE_GPU_MEMORY_FRACTION")
-            if fraction:  # behave like a smaller card (a cheaper class) on a big one: tests, dry runs
-                torch.cuda.set_per_process_memory_fraction(float(fraction))
-        distributed.init(ranks, recipe.device.type)
+            fresh_gpu()
+        distributed.init(self.ranks, recipe.device.type)
         recipe.setup()
-        before = recipe_answer(recipe, options.prompt) if options.prompt and ranks.main else None
+        prompt = self.options.prompt if self.ranks.main else None
+        before = recipe_answer(recipe, prompt) if prompt else None
         result = recipe.train()
         if before is not None:
             result.samples["before"] = before
         result.adapter_uri = recipe.save()  # rank 0 writes; under FSDP every rank helps gather the adapter
-        if options.prompt and ranks.main:
-            result.samples["after"] = recipe_answer(recipe, options.prompt)
-        result.outcome, code = Outcome.SUCCEEDED, ExitCode.OK
-        telemetry.phase(TrainerPhase.SUCCEEDED, f"adapter at {result.adapter_uri}")
-    except Preempted as exc:
-        result.outcome, result.error, code = Outcome.PREEMPTED, str(exc), ExitCode.PREEMPTED
-    except KubetuneError as exc:
-        code = exc.exit_code
-        result.outcome, result.error = OUTCOME_OF_EXIT.get(code, Outcome.FAILED), str(exc)
-    except Exception as exc:
+        if prompt:
+            result.samples["after"] = recipe_answer(recipe, prompt)
+        self.telemetry.phase(TrainerPhase.SUCCEEDED, f"adapter at {result.adapter_uri}")
+
+    def failure(self, exc: Exception) -> tuple[Outcome, int, str]:
+        """What an exception out of `train` means: the outcome, the exit code, the error for the summary."""
+        if isinstance(exc, Preempted):
+            return Outcome.PREEMPTED, ExitCode.PREEMPTED, str(exc)
+        if isinstance(exc, KubetuneError):
+            return OUTCOME_OF_EXIT.get(exc.exit_code, Outcome.FAILED), exc.exit_code, str(exc)
         if is_oom(exc):
-            peak = telemetry.memory()
-            result.outcome, code = Outcome.OUT_OF_MEMORY, ExitCode.OOM
-            result.error = (f"out of GPU memory at step {recipe.step if recipe else 0}: peak "
-                            f"{peak / 2**30:.2f} GiB allocated, planner estimate "
-                            f"{config.vram_estimate_bytes / 2**30:.2f} GiB ({str(exc).splitlines()[0]})")
-        else:
-            result.outcome, code = Outcome.FAILED, ExitCode.ERROR
-            result.error = f"{exc.__class__.__name__}: {exc}"
-            log.event("traceback", traceback.format_exc())
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if recipe is not None:
-            result.steps, result.total_steps = recipe.step, recipe.total_steps
-            result.final_loss, result.tokens = recipe.last_loss, recipe.tokens_seen
-            result.model_commit = recipe.model_commit
-            result.eval_loss = result.eval_loss if result.eval_loss is not None else recipe.result.eval_loss
-        result.peak_memory_bytes = telemetry.memory()
-        result.resumed_from_step = telemetry.status.resumed_from_step
+            peak, estimate = self.telemetry.memory(), self.config.vram_estimate_bytes
+            return Outcome.OUT_OF_MEMORY, ExitCode.OOM, (
+                f"out of GPU memory at step {self.recipe.step if self.recipe else 0}: peak {peak / 2**30:.2f} GiB "
+                f"allocated, planner estimate {estimate / 2**30:.2f} GiB ({str(exc).splitlines()[0]})")
+        self.log.event("traceback", traceback.format_exc())
+        return Outcome.FAILED, ExitCode.ERROR, f"{exc.__class__.__name__}: {exc}"
+
+    def finish(self, outcome: Outcome, code: int, error: str | None) -> Result:
+        """However the run ended: the result, the summary (rank 0's to the termination log, the others' beside
+        it), the process group down, the metrics server stopped."""
+        result = self.recipe.result if self.recipe is not None else Result()
+        result.outcome, result.error = outcome, error
+        result.peak_memory_bytes = self.telemetry.memory()
+        result.resumed_from_step = self.telemetry.status.resumed_from_step
         if code != ExitCode.OK:
-            telemetry.phase(TrainerPhase.PREEMPTED if code == ExitCode.PREEMPTED else TrainerPhase.FAILED, result.error)
-            log.event("error", f"{result.outcome}: {result.error}", outcome=result.outcome, exitCode=code)
-        if ranks.main:
-            write_termination(options.termination_log, result, code)
-        elif (rank_summary := distributed.rank_summary_path(ranks)) is not None:
-            write_termination(rank_summary, result, code)
-        distributed.shutdown()
-        log.event("done", f"{result.outcome}: {result.steps}/{result.total_steps} steps", outcome=result.outcome,
-                  exitCode=code, steps=result.steps, finalLoss=result.final_loss, adapterUri=result.adapter_uri,
-                  peakMemoryBytes=result.peak_memory_bytes)
-        if server is not None:
+            self.telemetry.phase(TrainerPhase.PREEMPTED if code == ExitCode.PREEMPTED else TrainerPhase.FAILED, error)
+            self.log.event("error", f"{outcome}: {error}", outcome=outcome, exitCode=code)
+        target = self.options.termination_log if self.ranks.main else distributed.rank_summary_path(self.ranks)
+        if self.ranks.main or target is not None:
+            write_termination(target, result, code)
+        if self.recipe is not None:
+            self.recipe.cleanup()
+        self.log.event("done", f"{outcome}: {result.steps}/{result.total_steps} steps", outcome=outcome,
+                       exitCode=code, steps=result.steps, finalLoss=result.final_loss, adapterUri=result.adapter_uri,
+                       peakMemoryBytes=result.peak_memory_bytes)
+        if self.server is not None:
             linger = float(os.environ.get("KUBETUNE_METRICS_LINGER_SECONDS", "0"))
             if linger > 0:  # let Prometheus scrape the final values before the pod goes away
                 import time
 
                 time.sleep(linger)
-            server.stop()
+            self.server.stop()
+        return result
+
+
+def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) -> tuple[int, Result]:
+    ranks = distributed.ranks_from_env()  # torchrun's; rank 0 serves metrics, writes checkpoints and the adapter
+    log = (log or Log()) if ranks.main else distributed.RankLog(ranks.rank)
+    quiet_libraries(progress_bars=not getattr(log, "json", True))
+    run = Run(config, options, ranks, log, Telemetry(config.job.namespace, config.job.name,
+                                                     config.vram_estimate_bytes))
+    outcome, code, error = Outcome.FAILED, int(ExitCode.ERROR), None
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, sigterm_handler(run.telemetry, lambda: run.recipe))
+    try:
+        run.train()
+        outcome, code = Outcome.SUCCEEDED, ExitCode.OK
+    except Exception as exc:
+        outcome, code, error = run.failure(exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        result = run.finish(outcome, code, error)
     return code, result
+
+
+def fresh_gpu() -> None:
+    """A clean peak-memory count; `KUBETUNE_GPU_MEMORY_FRACTION` makes a big card behave like a smaller class's
+    (tests, dry runs)."""
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    fraction = os.environ.get("KUBETUNE_GPU_MEMORY_FRACTION")
+    if fraction:
+        torch.cuda.set_per_process_memory_fraction(float(fraction))
 
 
 def recipe_answer(recipe: Recipe, prompt: str) -> str:

@@ -20,10 +20,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from kubetune import wire  # the standard library only
+
 if TYPE_CHECKING:  # imported when used: installing the handler must not wait for pydantic
     from kubetune.contracts import TerminationSummary
 
-TERMINATION_LOG = "/dev/termination-log"
 
 
 class Preempted(Exception):
@@ -60,9 +61,9 @@ def stopped_while_starting() -> Preempted | None:
 
 def termination_path(path: str | None) -> str | None:
     """--termination-log, else $KUBETUNE_TERMINATION_LOG, else /dev/termination-log when it is writable."""
-    target = path or os.environ.get("KUBETUNE_TERMINATION_LOG")
-    if target is None and Path(TERMINATION_LOG).exists() and os.access(TERMINATION_LOG, os.W_OK):
-        target = TERMINATION_LOG
+    target = path or os.environ.get(wire.ENV_TERMINATION_LOG)
+    if target is None and Path(wire.TERMINATION_LOG).exists() and os.access(wire.TERMINATION_LOG, os.W_OK):
+        target = wire.TERMINATION_LOG
     return target or None
 
 
@@ -83,6 +84,6 @@ def preempted_while_starting(path: str | None, exc: Preempted) -> int:
 
     write_summary(path, TerminationSummary(outcome=Outcome.PREEMPTED, exit_code=int(ExitCode.PREEMPTED),
                                            error=str(exc)))
-    print(json.dumps({"event": "done", "message": str(exc), "outcome": "Preempted",
+    print(json.dumps({"event": "done", "message": str(exc), "outcome": Outcome.PREEMPTED.value,
                       "exitCode": int(ExitCode.PREEMPTED)}), flush=True)
     return int(ExitCode.PREEMPTED)

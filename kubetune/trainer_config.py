@@ -1,7 +1,8 @@
-"""What the trainer is told to do: the job's identity, its spec, and the plan the operator resolved.
+"""The operator's orders to the trainer: the job's identity, its spec, and the plan the operator resolved.
 
-The operator writes `TrainerConfig.model_dump_json(by_alias=True)` into the job's ConfigMap as
-`job.json`; the pod runs `python -m kubetune_trainer --config /etc/kubetune/job.json`. No torch here.
+The operator writes `TrainerConfig.model_dump_json(by_alias=True)` into the job's ConfigMap under
+`wire.CONFIG_FILE`; the pod runs `python -m kubetune_trainer --config <wire.CONFIG_PATH>`. Part of the core
+(both sides import it, neither imports the other); no torch here.
 """
 
 from __future__ import annotations
