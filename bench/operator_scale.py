@@ -186,7 +186,7 @@ async def _measure(api: KubeEmulator, url: str, op: Operator, jobs: int, timeout
     operator_cpu, bench_cpu = op.cpu(), time.process_time()
 
     started = time.perf_counter()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as session:
         async def create(body: dict[str, Any]) -> None:
             path = url + wire.collection_path(f"{API_GROUP}/{API_VERSION}", PLURAL, NS)
             async with session.post(path, json=body) as response:
@@ -396,15 +396,21 @@ def sizes(text: str) -> list[int]:
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 
 
-async def quiet(op: Operator, share: float = 0.2, polls: int = 2, limit: float = 300.0) -> float:
-    """Wait until the operator's CPU stays under `share` of one core for `polls` one-second polls in a row;
-    returns perf_counter() at the start of that quiet stretch."""
+async def quiet(op: Operator, share: float = 0.03, polls: int = 3, limit: float = 300.0, busy: bool = False
+                ) -> float:
+    """Wait until the operator has been busy (its relist; `busy=True`: no need, it has nothing to list) and then
+    kept its CPU under `share` of one core for `polls` one-second polls in a row; returns perf_counter() at the
+    start of that quiet stretch. On a loaded machine a working operator still gets several percent of a core,
+    so a low `share` does not mistake starvation for quiet."""
     deadline, calm, since = time.perf_counter() + limit, 0, time.perf_counter()
     last = op.cpu()
-    while calm < polls and time.perf_counter() < deadline:
+    while (calm < polls or not busy) and time.perf_counter() < deadline:
         await asyncio.sleep(1.0)
         now = op.cpu()
-        calm, since = (calm + 1, since) if now - last < share else (0, time.perf_counter())
+        if now - last < share:
+            calm += 1
+        else:
+            calm, busy, since = 0, True, time.perf_counter()
         last = now
     return since
 
@@ -421,7 +427,7 @@ async def run_resident(resident: int, idle: float, source: Path | None = None, l
             try:
                 await watching(api, op)
                 listed = time.perf_counter()
-                settled = await quiet(op, limit=limit)
+                settled = await quiet(op, limit=limit, busy=not resident)
                 writes = {k: v - before.get(k, 0) for k, v in api.counts.items()
                           if k[0] in WRITES and v - before.get(k, 0)}
                 rss = memory_kib(op.pid)
