@@ -18,9 +18,9 @@ from kubetune_operator.reconcile import Snapshot, reconcile
 from kubetune_operator.settings import Settings
 
 from kubetune.planning.gpus import load_catalog
-from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Inventory, node_info, supply_of
 from kubetune.planning.plan import make_plan
+from kubetune.sources import model_architecture
 
 NOW = "2026-12-01T00:00:00Z"
 QUEUED_EVERY = 10  # every tenth resident job is Queued, the rest Succeeded

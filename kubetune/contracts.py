@@ -101,6 +101,8 @@ class Reason(StrEnum):
     # --- Succeeded (Ready=True, Reconciling=False) ----------------------------------------------------
     SUCCEEDED = "Succeeded"
     """The trainer exited 0 and wrote the adapter."""
+    EVALUATED = "Evaluated"
+    """Event only: spec.evaluation's result (held-out loss base -> adapter, the first answers); in status.result."""
     # --- Failed (Ready=False, Reconciling=False, Stalled=True) ----------------------------------------
     INVALID_SPEC = "InvalidSpec"
     """The spec does not validate; the message names the field and the allowed values."""
@@ -110,6 +112,9 @@ class Reason(StrEnum):
     """An attempt ran out of memory and no larger class is allowed or known."""
     TRAINING_FAILED = "TrainingFailed"
     """The trainer failed for good (bad input, storage, retries exhausted)."""
+    GPU_UNAVAILABLE = "GpuUnavailable"
+    """The plan runs the job on a GPU and the trainer found no usable CUDA on its node (exit code 5): no GPU
+    visible to the pod, or an NVIDIA driver older than the trainer image needs. The message names both."""
     CHILD_NAME_TAKEN = "ChildNameTaken"
     """A ConfigMap or Job with the child's name exists and is not owned by this FineTuneJob."""
     # --- ServingReady (set when the adapter is written) ------------------------------------------------
@@ -141,7 +146,7 @@ CONDITION_REASONS: dict[ConditionType, frozenset[Reason]] = {
         Reason.NOT_RECONCILING}),
     ConditionType.STALLED: frozenset({
         Reason.INVALID_SPEC, Reason.UNPLANNABLE, Reason.NO_LARGER_GPU_CLASS, Reason.TRAINING_FAILED,
-        Reason.CHILD_NAME_TAKEN, Reason.NOT_STALLED}),
+        Reason.GPU_UNAVAILABLE, Reason.CHILD_NAME_TAKEN, Reason.NOT_STALLED}),
     ConditionType.SERVING_READY: frozenset({Reason.SERVING_RULES_MET, Reason.SERVING_RULES_BROKEN}),
 }
 
@@ -160,6 +165,10 @@ class ExitCode(IntEnum):
     """Out of GPU memory; the operator re-plans one class up."""
     STORAGE = 4
     """Could not read or write storage (S3, local paths)."""
+    NO_GPU = 5
+    """The plan runs the job on a GPU and CUDA is not usable in the pod (no GPU visible, or a driver older than
+    the trainer's torch needs); the summary's error names the driver found and the one needed. Retrying on the
+    same nodes cannot help: the Job fails at once."""
     PREEMPTED = 143
     """Stopped by SIGTERM after writing a checkpoint; the replacement pod resumes from it."""
 
@@ -227,12 +236,62 @@ class Outcome(StrEnum):
     STORAGE_ERROR = "StorageError"
     OUT_OF_MEMORY = "OutOfMemory"
     PREEMPTED = "Preempted"
+    GPU_UNAVAILABLE = "GpuUnavailable"
 
 
 OUTCOME_OF_EXIT: dict[int, Outcome] = {
     ExitCode.OK: Outcome.SUCCEEDED, ExitCode.ERROR: Outcome.FAILED, ExitCode.BAD_INPUT: Outcome.INVALID_INPUT,
     ExitCode.OOM: Outcome.OUT_OF_MEMORY, ExitCode.STORAGE: Outcome.STORAGE_ERROR, ExitCode.PREEMPTED: Outcome.PREEMPTED,
+    ExitCode.NO_GPU: Outcome.GPU_UNAVAILABLE,
 }
+
+SUMMARY_ANSWERS = 3  # answers the summary (termination message, status.result) carries; eval.json has them all
+SUMMARY_ANSWER_CHARS = 160  # each prompt and answer in the summary is cut to this many characters
+
+
+def clip(text: str | None, most: int = SUMMARY_ANSWER_CHARS) -> str | None:
+    """`text` on one line, cut to `most` characters with an ellipsis."""
+    if text is None:
+        return None
+    flat = " ".join(text.split())
+    return flat if len(flat) <= most else flat[: most - 1].rstrip() + "…"
+
+
+class EvalAnswer(_Contract):
+    """One prompt of spec.evaluation and the greedy answers (clipped in a summary, whole in eval.json)."""
+
+    prompt: str
+    base: str | None = Field(default=None, description="The base model's answer (the adapter switched off); "
+                             "None without compareBase.")
+    adapter: str
+
+
+class EvalSummary(_Contract):
+    """What the trainer's evaluation (spec.evaluation) found, short enough for the termination message:
+    held-out loss and perplexity of base and adapter on the same rows, and the first answers clipped.
+    The whole record is `uri` (<output>/eval.json)."""
+
+    rows: int = Field(default=0, ge=0, description="Held-out rows (packed) both models were scored on.")
+    tokens: int = Field(default=0, ge=0, description="Held-out tokens carrying a loss, the same for both.")
+    base_loss: float | None = None
+    adapter_loss: float | None = None
+    base_perplexity: float | None = None
+    adapter_perplexity: float | None = None
+    answers: list[EvalAnswer] = Field(default_factory=list, description="The first answers, clipped.")
+    prompts: int = Field(default=0, ge=0, description="Prompts answered (eval.json has every answer).")
+    uri: str | None = Field(default=None, description="Where eval.json is.")
+
+    def loss_line(self) -> str:
+        """'held-out loss 2.413 -> 1.052 (perplexity 11.2 -> 2.86) on 6 rows, 1,204 tokens', or what there is."""
+        if self.adapter_loss is None:
+            return "no held-out split (set spec.dataset.evalFraction or evalSource)"
+        ppl = f"{self.adapter_perplexity:.3g}"
+        if self.base_loss is not None and self.base_perplexity is not None:
+            loss, ppl = f"{self.base_loss:.3f} -> {self.adapter_loss:.3f}", f"{self.base_perplexity:.3g} -> {ppl}"
+        else:
+            loss = f"{self.adapter_loss:.3f}"
+        return f"held-out loss {loss} (perplexity {ppl}) on {self.rows} rows, {self.tokens:,} tokens"
+
 
 TERMINATION_MESSAGE_LIMIT = 4096  # Kubernetes keeps the first 4096 bytes of a termination message
 
@@ -260,6 +319,7 @@ class TerminationSummary(_Contract):
     adapter_uri: str | None = None
     resumed_from_step: int | None = None
     model_commit: str | None = None  # the hub commit of the base model (a hub id)
+    evaluation: EvalSummary | None = None  # spec.evaluation's result (kubetune_trainer.evaluate)
     serving: list[ServingFinding] | None = None  # the serving check's findings (None: not checked; []: all rules met)
     error: str | None = None
 
@@ -278,6 +338,10 @@ class TerminationSummary(_Contract):
             keep = max(0, len(self.error.encode()) - excess - 8)
             short = self.error.encode()[:keep].decode(errors="ignore") + "…"
             text = self.model_copy(update={"error": short}).model_dump_json(by_alias=True)
+        evaluation = self.evaluation
+        while len(text.encode()) > TERMINATION_MESSAGE_LIMIT and evaluation is not None and evaluation.answers:
+            evaluation = evaluation.model_copy(update={"answers": evaluation.answers[:-1]})  # eval.json has them
+            text = self.model_copy(update={"evaluation": evaluation}).model_dump_json(by_alias=True)
         return text
 
     @classmethod

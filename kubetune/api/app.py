@@ -18,16 +18,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
-from kubetune.api import jobs, namespaces, planning, streams, web
+from kubetune.api import jobs, loss, namespaces, planning, streams, web
 from kubetune.api.auth import Gate, OwnToken
 from kubetune.api.deps import access, summarize
 from kubetune.api.feed import Feeds
 from kubetune.api.limits import BodyLimit, Offload
 from kubetune.api.serving import serving_router
 from kubetune.api.settings import ApiSettings
-from kubetune.errors import SpecError
+from kubetune.errors import HubUnreachable, SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
-from kubetune.planning.hub_config import HubUnreachable
 from kubetune.quota import QuotaFile
 from kubetune.spec import FineTuneJob
 
@@ -41,8 +40,9 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-ROUTERS: list[APIRouter] = [jobs.router, streams.router, planning.router, namespaces.router, serving_router(access),
-                            health, web.router]  # web: the self-serve page at / (static files; no data without a token)
+ROUTERS: list[APIRouter] = [jobs.router, loss.router, serving_router(access), streams.router, planning.router,
+                            namespaces.router, health,
+                            web.router]  # web: the self-serve page at / (static files; no data without a token)
 
 
 def lifespan_for(settings: ApiSettings) -> Any:
@@ -121,5 +121,7 @@ def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None =
 def run_api(host: str, port: int) -> int:
     import uvicorn
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    # Event streams never end by themselves: on SIGTERM, give requests 5 s, then close the streams (clients
+    # reconnect to another replica with Last-Event-ID).
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     return 0

@@ -43,6 +43,8 @@ class JobSummary(BaseModel):
     step: str | None = None
     loss: str | None = None
     adapter_uri: str | None = Field(default=None, alias="adapterUri")
+    result: str | None = Field(default=None, description="The evaluation's summary (status.result.summary): "
+                               "held-out loss base -> adapter; the resource's status.result has the answers.")
     message: str | None = None
     created: str | None = None
 
@@ -74,6 +76,7 @@ def summarize(obj: dict[str, Any]) -> JobSummary:
         name=str(meta.get("name", "")), namespace=str(meta.get("namespace", "")), phase=text(status.get("phase")),
         gpu=text(status.get("gpu")), vram=text(status.get("vram")), step=text(status.get("step")),
         loss=text(status.get("loss")), adapterUri=text(status.get("adapterUri")), message=text(status.get("message")),
+        result=text((status.get("result") or {}).get("summary") if isinstance(status.get("result"), dict) else None),
         created=text(meta.get("creationTimestamp")),
     )
 

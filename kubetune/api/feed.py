@@ -12,8 +12,9 @@ replica or a restart has another epoch). A Last-Event-ID of this epoch still in 
 after it; any other id gets a fresh snapshot first.
 
 Whose token watches: the API's own in serviceaccount mode; in passthrough mode the token of the listener
-that joined last (every listener was authorized to watch this namespace's FineTuneJobs). A token Kubernetes
-refuses (401/403) ends its listeners' streams and the watch goes on with another listener's token.
+that joined last (every listener was authorized to watch this namespace's FineTuneJobs); when that listener
+leaves, the watch starts again with a present listener's token. A token Kubernetes refuses (401/403) ends its
+listeners' streams and the watch goes on with another listener's token.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from urllib.parse import quote
 
 import httpx
 
+from kubetune import wire
 from kubetune.api.deps import summarize
 from kubetune.api.kube import job_path
 from kubetune.spec import KIND
@@ -117,6 +119,7 @@ class Feed:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     watches: int = 0  # watch requests made (tests: one feed, one watch per resource)
     events_listed: bool = False  # the first list of Events is state, not news
+    watching: dict[str, str] = field(default_factory=dict)  # path -> the token its watch runs with
     on_idle: Callable[[Feed], None] | None = None
     _idle: asyncio.TimerHandle | None = None
 
@@ -133,8 +136,7 @@ class Feed:
         listener = Listener(token, name, asyncio.Queue(self.queue_size))
         self.listeners.append(listener)
         if not self.tasks:
-            self.tasks = [asyncio.create_task(self._run(self._watch_jobs), name=f"watch-jobs-{self.namespace}"),
-                          asyncio.create_task(self._run(self._watch_events), name=f"watch-events-{self.namespace}")]
+            self._start()
         waits = [asyncio.ensure_future(self.ready.wait()), asyncio.ensure_future(listener.gone.wait())]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -152,11 +154,20 @@ class Feed:
                 listener.queue.put_nowait(message)
         return listener, first
 
+    def _start(self) -> None:
+        self.tasks = [asyncio.create_task(self._run(self._watch_jobs), name=f"watch-jobs-{self.namespace}"),
+                      asyncio.create_task(self._run(self._watch_events), name=f"watch-events-{self.namespace}")]
+
     def leave(self, listener: Listener) -> None:
         with contextlib.suppress(ValueError):
             self.listeners.remove(listener)
         if not self.listeners and self._idle is None:
             self._idle = asyncio.get_running_loop().call_later(self.linger, self.stop)
+        elif self.listeners and listener.token in self.watching.values() and \
+                all(other.token != listener.token for other in self.listeners):
+            for task in self.tasks:  # its owner has gone: watch on with a present listener's token (a relist
+                task.cancel()  # sends what changed in between, as after any broken watch)
+            self._start()
 
     def first(self, listener: Listener, last: tuple[str, int] | None) -> list[Message]:
         if last is not None and last[0] == self.epoch and last[1] <= self.seq and \
@@ -249,8 +260,8 @@ class Feed:
         await self._watch(job_path(self.namespace), self._on_jobs_list, self._on_job)
 
     async def _watch_events(self) -> None:
-        await self._watch(f"/api/v1/namespaces/{quote(self.namespace, safe='')}/events", self._on_events_list,
-                          self._on_event)
+        await self._watch(wire.collection_path("v1", "events", quote(self.namespace, safe="")),
+                          self._on_events_list, self._on_event)
 
     async def _run(self, loop: Callable[[], Any]) -> None:
         """Keep one watch going (with backoff) until the feed stops."""
@@ -282,6 +293,7 @@ class Feed:
             await asyncio.sleep(0.2)
             return
         headers = {"Authorization": f"Bearer {token}"}
+        self.watching[path] = token
         listed = await self.client.get(path, headers=headers)
         await self._check(listed, path, token)
         body = listed.json()

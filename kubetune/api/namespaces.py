@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 
-from kubetune import quota
+from kubetune import quota, wire
 from kubetune.api.auth import bearer_token
 from kubetune.api.deps import REFUSALS, Namespace, access, authenticated
 from kubetune.api.kube import Kube
@@ -58,12 +58,12 @@ async def namespaces(request: Request, kube: Annotated[Kube, Depends(authenticat
 async def kueue_state(kube: Kube, namespace: str) -> dict[str, Any] | None:
     """The namespace's Kueue LocalQueues and their ClusterQueues' admission state; None when Kueue is not served."""
     try:
-        group = await kube.read(f"/apis/{KUEUE}")
+        group = await kube.read(wire.group_path(KUEUE))
     except HTTPException:
         return None
     version = ((group.get("preferredVersion") or {}).get("groupVersion") or f"{KUEUE}/v1beta1")
     try:
-        local = await kube.read(f"/apis/{version}/namespaces/{quote(namespace, safe='')}/localqueues")
+        local = await kube.read(wire.collection_path(version, "localqueues", quote(namespace, safe="")))
     except HTTPException as exc:
         return {"localQueues": [], "message": f"cannot list LocalQueues: {exc.detail}"}
     queues = []

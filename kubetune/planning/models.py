@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from kubetune.errors import SpecError
+from kubetune.errors import HubUnreachable, SpecError
 from kubetune.spec import BUNDLED_MODELS
 
 
@@ -227,7 +227,6 @@ def resolve_architecture(name: str | None, source: str | None,
     instead = (f"use a catalog model ({known}) or point spec.model.source at a directory or s3:// prefix holding "
                "config.json")
     if name and not source and read_hub_config is not None:
-        from kubetune.planning.hub_config import HubUnreachable
 
         try:
             return architecture_from_config(read_hub_config(name, revision), label)
@@ -239,33 +238,6 @@ def resolve_architecture(name: str | None, source: str | None,
         f"spec.model: unknown model {label!r} and no readable config.json "
         f"(looked in {'the source and ' if source else ''}the Hugging Face cache). {instead[0].upper()}{instead[1:]}."
     )
-
-
-def model_architecture(name: str | None, source: str | None, revision: str | None = None) -> Architecture:
-    """resolve_architecture with config.json readable from s3:// (boto3 imported only for s3:// sources) and,
-    for a hub id the catalog does not know, from the hub (HF_ENDPOINT, HF_TOKEN; kubetune.planning.hub_config).
-
-    The CLI, the REST API, the operator and `kubetune train` all plan through this one call. It blocks (the
-    hub read has a timeout); an event loop calls `model_architecture_async`."""
-    from kubetune.planning.hub_config import read_hub_config
-    from kubetune.s3 import read_s3_config
-
-    return resolve_architecture(name, source, read_s3_config, read_hub_config, revision)
-
-
-async def model_architecture_async(name: str | None, source: str | None, revision: str | None = None,
-                                   timeout: float = 10.0) -> Architecture:
-    """`model_architecture` off the event loop (a worker thread), bounded by `timeout`: the operator and the
-    REST API plan a hub id the catalog does not know without stalling their other work."""
-    import asyncio
-
-    from kubetune.planning.hub_config import HubUnreachable
-
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(model_architecture, name, source, revision), timeout)
-    except TimeoutError:
-        raise HubUnreachable(f"spec.model: reading the config.json of {name or source!r} took over "
-                             f"{timeout:g}s") from None
 
 
 def architecture_from_gguf(path: Path) -> Architecture | None:

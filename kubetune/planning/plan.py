@@ -110,6 +110,8 @@ class Plan(_Out):
     steps: int = Field(default=0, description="The steps the estimated hours and cost are for: "
                        "training.maxSteps, or 1,000 when the data decides.")
     steps_known: bool = False
+    eval_seconds: float = Field(default=0.0, description="Estimated seconds spec.evaluation adds once, after the "
+                                "last step (kubetune.planning.evaluation); in the estimated hours.")
     largest_weight_params: int = Field(default=0, description="Elements of the model's largest weight (embedding or "
                                        "MLP projection): sizes the streamed merged export's host memory "
                                        "(kubetune.planning.budget).")
@@ -124,7 +126,7 @@ class Plan(_Out):
 
     @property
     def estimated_hours(self) -> float:
-        return self.step_seconds * self.steps / 3600
+        return (self.step_seconds * self.steps + self.eval_seconds) / 3600
 
     @property
     def estimated_cost(self) -> float:
@@ -139,6 +141,7 @@ class Plan(_Out):
             "nodes": self.nodes,
             "hourlyCost": self.hourly_cost,
             "stepSeconds": round(self.step_seconds, 3),
+            "evalSeconds": round(self.eval_seconds, 1),
             "estimatedHours": round(self.estimated_hours, 3),
             "estimatedCost": round(self.estimated_cost, 2),
             "estimatedFor": f"{self.steps} steps" if self.steps_known else f"{self.steps} steps (maxSteps unset)",
@@ -234,6 +237,8 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
     reasons.extend(explain(comparison, catalog))
     reasons.extend(_strategy_reasons(comparison))
     reasons.extend(_knob_reasons(spec, arch, chosen, usable))
+    if spec.evaluation is not None:
+        reasons.append(chosen.evaluation.describe())
 
     batch = effective_batch(spec)
     knobs = Knobs(
@@ -249,7 +254,8 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
         vram_estimate_bytes=est.total, breakdown=est.parts, lora_params=est.lora_params, knobs=knobs,
         reasons=reasons, alternatives=_alternatives(comparison), strategy=chosen.strategy,
         model_params=arch.total_params, nodes=chosen.nodes, lean_bytes_per_gpu=chosen.lean.total,
-        step_seconds=chosen.step_seconds, largest_weight_params=arch.hidden * max(arch.vocab, arch.intermediate),
+        step_seconds=chosen.step_seconds, eval_seconds=chosen.evaluation.seconds,
+        largest_weight_params=arch.hidden * max(arch.vocab, arch.intermediate),
         steps=comparison.steps, steps_known=comparison.steps_known,
     )
 

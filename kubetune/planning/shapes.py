@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from kubetune.planning.evaluation import NO_EVALUATION, EvalCost, eval_cost
 from kubetune.planning.gpus import GpuCatalog, GpuClass
 from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Supply, node_split
@@ -66,7 +67,17 @@ def training_shape(spec: FineTuneJobSpec, micro_batch: int, checkpointing: bool,
         lora_dropout=spec.lora.dropout,
         optimizer=spec.training.optimizer,
         gpu_count=count,
+        generation_tokens=generation_tokens(spec),
     )
+
+
+def generation_tokens(spec: FineTuneJobSpec) -> int:
+    """The longest sequence spec.evaluation's generation holds: a prompt charged at up to one training row
+    (maxSeqLength tokens) plus maxNewTokens; 0 when there are no prompts to answer."""
+    evaluation = spec.evaluation
+    if evaluation is None or evaluation.prompts == []:
+        return 0
+    return spec.training.max_seq_length + evaluation.max_new_tokens
 
 
 def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, count: int = 1,
@@ -117,6 +128,7 @@ class Candidate:
     estimate: Estimate  # per GPU at those knobs
     step_seconds: float  # estimated (ranks.step_time)
     unavailable: str = ""  # why the cluster cannot run it now or later (Supply.why_not); "" when it can
+    evaluation: EvalCost = NO_EVALUATION  # what spec.evaluation adds once, after the last step
 
     @property
     def per_node(self) -> int:
@@ -127,7 +139,7 @@ class Candidate:
         return self.gpu.hourly_price * self.count
 
     def hours(self, steps: int) -> float:
-        return self.step_seconds * steps / 3600
+        return (self.step_seconds * steps + self.evaluation.seconds) / 3600
 
     def cost(self, steps: int) -> float:
         """Price of the whole run: the GPUs' price per hour x the hours it takes."""
@@ -228,7 +240,8 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
         if one_gpu not in singles:
             singles[one_gpu] = estimate(arch, one_gpu)
         seconds = step_time(arch, shape, strategy, count, nodes, tokens, gpu.name, singles[one_gpu])
-        return Candidate(gpu, strategy, count, nodes, lean, shape, est, seconds, why)
+        judged = eval_cost(spec, arch, gpu.name, count, steps, tokens, singles[one_gpu].parts["base_weights"])
+        return Candidate(gpu, strategy, count, nodes, lean, shape, est, seconds, why, judged)
 
     one = job_estimate(arch, training_shape(spec, lean_mb, lean_gc, 1), "single")
     baseline = next((g for g in classes if one.total <= catalog.usable_bytes(g) and _layout(g, "single", 1)

@@ -76,6 +76,9 @@ class TrainingShape:
     # "kubetune": the kubetune trainer (autocast, no per-projection input copies, chunked loss);
     # "hf": the plain transformers + PEFT recipe most published figures were measured with.
     recipe: Literal["kubetune", "hf"] = "kubetune"
+    # spec.evaluation: the longest sequence its greedy generation holds in the KV cache (prompt + new tokens);
+    # 0: no evaluation, and no "generation" part
+    generation_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,23 @@ def logits_tokens(shape: TrainingShape, vocab: int) -> int:
     return tokens if shape.recipe == "hf" else min(tokens, loss_chunk_tokens(vocab))
 
 
+def kv_cache_bytes(arch: Architecture, tokens: int) -> int:
+    """Keys and values of every decoder layer for `tokens` positions, 16-bit (transformers' DynamicCache)."""
+    return 2 * arch.layers * arch.kv_dim * ACT_BYTES * tokens
+
+
+def generation_bytes(arch: Architecture, tokens: int) -> float:
+    """GPU memory greedy generation adds (spec.evaluation; batch 1, KV cache on) at `tokens` = prompt + new tokens,
+    on top of the weights, adapter and optimizer states that stay alive: the cache (keys and values of every
+    layer, 16-bit), one layer's tensors over the whole prompt at prefill (no autograd: q, k, v, the attention
+    output, the MLP's gate, up and activation outputs), and the last position's logits in fp32 (twice: the
+    logits and the processed scores). The kernels transformers runs on a GPU (SDPA flash / memory-efficient)
+    never hold the attention matrix."""
+    cache = kv_cache_bytes(arch, tokens)
+    prefill = tokens * (2 * arch.q_dim + 2 * arch.kv_dim + 3 * arch.intermediate * arch.experts_per_token) * ACT_BYTES
+    return float(cache + prefill + 2 * 4 * arch.vocab)
+
+
 def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
     """Peak GPU memory per GPU, by part. With several GPUs the layers are split evenly (pipeline)."""
     n = max(1, shape.gpu_count)
@@ -197,6 +217,10 @@ def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
         "activations": float(activations),
         "logits": float(logits),
     }
+    if shape.generation_tokens:
+        # the evaluation runs after training, when the step's activations and logits are gone: only what its
+        # generation needs beyond them raises the peak
+        parts["generation"] = max(0.0, generation_bytes(arch, shape.generation_tokens) - activations - logits)
     live = sum(parts.values()) + dequant_workspace
     parts["cuda_overhead"] = CUDA_CONTEXT_BYTES + dequant_workspace + live * ALLOCATOR_FRAGMENTATION
     return Estimate(parts={k: int(v) for k, v in parts.items()}, lora_params=lora)

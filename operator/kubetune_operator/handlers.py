@@ -34,12 +34,12 @@ import kopf
 
 from kubetune import quota, wire
 from kubetune.contracts import TrainerStatus
-from kubetune.errors import SpecError
+from kubetune.errors import HubUnreachable, SpecError
 from kubetune.planning.gpus import GpuCatalog
-from kubetune.planning.hub_config import HubUnreachable
-from kubetune.planning.models import Architecture, model_architecture
+from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Inventory, Supply, supply_of
 from kubetune.planning.plan import Plan, make_plan
+from kubetune.sources import model_architecture
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
 from kubetune_operator import resources, scaleout, slim
 from kubetune_operator import status as st
@@ -106,6 +106,17 @@ class Runtime:
             self.jobset_api = scaleout.jobset_api(await self.kube.api_group(wire.JOBSET_GROUP))
         except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning(f"discovery of {wire.JOBSET_GROUP} failed, keeping the last answer: {exc!r}")
+
+    def launch_lock(self, namespace: str | None, uid: str, body: Mapping[str, Any]
+                    ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A job that may launch, in a namespace with a quota, decides alone there: otherwise jobs applied at once
+        would each see the others' room (they count once Queued). Running jobs' reconciles take no lock."""
+        if self.quotas is None:
+            self.quotas = quota.QuotaFile(self.settings.quotas_file)
+        if self.quotas.get().for_namespace(namespace or "") is None or \
+                ((self.written.get(uid) or body.get("status") or {}).get("jobName")):
+            return contextlib.nullcontext()
+        return self.locks.setdefault(f"namespace/{namespace}", asyncio.Lock())
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -203,7 +214,7 @@ async def run_reconcile(body: Mapping[str, Any], rt: Runtime, *, source: str, po
         return True
     started, result = time.perf_counter(), "error"
     try:
-        async with rt.locks.setdefault(uid, asyncio.Lock()):
+        async with rt.locks.setdefault(uid, asyncio.Lock()), rt.launch_lock(meta.get("namespace"), uid, body):
             snap = await read(body, rt, poll=poll)
             await apply(snap, reconcile(snap), rt, uid)
             rt.seen[uid] = _essence(body)
@@ -270,9 +281,7 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
             return  # the FineTuneJob is gone
         rt.written[uid] = dict(updated.get("status") or {})
     rt.phases[uid] = (rt.written.get(uid) or snap.status).get("phase") or "Pending"
-    for counter, labels in actions.counters:
-        metric = rt.metrics.placement_failures if counter == "placement_failures" else rt.metrics.oom_escalations
-        metric.labels(*labels).inc()
+    rt.metrics.count(actions.counters)
 
 
 # --- what triggers a reconcile -----------------------------------------------------------------------------

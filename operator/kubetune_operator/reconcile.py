@@ -26,9 +26,8 @@ from typing import Any, Literal
 
 from kubetune import serving
 from kubetune.contracts import TERMINAL_PHASES, ExitCode, Phase, Reason, TerminationSummary, TrainerStatus
-from kubetune.errors import PlanError, SpecError
+from kubetune.errors import HubUnreachable, PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
-from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.placement import Inventory, place
 from kubetune.planning.plan import Plan
 from kubetune.quota import Ask, Limits, Usage, decide
@@ -55,7 +54,6 @@ class Snapshot:
     planner: Planner  # make_plan against the cluster's supply (the handlers cache it)
     now: str
     trainer_status: TrainerStatus | None = None  # the running trainer's /status, when the timer polled it
-    polled: bool = False  # the timer polled (a /status that did not answer leaves progress as it is)
     child_conflict: str | None = None  # creating a child met an object of that name that is not ours
     jobset_api: str | None = None  # the cluster serves JobSets (scaleout.jobset_api): multi-node attempts use one
     quota: Limits | None = None  # the namespace's quota (kubetune.quota), if the platform set one
@@ -186,11 +184,7 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
 
     fields = st.plan_fields(plan)
-    refusal = decide(snap.quota, snap.usage, Ask(plan.gpu_class, plan.gpu_count, plan.estimated_cost))
-    if refusal is not None:  # `kubectl apply` cannot go around the API's quota: the job waits for room
-        job.write(phase=Phase.PENDING, reason=Reason.QUOTA_EXCEEDED, warning=True, message=f"{note}namespace "
-                  f"{job.meta.get('namespace')}: {refusal.message}; decided again every "
-                  f"{snap.settings.poll_interval:g}s", **fields)
+    if _over_quota(job, plan, note, fields):
         return
     labels = dict(job.meta.get("labels") or {})
     queue = resources.queue_name(spec, labels)
@@ -232,6 +226,18 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
               **fields)
 
 
+def _over_quota(job: _Job, plan: Plan, note: str, fields: Mapping[str, Any]) -> bool:
+    """The namespace's quota (kubetune.quota, as the API decides at submit) refuses the plan: the job waits
+    Pending, so `kubectl apply` cannot go around it."""
+    snap = job.snap
+    refusal = decide(snap.quota, snap.usage, Ask(plan.gpu_class, plan.gpu_count, plan.estimated_cost))
+    if refusal is not None:
+        job.write(phase=Phase.PENDING, reason=Reason.QUOTA_EXCEEDED, warning=True, message=f"{note}namespace "
+                  f"{job.meta.get('namespace')}: {refusal.message}; decided again every "
+                  f"{snap.settings.poll_interval:g}s", **fields)
+    return refusal is not None
+
+
 def _spec_change(job: _Job) -> None:
     """A spec change while an attempt exists: suspend/resume its Job; other fields wait for the next attempt."""
     name = job.status["jobName"]
@@ -258,7 +264,7 @@ def _spec_change(job: _Job) -> None:
 def _restart_gang(job: _Job, outcome: st.Outcome, attempts: list[dict[str, Any]]) -> bool:
     """A failed multi-node attempt is retried as a whole (a lone replacement pod cannot rejoin a running group):
     unless its input was bad, while the failed attempts so far are fewer than the Job backoff limit."""
-    if not outcome.gang or outcome.exit_code == ExitCode.BAD_INPUT:
+    if not outcome.gang or outcome.exit_code in (ExitCode.BAD_INPUT, ExitCode.NO_GPU):
         return False
     return sum(1 for a in attempts if a.get("outcome") == AttemptOutcome.FAILED) < job.snap.settings.backoff_limit
 
@@ -324,11 +330,16 @@ def _follow(job: _Job) -> None:
         if summary.peak_memory_bytes is not None:
             progress["peakMemoryBytes"] = summary.peak_memory_bytes
         progress["updatedAt"] = snap.now
+        evaluation = summary.evaluation
+        result = st.result_status(evaluation) if evaluation else None
+        told = job.status.get("result") == result  # the Event is sent once, not on every later reconcile
         job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
-                  adapterUri=uri, modelCommit=summary.model_commit,
+                  adapterUri=uri, modelCommit=summary.model_commit, result=result,
                   attempts=with_attempt(attempts, number, outcome=AttemptOutcome.SUCCEEDED, finishedAt=snap.now,
                                         resumedFromStep=summary.resumed_from_step),
                   **st.progress_fields(progress, job.status.get("lossHistory") or [], final=True))
+        if evaluation is not None and not told:
+            job.actions.events.append(st.result_event(evaluation))
         _serving(job, summary, uri)
     elif outcome.state == "OutOfMemory":
         was = plan.get("gpuClass", "?")
@@ -351,7 +362,7 @@ def _follow(job: _Job) -> None:
         if job.status.get("jobName") == name:  # no node for it yet: this attempt is over all the same
             job.set(jobName=None)
     elif outcome.state == "Failed":
-        job.write(phase=Phase.FAILED, reason=Reason.TRAINING_FAILED, message=outcome.message,
+        job.write(phase=Phase.FAILED, reason=st.failed_reason(outcome.exit_code), message=outcome.message,
                   attempts=with_attempt(attempts, number, outcome=AttemptOutcome.FAILED, message=outcome.message,
                                         finishedAt=snap.now))
     elif outcome.state == "Suspended":

@@ -64,10 +64,15 @@ async def test_list_get_suspend_resume_delete(stack) -> None:
         "phase": "Running", "gpu": "L4 x1", "vram": "17.1Gi", "step": "120/500", "loss": "1.234"}})
     listed = (await stack.client.get(BASE)).json()
     assert listed == [{"name": "support-bot", "namespace": "team-a", "phase": "Running", "gpu": "L4 x1",
-                       "vram": "17.1Gi", "step": "120/500", "loss": "1.234", "adapterUri": None, "message": None,
-                       "created": listed[0]["created"]}]
+                       "vram": "17.1Gi", "step": "120/500", "loss": "1.234", "adapterUri": None, "result": None,
+                       "message": None, "created": listed[0]["created"]}]
     one = (await stack.client.get(f"{BASE}/support-bot")).json()
     assert one["summary"]["step"] == "120/500"
+    evaluated = {"summary": "held-out loss 2.413 -> 1.052 (perplexity 11.2 -> 2.86) on 6 rows, 1,204 tokens",
+                 "answers": [{"prompt": "Warranty?", "base": "Unsure.", "adapter": "Two years."}]}
+    await stack.kube.patch_object("finetunejobs", "team-a", "support-bot", {"status": {"result": evaluated}})
+    one = (await stack.client.get(f"{BASE}/support-bot")).json()
+    assert one["summary"]["result"] == evaluated["summary"] and one["resource"]["status"]["result"] == evaluated
 
     assert (await stack.client.post(f"{BASE}/support-bot/suspend")).status_code == 200
     assert stored(stack)["spec"]["suspend"] is True

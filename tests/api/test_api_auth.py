@@ -27,6 +27,10 @@ ENDPOINTS = [
     ("POST", BASE, JOB), ("GET", BASE, None), ("GET", f"{BASE}/support-bot", None),
     ("POST", f"{BASE}/support-bot/suspend", None), ("POST", f"{BASE}/support-bot/resume", None),
     ("DELETE", f"{BASE}/support-bot", None), ("POST", "/v1/plan", JOB),
+    ("GET", "/v1/namespaces/team-a/events", None), ("GET", f"{BASE}/support-bot/events", None),
+    ("GET", f"{BASE}/support-bot/loss", None), ("GET", "/v1/namespaces/team-a/quota", None),
+    ("GET", "/v1/gpus", None), ("GET", "/v1/models", None), ("GET", "/v1/schema/finetunejob", None),
+    ("GET", "/v1/namespaces", None),
 ]
 
 

@@ -78,7 +78,8 @@ def test_quotas_from_the_values_reach_the_operator_and_the_api_as_one_file(monke
 
     values = {"default": {"maxConcurrentJobs": 4},
               "namespaces": {"team-a": {"maxGpus": 2, "allowedGpuClasses": ["L4"], "maxEstimatedCost": 20}}}
-    objects = RENDER.render({"api": {"enabled": True, "auth": "serviceaccount", "namespaces": ["team-a", "team-b"]},
+    objects = RENDER.render({"api": {"enabled": True, "auth": "serviceaccount", "namespaces": ["team-a", "team-b"],
+                                     "prometheusUrl": "http://prometheus-operated.monitoring:9090"},
                              "quotas": values})
     [config] = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-quotas")]
     quotas = parse_quotas(yaml.safe_load(config["data"]["quotas.yaml"]))
@@ -101,6 +102,7 @@ def test_quotas_from_the_values_reach_the_operator_and_the_api_as_one_file(monke
     settings = ApiSettings.from_env()
     assert settings.namespaces == ("team-a", "team-b") and settings.quotas_file == api_env["KUBETUNE_QUOTAS"]
     assert settings.sse_heartbeat == 15 and settings.sse_replay == 1000
+    assert settings.prometheus_url == "http://prometheus-operated.monitoring:9090"
     [role] = [o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith("-api")]
     rules = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert {"watch", "list"} <= rules[("kubetune.io", "finetunejobs")] and rules[("", "events")] == {"list", "watch"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -107,8 +108,11 @@ async def test_a_replay_buffer_too_short_for_the_gap_sends_a_snapshot(make_stack
         await put_job(stack)
         async with sse(stack.client, NS_EVENTS) as stream:
             last_id = (await stream.message()).id
-        for step in range(5):
-            await set_phase(stack, "Running", step=f"{step}/5")
+        async with sse(stack.client, NS_EVENTS) as witness:  # stays on: once it has all 5, so has the buffer
+            await witness.message()
+            for step in range(5):
+                await set_phase(stack, "Running", step=f"{step}/5")
+            await phases(witness, 5)
         async with sse(stack.client, NS_EVENTS, {"Last-Event-ID": str(last_id)}) as resumed:
             first = await resumed.message()
             assert first.event == "snapshot"
@@ -135,11 +139,16 @@ async def test_every_listener_of_a_namespace_shares_one_watch(stack: Stack) -> N
         assert len(watch_requests(stack)) == 2 and len(stack.kube.watchers[FTJ_KEY]) == 1
 
 
-async def test_heartbeat_comments_keep_an_idle_stream_open(make_stack: MakeStack) -> None:
-    async with make_stack(sse_heartbeat=0.2) as stack, sse(stack.client, NS_EVENTS) as stream:
+async def test_heartbeats_keep_an_idle_stream_open_and_a_revoked_binding_ends_it(make_stack: MakeStack) -> None:
+    async with make_stack(sse_heartbeat=0.2, review_ttl=0) as stack, sse(stack.client, NS_EVENTS) as stream:
         assert (await stream.next()).event == "snapshot"
         assert (await stream.next(timeout=2)).comment == "ping"
         assert (await stream.next(timeout=2)).comment == "ping"
+        stack.kube.rules[:] = [r for r in stack.kube.rules if r.subject != "team-a-devs"]  # the RoleBinding goes
+        closed = await stream.next(timeout=2)
+        assert closed.comment is not None and closed.comment.startswith("closed: you may not watch finetunejobs")
+        with pytest.raises(EOFError):
+            await stream.next(timeout=2)
 
 
 @pytest.mark.parametrize("auth", ["passthrough", "serviceaccount"])
@@ -156,3 +165,52 @@ async def test_a_token_that_may_not_watch_the_namespace_is_refused(make_stack: M
         async with httpx.AsyncClient(base_url=stack.url) as anonymous:
             assert (await anonymous.get(NS_EVENTS)).status_code == 401
         assert watch_requests(stack) == []  # refused before any watch started
+
+
+async def test_serviceaccount_mode_watches_with_the_apis_own_token(make_stack: MakeStack) -> None:
+    async with make_stack(auth="serviceaccount") as stack:
+        await put_job(stack)
+        async with sse(stack.client, JOB_EVENTS) as stream:
+            assert (await stream.message()).data["items"][0]["summary"]["name"] == "support-bot"
+            await set_phase(stack, "Running")
+            assert await phases(stream, 1) == [("MODIFIED", "Running")]
+        assert {r.headers.get("Authorization") for r in watch_requests(stack)} == {"Bearer api-token"}
+
+
+async def test_a_token_allowed_to_watch_but_refused_the_list_gets_403_not_a_stream(stack: Stack) -> None:
+    from kt_auth import Rule, User
+
+    stack.kube.tokens["carol-token"] = User("carol")
+    stack.kube.rules.append(Rule("carol", "watch", "finetunejobs.kubetune.io", "team-a"))  # watch, but no list
+    response = await stack.client.get(NS_EVENTS, headers={"Authorization": "Bearer carol-token"})
+    assert response.status_code == 403, response.text
+    assert "Kubernetes refused this token's watch (HTTP 403)" in response.json()["detail"]
+    async with sse(stack.client, NS_EVENTS) as stream:  # alice, on the same feed, is not affected
+        assert (await stream.message()).event == "snapshot"
+
+
+async def test_the_shared_watch_moves_to_a_present_listeners_token_when_its_owner_leaves(stack: Stack) -> None:
+    from contextlib import AsyncExitStack
+
+    from kt_auth import User
+
+    stack.kube.tokens["dave-token"] = User("dave", ("team-a-devs",))
+    await put_job(stack)
+    async with AsyncExitStack() as alices, AsyncExitStack() as daves:
+        leaves = await alices.enter_async_context(sse(stack.client, NS_EVENTS))  # first: the watch is alice's
+        assert (await leaves.message()).event == "snapshot"
+        stays = await daves.enter_async_context(sse(stack.client, NS_EVENTS, {"Authorization": "Bearer dave-token"}))
+        assert (await stays.message()).event == "snapshot"
+        assert [w.headers["Authorization"] for w in watch_requests(stack)] == ["Bearer team-a-token"]
+        await set_phase(stack, "Queued")
+        assert await phases(stays, 1) == [("MODIFIED", "Queued")]
+        await alices.aclose()  # alice closes her tab; the API notices, and watches again with dave's token
+        await set_phase(stack, "Running")  # while it moves: the relist still brings it
+        for _ in range(100):
+            if watch_requests(stack)[-1].headers["Authorization"] == "Bearer dave-token":
+                break
+            await asyncio.sleep(0.05)
+        assert watch_requests(stack)[-1].headers["Authorization"] == "Bearer dave-token"
+        await set_phase(stack, "Succeeded")
+        assert await phases(stays, 2) == [("MODIFIED", "Running"), ("MODIFIED", "Succeeded")]  # none lost
+        assert len(stack.kube.watchers[FTJ_KEY]) == 1

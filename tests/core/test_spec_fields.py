@@ -70,6 +70,21 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("spec.output.credentialsSecret", "S3 Creds", "spec.output.credentialsSecret: must be a DNS subdomain name"),
     ("spec.output.endpointUrl", "minio:9000", "spec.output.endpointUrl: must match ^https?://\\S+$, got 'minio:9000'"),
     ("spec.output.mergedModel", "perhaps", "spec.output.mergedModel: must be true or false, got 'perhaps'"),
+    ("spec.evaluation", "yes", "spec.evaluation: must be a mapping, got 'yes'"),
+    ("spec.evaluation.prompts", 5, "spec.evaluation.prompts: must be a list of non-empty prompts of at most 4000 "
+                                   "characters, or the URI of a JSONL file (s3://bucket/key or a local path) whose "
+                                   "lines carry a 'prompt' field; got 5"),
+    ("spec.evaluation.prompts", ["ok", " "], "spec.evaluation.prompts: must be a list of non-empty prompts"),
+    ("spec.evaluation.prompts", "gs://bucket/prompts.jsonl", "spec.evaluation.prompts: scheme 'gs' is not supported"),
+    ("spec.evaluation.prompts", ["q"] * 9, "spec.evaluation.prompts: 9 prompts, more than maxAnswers (8); raise "
+                                           "maxAnswers (at most 64) or drop prompts"),
+    ("spec.evaluation.maxNewTokens", 0, "spec.evaluation.maxNewTokens: must be >= 1, got 0"),
+    ("spec.evaluation.maxNewTokens", 4096, "spec.evaluation.maxNewTokens: must be <= 1024, got 4096"),
+    ("spec.evaluation.maxAnswers", 65, "spec.evaluation.maxAnswers: must be <= 64, got 65"),
+    ("spec.evaluation.maxAnswers", 0, "spec.evaluation.maxAnswers: must be >= 1, got 0"),
+    ("spec.evaluation.compareBase", "yes", "spec.evaluation.compareBase: must be true or false, got 'yes'"),
+    ("spec.evaluation.judge", "gpt", "spec.evaluation.judge: unknown field; allowed fields here: maxNewTokens, "
+                                     "maxAnswers, prompts, compareBase"),
     ("spec.output.serving", "vllm", "spec.output.serving: must be a mapping, got 'vllm'"),
     ("spec.output.serving.maxLoraRank", 24, "spec.output.serving.maxLoraRank: must be one of vLLM's --max-lora-rank "
                                             "values: 1, 8, 16, 32, 64, 128, 256, 320, 512; got 24"),

@@ -50,13 +50,15 @@ class World:
     operator_settings: dict[str, Any] = field(default_factory=dict)  # more Settings for start_operator
 
     def manifest(self, name: str, resources: dict[str, Any] | None = None, serving: dict[str, Any] | None = None,
-                 **training: Any) -> str:
+                 evaluation: dict[str, Any] | None = None, **training: Any) -> str:
         return yaml.safe_dump({
             "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
             "metadata": {"name": name, "namespace": NS},
             "spec": {
                 "model": self.model,
-                "dataset": {"source": f"s3://{self.bucket}/data/train.jsonl", "format": "chat"},
+                "dataset": {"source": f"s3://{self.bucket}/data/train.jsonl", "format": "chat",
+                            **({"evalSource": f"s3://{self.bucket}/data/eval.jsonl"} if evaluation is not None
+                               else {})},
                 "method": "qlora",
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
                 "training": {"maxSteps": MAX_STEPS, "checkpointSteps": CHECKPOINT_STEPS, "loggingSteps": 1,
@@ -65,6 +67,7 @@ class World:
                 "output": {"uri": f"s3://{self.bucket}/adapters/{name}/", "endpointUrl": self.s3_endpoint,
                            "credentialsSecret": "s3-creds", **({"serving": serving} if serving else {})},
                 **({"resources": resources} if resources else {}),
+                **({"evaluation": evaluation} if evaluation is not None else {}),
             },
         }, sort_keys=False)
 
@@ -75,9 +78,11 @@ class World:
                                              **self.operator_settings})
 
     async def apply(self, name: str, resources: dict[str, Any] | None = None, serving: dict[str, Any] | None = None,
-                    **training: Any) -> None:
+                    evaluation: dict[str, Any] | None = None, **training: Any) -> None:
+        """`evaluation`: spec.evaluation, judged on data/eval.jsonl (dataset.evalSource): the training rows stay
+        those of the runs without it, so their adapters compare."""
         path = self.folder / f"{name}.yaml"
-        path.write_text(self.manifest(name, resources, serving, **training))
+        path.write_text(self.manifest(name, resources, serving, evaluation, **training))
         result = await self.kubectl("apply", "-f", str(path))
         assert result.code == 0 and result.out.strip() == f"finetunejob.kubetune.io/{name} created", result
 

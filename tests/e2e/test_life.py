@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 # The adapter of the uninterrupted run (test_whole_life), for the variants to compare with.
 BASELINE: dict[str, Any] = {}
+PROMPT = "What warranty do I get with my Aurora K2 kettle?"
 
 
 def adapter_files(world: World, name: str) -> dict[str, bytes]:
@@ -92,7 +93,7 @@ def _covered(world: World, name: str) -> bool:
 async def test_whole_life(world: World) -> None:
     started = time.perf_counter()
     world.watch_trainer()
-    await world.apply("life")
+    await world.apply("life", evaluation={"prompts": [PROMPT], "maxNewTokens": 12})
     done = await world.wait_phase("life", "Succeeded")
     seconds = time.perf_counter() - started
 
@@ -146,8 +147,37 @@ async def test_whole_life(world: World) -> None:
     assert kserve["kind"] == "LLMInferenceService"
     assert kserve["spec"]["model"]["lora"]["adapters"] == [{"name": "life", "uri": done["adapterUri"]}]
     assert "--enable-lora --max-lora-rank 16 --lora-modules life=" in serving["vllm"]
+    await check_evaluation(world, "life", manifest, done)
     print(f"\nwhole life: kubectl apply -> Succeeded in {seconds:.1f}s; the pod (cold model cache) ran "
           f"{world.pod_seconds(pod['metadata']['name']):.1f}s")
+
+
+async def check_evaluation(world: World, name: str, manifest: dict[str, Any], done: dict[str, Any]) -> None:
+    """spec.evaluation end to end: eval.json in S3 (sha256 in the manifest), status.result, the Evaluated Event,
+    and `kubectl describe` showing the result."""
+    blob = world.s3.get_object(Bucket=world.bucket, Key=f"adapters/{name}/eval.json")["Body"].read()
+    entry = manifest["evaluation"]["files"]["eval.json"]
+    assert hashlib.sha256(blob).hexdigest() == entry["sha256"] and len(blob) == entry["bytes"]
+    document = json.loads(blob)
+    held = document["heldOut"]
+    assert held["rows"] >= 1 and held["tokens"] > 0 and held["base"]["loss"] > 0 and held["adapter"]["loss"] > 0
+    [said] = document["answers"]
+    assert said["prompt"] == PROMPT and said["base"] and said["adapter"]
+    result = done["result"]
+    assert (result["baseLoss"], result["adapterLoss"], result["rows"]) == (
+        held["base"]["loss"], held["adapter"]["loss"], held["rows"])
+    assert result["summary"].startswith(f"held-out loss {held['base']['loss']:.3f} -> {held['adapter']['loss']:.3f}")
+    assert result["evalUri"] == f"s3://{world.bucket}/adapters/{name}/eval.json"
+    assert result["answers"][0]["prompt"] == PROMPT
+    await eventually(lambda: [e for e in world.events(name) if e.get("reason") == "Evaluated"], 15,
+                     "the Evaluated Event")
+    [told] = [e for e in world.events(name) if e.get("reason") == "Evaluated"]
+    assert told["type"] == "Normal" and told["message"].startswith("Evaluated: " + result["summary"])
+    described = await world.kubectl("describe", "ftj", name)
+    assert described.code == 0, described
+    assert "Result:" in described.out and "Adapter Loss:" in described.out and "Evaluated" in described.out, \
+        described.out
+    print(f"\n$ kubectl describe ftj {name}\n{described.out}")  # what a user sees (pytest -s shows it)
 
 
 async def test_sigkill_and_operator_restart_mid_run(world: World) -> None:

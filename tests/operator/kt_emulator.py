@@ -9,7 +9,8 @@ format, and stores objects the way kube-apiserver does:
 - JSON merge patch (RFC 7386: null deletes) and PUT with optimistic concurrency (409 on a stale
   resourceVersion); the `status` subresource: the main endpoint ignores .status, /status only writes it;
 - list and watch with labelSelector (=, ==, !=, in, notin, exists, !exists) and fieldSelector on
-  metadata.name/namespace; watches resume from a resourceVersion and end after timeoutSeconds;
+  metadata.name/namespace (and an Event's involvedObject.*, reason, type: `kubectl describe` lists by them);
+  watches resume from a resourceVersion and end after timeoutSeconds;
 - deletion with finalizers (deletionTimestamp) and ownerReference garbage collection (cascading);
 - fault injection: `inject(method, plural, status, times)` answers the next matching requests with an
   API error (409 Conflict, 500, 503...) before touching any state.
@@ -129,6 +130,13 @@ def selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
     return True
 
 
+def _dotted(obj: Mapping[str, Any], path: str) -> str | None:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return None if value is None else str(value)
+
+
 def field_selector_matches(selector: str, obj: Mapping[str, Any]) -> bool:
     meta = obj.get("metadata") or {}
     for term in (t.strip() for t in (selector or "").split(",")):
@@ -137,6 +145,8 @@ def field_selector_matches(selector: str, obj: Mapping[str, Any]) -> bool:
         negate = "!=" in term
         key, value = (s.strip() for s in re.split(r"!=|==|=", term, maxsplit=1))
         actual = {"metadata.name": meta.get("name"), "metadata.namespace": meta.get("namespace")}.get(key)
+        if key.startswith("involvedObject.") or key in ("reason", "type"):  # core/v1 Events' selectable fields,
+            actual = _dotted(obj, key)  # what `kubectl describe` lists an object's Events by
         if (actual == value) == negate:
             return False
     return True

@@ -263,6 +263,7 @@ async def test_a_first_decision_that_fails_is_retried_by_the_resync(cluster: Clu
     await cluster.apply(finetunejob("stubborn"))
     status = await cluster.wait_phase("stubborn", "Queued", timeout=30)
     assert status["jobName"] == "stubborn-a1" and len(cluster.jobs()) == 1
+    await eventually(lambda: cluster.events("stubborn"), 5, "the JobCreated event")  # kopf posts it after the status
     assert [e["reason"] for e in cluster.events("stubborn")] == ["JobCreated"]
     assert not cluster.ftj("stubborn")["metadata"].get("finalizers")
     assert operator.metrics.reconciles.labels("resync", "ok")._value.get() >= 1

@@ -3,6 +3,7 @@ namespace's quota (kubetune.quota, the same decision the API makes at submit) ad
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,22 @@ async def test_kubectl_apply_cannot_go_around_the_quota(cluster: Cluster, tmp_pa
     await cluster.wait_phase("first", "Suspended")  # a suspended job holds no GPU: the next one may go
     await cluster.wait_phase("second", "Queued")
     assert sorted(j["metadata"]["name"] for j in cluster.jobs()) == ["first-a1", "second-a1"]
+
+
+async def test_jobs_applied_at_once_are_admitted_one_at_a_time(cluster: Cluster, tmp_path: Path) -> None:
+    quotas = tmp_path / "quotas.yaml"
+    quotas.write_text(yaml.safe_dump({"default": {"maxConcurrentJobs": 1}}))
+    await cluster.start_operator(quotas_file=str(quotas))
+    names = [f"burst-{i}" for i in range(4)]
+    for name in names:
+        await cluster.apply(finetunejob(name))
+
+    def decided() -> list[str] | None:
+        phases = [cluster.status(n).get("phase") for n in names]
+        return phases if None not in phases else None
+
+    phases = await eventually(decided, 15, "a phase on every job")
+    await asyncio.sleep(1)  # a few more polls: still one
+    phases = [cluster.status(n).get("phase") for n in names]
+    assert sorted(phases) == ["Pending", "Pending", "Pending", "Queued"], phases
+    assert len(cluster.jobs()) == 1

@@ -12,11 +12,11 @@ from kubetune_operator.reconcile import Actions, Snapshot, next_attempt, oom_flo
 from kubetune_operator.settings import Settings
 
 from kubetune.contracts import Outcome, Phase, Reason, TerminationSummary, TrainerPhase, TrainerStatus
+from kubetune.errors import HubUnreachable
 from kubetune.planning.gpus import load_catalog
-from kubetune.planning.hub_config import HubUnreachable
-from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, supply_of
 from kubetune.planning.plan import Plan, make_plan
+from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJobSpec
 
 CATALOG = load_catalog(provisionable=())
@@ -271,3 +271,32 @@ def test_a_hub_that_does_not_answer_leaves_the_job_pending_and_an_answer_plans_i
     assert [(e.type, e.reason) for e in actions.events] == [("Warning", "ModelConfigUnreachable")]
     healed = reconcile(snapshot(body(), status))
     assert [c["kind"] for c in healed.create][-1] == "Job" and healed.status["phase"] == "Queued"
+
+
+def test_success_with_an_evaluation_writes_status_result_and_one_evaluated_event() -> None:
+    from kubetune.contracts import EvalAnswer, EvalSummary
+
+    evaluation = EvalSummary(rows=6, tokens=1204, base_loss=2.4131, adapter_loss=1.0522, base_perplexity=11.17,
+                             adapter_perplexity=2.864, prompts=4, uri="s3://adapters/j/eval.json",
+                             answers=[EvalAnswer(prompt="What warranty do I get?", base="I am not sure.",
+                                                 adapter="Pebblewave here! Two years.")])
+    done = TerminationSummary(outcome=Outcome.SUCCEEDED, exit_code=0, steps=500, total_steps=500,
+                              adapter_uri="s3://adapters/j/adapter/", evaluation=evaluation).message()
+    snap = snapshot(body(), RUNNING, job=trainer_job(), pods=(pod(0, message=done),))
+    actions = reconcile(snap)
+    status = after(snap, actions)
+    result = status["result"]
+    assert result["summary"] == "held-out loss 2.413 -> 1.052 (perplexity 11.2 -> 2.86) on 6 rows, 1,204 tokens"
+    assert (result["baseLoss"], result["adapterLoss"], result["rows"]) == (2.4131, 1.0522, 6)
+    assert result["answers"] == [{"prompt": "What warranty do I get?", "base": "I am not sure.",
+                                  "adapter": "Pebblewave here! Two years."}]
+    assert result["evalUri"] == "s3://adapters/j/eval.json"
+    from kubetune.spec import FineTuneJobStatus
+
+    FineTuneJobStatus.model_validate(status)  # status.result has the CRD's shape
+    [told] = [e for e in actions.events if e.reason is Reason.EVALUATED]
+    assert told.type == "Normal" and told.message.startswith("Evaluated: held-out loss 2.413 -> 1.052")
+    assert "'What warranty do I get?' base: 'I am not sure.' adapter: 'Pebblewave here! Two years.'" in told.message
+    assert [e.reason for e in actions.events] == [Reason.SUCCEEDED, Reason.EVALUATED]
+    again = reconcile(replace(snap, status=status, now="2026-12-02T08:05:00Z"))
+    assert not [e for e in again.events if e.reason is Reason.EVALUATED]  # told once

@@ -95,3 +95,20 @@ def test_kubetune_train_reports_the_serving_check(capsys: Any) -> None:
         report(SimpleNamespace(steps=3, final_loss=1.0, first_loss=2.0, adapter_uri="s3://b/a", samples={},
                                serving=serving), None, 1.0)
         assert line in capsys.readouterr().out
+
+
+def test_base_modules_from_the_config_or_the_loaded_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from kubetune_trainer.model import load_base
+    from kubetune_trainer.serving_check import base_modules
+    from peft import LoraConfig, get_peft_model
+
+    from kubetune.serving import LINEAR_CLASSES
+
+    meta = base_modules(tiny_model_dir)
+    assert meta["model.layers.1.self_attn.q_proj"] == "Linear" and meta["model.embed_tokens"] == "Embedding"
+    peft_model = get_peft_model(load_base(tiny_model_dir, "lora", torch.device("cpu"), torch.float32),
+                                LoraConfig(r=2, target_modules=["q_proj"]))
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    loaded = base_modules(tmp_path, peft_model)  # transformers cannot build it: read off the loaded model
+    assert LINEAR_CLASSES.search(loaded["model.layers.1.self_attn.q_proj"])
+    assert set(meta) <= set(loaded)

@@ -3,8 +3,10 @@ never a browser Playwright downloads. Screenshots go to artifacts/ui/ (gitignore
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -86,6 +88,11 @@ async def tab(browser: Browser, viewport: dict[str, int] = DESKTOP) -> AsyncIter
             if msg.type == "error" and "Failed to load resource" not in msg.text else None)
     try:
         yield opened
+    except BaseException:
+        with contextlib.suppress(Exception):  # what the page showed when the test failed
+            print(f"page status: {await page.locator('#status').inner_text()!r}; saved",
+                  await opened.shot(f"failed-{int(time.time())}"))
+        raise
     finally:
         await context.close()
     assert not opened.errors, opened.errors

@@ -71,7 +71,7 @@ class HeaderProxy:
         app = aiohttp.web.Application()
         app.router.add_route("*", "/{tail:.*}", self._forward)
         self.session = aiohttp.ClientSession(auto_decompress=False)
-        self.runner = aiohttp.web.AppRunner(app)
+        self.runner = aiohttp.web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
         site = aiohttp.web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -80,8 +80,8 @@ class HeaderProxy:
 
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         assert self.runner is not None and self.session is not None
+        await self.session.close()  # ends the streams in flight now, not at their next heartbeat
         await self.runner.cleanup()
-        await self.session.close()
 
     async def _forward(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
         assert self.session is not None

@@ -78,7 +78,8 @@ async def test_bad_field_shows_the_cli_line_beside_it(stack: Stack, browser: Bro
         assert await t.page.get_by_role("button", name="Submit").is_disabled()
         await t.page.locator("#form-errors a").click()  # the summary's link moves focus to the field
         assert await t.page.evaluate("document.activeElement.id") == "f-spec-lora-r"
-        await t.shot("new-job-error")
+        assert await t.page.evaluate("document.querySelector('#job-form').scrollTop") > 0  # the field in sight
+        await t.shot("new-job-error", full_page=False)
         # fixed in the form, the YAML follows and the plan goes through
         await field.fill("8")
         assert "r: 8" in await t.page.get_by_label("FineTuneJob YAML").input_value()
@@ -96,6 +97,8 @@ async def test_a_namespace_the_token_may_not_use_is_refused(stack: Stack, browse
         await refused.get_by_text('Refused: you may not use the namespace "team-b"').wait_for()
         assert "may not list finetunejobs" in await refused.inner_text()
         assert await t.page.locator("#jobs-table").is_hidden()
+        assert await t.page.get_by_text("No FineTuneJobs").is_hidden()  # not "empty": refused
+        assert await t.page.get_by_role("link", name="New job").is_hidden()
         await t.shot("namespace-refused")
 
 
@@ -111,6 +114,10 @@ async def test_accessible_and_readable_on_a_phone(stack: Stack, browser: Browser
             await t.paste_job(yaml.safe_dump(JOB))
             await t.page.get_by_role("button", name="Plan").click()
             await t.page.locator("#plan .gpu-class").wait_for()
+            await t.page.get_by_text("GPU classes the planner sees").click()  # the catalog, opened
+            assert await t.page.locator("#gpus-table tbody tr").count() >= 5
+            assert "meta-llama/Llama-3.1-8B" in await t.page.locator("#model-list option").evaluate_all(
+                "o => o.map(x => x.value)")
             assert await t.axe() == [], "new job with its plan"
             overflow = await t.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, f"the page scrolls sideways by {overflow}px at {viewport}"

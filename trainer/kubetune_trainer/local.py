@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kubetune.errors import SpecError
-from kubetune.planning.models import model_architecture
 from kubetune.planning.plan import local_knobs
+from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJob, FineTuneJobSpec, parse_spec
 from kubetune.trainer_config import JobRef, TrainerConfig
 from kubetune.wire import CONFIG_FILE
 
 if TYPE_CHECKING:
+    from kubetune.contracts import EvalSummary
     from kubetune_trainer.loop import Device, Result, RunOptions
     from kubetune_trainer.progress import Log
 
@@ -54,7 +55,7 @@ def usable_memory(device_type: str, ranks: int = 1) -> tuple[int, str | None]:
     shared by `ranks` processes that each hold a full copy (DDP)."""
     import torch
 
-    if device_type == "cuda":
+    if device_type == "cuda":  # the GPU's memory; a CPU's share of free RAM (tests: test_train.py, the CPU path)
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return int(props.total_memory * 0.92), props.name
     import psutil
@@ -158,6 +159,21 @@ def report(result: Result, prompt: str | None, seconds: float) -> None:
         print(f"\nPrompt: {prompt}", file=out)
         print(f"  before: {result.samples.get('before', '')}", file=out)
         print(f"  after:  {result.samples.get('after', '')}", file=out)
+    if result.evaluation is not None:
+        print_evaluation(result.evaluation)
+
+
+def print_evaluation(summary: EvalSummary) -> None:
+    """spec.evaluation's result (kubetune.contracts.EvalSummary): losses, then each kept answer, base vs adapter."""
+    print(f"\nEvaluation: {summary.loss_line()}", file=sys.stdout)
+    for item in summary.answers:
+        print(f"\nPrompt: {item.prompt}", file=sys.stdout)
+        if item.base is not None:
+            print(f"  base:    {item.base}", file=sys.stdout)
+        print(f"  adapter: {item.adapter}", file=sys.stdout)
+    more = summary.prompts - len(summary.answers)
+    print(("\n" if summary.answers else "") + f"All answers{f' ({more} more)' if more > 0 else ''}: "
+          f"{shown(summary.uri)}", file=sys.stdout)
 
 
 def shown(uri: str | None) -> str:

@@ -26,15 +26,24 @@ class ServingError(SpecError):
     """The adapter targets nothing a serving engine would apply (exit code 2, the summary's error says why)."""
 
 
-def base_modules(model_dir: Path) -> dict[str, str]:
-    """Module name -> class name of the base architecture, built on the meta device from config.json."""
+def base_modules(model_dir: Path, peft_model: Any = None) -> dict[str, str]:
+    """Module name -> class name of the base architecture, built on the meta device from config.json; when
+    transformers cannot build it so (remote code, an unusual config), read off the loaded PEFT model, whose LoRA
+    wrappers keep the base's module names and a Linear / Linear4bit / Embedding class name."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(model_dir))
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:
+        if peft_model is None:
+            raise
+        prefix = "base_model.model."
+        return {name.removeprefix(prefix): type(module).__name__ for name, module in peft_model.named_modules()
+                if name.startswith(prefix)}
     return {name: type(module).__name__ for name, module in model.named_modules() if name}
 
 

@@ -7,7 +7,7 @@ const TOKEN_KEY = 'kubetune.token';
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || '', proxy: false, ns: '', namespaces: [],
   jobs: new Map(), sort: { key: 'created', dir: -1 }, abort: null, schema: null,
-  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(), fullPlan: null,
+  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(), fullPlan: null, boots: 0, lossSource: '',
 };
 
 // --- HTTP with the caller's token -----------------------------------------------------------------------
@@ -162,15 +162,17 @@ async function signIn() {
 }
 
 async function boot() {
+  const run = ++state.boots;  // a later boot (a sign-in while the first probe is out) wins
   if (!state.token) {  // behind an OIDC proxy the header is set for us: try without a token first
-    state.proxy = await signIn().catch(() => false);
-    if (state.proxy) return route();
-    return showSignIn('');
+    const proxied = await signIn().catch(() => false);
+    if (run !== state.boots) return undefined;
+    state.proxy = proxied;
+    return proxied ? route() : showSignIn('');
   }
-  if (!(await signIn().catch((err) => { showSignIn(err.message); return null; }))) {
-    return showSignIn('This token was not accepted (401). Paste a valid one.');
-  }
-  return route();
+  let failure = 'This token was not accepted (401). Paste a valid one.';
+  const ok = await signIn().catch((err) => { failure = err.message; return false; });
+  if (run !== state.boots) return undefined;
+  return ok ? route() : showSignIn(failure);
 }
 
 function showSignIn(message) {
@@ -245,16 +247,17 @@ async function showJobs(ns) {
     renderJobs();
   } catch (err) {
     $('#jobs-error').textContent = refusal(err, ns);
-    $('#jobs-table').hidden = true;
+    for (const id of ['#jobs-table', '#jobs-empty', '#new-job-link', '#quota']) $(id).hidden = true;
     return;
   }
   $('#jobs-table').hidden = false;
+  $('#new-job-link').hidden = false;
   showQuota(ns);
   watch(`${nsPath(ns)}/events`, onNamespaceEvent, `Jobs in ${ns}`);
 }
 
 function refusal(err, ns) {
-  if (err.status === 403) return `Refused: you may not use the namespace "${ns}". ${err.message}`;
+  if (err.status === 403) return `Refused: you may not use the namespace "${ns}" (${err.message}).`;
   if (err.status === 401) return 'Your token is no longer accepted: sign in again.';
   return err.message;
 }
@@ -346,6 +349,7 @@ function leaf(path, key, s, raw) {
       placeholder: s.default !== undefined && s.default !== null ? `default: ${JSON.stringify(s.default)}` : null });
   }
   if (describedBy) input.setAttribute('aria-describedby', describedBy);
+  if (path === 'spec.model.name') input.setAttribute('list', 'model-list');  // the known architectures
   return el('div', { class: 'field' }, el('label', { for: id, text: key }), input,
     help ? el('small', { id: describedBy, class: 'help', text: help }) : []);
 }
@@ -419,6 +423,26 @@ function onYamlInput() {
 const TEMPLATE = { apiVersion: 'kubetune.io/v1alpha1', kind: 'FineTuneJob', metadata: { name: '' },
   spec: { model: { name: '' }, dataset: { source: '', format: 'chat' }, method: 'qlora', output: { uri: '' } } };
 
+// What the planner sees: the catalog with the cluster's free GPUs, and the models it knows by name.
+async function showCatalog() {
+  if (!$('#gpus').hidden) return;
+  try {
+    const gpus = await api('GET', '/v1/gpus');
+    const known = (x) => (x === null || x === undefined ? 'unknown' : String(x));
+    $('#gpus-table tbody').replaceChildren(...(gpus.classes || []).map((g) => el('tr', {},
+      el('th', { scope: 'row', text: g.name }), el('td', { text: `${g.memoryGiB} GiB` }),
+      el('td', { text: money(g.hourlyPrice) }), el('td', { text: known(g.nodes) }),
+      el('td', { text: known(g.freeGpus) }))));
+    $('#gpus-note').textContent = gpus.message || (gpus.inventory ? "Free GPUs from the cluster's nodes."
+      : 'The whole catalog (no node inventory).');
+    $('#gpus').hidden = false;
+  } catch { /* an API without the catalog route: the plan still says what it chose */ }
+  try {
+    const models = await api('GET', '/v1/models');
+    $('#model-list').replaceChildren(...(models.items || []).map((m) => el('option', { value: m.name })));
+  } catch { /* no suggestions */ }
+}
+
 async function showNew(ns) {
   show('new');
   $('#new-title').textContent = `New job in ${ns}`;
@@ -434,6 +458,7 @@ async function showNew(ns) {
   }
   fillForm();  // the fields may have come after a file or a paste did
   draftChanged();
+  showCatalog();
 }
 
 function body(ns) {
@@ -492,6 +517,11 @@ function showErrors(err, ns) {
       : line);
   });
   box.append(el('p', { text: err.status === 422 ? 'The job is not valid:' : `Error ${err.status}:` }), el('ul', {}, items));
+  const first = $('#job-form [aria-invalid="true"]');
+  if (first) {  // bring the first bad field into the form's own scroll area (the page stays where it is)
+    const form = $('#job-form');
+    form.scrollTop += first.getBoundingClientRect().top - form.getBoundingClientRect().top - 60;
+  }
 }
 
 // --- the plan --------------------------------------------------------------------------------------------
@@ -643,6 +673,7 @@ function renderJob(obj) {
   }
   const points = [...state.losses].map(([step, loss]) => ({ step, loss })).sort((a, b) => a.step - b.step);
   $('#loss-chart').replaceChildren(lossChart(points));
+  $('#loss-source').textContent = state.lossSource || '';
   const adapter = $('#adapter-list');
   adapter.replaceChildren();
   if (st.adapterUri) {
@@ -668,6 +699,19 @@ function renderJob(obj) {
   const terminal = ['Succeeded', 'Failed'].includes(st.phase);
   $('#suspend-button').disabled = terminal || Boolean(spec.suspend);
   $('#resume-button').disabled = terminal || !spec.suspend;
+}
+
+// The curve the API serves (Prometheus when it is configured with one, else status.lossHistory).
+async function loadLoss(ns, name) {
+  try {
+    const curve = await api('GET', `${jobPath(ns, name)}/loss`);
+    for (const p of curve.points || []) state.losses.set(p.step, p.loss);
+    state.lossSource = `${curve.source === 'prometheus' ? 'From Prometheus' : "From the job's status"}`
+      + `${curve.message ? ` (${curve.message})` : ''}, and live.`;
+  } catch {
+    state.lossSource = "From the job's status, and live.";
+  }
+  if (state.job) renderJob(state.job);
 }
 
 function renderEvents() {
@@ -698,6 +742,7 @@ async function showJob(ns, name) {
   $('#job-error').textContent = '';
   state.events = new Map();
   state.losses = new Map();
+  state.lossSource = '';
   renderEvents();
   try {
     const got = await api('GET', jobPath(ns, name));
@@ -708,6 +753,7 @@ async function showJob(ns, name) {
     $('#job-error').textContent = refusal(err, ns);
     return;
   }
+  await loadLoss(ns, name);
   watch(`${jobPath(ns, name)}/events`, onJobEvent, name);
 }
 
@@ -722,9 +768,11 @@ async function act(verb) {
       say(`Deleting ${name}`);
       return;
     }
-    const summary = await api('POST', `${jobPath(ns, name)}/${verb}`);
+    await api('POST', `${jobPath(ns, name)}/${verb}`);
+    // the buttons follow at once; the phase comes from the stream (the operator's answer), never from this
+    // reply, which may be older than a transition the stream has already shown
     state.job.spec = { ...state.job.spec, suspend: verb === 'suspend' };
-    renderJob({ ...state.job, status: { ...state.job.status, phase: summary.phase } });
+    renderJob(state.job);
     say(`${verb === 'suspend' ? 'Suspended' : 'Resumed'} ${name}`);
   } catch (err) {
     $('#job-error').textContent = refusal(err, ns);
