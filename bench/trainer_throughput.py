@@ -128,34 +128,56 @@ def run_ours(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str, 
 
 
 def run_plain(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str, Any]:
-    import torch
-    from datasets import Dataset
     from kubetune_trainer.model import bundled_gguf, convert_gguf, load_tokenizer
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
     model_dir = convert_gguf(bundled_gguf("smollm2-135m-instruct"))
-    tokenizer = load_tokenizer(model_dir)
-    device = "cuda" if args.device == "cuda" else "cpu"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    return plain_recipe(model_dir, load_tokenizer(model_dir), rows, out, device=args.device, steps=args.steps,
+                        micro_batch=args.micro_batch, accumulation=args.accumulation, max_len=MAX_LEN)
+
+
+def plain_recipe(model_dir: Path, tokenizer: Any, rows: list[dict[str, Any]], out: Path, *, device: str, steps: int,
+                 micro_batch: int, accumulation: int, max_len: int, lora_r: int = 16) -> dict[str, Any]:
+    """The seed recipe (TRL SFTTrainer + PEFT, as described above) on `model_dir` and `rows` (chat or text)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=bnb,
                                                  device_map={"": 0 if device == "cuda" else "cpu"})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
     config = SFTConfig(
-        output_dir=str(out), per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.accumulation, max_steps=args.steps, learning_rate=2e-4,
-        optim="paged_adamw_32bit" if device == "cuda" else "adamw_torch",  # paged needs CUDA unified memory
+        output_dir=str(out), per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=2e-4,
+        optim="paged_adamw_32bit" if device == "cuda" else "adamw_torch",  # the seed recipe's CPU fallback
         bf16=True, max_grad_norm=0.3, warmup_steps=0.03, lr_scheduler_type="cosine", logging_steps=1,
-        max_length=MAX_LEN, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=max_len, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="no", report_to=[], seed=42, use_cpu=device == "cpu", dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    counted = count_tokens(trainer)
+    losses = last_loss(trainer)
+    meter = PeakRss()
+    started = time.perf_counter()
+    trainer.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"variant": "plain", "steps": trainer.state.global_step, "tokens": counted["tokens"],
+            "padded_tokens": counted["padded"], "seconds": seconds, "loss": losses["last"],
+            "train_rss_growth": meter.stop(), "peak": process_peak(device)}
+
+
+def count_tokens(trainer: Any) -> dict[str, int]:
+    """Real (attention-mask) and padded tokens of every batch the trainer collates, counted as it trains."""
     counted = {"tokens": 0, "padded": 0}
     collate = trainer.data_collator
 
@@ -167,25 +189,22 @@ def run_plain(args: argparse.Namespace, rows_file: Path, out: Path) -> dict[str,
         return dict(batch)
 
     trainer.data_collator = counting_collator
+    return counted
+
+
+def last_loss(trainer: Any) -> dict[str, float | None]:
+    from transformers import TrainerCallback
+
+    seen: dict[str, float | None] = {"last": None}
 
     class Losses(TrainerCallback):
-        last: float | None = None
-
         def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             logs = kwargs.get("logs")
             if logs and "loss" in logs:
-                Losses.last = float(logs["loss"])
+                seen["last"] = float(logs["loss"])
 
     trainer.add_callback(Losses())
-    meter = PeakRss()
-    started = time.perf_counter()
-    trainer.train()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    return {"variant": "plain", "steps": trainer.state.global_step, "tokens": counted["tokens"],
-            "padded_tokens": counted["padded"], "seconds": seconds, "loss": Losses.last,
-            "train_rss_growth": meter.stop(), "peak": process_peak(device)}
+    return seen
 
 
 def child(args: argparse.Namespace) -> None:

@@ -19,10 +19,10 @@ import yaml
 from kubetune.errors import KubetuneError
 from kubetune.jobfile import load_jobs
 from kubetune.planning.gpus import GpuCatalog, load_catalog
-from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Supply, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.planning.vram import GiB
+from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJob
 
 

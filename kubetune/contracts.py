@@ -112,6 +112,9 @@ class Reason(StrEnum):
     """An attempt ran out of memory and no larger class is allowed or known."""
     TRAINING_FAILED = "TrainingFailed"
     """The trainer failed for good (bad input, storage, retries exhausted)."""
+    GPU_UNAVAILABLE = "GpuUnavailable"
+    """The plan runs the job on a GPU and the trainer found no usable CUDA on its node (exit code 5): no GPU
+    visible to the pod, or an NVIDIA driver older than the trainer image needs. The message names both."""
     CHILD_NAME_TAKEN = "ChildNameTaken"
     """A ConfigMap or Job with the child's name exists and is not owned by this FineTuneJob."""
     # --- ServingReady (set when the adapter is written) ------------------------------------------------
@@ -143,7 +146,7 @@ CONDITION_REASONS: dict[ConditionType, frozenset[Reason]] = {
         Reason.NOT_RECONCILING}),
     ConditionType.STALLED: frozenset({
         Reason.INVALID_SPEC, Reason.UNPLANNABLE, Reason.NO_LARGER_GPU_CLASS, Reason.TRAINING_FAILED,
-        Reason.CHILD_NAME_TAKEN, Reason.NOT_STALLED}),
+        Reason.GPU_UNAVAILABLE, Reason.CHILD_NAME_TAKEN, Reason.NOT_STALLED}),
     ConditionType.SERVING_READY: frozenset({Reason.SERVING_RULES_MET, Reason.SERVING_RULES_BROKEN}),
 }
 
@@ -162,6 +165,10 @@ class ExitCode(IntEnum):
     """Out of GPU memory; the operator re-plans one class up."""
     STORAGE = 4
     """Could not read or write storage (S3, local paths)."""
+    NO_GPU = 5
+    """The plan runs the job on a GPU and CUDA is not usable in the pod (no GPU visible, or a driver older than
+    the trainer's torch needs); the summary's error names the driver found and the one needed. Retrying on the
+    same nodes cannot help: the Job fails at once."""
     PREEMPTED = 143
     """Stopped by SIGTERM after writing a checkpoint; the replacement pod resumes from it."""
 
@@ -229,11 +236,13 @@ class Outcome(StrEnum):
     STORAGE_ERROR = "StorageError"
     OUT_OF_MEMORY = "OutOfMemory"
     PREEMPTED = "Preempted"
+    GPU_UNAVAILABLE = "GpuUnavailable"
 
 
 OUTCOME_OF_EXIT: dict[int, Outcome] = {
     ExitCode.OK: Outcome.SUCCEEDED, ExitCode.ERROR: Outcome.FAILED, ExitCode.BAD_INPUT: Outcome.INVALID_INPUT,
     ExitCode.OOM: Outcome.OUT_OF_MEMORY, ExitCode.STORAGE: Outcome.STORAGE_ERROR, ExitCode.PREEMPTED: Outcome.PREEMPTED,
+    ExitCode.NO_GPU: Outcome.GPU_UNAVAILABLE,
 }
 
 SUMMARY_ANSWERS = 3  # answers the summary (termination message, status.result) carries; eval.json has them all

@@ -23,3 +23,15 @@ class SpecError(KubetuneError):
 
 class PlanError(SpecError):
     """The spec is valid but no GPU class satisfies it (a pinned class too small, maxGpuClass too low…)."""
+
+
+class HubUnreachable(KubetuneError):
+    """The hub did not answer in time or at all: planning can be retried, the spec is not at fault."""
+
+    exit_code = ExitCode.ERROR
+
+
+class GpuUnavailable(KubetuneError):
+    """The plan runs the job on a GPU and CUDA is not usable here (no GPU visible, or too old a driver)."""
+
+    exit_code: int = ExitCode.NO_GPU

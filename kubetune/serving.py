@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from kubetune import wire
 from kubetune.contracts import ServingFinding
 from kubetune.errors import KubetuneError
 from kubetune.spec import BUNDLED_MODELS, VLLM_MAX_LORA_RANKS, FineTuneJobSpec, parse_spec
@@ -232,7 +233,7 @@ def kserve_manifest(name: str, namespace: str, spec: FineTuneJobSpec, adapter_ur
         "apiVersion": KSERVE_API,
         "kind": "LLMInferenceService",
         "metadata": {"name": name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/finetunejob": name}},
+                     "labels": {**wire.MANAGED, "kubetune.io/finetunejob": name}},
         "spec": {
             "model": {
                 "uri": base_model_uri(spec),

@@ -26,7 +26,7 @@ from pydantic.alias_generators import to_camel
 from kubetune.cel import RULES, Cel, object_rule
 from kubetune.contracts import ConditionType, Phase, Reason
 from kubetune.errors import SpecError
-from kubetune.wire import SpecStrategy, Strategy
+from kubetune.wire import AttemptOutcome, SpecStrategy, Strategy
 
 API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
@@ -430,7 +430,7 @@ class Attempt(_Model):
     attempt: int
     gpu_class: str
     job_name: str
-    outcome: str | None = Field(default=None, description="Running, Succeeded, OutOfMemory, Failed, Preempted")
+    outcome: str | None = Field(default=None, description=f"{', '.join(AttemptOutcome)} (kubetune.wire.AttemptOutcome)")
     message: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

@@ -7,6 +7,8 @@ The operator writes `TrainerConfig.model_dump_json(by_alias=True)` into the job'
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -30,4 +32,7 @@ class TrainerConfig(BaseModel):
     gpu_class: str | None = Field(default=None, description="The class the plan chose (None on a local run).")
     gpu_count: int = 1
     vram_estimate_bytes: int = Field(default=0, description="The planner's estimate, exported as a metric.")
+    device: Literal["cuda", "cpu"] | None = Field(default=None, description=(
+        "The device the plan runs on: 'cuda' for a GPU plan (the operator's), so a pod without usable CUDA "
+        "exits 5 instead of training on the CPU; None: whatever the machine has (a local run)."))
     attempt: int = Field(default=1, ge=1, description="1 + OOM escalations and restarts the operator made.")

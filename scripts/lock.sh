@@ -11,6 +11,6 @@ export UV_PYTHON_DOWNLOADS=never  # resolve for --python-version without fetchin
 compile() { "$UV" pip compile --generate-hashes --only-binary :all: --python-platform x86_64-manylinux_2_28 \
   --no-header "$@"; }
 compile ../pyproject.toml --extra operator --extra api --python-version 3.11 -o operator.lock   # python:3.11-slim
-compile ../pyproject.toml --extra trainer -c trainer-constraints.txt --python-version 3.12 -o trainer.lock  # ubuntu24.04
+compile ../pyproject.toml --extra trainer --extra liger -c trainer-constraints.txt --python-version 3.12 -o trainer.lock  # ubuntu24.04; Liger: the loss kernel on CUDA
 compile smollm2.in --no-deps --python-version 3.12 -o smollm2.lock  # its declared deps belong to another tool
 compile build.in --python-version 3.11 -o build.lock  # setuptools, to build kubetune itself without isolation

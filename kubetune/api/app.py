@@ -25,9 +25,8 @@ from kubetune.api.feed import Feeds
 from kubetune.api.limits import BodyLimit, Offload
 from kubetune.api.serving import serving_router
 from kubetune.api.settings import ApiSettings
-from kubetune.errors import SpecError
+from kubetune.errors import HubUnreachable, SpecError
 from kubetune.planning.gpus import GpuCatalog, load_catalog
-from kubetune.planning.hub_config import HubUnreachable
 from kubetune.quota import QuotaFile
 from kubetune.spec import FineTuneJob
 

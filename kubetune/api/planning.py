@@ -12,9 +12,9 @@ from kubetune.api.deps import JOB_BODY, PROBLEMS, REFUSALS, authenticated, json_
 from kubetune.api.kube import Kube
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.models import CATALOG as MODELS
-from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Inventory, Supply, inventory_of, supply_of
 from kubetune.planning.plan import Plan, make_plan
+from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJob, FineTuneJobSpec, parse_job
 
 router = APIRouter(prefix="/v1", tags=["plan"])

@@ -11,10 +11,11 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from kubetune.errors import SpecError
+from kubetune.errors import HubUnreachable, SpecError
 from kubetune.spec import BUNDLED_MODELS
 
 
@@ -33,20 +34,26 @@ class Architecture:
     experts_per_token: int = 1
     max_position: int = 131072
 
-    @property
+    # Derived numbers, computed once per Architecture (the planner's search asks for them thousands of times
+    # per plan); cached_property writes the instance's __dict__, which a frozen dataclass allows.
+    @cached_property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden // self.heads
 
-    @property
+    @cached_property
     def q_dim(self) -> int:
         return self.heads * self.dim_per_head
 
-    @property
+    @cached_property
     def kv_dim(self) -> int:
         return self.kv_heads * self.dim_per_head
 
     def linear_shapes(self) -> dict[str, tuple[int, int, int]]:
         """Per-layer linear projections: name -> (in_features, out_features, copies per layer)."""
+        return dict(self._linear_shapes)
+
+    @cached_property
+    def _linear_shapes(self) -> dict[str, tuple[int, int, int]]:
         h, i = self.hidden, self.intermediate
         return {
             "q_proj": (h, self.q_dim, 1),
@@ -58,23 +65,23 @@ class Architecture:
             "down_proj": (i, h, self.experts),
         }
 
-    @property
+    @cached_property
     def linear_params(self) -> int:
         """Parameters in the decoder's linear layers: what NF4 quantizes."""
-        per_layer = sum(i * o * n for i, o, n in self.linear_shapes().values())
+        per_layer = sum(i * o * n for i, o, n in self._linear_shapes.values())
         router = self.hidden * self.experts if self.experts > 1 else 0
         return self.layers * (per_layer + router)
 
-    @property
+    @cached_property
     def embedding_params(self) -> int:
         """Input embedding plus, unless tied, the output head: kept in 16-bit."""
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
 
-    @property
+    @cached_property
     def norm_params(self) -> int:
         return self.layers * 2 * self.hidden + self.hidden
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         return self.linear_params + self.embedding_params + self.norm_params
 
@@ -220,7 +227,6 @@ def resolve_architecture(name: str | None, source: str | None,
     instead = (f"use a catalog model ({known}) or point spec.model.source at a directory or s3:// prefix holding "
                "config.json")
     if name and not source and read_hub_config is not None:
-        from kubetune.planning.hub_config import HubUnreachable
 
         try:
             return architecture_from_config(read_hub_config(name, revision), label)
@@ -232,33 +238,6 @@ def resolve_architecture(name: str | None, source: str | None,
         f"spec.model: unknown model {label!r} and no readable config.json "
         f"(looked in {'the source and ' if source else ''}the Hugging Face cache). {instead[0].upper()}{instead[1:]}."
     )
-
-
-def model_architecture(name: str | None, source: str | None, revision: str | None = None) -> Architecture:
-    """resolve_architecture with config.json readable from s3:// (boto3 imported only for s3:// sources) and,
-    for a hub id the catalog does not know, from the hub (HF_ENDPOINT, HF_TOKEN; kubetune.planning.hub_config).
-
-    The CLI, the REST API, the operator and `kubetune train` all plan through this one call. It blocks (the
-    hub read has a timeout); an event loop calls `model_architecture_async`."""
-    from kubetune.planning.hub_config import read_hub_config
-    from kubetune.s3 import read_s3_config
-
-    return resolve_architecture(name, source, read_s3_config, read_hub_config, revision)
-
-
-async def model_architecture_async(name: str | None, source: str | None, revision: str | None = None,
-                                   timeout: float = 10.0) -> Architecture:
-    """`model_architecture` off the event loop (a worker thread), bounded by `timeout`: the operator and the
-    REST API plan a hub id the catalog does not know without stalling their other work."""
-    import asyncio
-
-    from kubetune.planning.hub_config import HubUnreachable
-
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(model_architecture, name, source, revision), timeout)
-    except TimeoutError:
-        raise HubUnreachable(f"spec.model: reading the config.json of {name or source!r} took over "
-                             f"{timeout:g}s") from None
 
 
 def architecture_from_gguf(path: Path) -> Architecture | None:

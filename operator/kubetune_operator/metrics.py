@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -50,6 +50,14 @@ class Metrics:
         )
         self._phase_counts: Callable[[], Mapping[str, int]] = dict
         self.registry.register(_PhaseCollector(lambda: self._phase_counts()))
+
+    def count(self, counters: Iterable[tuple[str, tuple[str, ...]]]) -> None:
+        """Bump the counters a reconcile asked for (`reconcile.Actions.counters`), each the one of its name."""
+        for name, labels in counters:
+            metric = getattr(self, name)
+            if not isinstance(metric, Counter):
+                raise ValueError(f"{name!r} is not one of the operator's counters")
+            (metric.labels(*labels) if labels else metric).inc()
 
     def count_phases_with(self, counts: Callable[[], Mapping[str, int]]) -> None:
         self._phase_counts = counts

@@ -26,9 +26,8 @@ from typing import Any, Literal
 
 from kubetune import serving
 from kubetune.contracts import TERMINAL_PHASES, ExitCode, Phase, Reason, TerminationSummary, TrainerStatus
-from kubetune.errors import PlanError, SpecError
+from kubetune.errors import HubUnreachable, PlanError, SpecError
 from kubetune.planning.gpus import GpuCatalog
-from kubetune.planning.hub_config import HubUnreachable
 from kubetune.planning.placement import Inventory, place
 from kubetune.planning.plan import Plan
 from kubetune.quota import Ask, Limits, Usage, decide
@@ -55,7 +54,6 @@ class Snapshot:
     planner: Planner  # make_plan against the cluster's supply (the handlers cache it)
     now: str
     trainer_status: TrainerStatus | None = None  # the running trainer's /status, when the timer polled it
-    polled: bool = False  # the timer polled (a /status that did not answer leaves progress as it is)
     child_conflict: str | None = None  # creating a child met an object of that name that is not ours
     jobset_api: str | None = None  # the cluster serves JobSets (scaleout.jobset_api): multi-node attempts use one
     quota: Limits | None = None  # the namespace's quota (kubetune.quota), if the platform set one
@@ -266,7 +264,7 @@ def _spec_change(job: _Job) -> None:
 def _restart_gang(job: _Job, outcome: st.Outcome, attempts: list[dict[str, Any]]) -> bool:
     """A failed multi-node attempt is retried as a whole (a lone replacement pod cannot rejoin a running group):
     unless its input was bad, while the failed attempts so far are fewer than the Job backoff limit."""
-    if not outcome.gang or outcome.exit_code == ExitCode.BAD_INPUT:
+    if not outcome.gang or outcome.exit_code in (ExitCode.BAD_INPUT, ExitCode.NO_GPU):
         return False
     return sum(1 for a in attempts if a.get("outcome") == AttemptOutcome.FAILED) < job.snap.settings.backoff_limit
 
@@ -364,7 +362,7 @@ def _follow(job: _Job) -> None:
         if job.status.get("jobName") == name:  # no node for it yet: this attempt is over all the same
             job.set(jobName=None)
     elif outcome.state == "Failed":
-        job.write(phase=Phase.FAILED, reason=Reason.TRAINING_FAILED, message=outcome.message,
+        job.write(phase=Phase.FAILED, reason=st.failed_reason(outcome.exit_code), message=outcome.message,
                   attempts=with_attempt(attempts, number, outcome=AttemptOutcome.FAILED, message=outcome.message,
                                         finishedAt=snap.now))
     elif outcome.state == "Suspended":

@@ -129,6 +129,7 @@ def trainer_config(owner: Owner, spec: FineTuneJobSpec, plan: Plan, attempt: int
         gpu_class=plan.gpu_class,
         gpu_count=plan.gpu_count,
         vram_estimate_bytes=plan.vram_estimate_bytes,
+        device="cuda" if plan.gpu_class else None,  # a GPU plan: no usable CUDA in the pod exits 5, never the CPU
         attempt=attempt,
     )
 
@@ -207,9 +208,10 @@ def pod_failure_policy() -> dict[str, Any]:
     """Which pod failures fail the Job at once, and which do not count against its backoffLimit."""
     return {
         "rules": [
-            # Bad input or out of GPU memory: retrying on the same class cannot help.
+            # Bad input, out of GPU memory, no usable CUDA on the node (driver): retrying cannot help.
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                  "values": [int(ExitCode.BAD_INPUT), int(ExitCode.OOM)]}},
+                                                  "values": [int(ExitCode.BAD_INPUT), int(ExitCode.OOM),
+                                                             int(ExitCode.NO_GPU)]}},
             # Preemption, node drain, eviction: not the trainer's fault, not counted.
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             # SIGTERM without that condition (spot reclaim, node shutdown): the trainer checkpointed

@@ -227,7 +227,8 @@ def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:
 # --- the outcome of one trainer attempt ------------------------------------------------------------------
 
 OutcomeState = Literal["Waiting", "Suspended", "Running", "Succeeded", "OutOfMemory", "Failed"]
-CAUSES = (ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.STORAGE)  # exit codes that name why an attempt failed
+# exit codes that name why an attempt failed
+CAUSES = (ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.STORAGE, ExitCode.NO_GPU)
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,17 @@ class Outcome:
     port: int | None = None
     gang: bool = False  # a multi-node attempt: one pod per node, which fail and finish together
     exit_code: int | None = None  # the exit code the attempt failed with, when a pod's is known
+
+
+# exit codes that fail the Job at once (podFailurePolicy), with what to say when the pod left no summary
+FAILED_AT_ONCE = {ExitCode.BAD_INPUT: "the trainer rejected its input (exit code 2)",
+                  ExitCode.NO_GPU: "the plan runs this job on a GPU but the trainer found no usable CUDA on its node "
+                                   "(exit code 5): check the node's NVIDIA driver and device plugin"}
+
+
+def failed_reason(exit_code: int | None) -> Reason:
+    """The reason of a Failed attempt: GpuUnavailable says a node's driver or device plugin needs a human."""
+    return Reason.GPU_UNAVAILABLE if exit_code == ExitCode.NO_GPU else Reason.TRAINING_FAILED
 
 
 EVENT_MESSAGE_LIMIT = 1000  # Kubernetes' event recorders keep about 1 KiB of a message
@@ -354,10 +366,11 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
         term = _terminated(pod)
         if term and term.get("exitCode") == 0 and not gang:
             return Outcome("Succeeded", "the trainer finished", termination_summary(term.get("message")))
-        if term and term.get("exitCode") in (ExitCode.BAD_INPUT,):
+        if term and term.get("exitCode") in (ExitCode.BAD_INPUT, ExitCode.NO_GPU):
+            at_once = ExitCode(term["exitCode"])
             summary = termination_summary(term.get("message"))
-            return Outcome("Failed", _error_text(summary, "the trainer rejected its input (exit code 2)"), summary,
-                           gang=gang, exit_code=int(ExitCode.BAD_INPUT))
+            return Outcome("Failed", _error_text(summary, FAILED_AT_ONCE[at_once]), summary, gang=gang,
+                           exit_code=at_once)
     leaders = [p for p in ordered if node_index(p) in (0, None)]
     if _finished(job):
         if not gang:

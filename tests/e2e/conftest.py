@@ -63,6 +63,9 @@ async def world(cluster: Cluster, tmp_path: Path, s3: Any, s3_endpoint: str, buc
         "OMP_NUM_THREADS": "1",  # 2 cores shared: spinning OpenMP threads would fight
         "KUBETUNE_CACHE_DIR": os.environ.get("KUBETUNE_CACHE_DIR", str(Path.home() / ".cache" / "kubetune")),
         "KUBETUNE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
+        # these "GPU nodes" are this CPU machine and say so (as --device cpu would): the operator's config names the
+        # plan's device, cuda, and a pod without usable CUDA exits 5 (tests/trainer/test_gpu_branches.py)
+        "KUBETUNE_DEVICE": "cpu",
     }
     port = free_port()
     async with Kubelet(cluster.api, tmp_path / "kubelet", image_env=image_env) as kubelet:

@@ -15,9 +15,9 @@ import yaml
 from hub_server import GATED_REPO, SMOLLM_REPO, TEST_TOKEN, HubServer
 
 from kubetune.cli import main
-from kubetune.errors import SpecError
-from kubetune.planning.hub_config import HubUnreachable, read_hub_config, read_hub_config_async
-from kubetune.planning.models import model_architecture, model_architecture_async
+from kubetune.errors import HubUnreachable, SpecError
+from kubetune.hub_config import read_hub_config, read_hub_config_async
+from kubetune.sources import model_architecture, model_architecture_async
 
 
 @pytest.fixture

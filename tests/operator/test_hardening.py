@@ -15,8 +15,8 @@ from kubetune_operator.settings import Settings
 from kubetune_operator.webhook import WEBHOOK_ID
 
 from kubetune.planning.gpus import load_catalog
-from kubetune.planning.models import model_architecture
 from kubetune.planning.plan import make_plan
+from kubetune.sources import model_architecture
 from kubetune.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]

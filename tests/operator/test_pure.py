@@ -280,7 +280,7 @@ def test_exit_codes_in_the_pod_failure_policy_are_the_trainers() -> None:
     plan = plan_for(s)
     job = resources.trainer_job(OWNER, s, plan, CATALOG.get(plan.gpu_class, "x"), 1, Settings())
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0]["onExitCodes"]["values"] == [ExitCode.BAD_INPUT, ExitCode.OOM]
+    assert rules[0]["onExitCodes"]["values"] == [ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.NO_GPU]
     assert rules[2]["onExitCodes"]["values"] == [ExitCode.PREEMPTED]
 
 

@@ -12,11 +12,11 @@ from kubetune_operator.reconcile import Actions, Snapshot, next_attempt, oom_flo
 from kubetune_operator.settings import Settings
 
 from kubetune.contracts import Outcome, Phase, Reason, TerminationSummary, TrainerPhase, TrainerStatus
+from kubetune.errors import HubUnreachable
 from kubetune.planning.gpus import load_catalog
-from kubetune.planning.hub_config import HubUnreachable
-from kubetune.planning.models import model_architecture
 from kubetune.planning.placement import Inventory, NodeInfo, supply_of
 from kubetune.planning.plan import Plan, make_plan
+from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJobSpec
 
 CATALOG = load_catalog(provisionable=())

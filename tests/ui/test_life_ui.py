@@ -24,7 +24,7 @@ import pytest
 from kmock._internal import rendering
 from kt_api import TOKENS, Rule, serve_api
 from kt_auth import AuthEmulator
-from kt_browser import chromium, tab
+from kt_browser import DESKTOP, PHONE, chromium, tab
 from kt_cluster import NS, Cluster
 from kt_emulator import KubeEmulator
 from playwright.async_api import expect
@@ -124,13 +124,19 @@ async def test_submit_watch_and_get_the_adapter_from_the_page(world: Any) -> Non
         await page.locator("#job-phase", has_text="Succeeded").wait_for(timeout=400_000)
         status = world.ftj("ui-life")["status"]
         assert await page.locator("#adapter-uri").inner_text() == status["adapterUri"]
-        assert await page.locator("#loss-svg circle").count() >= 1
+        assert await page.locator("#loss-svg circle").count() >= len(status["lossHistory"]) >= 1
+        assert await page.locator("#loss-source").inner_text() == "From the job's status, and live."
+
         assert await page.locator("#job-progress").evaluate("p => p.value") == 100
         reasons = await page.locator("#events-list strong").all_inner_texts()
         assert "Succeeded" in reasons, reasons
         assert await page.locator("#attempts-table tbody tr").count() == len(status["attempts"]) >= 1
         assert await t.axe() == [], "job view"
         await t.shot("life-job")
+        await page.set_viewport_size(PHONE)  # the same view on a phone: nothing scrolls sideways
+        assert await page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0
+        await t.shot("life-job-phone", full_page=False)
+        await page.set_viewport_size(DESKTOP)
 
         # The list shows it with kubectl's columns.
         await page.get_by_role("link", name="kubetune").click()

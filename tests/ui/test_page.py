@@ -97,6 +97,8 @@ async def test_a_namespace_the_token_may_not_use_is_refused(stack: Stack, browse
         await refused.get_by_text('Refused: you may not use the namespace "team-b"').wait_for()
         assert "may not list finetunejobs" in await refused.inner_text()
         assert await t.page.locator("#jobs-table").is_hidden()
+        assert await t.page.get_by_text("No FineTuneJobs").is_hidden()  # not "empty": refused
+        assert await t.page.get_by_role("link", name="New job").is_hidden()
         await t.shot("namespace-refused")
 
 

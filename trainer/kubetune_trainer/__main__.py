@@ -21,6 +21,7 @@ from kubetune_trainer import stop  # no torch, no pydantic: cheap to import befo
 if TYPE_CHECKING:
     from kubetune.trainer_config import TrainerConfig
 
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def load_config(path: str) -> TrainerConfig:
@@ -61,12 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--termination-log", default=None,
                         help=f"where the JSON summary goes (default ${wire.ENV_TERMINATION_LOG} or "
                              f"{wire.TERMINATION_LOG})")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=DEVICES, default=os.environ.get("KUBETUNE_DEVICE", "auto"),
+                        help="cuda, cpu, or auto (default $KUBETUNE_DEVICE or auto): the plan's device when it names "
+                             "one (the operator's GPU plans do), else CUDA when usable, else the CPU")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.device not in DEVICES:  # argparse checks choices on the command line only, not on a default
+        print(f"error: KUBETUNE_DEVICE={args.device!r}: must be one of {', '.join(DEVICES)}", file=sys.stderr)
+        return 2
     try:
         from kubetune.contracts import Outcome
         from kubetune.errors import KubetuneError

@@ -89,8 +89,8 @@ def init(ranks: Ranks, device_type: str, timeout_seconds: float = 1800) -> None:
 
     if dist.is_initialized():
         return
-    if device_type == "cuda":
-        torch.cuda.set_device(ranks.local_rank)
+    if device_type == "cuda":  # NCCL wants each rank's GPU current; gloo on the CPU runs everything else here
+        torch.cuda.set_device(ranks.local_rank)  # (test_distributed.py; NCCL: its two-GPU test, bench/gpu_check.py)
     dist.init_process_group(backend_for(device_type), rank=ranks.rank, world_size=ranks.world,
                             timeout=timedelta(seconds=timeout_seconds))
 
@@ -106,7 +106,7 @@ def device_of(ranks: Ranks, device: Any) -> Any:
     """On GPUs every rank uses the GPU of its local rank."""
     import torch
 
-    if device.type == "cuda" and ranks.distributed:
+    if device.type == "cuda" and ranks.distributed:  # one GPU per rank; CPU ranks share the host (gloo tests)
         return torch.device("cuda", ranks.local_rank)
     return device
 
@@ -131,7 +131,7 @@ def data_parallel(module: Any, device: Any) -> Any:
     frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
     frozen += [name for name, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    device_ids = [device.index] if device.type == "cuda" else None
+    device_ids = [device.index] if device.type == "cuda" else None  # DDP's one device per rank; CPU: none
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
                                    find_unused_parameters=False)
 
@@ -172,6 +172,17 @@ def gather_int(value: int, ranks: Ranks) -> list[int]:
     parts = [torch.zeros_like(mine) for _ in range(ranks.world)]
     dist.all_gather(parts, mine)
     return [int(p.item()) for p in parts]
+
+
+def gather_objects(value: Any, ranks: Ranks) -> list[Any]:
+    """Every rank's picklable `value`, indexed by rank (on every rank)."""
+    if not ranks.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * ranks.world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def barrier(ranks: Ranks) -> None:

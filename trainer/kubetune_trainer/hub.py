@@ -25,7 +25,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -183,16 +184,22 @@ def download(repo_id: str, revision: str | None = None, *, cache: Path | None = 
              say: Callable[[str], None] = lambda _m: None, progress: bool = False) -> Snapshot:
     """A complete snapshot of `repo_id` at `revision` (default: main) in the model cache. Safe for several
     processes (pods on one shared volume) at once: one downloads, the others wait and then reuse it."""
-    from filelock import FileLock, Timeout
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
     cache = cache or model_cache()
     revision = revision or "main"
-    url, secret = endpoint(), token()
     pinned = _cached_commit(cache, repo_id, revision) if COMMIT.match(revision) else None
     if pinned and (snap := complete_snapshot(cache, repo_id, pinned)):
         return snap  # a pinned commit already complete here: no request at all
+    with _download_lock(cache, repo_id, say):
+        if offline():
+            return _offline_snapshot(cache, repo_id, revision)
+        return _fetch(cache, repo_id, revision, say, progress)
+
+
+@contextmanager
+def _download_lock(cache: Path, repo_id: str, say: Callable[[str], None]) -> Iterator[None]:
+    """One downloader per repo and cache; the others wait (and say so) up to LOCK_TIMEOUT_SECONDS."""
+    from filelock import FileLock, Timeout
+
     locks = cache / ".kubetune-locks"
     locks.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(locks / f"{repo_id.replace('/', '--')}.lock"))
@@ -206,57 +213,80 @@ def download(repo_id: str, revision: str | None = None, *, cache: Path | None = 
             raise HubUnavailable(f"spec.model.name: another process held the download lock of {repo_id} in "
                                  f"{cache} for {LOCK_TIMEOUT_SECONDS}s") from None
     try:
-        if offline():
-            commit = _cached_commit(cache, repo_id, revision)
-            snap = complete_snapshot(cache, repo_id, commit) if commit else None
-            if snap is None:
-                try:  # a cache filled by `hf download` has no kubetune marker: let huggingface_hub check it
-                    path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
-                                                  local_files_only=True))
-                except Exception as exc:
-                    raise _explain(exc, repo_id, revision, url, secret is not None) from None
-                return Snapshot(repo_id, path.name, path, (), downloaded=False)
-            return snap
-        api = HfApi(endpoint=url, token=secret)
-        try:
-            info = api.model_info(repo_id, revision=revision)
-            commit = str(info.sha)
-            if snap := complete_snapshot(cache, repo_id, commit):
-                _write_ref(cache, repo_id, revision, commit)
-                return snap
-            names = [s.rfilename for s in info.siblings or []]
-            index = None
-            if INDEX in names:
-                index = json.loads(Path(hf_hub_download(repo_id, INDEX, revision=commit, cache_dir=cache,
-                                                        endpoint=url, token=secret)).read_text())
-            files = select_files(names, index)
-            say(f"downloading {repo_id}@{commit[:12]} from {url}: {len(files)} files into {cache}")
-            started = time.perf_counter()
-            if not progress:
-                disable_progress_bars()
-            try:
-                path = Path(interruptible(lambda: snapshot_download(
-                    repo_id, revision=commit, cache_dir=cache, endpoint=url, token=secret, allow_patterns=files)))
-            finally:
-                if not progress:
-                    enable_progress_bars()
-        except (KubetuneError, Preempted):
-            raise
-        except Exception as exc:
-            raise _explain(exc, repo_id, revision, url, secret is not None) from None
-        _write_ref(cache, repo_id, revision, commit)
-        sizes = {name: (path / name).stat().st_size for name in files}
-        marker = _marker(cache, repo_id, commit)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"repo": repo_id, "commit": commit, "files": files, "sizes": sizes,
-                                   "endpoint": url, "seconds": round(time.perf_counter() - started, 2)}))
-        tmp.replace(marker)  # the marker appears whole, after every file
-        say(f"downloaded {repo_id}@{commit[:12]}: {sum(sizes.values()) / 1e6:.1f} MB in "
-            f"{time.perf_counter() - started:.1f}s")
-        return Snapshot(repo_id, commit, path, tuple(files), downloaded=True)
+        yield
     finally:
         lock.release()
+
+
+def _offline_snapshot(cache: Path, repo_id: str, revision: str) -> Snapshot:
+    """HF_HUB_OFFLINE: the cached snapshot of `revision`, or an error that says downloads are off."""
+    from huggingface_hub import snapshot_download
+
+    commit = _cached_commit(cache, repo_id, revision)
+    snap = complete_snapshot(cache, repo_id, commit) if commit else None
+    if snap is not None:
+        return snap
+    try:  # a cache filled by `hf download` has no kubetune marker: let huggingface_hub check it
+        path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except Exception as exc:
+        raise _explain(exc, repo_id, revision, endpoint(), token() is not None) from None
+    return Snapshot(repo_id, path.name, path, (), downloaded=False)
+
+
+def _fetch(cache: Path, repo_id: str, revision: str, say: Callable[[str], None], progress: bool) -> Snapshot:
+    """Resolve `revision` to a commit (one metadata request), then download what training reads, unless the
+    cache has that commit complete already."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    url, secret = endpoint(), token()
+    api = HfApi(endpoint=url, token=secret)
+    try:
+        info = api.model_info(repo_id, revision=revision)
+        commit = str(info.sha)
+        if snap := complete_snapshot(cache, repo_id, commit):
+            _write_ref(cache, repo_id, revision, commit)
+            return snap
+        names = [s.rfilename for s in info.siblings or []]
+        index = None
+        if INDEX in names:
+            index = json.loads(Path(hf_hub_download(repo_id, INDEX, revision=commit, cache_dir=cache,
+                                                    endpoint=url, token=secret)).read_text())
+        files = select_files(names, index)
+        say(f"downloading {repo_id}@{commit[:12]} from {url}: {len(files)} files into {cache}")
+        started = time.perf_counter()
+        path = _snapshot_files(repo_id, commit, cache, url, secret, files, progress)
+    except (KubetuneError, Preempted):
+        raise
+    except Exception as exc:
+        raise _explain(exc, repo_id, revision, url, secret is not None) from None
+    _write_ref(cache, repo_id, revision, commit)
+    sizes = {name: (path / name).stat().st_size for name in files}
+    marker = _marker(cache, repo_id, commit)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"repo": repo_id, "commit": commit, "files": files, "sizes": sizes,
+                               "endpoint": url, "seconds": round(time.perf_counter() - started, 2)}))
+    tmp.replace(marker)  # the marker appears whole, after every file
+    say(f"downloaded {repo_id}@{commit[:12]}: {sum(sizes.values()) / 1e6:.1f} MB in "
+        f"{time.perf_counter() - started:.1f}s")
+    return Snapshot(repo_id, commit, path, tuple(files), downloaded=True)
+
+
+def _snapshot_files(repo_id: str, commit: str, cache: Path, url: str, secret: str | None, files: list[str],
+                    progress: bool) -> Path:
+    """huggingface_hub's snapshot_download of `files`, interruptible by SIGTERM; its progress bars only when
+    asked for (a terminal)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    if not progress:
+        disable_progress_bars()
+    try:
+        return Path(interruptible(lambda: snapshot_download(
+            repo_id, revision=commit, cache_dir=cache, endpoint=url, token=secret, allow_patterns=files)))
+    finally:
+        if not progress:
+            enable_progress_bars()
 
 
 def interruptible(work: Callable[[], T]) -> T:

@@ -21,8 +21,8 @@ from pathlib import Path
 from kubetune.contracts import ExitCode
 from kubetune_trainer.distributed import RANK_SUMMARIES_ENV
 
-# exit codes that name a cause the operator acts on: bad input, out of GPU memory, storage
-CAUSES = (ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.STORAGE)
+# exit codes that name a cause the operator acts on: bad input, out of GPU memory, storage, no usable CUDA
+CAUSES = (ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.STORAGE, ExitCode.NO_GPU)
 PREEMPTED = int(ExitCode.PREEMPTED)
 
 

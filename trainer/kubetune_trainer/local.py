@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kubetune.errors import SpecError
-from kubetune.planning.models import model_architecture
 from kubetune.planning.plan import local_knobs
+from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJob, FineTuneJobSpec, parse_spec
 from kubetune.trainer_config import JobRef, TrainerConfig
 from kubetune.wire import CONFIG_FILE
@@ -55,7 +55,7 @@ def usable_memory(device_type: str, ranks: int = 1) -> tuple[int, str | None]:
     shared by `ranks` processes that each hold a full copy (DDP)."""
     import torch
 
-    if device_type == "cuda":
+    if device_type == "cuda":  # the GPU's memory; a CPU's share of free RAM (tests: test_train.py, the CPU path)
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return int(props.total_memory * 0.92), props.name
     import psutil

@@ -31,7 +31,7 @@ import torch
 from kubetune.contracts import EvalSummary, Outcome, ServingFinding, TerminationSummary, TrainerPhase
 from kubetune.trainer_config import TrainerConfig
 from kubetune_trainer import data as data_mod
-from kubetune_trainer import distributed, faults, fsdp, serving_check
+from kubetune_trainer import devices, distributed, faults, fsdp, optimizer_state, serving_check
 from kubetune_trainer.loss import CausalLMLoss
 from kubetune_trainer.memory import input_device
 from kubetune_trainer.metrics import Stopwatch, Telemetry
@@ -97,17 +97,24 @@ class Result:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainerConfig, device: torch.device,
-                   log: Log) -> torch.optim.Optimizer:
+                   log: Log, strategy: devices.Strategy | None = None) -> torch.optim.Optimizer:
+    """The spec's optimizer (devices.optimizer_for), the same on a GPU and a CPU: bitsandbytes' AdamW runs on the
+    CPU too (its paging falls back to ordinary memory there, see quiet.py). `strategy` None: FSDP when the
+    parameters are DTensor shards, else one rank."""
+    from torch.distributed.tensor import DTensor
+
     t = config.spec.training
-    if device.type == "cuda" and t.optimizer.startswith("paged_"):
+    if strategy is None:
+        strategy = "fsdp" if any(isinstance(p, DTensor) for p in params) else "single"
+    choice = devices.optimizer_for(strategy, t.optimizer)
+    if choice.note:
+        log.event("optimizer", f"{choice.note} (on {device.type})")
+    if choice.library == "bitsandbytes":
         import bitsandbytes as bnb
 
-        cls = bnb.optim.PagedAdamW32bit if t.optimizer == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
-        optimizer: torch.optim.Optimizer = cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimizer: torch.optim.Optimizer = getattr(bnb.optim, choice.cls)(
+            params, lr=t.learning_rate, weight_decay=t.weight_decay)
         return optimizer
-    if t.optimizer != "adamw_torch":
-        log.event("optimizer", f"{t.optimizer} pages through CUDA unified memory; on {device.type} the same "
-                  "AdamW math runs as torch.optim.AdamW (fp32 states)")
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
@@ -153,18 +160,43 @@ class Checkpoint:
     trainer_state: dict[str, Any]
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's RNG state: Python's, torch's CPU generator and, on a GPU, the generator of this rank's own GPU
+    (the current device: runner selects it). The checkpoint keeps every rank's (devices.rank_rng)."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # a CPU run has no CUDA generator; tests/trainer/test_gpu.py covers this path
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(saved: dict[str, Any], rank: int, device: torch.device) -> None:
+    """Restore what rank `rank` saved (devices.rank_rng picks it out of a checkpoint of either format)."""
+    state = devices.rank_rng(saved, rank)
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"].cpu())  # RNG states are CPU byte tensors; a GPU run loads checkpoints there
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda" in state and device.type == "cuda":  # a CPU run has none to restore; covered by test_gpu.py
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def repage(optimizer: torch.optim.Optimizer) -> int:
+    """bitsandbytes flags its paged state buffers (`is_paged`), and the flag survives torch.save, torch.load and
+    bnb's own load_state_dict (a deepcopy). After a resume such a state is ordinary memory, and the optimizer's
+    prefetch (cudaMemPrefetchAsync) of it would abort the process. Every flagged state goes into a buffer the
+    optimizer allocates itself (paged on a GPU for >= 1e5 elements, ordinary memory on a CPU) and the copy is
+    used. Returns how many were replaced."""
+    buffer = getattr(optimizer, "get_state_buffer", None)
+    replaced = 0
+    for param, state in optimizer.state.items():
+        for key, value in list(state.items()):
+            if not (isinstance(value, torch.Tensor) and getattr(value, "is_paged", False)):
+                continue
+            fresh = buffer(param, dtype=value.dtype) if buffer and value.shape == param.shape else None
+            if fresh is None:
+                fresh = torch.empty_like(value)
+            fresh.copy_(value)
+            state[key] = fresh
+            replaced += 1
+    return replaced
 
 
 class Recipe:
@@ -182,7 +214,8 @@ class Recipe:
         self.last_loss: float | None = None
         self.model_commit: str | None = None
         self.ranks = distributed.ranks_from_env()  # torchrun's RANK / WORLD_SIZE; 0 / 1 for a plain run
-        self.device = distributed.device_of(self.ranks, pick_device(options.device))
+        planned = devices.required_device(config.device, options.device)  # a GPU plan never trains on the CPU
+        self.device = distributed.device_of(self.ranks, pick_device(planned, config.gpu_class))
         self.sharded = self.ranks.distributed and self.spec.resources.strategy == "fsdp"  # FSDP2, fsdp.py
         # FSDP moves each unit to the GPU as it shards it: a rank never holds the whole model in GPU memory
         self.load_device = torch.device("cpu") if self.sharded else self.device
@@ -262,7 +295,8 @@ class Recipe:
                        f"{str(self.dtype).removeprefix('torch.')} on {self.device.type}, checkpointing "
                        f"{'on' if knobs.gradient_checkpointing else 'off'} "
                        f"(loaded in {time.perf_counter() - started:.1f}s)")
-        self.optimizer = make_optimizer(self.params, self.config, self.device, self.log)
+        strategy = devices.strategy_of(self.sharded, self.ranks.distributed, self.config.gpu_count)
+        self.optimizer = make_optimizer(self.params, self.config, self.device, self.log, strategy)
         self.scheduler = make_scheduler(self.optimizer, spec.training.lr_scheduler, spec.training.warmup_ratio,
                                         self.total_steps)
         self.telemetry.set_total(0, self.total_steps)
@@ -315,7 +349,7 @@ class Recipe:
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One pinned host-to-device copy per tensor, asynchronous; nothing on a CPU run."""
-        if self.input_device.type == "cpu":
+        if self.input_device.type == "cpu":  # pinned memory needs CUDA; a GPU run copies asynchronously (test_gpu.py)
             return batch
         return {k: v.pin_memory().to(self.input_device, non_blocking=True) for k, v in batch.items()}
 
@@ -422,6 +456,7 @@ class Recipe:
         DDP every rank holds the same adapter and optimizer state; under FSDP every rank first helps gather
         them); the others wait for it."""
         adapter, optimizer = self.gathered_state()
+        rngs = distributed.gather_objects(rng_state(self.device), self.ranks)  # every rank's own streams
         if not self.ranks.main:
             distributed.barrier(self.ranks)
             return
@@ -435,7 +470,7 @@ class Recipe:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             save_file(adapter, str(folder / "adapter_model.safetensors"))
-            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng_state()},
+            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": {"ranks": rngs}},
                        folder / "trainer_state.pt")
             (folder / "state.json").write_text(json.dumps(state, indent=2))
             written = self.storage.put_dir(folder, name)
@@ -504,12 +539,14 @@ class Recipe:
     def restore(self, checkpoint: Checkpoint) -> None:
         """Optimizer, scheduler, RNG and data position of `checkpoint` (its adapter is already loaded)."""
         saved, state = checkpoint.trainer_state, checkpoint.state
+        moments = optimizer_state.adapted(saved["optimizer"], self.optimizer)  # bitsandbytes' <-> torch's AdamW
         if self.sharded:
-            fsdp.load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
+            fsdp.load_optimizer_state(self.model, self.optimizer, moments)
         else:
-            self.optimizer.load_state_dict(saved["optimizer"])
+            self.optimizer.load_state_dict(moments)
+            repage(self.optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"], self.ranks.rank, self.device)
         self.step, self.tokens_seen, self.last_loss = state["step"], state["tokens"], state["loss"]
         self.telemetry.set_total(self.step, self.total_steps)
         self.log.event("resume", f"resumed from {self.storage.join(checkpoint.name)} at step "

@@ -38,7 +38,7 @@ def loss_path(head: torch.nn.Module, device: torch.device) -> str:
     plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
     if not plain:
         return "checkpointed"
-    if device.type == "cuda" and _liger_available():
+    if device.type == "cuda" and _liger_available():  # Triton kernels: GPU only; bench/gpu_check.py's Liger row
         return "liger"
     return "fused"
 

@@ -33,10 +33,13 @@ def host_input_embeddings(model: Any, device: torch.device, gpu_count: int = 1) 
     Its input ids go to the host and its output comes back to `device`, so callers see no difference. Returns
     whether it moved."""
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: DDP/FSDP want every parameter on the rank's GPU
+    # a GPU-memory lever, decided and applied without a CUDA call (test_gpu_branches.py takes it on the CPU;
+    # test_gpu.py and bench/gpu_check.py run a forward and generate with it on a GPU)
     if not hosts_input_embeddings(device.type == "cuda", tied(model), gpu_count * world):
         return False
     embedding = model.get_input_embeddings()
     embedding.to(HOST)
+    as_buffer(embedding)
 
     def ids_to_host(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(a.to(HOST) if isinstance(a, torch.Tensor) else a for a in args)
@@ -51,6 +54,17 @@ def host_input_embeddings(model: Any, device: torch.device, gpu_count: int = 1) 
     embedding.register_forward_hook(rows_to_device)
     embedding.kubetune_output_device = device
     return True
+
+
+def as_buffer(embedding: torch.nn.Module) -> None:
+    """The host table as a (persistent) buffer, not a parameter: transformers' `model.device` is the first
+    parameter, and `generate` moves every input there (position ids, cache positions); were the host table that
+    parameter, they would land on the CPU while the rotary frequencies are on the GPU. Frozen, it needs no
+    parameter slot; its state_dict key is unchanged."""
+    weight = embedding.weight
+    assert isinstance(weight, torch.Tensor)
+    del embedding._parameters["weight"]
+    embedding.register_buffer("weight", weight.detach(), persistent=True)
 
 
 def input_device(model: Any) -> torch.device:

@@ -38,7 +38,7 @@ def process_peak_rss_bytes() -> int:
 
 def memory_bytes(device_type: str) -> tuple[int, int, int]:
     """(allocated, reserved, peak): torch.cuda's allocator on a GPU, the process RSS on a CPU."""
-    if device_type == "cuda":
+    if device_type == "cuda":  # the caching allocator's counters; a CPU has none (test_gpu.py, bench/gpu_check.py)
         import torch
 
         return (int(torch.cuda.memory_allocated()), int(torch.cuda.memory_reserved()),

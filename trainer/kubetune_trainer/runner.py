@@ -18,7 +18,7 @@ from typing import Any
 from kubetune.contracts import OUTCOME_OF_EXIT, ExitCode, Outcome, TerminationSummary, TrainerPhase
 from kubetune.errors import KubetuneError
 from kubetune.trainer_config import TrainerConfig
-from kubetune_trainer import distributed, evaluate
+from kubetune_trainer import devices, distributed, evaluate
 from kubetune_trainer.loop import Recipe, Result, RunOptions
 from kubetune_trainer.metrics import Telemetry
 from kubetune_trainer.progress import Log
@@ -28,13 +28,27 @@ from kubetune_trainer.stop import Preempted, stop_now, stopped_while_starting, w
 
 
 def is_oom(exc: BaseException) -> bool:
+    """Out of GPU memory: the caching allocator's OutOfMemoryError, or a CUDA library's allocation failure
+    (`CUBLAS_STATUS_ALLOC_FAILED` when cuBLAS cannot make its workspace: a RuntimeError) -> exit 3, not 1."""
     try:
         import torch
     except ImportError:
         return False
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and "cuda" in str(exc).lower()
+    return isinstance(exc, RuntimeError) and devices.is_gpu_oom_message(str(exc))
+
+
+def setup_gpu_memory(device: Any) -> None:
+    """Select the rank's GPU, then reset its peak and cap its share (devices.gpu_memory_calls). A CPU run has no
+    caching allocator to cap or measure (metrics report the RSS); tests/trainer/test_gpu.py covers this path."""
+    fraction = devices.memory_fraction(os.environ.get(devices.FRACTION_ENV))  # a bad value: exit 2, named
+    if device.type != "cuda":
+        return
+    import torch
+
+    for name, args in devices.gpu_memory_calls(device.index or 0, fraction):
+        getattr(torch.cuda, name)(*args)
 
 
 def write_termination(path: str | None, result: Result, exit_code: int) -> None:
@@ -80,8 +94,7 @@ class Run:
             self.log.event("server", f"metrics and status on :{port} (/metrics /healthz /readyz /status)")
         self.recipe = recipe = Recipe(self.config, self.options, self.telemetry, self.log)
         self.telemetry.device_type = recipe.device.type
-        if recipe.device.type == "cuda":
-            fresh_gpu()
+        setup_gpu_memory(recipe.device)  # the rank's own GPU, before anything is measured or allocated on it
         distributed.init(self.ranks, recipe.device.type)
         recipe.setup()
         prompt = self.options.prompt if self.ranks.main else None
@@ -155,17 +168,6 @@ def run_job(config: TrainerConfig, options: RunOptions, log: Log | None = None) 
         signal.signal(signal.SIGTERM, previous)
         result = run.finish(outcome, code, error)
     return code, result
-
-
-def fresh_gpu() -> None:
-    """A clean peak-memory count; `KUBETUNE_GPU_MEMORY_FRACTION` makes a big card behave like a smaller class's
-    (tests, dry runs)."""
-    import torch
-
-    torch.cuda.reset_peak_memory_stats()
-    fraction = os.environ.get("KUBETUNE_GPU_MEMORY_FRACTION")
-    if fraction:
-        torch.cuda.set_per_process_memory_fraction(float(fraction))
 
 
 def recipe_answer(recipe: Recipe, prompt: str) -> str:

@@ -7,7 +7,7 @@ const TOKEN_KEY = 'kubetune.token';
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || '', proxy: false, ns: '', namespaces: [],
   jobs: new Map(), sort: { key: 'created', dir: -1 }, abort: null, schema: null,
-  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(), fullPlan: null, boots: 0,
+  draft: null, planned: null, job: null, events: new Map(), yamlText: null, yamlTimer: null, losses: new Map(), fullPlan: null, boots: 0, lossSource: '',
 };
 
 // --- HTTP with the caller's token -----------------------------------------------------------------------
@@ -247,16 +247,17 @@ async function showJobs(ns) {
     renderJobs();
   } catch (err) {
     $('#jobs-error').textContent = refusal(err, ns);
-    $('#jobs-table').hidden = true;
+    for (const id of ['#jobs-table', '#jobs-empty', '#new-job-link', '#quota']) $(id).hidden = true;
     return;
   }
   $('#jobs-table').hidden = false;
+  $('#new-job-link').hidden = false;
   showQuota(ns);
   watch(`${nsPath(ns)}/events`, onNamespaceEvent, `Jobs in ${ns}`);
 }
 
 function refusal(err, ns) {
-  if (err.status === 403) return `Refused: you may not use the namespace "${ns}". ${err.message}`;
+  if (err.status === 403) return `Refused: you may not use the namespace "${ns}" (${err.message}).`;
   if (err.status === 401) return 'Your token is no longer accepted: sign in again.';
   return err.message;
 }
@@ -672,6 +673,7 @@ function renderJob(obj) {
   }
   const points = [...state.losses].map(([step, loss]) => ({ step, loss })).sort((a, b) => a.step - b.step);
   $('#loss-chart').replaceChildren(lossChart(points));
+  $('#loss-source').textContent = state.lossSource || '';
   const adapter = $('#adapter-list');
   adapter.replaceChildren();
   if (st.adapterUri) {
@@ -697,6 +699,19 @@ function renderJob(obj) {
   const terminal = ['Succeeded', 'Failed'].includes(st.phase);
   $('#suspend-button').disabled = terminal || Boolean(spec.suspend);
   $('#resume-button').disabled = terminal || !spec.suspend;
+}
+
+// The curve the API serves (Prometheus when it is configured with one, else status.lossHistory).
+async function loadLoss(ns, name) {
+  try {
+    const curve = await api('GET', `${jobPath(ns, name)}/loss`);
+    for (const p of curve.points || []) state.losses.set(p.step, p.loss);
+    state.lossSource = `${curve.source === 'prometheus' ? 'From Prometheus' : "From the job's status"}`
+      + `${curve.message ? ` (${curve.message})` : ''}, and live.`;
+  } catch {
+    state.lossSource = "From the job's status, and live.";
+  }
+  if (state.job) renderJob(state.job);
 }
 
 function renderEvents() {
@@ -727,6 +742,7 @@ async function showJob(ns, name) {
   $('#job-error').textContent = '';
   state.events = new Map();
   state.losses = new Map();
+  state.lossSource = '';
   renderEvents();
   try {
     const got = await api('GET', jobPath(ns, name));
@@ -737,6 +753,7 @@ async function showJob(ns, name) {
     $('#job-error').textContent = refusal(err, ns);
     return;
   }
+  await loadLoss(ns, name);
   watch(`${jobPath(ns, name)}/events`, onJobEvent, name);
 }
 

@@ -18,18 +18,12 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
-from kubetune.errors import KubetuneError, SpecError
+from kubetune.errors import HubUnreachable, SpecError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_SECONDS = 10.0
 MAX_CONFIG_BYTES = 4 * 2**20  # config.json files are a few KB
 TOKEN_HINT = "set HF_TOKEN (in a cluster: spec.model.tokenSecret, or the chart's hub.tokenSecret)"
-
-
-class HubUnreachable(KubetuneError):
-    """The hub did not answer in time or at all: planning can be retried, the spec is not at fault."""
-
-    exit_code = 1
 
 
 def hub_endpoint() -> str:
