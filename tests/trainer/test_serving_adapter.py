@@ -83,17 +83,15 @@ def test_an_adapter_on_nothing_servable_fails_before_training(tmp_path: Path, ti
 
 
 def test_kubetune_train_reports_the_serving_check(capsys: Any) -> None:
-    from types import SimpleNamespace
-
     from kubetune_trainer.local import report
+    from kubetune_trainer.loop import Result
 
     from kubetune.contracts import ServingFinding
 
     finding = ServingFinding(rule="RankAboveMax", severity="Warning", message="LoRA rank 32 is above 16")
     for serving, line in (([], "Serving: ready to serve: the adapter meets every serving rule (vLLM, KServe)"),
                           ([finding], "Serving: Warning RankAboveMax: LoRA rank 32 is above 16")):
-        report(SimpleNamespace(steps=3, final_loss=1.0, first_loss=2.0, adapter_uri="s3://b/a", samples={},
-                               serving=serving), None, 1.0)
+        report(Result(steps=3, final_loss=1.0, first_loss=2.0, adapter_uri="s3://b/a", serving=serving), None, 1.0)
         assert line in capsys.readouterr().out
 
 
