@@ -104,6 +104,7 @@ class Operator:
             paths = [str(source), str(source / "operator"), str(source / "trainer")]
             self.env["PYTHONPATH"] = os.pathsep.join([*paths, self.env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.log = tmp / "operator.log"
+        self.cwd = source  # `python -c` puts the working directory first on sys.path: the checkout's own kubetune
         self.cpu_before_restarts = 0.0
         self.child = self._start()
 
@@ -114,7 +115,7 @@ class Operator:
             code = f"import cProfile, sys; from kubetune.cli import main; cProfile.run('main()', {PROFILED[-1]!r})"
         return subprocess.Popen(
             [sys.executable, "-c", code, "operator", "--metrics-port", "0"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.log, "a"),
+            env=self.env, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=open(self.log, "a"),
         )
 
     @property
