@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +34,26 @@ class Architecture:
     experts_per_token: int = 1
     max_position: int = 131072
 
-    @property
+    # Derived numbers, computed once per Architecture (the planner's search asks for them thousands of times
+    # per plan); cached_property writes the instance's __dict__, which a frozen dataclass allows.
+    @cached_property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden // self.heads
 
-    @property
+    @cached_property
     def q_dim(self) -> int:
         return self.heads * self.dim_per_head
 
-    @property
+    @cached_property
     def kv_dim(self) -> int:
         return self.kv_heads * self.dim_per_head
 
     def linear_shapes(self) -> dict[str, tuple[int, int, int]]:
         """Per-layer linear projections: name -> (in_features, out_features, copies per layer)."""
+        return dict(self._linear_shapes)
+
+    @cached_property
+    def _linear_shapes(self) -> dict[str, tuple[int, int, int]]:
         h, i = self.hidden, self.intermediate
         return {
             "q_proj": (h, self.q_dim, 1),
@@ -58,23 +65,23 @@ class Architecture:
             "down_proj": (i, h, self.experts),
         }
 
-    @property
+    @cached_property
     def linear_params(self) -> int:
         """Parameters in the decoder's linear layers: what NF4 quantizes."""
-        per_layer = sum(i * o * n for i, o, n in self.linear_shapes().values())
+        per_layer = sum(i * o * n for i, o, n in self._linear_shapes.values())
         router = self.hidden * self.experts if self.experts > 1 else 0
         return self.layers * (per_layer + router)
 
-    @property
+    @cached_property
     def embedding_params(self) -> int:
         """Input embedding plus, unless tied, the output head: kept in 16-bit."""
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
 
-    @property
+    @cached_property
     def norm_params(self) -> int:
         return self.layers * 2 * self.hidden + self.hidden
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         return self.linear_params + self.embedding_params + self.norm_params
 

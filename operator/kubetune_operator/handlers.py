@@ -1,12 +1,17 @@
 """kopf handlers: thin glue around `reconcile()` (reconcile.py). Read, reconcile, apply.
 
 - Indexes keep the cluster as the watches see it: GPU nodes, the GPUs pods hold, trainer Jobs and pods, and
-  the FineTuneJobs themselves. kopf passes them to every handler as arguments; placement costs no request.
-- A FineTuneJob event (except echoes: of our own status write, of kopf's finalizer), a trainer pod event (for
-  its FineTuneJob), and a `@kopf.timer` every `poll_interval` seconds (which also polls a running trainer's
-  /status, re-plans Pending jobs against the current inventory, and notices Job-level changes) each run one
-  reconcile. The timer starts once a job's first decision is written (`_followed`).
-- Every path runs inside kopf's handler context, so every transition's Event is posted (`kopf.event`).
+  the FineTuneJobs themselves, each slimmed to what a decision reads (slim.py). kopf passes them to every
+  handler as arguments; placement costs no request.
+- Events drive every reconcile: a FineTuneJob event (except echoes of our own status write), a trainer pod
+  event, a trainer Job or JobSet event that says something (a condition, a suspend) for its FineTuneJob.
+- One operator-level task (`resync`, started by a startup handler, not a timer per object) wakes every
+  `poll_interval` seconds: it plans Pending (and undecided) jobs again against the current inventory and polls
+  Running trainers' /status for progress; Queued and Suspended jobs are re-read every RESYNC_TICKS wake-ups as a
+  safety net for a missed event. A finished job (`slim.settled`) costs nothing but its index entry: no task, no
+  periodic work, no finalizer.
+- Events (kubectl describe) are posted by the reconcile itself before the status patch that records the
+  transition, so an operator killed in between posts it again on restart rather than never.
 
 State that is not in the cluster lives in `Runtime` (kopf's `memo`): the status each job was last written
 with (the watch lags), per-job locks, and caches. All of it is rebuilt from the cluster on restart.
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -26,27 +33,27 @@ import aiohttp
 import kopf
 
 from kubetune import quota, wire
-from kubetune.contracts import TERMINAL_PHASES, TrainerStatus
+from kubetune.contracts import TrainerStatus
 from kubetune.errors import HubUnreachable, SpecError
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.models import Architecture
-from kubetune.planning.placement import Inventory, NodeInfo, Supply, node_info, pod_gpus, supply_of
+from kubetune.planning.placement import Inventory, Supply, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.sources import model_architecture
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
-from kubetune_operator import resources, scaleout, trust
+from kubetune_operator import resources, scaleout, slim
 from kubetune_operator import status as st
+from kubetune_operator.cache import Cache
 from kubetune_operator.kube import ApiError, Kube, NotOurs
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.reconcile import Actions, Snapshot, reconcile
 from kubetune_operator.settings import Settings
 
 FTJ = (API_GROUP, API_VERSION, PLURAL)
-FINALIZER = "kubetune.io/finalizer"  # kopf's, for the per-job timer (main.kopf_settings)
-FIRST_DECISION_RETRIES = 5  # poll intervals apart: a job's first reconcile, before its timer exists
+FINALIZER = "kubetune.io/finalizer"  # set by operators before 0.x's per-job timer; kopf removes it (main.py)
+RESYNC_TICKS = 6  # Queued and Suspended jobs are re-read every RESYNC_TICKS poll intervals (events follow them)
+RESYNC_CONCURRENCY = 32  # reconciles one resync wake-up runs at once
 DISCOVERY_SECONDS = 60.0
-JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"  # the JobSet controller's label on its Jobs and pods
-JOB_NAME = "batch.kubernetes.io/job-name"  # the Job controller's label on its pods
 log = logging.getLogger("kubetune.operator")
 
 
@@ -59,6 +66,7 @@ class Runtime:
     catalog: GpuCatalog
     login: Callable[..., Any] | None = None  # a test's login handler (None: in-cluster or kubeconfig)
     kube: Kube | None = None
+    cache: Cache = field(default_factory=Cache)  # the cluster as the watches see it
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> status as last written
     seen: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # uid -> what its last reconcile read (_essence)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # uid -> serializes reconciles of one job
@@ -68,7 +76,23 @@ class Runtime:
     archs: dict[tuple[str | None, str | None], Architecture | SpecError | HubUnreachable] = field(default_factory=dict)
     jobset_api: str | None = None  # the cluster serves JobSets (discovery, at login and every DISCOVERY_SECONDS)
     jobset_checked: float | None = None  # time.monotonic() of that discovery
+    resync_task: asyncio.Task[None] | None = None  # the operator's one periodic task (start_resync)
     quotas: quota.QuotaFile | None = None  # the mounted quotas file (settings.quotas_file), read on first use
+
+    def quota_of(self, namespace: str | None, uid: str) -> tuple[quota.Limits | None, quota.Usage]:
+        """The namespace's quota and what its other FineTuneJobs hold (as this operator last wrote them)."""
+        if self.quotas is None:
+            self.quotas = quota.QuotaFile(self.settings.quotas_file)
+        limits = self.quotas.get().for_namespace(namespace or "")
+        if limits is None:
+            return None, quota.Usage()
+        mine = [body for (ns, _), body in self.cache.finetunejobs.items() if ns == namespace]
+        return limits, quota.usage_of(mine, exclude_uid=uid, statuses=self.written)
+
+    def forget(self, uid: str, *, phase: bool = True) -> None:
+        """Drop a job's working state: when it is deleted, or once it is settled (its phase stays counted)."""
+        for cache in (self.written, self.locks, self.seen, *((self.phases,) if phase else ())):
+            cache.pop(uid, None)
 
     async def discover(self, force: bool = False) -> None:
         """Whether the cluster serves JobSets (`GET /apis/jobset.x-k8s.io`; scaleout decides from the answer):
@@ -82,17 +106,6 @@ class Runtime:
             self.jobset_api = scaleout.jobset_api(await self.kube.api_group(wire.JOBSET_GROUP))
         except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning(f"discovery of {wire.JOBSET_GROUP} failed, keeping the last answer: {exc!r}")
-
-    def quota_of(self, namespace: str | None, uid: str, jobs: kopf.Index[Any, Any]
-                 ) -> tuple[quota.Limits | None, quota.Usage]:
-        """The namespace's quota and what its other FineTuneJobs hold (as this operator last wrote them)."""
-        if self.quotas is None:
-            self.quotas = quota.QuotaFile(self.settings.quotas_file)
-        limits = self.quotas.get().for_namespace(namespace or "")
-        if limits is None:
-            return None, quota.Usage()
-        mine = [body for (ns, _), store in jobs.items() if ns == namespace for body in store]
-        return limits, quota.usage_of(mine, exclude_uid=uid, statuses=self.written)
 
     def launch_lock(self, namespace: str | None, uid: str, body: Mapping[str, Any]
                     ) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -161,11 +174,6 @@ class Runtime:
         return plan
 
 
-def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A shallow copy of a watched body's top level (kopf hands each event new dicts; nothing here mutates)."""
-    return {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
-
-
 def _essence(body: Mapping[str, Any]) -> tuple[Any, ...]:
     """What a FineTuneJob event can bring that a reconcile reads, besides status: its spec (by generation) and
     labels (the Kueue queue). An event that changes neither nor the status is an echo (of a status write, or of
@@ -174,42 +182,12 @@ def _essence(body: Mapping[str, Any]) -> tuple[Any, ...]:
     return meta.get("generation"), tuple(sorted((meta.get("labels") or {}).items()))
 
 
-def _first(index: kopf.Index[Any, Any], key: Any) -> Any:
-    return next(iter(index.get(key, [])), None)
+# --- the cache: the cluster as the watches see it (cache.py) -----------------------------------------------
 
-
-# --- indexes: the cluster as the watches see it (async: kopf runs sync handlers in a thread pool) -----------
-
-async def gpu_nodes(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo] | None:
-    info = node_info(body)
-    return {name: info} if info.allocatable_gpus > 0 else None
-
-
-async def gpu_pods(body: kopf.Body, **_: Any) -> dict[str, int] | None:
-    node, gpus = pod_gpus(body)
-    return {node: gpus} if node and gpus else None
-
-
-async def trainer_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    """Keyed by the workload the pod says it belongs to (its JobSet, else its Job); trust checks owners later."""
-    workload = labels.get(JOBSET_NAME) or labels.get(JOB_NAME)
-    if not workload:
-        attempt = int(labels.get(resources.LABEL_ATTEMPT, "0") or 0)
-        workload = resources.child_name(labels.get(resources.LABEL_JOB, ""), attempt)
-    return {(namespace, workload): _plain(body)}
-
-
-async def trainer_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): _plain(body)}
-
-
-async def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, resources.job_label(name)): _plain(body)}  # children find it by their label value
-
-
-def inventory(gpu_nodes: kopf.Index[str, NodeInfo], gpu_pods: kopf.Index[str, int]) -> Inventory:
-    nodes = [info for _, store in gpu_nodes.items() for info in store]
-    return Inventory(tuple(nodes), {node: sum(store) for node, store in gpu_pods.items()})
+async def on_node(event: Mapping[str, Any], name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    cache: Cache = memo.kubetune.cache
+    cache.saw(event)
+    cache.node(event.get("type") == "DELETED", name, body)
 
 
 # --- read, reconcile, apply ---------------------------------------------------------------------------------
@@ -228,8 +206,7 @@ async def poll_trainer(ip: str | None, port: int | None, timeout: float) -> Trai
     return TrainerStatus.parse(data)
 
 
-async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any], *, source: str,
-                        poll: bool = False) -> bool:
+async def run_reconcile(body: Mapping[str, Any], rt: Runtime, *, source: str, poll: bool = False) -> bool:
     """One reconcile of one FineTuneJob; False when it failed (logged: the next event or timer retries)."""
     meta = body.get("metadata") or {}
     uid = meta.get("uid", "")
@@ -238,7 +215,7 @@ async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[s
     started, result = time.perf_counter(), "error"
     try:
         async with rt.locks.setdefault(uid, asyncio.Lock()), rt.launch_lock(meta.get("namespace"), uid, body):
-            snap = await read(body, rt, indexes, poll=poll)
+            snap = await read(body, rt, poll=poll)
             await apply(snap, reconcile(snap), rt, uid)
             rt.seen[uid] = _essence(body)
         result = "ok"
@@ -251,14 +228,14 @@ async def run_reconcile(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[s
     return result == "ok"
 
 
-async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any], *, poll: bool) -> Snapshot:
+async def read(body: Mapping[str, Any], rt: Runtime, *, poll: bool) -> Snapshot:
     """The snapshot: spec and metadata from the watch; status as this operator last wrote it (the watch lags)."""
     namespace = (body.get("metadata") or {}).get("namespace")
     status = rt.written.get((body.get("metadata") or {}).get("uid", "")) or body.get("status") or {}
     name = status.get("jobName")
     uid = (body.get("metadata") or {}).get("uid")
-    trainer, pods = workload(indexes, namespace, name, uid) if name else (None, ())
-    cluster = inventory(indexes["gpu_nodes"], indexes["gpu_pods"])
+    trainer, pods = rt.cache.workload(namespace, name, uid) if name else (None, ())
+    cluster = rt.cache.inventory()
     await rt.prefetch(body.get("spec") or {})
     await rt.discover()
     trainer_status = None
@@ -267,23 +244,18 @@ async def read(body: Mapping[str, Any], rt: Runtime, indexes: Mapping[str, Any],
         if outcome.state == "Running":
             timeout = min(5.0, max(1.0, rt.settings.poll_interval))
             trainer_status = await poll_trainer(outcome.pod_ip, outcome.port, timeout)
-    limits, usage = rt.quota_of(namespace, uid or "", indexes["finetunejobs"])
+    limits, usage = rt.quota_of(namespace, uid or "")
     return Snapshot(body=body, status=status, trainer_job=trainer, pods=pods, inventory=cluster, catalog=rt.catalog,
                     settings=rt.settings, planner=rt.planner(rt.supply(cluster)), now=st.now_iso(),
                     trainer_status=trainer_status, jobset_api=rt.jobset_api, quota=limits, usage=usage)
 
 
-def workload(indexes: Mapping[str, Any], namespace: str | None, name: str, owner_uid: str | None
-             ) -> tuple[Mapping[str, Any] | None, tuple[Mapping[str, Any], ...]]:
-    """The attempt's Job or JobSet, if this FineTuneJob controls it, and the pods it controls (a JobSet's through
-    its child Jobs, which the trainer_jobs index holds too: they carry the trainer labels)."""
-    found = _first(indexes["trainer_jobs"], (namespace, name)) or _first(indexes["trainer_jobsets"], (namespace, name))
-    trainer = trust.trusted_job(found, owner_uid)
-    pods = indexes["trainer_pods"].get((namespace, name), [])
-    if trainer is not None and trainer.get("kind") == "JobSet":
-        jobs = [_first(indexes["trainer_jobs"], (namespace, job)) for job in scaleout.jobset_job_names(trainer)]
-        return trainer, trust.trusted_jobset_pods(trainer, [j for j in jobs if j is not None], pods)
-    return trainer, trust.trusted_pods(trainer, pods)
+def event_name(snap: Snapshot, reason: str, number: int) -> str:
+    """An Event's name, the same each time one transition is decided: from the job's uid and the status it
+    was decided from (a restart between the Event and the status patch decides it again from that status)."""
+    meta = snap.body["metadata"]
+    source = json.dumps([meta.get("uid"), snap.status, reason, number], sort_keys=True, default=str)
+    return f"{resources.short_name(meta['name'], 63 - 17)}.{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
 
 async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None:
@@ -299,6 +271,9 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
     if actions.suspend_job is not None:
         await rt.kube.set_job_suspend(snap.body["metadata"]["namespace"], *actions.suspend_job,
                                       kind=(snap.trainer_job or {}).get("kind") or "Job")
+    for number, event in enumerate(actions.events):  # before the status that records the transition
+        await rt.kube.post_event(snap.body, event.type, event.reason.value, event.message, snap.now,
+                                 event_name(snap, event.reason.value, number))
     if actions.status:
         meta = snap.body["metadata"]
         updated = await rt.kube.patch_status(meta["namespace"], meta["name"], actions.status)
@@ -306,50 +281,120 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
             return  # the FineTuneJob is gone
         rt.written[uid] = dict(updated.get("status") or {})
     rt.phases[uid] = (rt.written.get(uid) or snap.status).get("phase") or "Pending"
-    for event in actions.events:
-        kopf.event(dict(snap.body), type=event.type, reason=event.reason.value, message=event.message)  # type: ignore[arg-type]
     rt.metrics.count(actions.counters)
 
 
 # --- what triggers a reconcile -----------------------------------------------------------------------------
 
-async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, uid: str, memo: kopf.Memo,
-                         **indexes: Any) -> None:
+async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, namespace: str | None, name: str, uid: str,
+                         memo: kopf.Memo, **_: Any) -> None:
     rt: Runtime = memo.kubetune
-    if event.get("type") == "DELETED":
-        for cache in (rt.written, rt.locks, rt.phases, rt.seen):
-            cache.pop(uid, None)
+    rt.cache.saw(event)
+    deleted = event.get("type") == "DELETED"
+    watched = slim.finetunejob(body)
+    rt.cache.put(rt.cache.finetunejobs, deleted, (namespace, resources.job_label(name)), watched)
+    if deleted:
+        rt.forget(uid)
         return
-    plain = _plain(body)
-    rt.phases.setdefault(uid, (plain.get("status") or {}).get("phase") or "Pending")
-    if rt.seen.get(uid) == _essence(plain) and (plain.get("status") or {}) == rt.written.get(uid):
-        return  # the echo of this operator's own status write, or kopf's finalizer: nothing new to decide
-    for retry in range(FIRST_DECISION_RETRIES + 1):
-        if await run_reconcile(plain, rt, indexes, source="finetunejob") or \
-                _followed(rt.written.get(uid) or plain.get("status") or {}):
-            return
-        if retry < FIRST_DECISION_RETRIES:  # no timer yet for an undecided job (see _followed): retry here
-            await asyncio.sleep(rt.settings.poll_interval)
-    log.error(f"gave up deciding {body.meta.get('namespace')}/{body.meta.get('name')} after "
-              f"{FIRST_DECISION_RETRIES + 1} tries; any change to it (or an operator restart) tries again")
+    status = rt.written.get(uid) or watched["status"]
+    rt.phases.setdefault(uid, status.get("phase") or "Pending")
+    if slim.settled(status, watched["metadata"].get("generation")):
+        if slim.settled(watched["status"], watched["metadata"].get("generation")):
+            rt.forget(uid, phase=False)  # the watch has caught up with the last write: nothing left to hold
+        return  # finished and unchanged: nothing to decide, nothing to follow
+    if not rt.cache.listed:
+        return  # the resync task's first pass decides, once the whole cluster is listed
+    if rt.seen.get(uid) == _essence(watched) and watched["status"] == rt.written.get(uid):
+        return  # the echo of this operator's own status write: nothing new to decide
+    await run_reconcile(watched, rt, source="finetunejob")  # a failure: the next resync tries again
 
 
-async def on_trainer_pod(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **indexes: Any) -> None:
-    parent = _first(indexes["finetunejobs"], (namespace, labels.get(resources.LABEL_JOB, "")))
-    if parent is not None and (parent.get("status") or {}).get("jobName"):
-        await run_reconcile(parent, memo.kubetune, indexes, source="trainer")
+def _parent(rt: Runtime, namespace: str | None, labels: Mapping[str, str]) -> Mapping[str, Any] | None:
+    """The FineTuneJob a trainer Job or pod belongs to (by its label), unless it has none, is settled, or the
+    initial listing is still coming in."""
+    parent = rt.cache.finetunejobs.get((namespace, labels.get(resources.LABEL_JOB, "")))
+    if parent is None or not rt.cache.listed:
+        return None
+    meta = parent.get("metadata") or {}
+    status = rt.written.get(meta.get("uid", "")) or parent.get("status") or {}
+    if not status.get("jobName") or slim.settled(status, meta.get("generation")):
+        return None
+    return parent
 
 
-async def on_timer(body: kopf.Body, memo: kopf.Memo, **indexes: Any) -> None:
-    """Every poll_interval: re-plan and place Pending jobs, poll running trainers, see Job-level changes."""
-    await run_reconcile(_plain(body), memo.kubetune, indexes, poll=True, source="timer")
+async def on_pod(event: Mapping[str, Any], body: kopf.Body, namespace: str | None, uid: str,
+                 labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    """Every pod: the GPUs it holds (placement); a trainer pod's state (its FineTuneJob's reconcile)."""
+    rt: Runtime = memo.kubetune
+    rt.cache.saw(event)
+    rt.cache.pod(event.get("type") == "DELETED", uid, namespace, labels, body)
+    parent = _parent(rt, namespace, labels) if labels.get(wire.MANAGED_BY_LABEL) == wire.MANAGED_BY else None
+    if parent is not None:
+        await run_reconcile(parent, rt, source="trainer")
 
 
-def _followed(status: Mapping[str, Any], **_: Any) -> bool:
-    """The timer runs for jobs decided (a phase written) and not finished. Not before the first decision: kopf
-    adds the timer's finalizer with a resourceVersion-guarded patch, which the first status write would always
-    break (a failed PATCH and a retry per job); on the echo of that write it lands at once."""
-    return status.get("phase") is not None and status.get("phase") not in TERMINAL_PHASES
+def _says_something(body: Mapping[str, Any]) -> bool:
+    """A trainer Job or JobSet event a reconcile can act on: suspended (Kueue, spec.suspend) or a condition
+    (Complete, Failed, Suspended...). A Job just created, or one whose pods come and go, says nothing: its
+    pods' own events follow those."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return bool((body.get("spec") or {}).get("suspend")) or any(c.get("status") == "True" for c in conditions)
+
+
+async def on_trainer_job(event: Mapping[str, Any], body: kopf.Body, namespace: str | None, name: str,
+                         labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    rt: Runtime = memo.kubetune
+    rt.cache.saw(event)
+    store = rt.cache.jobsets if body.get("kind") == "JobSet" else rt.cache.jobs
+    rt.cache.put(store, event.get("type") == "DELETED", (namespace, name), slim.workload(body))
+    parent = _parent(rt, namespace, labels) if _says_something(body) else None
+    if parent is not None:
+        await run_reconcile(parent, rt, source="trainer")
+
+
+def due(status: Mapping[str, Any], generation: Any, tick: int) -> bool:
+    """Whether resync wake-up number `tick` reconciles a job: undecided, Pending (plan and place again) and
+    Running (poll the trainer's /status) jobs every time; Queued and Suspended ones every RESYNC_TICKS (their
+    Job and pod events follow them); settled ones never."""
+    if slim.settled(status, generation):
+        return False
+    return status.get("phase") in (None, "Pending", "Running") or tick % RESYNC_TICKS == 0
+
+
+async def resync_once(rt: Runtime, tick: int) -> int:
+    """One wake-up of the resync task: the due jobs' reconciles, RESYNC_CONCURRENCY at a time."""
+    bodies = list(rt.cache.finetunejobs.values())
+    chosen = [b for b in bodies if due(rt.written.get(b["metadata"].get("uid", "")) or b.get("status") or {},
+                                       b["metadata"].get("generation"), tick)]
+    gate = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
+    async def one(body: Mapping[str, Any]) -> None:
+        async with gate:
+            await run_reconcile(body, rt, source="resync", poll=True)
+
+    await asyncio.gather(*(one(body) for body in chosen))
+    return len(chosen)
+
+
+async def resync(rt: Runtime) -> None:
+    """The operator's one periodic task: once the initial listing is in, a first pass over every unsettled job
+    (the decisions a restart owes), then a resync_once every poll_interval seconds, for as long as it runs."""
+    await rt.cache.settle()
+    await resync_once(rt, 0)
+    tick = 0
+    while True:
+        await asyncio.sleep(rt.settings.poll_interval)
+        tick += 1
+        try:
+            await resync_once(rt, tick)
+        except Exception:
+            log.exception("resync failed; it runs again in the next interval")
+
+
+async def start_resync(memo: kopf.Memo, **_: Any) -> None:
+    rt: Runtime = memo.kubetune
+    if rt.resync_task is None or rt.resync_task.done():
+        rt.resync_task = asyncio.create_task(resync(rt), name="kubetune-resync")
 
 
 async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -370,6 +415,11 @@ async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 
 async def close(memo: kopf.Memo, **_: Any) -> None:
     rt: Runtime = memo.kubetune
+    if rt.resync_task is not None:
+        rt.resync_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rt.resync_task
+        rt.resync_task = None
     if rt.kube is not None:
         await rt.kube.close()
 
@@ -377,16 +427,12 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     """Register the handlers on `registry` (tests run several operators, each with its own registry)."""
     kopf.on.login(registry=registry, id="login")(login)
+    kopf.on.startup(registry=registry, id="resync")(start_resync)
     kopf.on.cleanup(registry=registry, id="close")(close)
-    kopf.index("", "v1", "nodes", id="gpu_nodes", registry=registry)(gpu_nodes)
-    kopf.index("", "v1", "pods", id="gpu_pods", registry=registry)(gpu_pods)
-    kopf.index("", "v1", "pods", labels=wire.MANAGED, id="trainer_pods", registry=registry)(trainer_pods)
-    kopf.index("batch", "v1", "jobs", labels=wire.MANAGED, id="trainer_jobs", registry=registry)(trainer_jobs)
+    kopf.on.event("", "v1", "nodes", id="node", registry=registry)(on_node)
+    kopf.on.event("", "v1", "pods", id="pod", registry=registry)(on_pod)
+    kopf.on.event("batch", "v1", "jobs", labels=wire.MANAGED, id="trainer_job", registry=registry)(on_trainer_job)
     # JobSets, where the cluster serves them (kopf watches the API once its CRD exists; a warning before that)
-    kopf.index(wire.JOBSET_GROUP, wire.JOBSET_VERSION, "jobsets", labels=wire.MANAGED, id="trainer_jobsets",
-               registry=registry)(trainer_jobs)
-    kopf.index(*FTJ, id="finetunejobs", registry=registry)(finetunejobs)
+    kopf.on.event(wire.JOBSET_GROUP, wire.JOBSET_VERSION, "jobsets", labels=wire.MANAGED, id="trainer_jobset",
+                  registry=registry)(on_trainer_job)
     kopf.on.event(*FTJ, id="finetunejob", registry=registry)(on_finetunejob)
-    kopf.on.event("", "v1", "pods", labels=wire.MANAGED, id="trainer_pod", registry=registry)(on_trainer_pod)
-    kopf.timer(*FTJ, id="timer", interval=settings.poll_interval, initial_delay=settings.poll_interval,
-               when=_followed, registry=registry)(on_timer)

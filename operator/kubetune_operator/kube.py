@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -123,6 +124,35 @@ class Kube:
             if exc.status == 404:
                 return False
             raise
+        return True
+
+    async def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str, now: str,
+                         name: str) -> bool:
+        """A core/v1 Event about `obj` (what `kubectl describe` lists), named `name`; awaited, so the caller
+        knows it was recorded. The name is the transition's (handlers.event_name): the same transition decided
+        again after a restart meets 409 and counts as recorded. A failure is logged and returns False: an Event
+        never blocks a reconcile."""
+        meta = obj["metadata"]
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"namespace": meta["namespace"], "name": name},
+            "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": type_, "reason": reason, "message": message[:1024], "count": 1,
+            "firstTimestamp": now, "lastTimestamp": now, "eventTime": None,
+            "source": {"component": "kubetune-operator"}, "reportingComponent": "kubetune-operator",
+            "reportingInstance": socket.gethostname(),
+        }
+        try:
+            await self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
+        except ApiError as exc:
+            if exc.status == 409:
+                return True  # this transition's Event, posted before a restart
+            log.warning(f"Event {reason} for {meta['namespace']}/{meta['name']} not posted: {exc!r}")
+            return False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning(f"Event {reason} for {meta['namespace']}/{meta['name']} not posted: {exc!r}")
+            return False
         return True
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any] | None:

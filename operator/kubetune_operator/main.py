@@ -28,7 +28,7 @@ PREFIX = "kubetune.io"
 class NoDiffBase(kopf.DiffBaseStorage):
     """kubetune registers no change-detecting handlers (on.create/update/delete), only on.event and indexes,
     so kopf needs no "last handled" copy of each object. Skipping it saves a deep copy of every body on
-    every watch event, and kopf writes no annotations onto FineTuneJobs (only the timer's finalizer)."""
+    every watch event, and kopf writes no `last-handled-configuration` annotation onto FineTuneJobs."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
         return cast(kopf.BodyEssence, {})
@@ -48,8 +48,8 @@ def kopf_settings(settings: kopf.OperatorSettings, *, backoffs: tuple[float, ...
     """
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = NoDiffBase()
-    settings.persistence.finalizer = FINALIZER
-    settings.posting.level = logging.WARNING  # Events come from the handlers (kopf.event), not from logs
+    settings.persistence.finalizer = FINALIZER  # no handler needs one: kopf removes one an older operator left
+    settings.posting.level = logging.WARNING  # Events come from the reconciles (Kube.post_event), not from logs
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.queueing.worker_limit = 1000

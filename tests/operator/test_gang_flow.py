@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kt_cluster import NS, Cluster, eventually, finetunejob
 from kt_emulator import Kind
-from kubetune_operator import handlers, scaleout
+from kubetune_operator import cache, handlers, scaleout
 
 from kubetune import wire
 from kubetune.contracts import Outcome, TerminationSummary
@@ -49,8 +49,8 @@ async def run_pod(cluster: Cluster, owner: dict[str, Any], template: dict[str, A
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": f"{name}-{index}-{uuid.uuid4().hex[:5]}", "namespace": NS,
                      "labels": {**template["metadata"]["labels"], "batch.kubernetes.io/job-name": name,
-                                **({handlers.JOBSET_NAME: owner["metadata"]["labels"][handlers.JOBSET_NAME]}
-                                   if handlers.JOBSET_NAME in owner["metadata"]["labels"] else {})},
+                                **({cache.JOBSET_NAME: owner["metadata"]["labels"][cache.JOBSET_NAME]}
+                                   if cache.JOBSET_NAME in owner["metadata"]["labels"] else {})},
                      "annotations": {**template["metadata"].get("annotations", {}), annotation: str(index),
                                      "prometheus.io/port": str(port)},
                      "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
@@ -109,7 +109,7 @@ async def test_a_jobset_where_the_cluster_serves_it(cluster: Cluster, one_a10g_p
     rjob = jobset["spec"]["replicatedJobs"][0]
     pods = []
     for index in range(2):
-        labels = {**rjob["template"]["metadata"]["labels"], handlers.JOBSET_NAME: "wide-a1"}
+        labels = {**rjob["template"]["metadata"]["labels"], cache.JOBSET_NAME: "wide-a1"}
         child = await cluster.api.put_object("jobs", {
             "apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": f"wide-a1-node-{index}", "namespace": NS, "labels": labels,

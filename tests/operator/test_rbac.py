@@ -116,8 +116,12 @@ async def test_the_operator_runs_a_job_with_exactly_the_charts_rbac(rbac_cluster
     operator = TokenOperator(cluster.url, Settings(poll_interval=0.3, metrics_port=0))
     cluster.operators.append(operator)
     await operator.start()
-    await api.put_object("finetunejobs", finetunejob("run"))
+    legacy = finetunejob("run")  # with the finalizer an operator that ran a timer per job set: kopf removes it
+    legacy["metadata"]["finalizers"] = ["kubetune.io/finalizer"]
+    await api.put_object("finetunejobs", legacy)
     await cluster.wait_phase("run", "Queued")
+    await eventually(lambda: not (api.read("finetunejobs", NS, "run") or {})["metadata"].get("finalizers"),
+                     what="kopf removing the finalizer no handler needs")
     [job] = cluster.jobs()
     pod = await cluster.run_pod(job, "gpu-l4-1", port=port)
     await eventually(lambda: cluster.status("run").get("step") == "120/500")
@@ -126,7 +130,7 @@ async def test_the_operator_runs_a_job_with_exactly_the_charts_rbac(rbac_cluster
     await cluster.end_pod(pod, 0, summary.message())
     await cluster.wait_phase("run", "Succeeded")
     await eventually(lambda: "Succeeded" in [e["reason"] for e in cluster.events("run")], what="the Event")
-    await api.remove_object("finetunejobs", NS, "run")  # kopf releases its finalizer
+    await api.remove_object("finetunejobs", NS, "run")
     await eventually(lambda: api.read("finetunejobs", NS, "run") is None, what="the deletion")
 
     assert [d for d in api.denied if d[0] == OPERATOR.username] == []
@@ -136,8 +140,8 @@ async def test_the_operator_runs_a_job_with_exactly_the_charts_rbac(rbac_cluster
     assert unused == set(), f"granted but never used: {sorted(unused)}"
     writes = [r for r in api if "finetunejobs" in str(r.url) and str(r.method.value).upper() == "PATCH"
               and not str(r.url.path).endswith("/status")]
-    assert writes, "kopf set no finalizer?"
-    for request in writes:  # patch on the main resource: kopf's finalizer only, never spec or annotations
+    assert writes, "kopf did not remove the old finalizer?"
+    for request in writes:  # patch on the main resource: kopf's finalizer removal only, never spec or annotations
         if isinstance(request.data, list):  # a JSON patch
             assert all(str(op.get("path", "")).startswith(("/metadata/finalizers", "/metadata/resourceVersion"))
                        for op in request.data), request.data

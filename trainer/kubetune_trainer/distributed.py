@@ -106,7 +106,7 @@ def device_of(ranks: Ranks, device: Any) -> Any:
     """On GPUs every rank uses the GPU of its local rank."""
     import torch
 
-    if device.type == "cuda" and ranks.distributed:
+    if device.type == "cuda" and ranks.distributed:  # one GPU per rank; CPU ranks share the host (gloo tests)
         return torch.device("cuda", ranks.local_rank)
     return device
 

@@ -35,8 +35,8 @@ app.kubernetes.io/component: operator
 {{/* Rules on namespaced resources: the FineTuneJobs, their children, pods and events. */}}
 {{- define "kubetune.namespacedRules" -}}
 # Each verb and why (docs/security.md; tests/operator/test_rbac.py runs the operator with exactly these):
-# finetunejobs: list+watch (kopf's watch and index), get (kopf re-reads an object), patch (kopf's finalizer
-#   in metadata.finalizers, which its timer needs; the operator never writes spec or annotations)
+# finetunejobs: list+watch (kopf's watch and index), get (kopf re-reads an object), patch (kopf removes the
+#   metadata.finalizers entry that operators with a per-job timer set; the operator never writes spec or annotations)
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
   verbs: [get, list, watch, patch]
