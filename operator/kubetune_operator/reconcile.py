@@ -297,62 +297,22 @@ def _serving(job: _Job, summary: TerminationSummary, uri: str) -> None:
 
 
 def _follow(job: _Job) -> None:
+    """An attempt exists: what its workload and pods say (observed once, by the reader) moves the job on."""
     snap = job.snap
     name = job.status["jobName"]
     attempts = list(job.status.get("attempts") or [])
     number = next((a["attempt"] for a in attempts if a.get("jobName") == name), max(1, len(attempts)))
     outcome = st.observe(snap.trainer_job, snap.pods, snap.settings.trainer_port)
     phase = job.status.get("phase")
-    plan = job.status.get("plan") or {}
     if phase == Phase.SUSPENDED and job.spec.get("suspend") and outcome.state in ("Running", "Waiting"):
         return  # the Job is being suspended (its watch lags the patch); its pod stops on its own
 
     if outcome.state == "Running":
-        progress = st.trainer_progress(snap.trainer_status, snap.now) if snap.trainer_status else None
-        moved = progress and _essence(progress) != _essence(job.status.get("progress") or {})
-        extra = st.progress_fields(progress, job.status.get("lossHistory") or []) if progress and moved else {}
-        trainer = snap.trainer_status
-        if trainer and trainer.model_commit:
-            extra["modelCommit"] = trainer.model_commit
-        job.write(phase=Phase.RUNNING, reason=Reason.TRAINING, message=outcome.message,
-                  attempts=with_attempt(attempts, number, outcome=AttemptOutcome.RUNNING,
-                                        resumedFromStep=trainer.resumed_from_step if trainer else None), **extra)
+        _running(job, outcome, attempts, number)
     elif outcome.state == "Succeeded":
-        summary = outcome.summary
-        uri = summary.adapter_uri or str((job.spec.get("output") or {}).get("uri", "")).rstrip("/") + "/adapter/"
-        progress = dict(job.status.get("progress") or {})
-        if summary.final_loss is not None:
-            progress["loss"] = summary.final_loss
-        if summary.steps:
-            progress["step"] = summary.steps
-        if summary.total_steps:
-            progress["totalSteps"] = summary.total_steps
-        if summary.peak_memory_bytes is not None:
-            progress["peakMemoryBytes"] = summary.peak_memory_bytes
-        progress["updatedAt"] = snap.now
-        evaluation = summary.evaluation
-        result = st.result_status(evaluation) if evaluation else None
-        told = job.status.get("result") == result  # the Event is sent once, not on every later reconcile
-        job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
-                  adapterUri=uri, modelCommit=summary.model_commit, result=result,
-                  attempts=with_attempt(attempts, number, outcome=AttemptOutcome.SUCCEEDED, finishedAt=snap.now,
-                                        resumedFromStep=summary.resumed_from_step),
-                  **st.progress_fields(progress, job.status.get("lossHistory") or [], final=True))
-        if evaluation is not None and not told:
-            job.actions.events.append(st.result_event(evaluation))
-        _serving(job, summary, uri)
+        _succeeded(job, outcome.summary, attempts, number)
     elif outcome.state == "OutOfMemory":
-        was = plan.get("gpuClass", "?")
-        job.set(attempts=with_attempt(attempts, number, outcome=AttemptOutcome.OUT_OF_MEMORY, message=outcome.message,
-                                      finishedAt=snap.now, resumedFromStep=outcome.summary.resumed_from_step))
-        _launch(job, number + 1, reason=Reason.OUT_OF_MEMORY_ESCALATED,
-                note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned one class "
-                     "up, resuming from the last checkpoint: ")
-        new_class = (job.status.get("plan") or {}).get("gpuClass")
-        if job.status.get("phase") != Phase.FAILED and new_class:
-            job.actions.counters.append(("oom_escalations", (was, new_class)))
-        if job.status.get("jobName") == name:  # no larger class, or no node of it yet: this attempt is over
-            job.set(jobName=None)
+        _out_of_memory(job, outcome, attempts, number)
     elif outcome.state == "Failed" and _restart_gang(job, outcome, attempts):
         job.set(attempts=with_attempt(attempts, number, outcome=AttemptOutcome.FAILED, message=outcome.message,
                                       finishedAt=snap.now))
@@ -375,3 +335,61 @@ def _follow(job: _Job) -> None:
                               "when admitted again")
     elif phase == Phase.RUNNING:  # the pod went away (a disruption); the Job controller makes a new one
         job.write(phase=Phase.QUEUED, reason=Reason.RESCHEDULING, message=outcome.message)
+
+
+def _running(job: _Job, outcome: st.Outcome, attempts: list[dict[str, Any]], number: int) -> None:
+    """Running: the trainer's /status (when the timer polled it) as progress, written only when it moved."""
+    snap = job.snap
+    progress = st.trainer_progress(snap.trainer_status, snap.now) if snap.trainer_status else None
+    moved = progress and _essence(progress) != _essence(job.status.get("progress") or {})
+    extra = st.progress_fields(progress, job.status.get("lossHistory") or []) if progress and moved else {}
+    trainer = snap.trainer_status
+    if trainer and trainer.model_commit:
+        extra["modelCommit"] = trainer.model_commit
+    job.write(phase=Phase.RUNNING, reason=Reason.TRAINING, message=outcome.message,
+              attempts=with_attempt(attempts, number, outcome=AttemptOutcome.RUNNING,
+                                    resumedFromStep=trainer.resumed_from_step if trainer else None), **extra)
+
+
+def _succeeded(job: _Job, summary: TerminationSummary, attempts: list[dict[str, Any]], number: int) -> None:
+    """Succeeded: the adapter's URI, the final progress and loss point, the evaluation (its Event once), and
+    the serving text."""
+    snap = job.snap
+    uri = summary.adapter_uri or str((job.spec.get("output") or {}).get("uri", "")).rstrip("/") + "/adapter/"
+    progress = dict(job.status.get("progress") or {})
+    if summary.final_loss is not None:
+        progress["loss"] = summary.final_loss
+    if summary.steps:
+        progress["step"] = summary.steps
+    if summary.total_steps:
+        progress["totalSteps"] = summary.total_steps
+    if summary.peak_memory_bytes is not None:
+        progress["peakMemoryBytes"] = summary.peak_memory_bytes
+    progress["updatedAt"] = snap.now
+    evaluation = summary.evaluation
+    result = st.result_status(evaluation) if evaluation else None
+    told = job.status.get("result") == result  # the Event is sent once, not on every later reconcile
+    job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
+              adapterUri=uri, modelCommit=summary.model_commit, result=result,
+              attempts=with_attempt(attempts, number, outcome=AttemptOutcome.SUCCEEDED, finishedAt=snap.now,
+                                    resumedFromStep=summary.resumed_from_step),
+              **st.progress_fields(progress, job.status.get("lossHistory") or [], final=True))
+    if evaluation is not None and not told:
+        job.actions.events.append(st.result_event(evaluation))
+    _serving(job, summary, uri)
+
+
+def _out_of_memory(job: _Job, outcome: st.Outcome, attempts: list[dict[str, Any]], number: int) -> None:
+    """Out of memory: this attempt is over; the next one is planned one class up, from the last checkpoint."""
+    name = job.status["jobName"]
+    was = (job.status.get("plan") or {}).get("gpuClass", "?")
+    job.set(attempts=with_attempt(attempts, number, outcome=AttemptOutcome.OUT_OF_MEMORY, message=outcome.message,
+                                  finishedAt=job.snap.now, resumedFromStep=outcome.summary.resumed_from_step))
+    _launch(job, number + 1, reason=Reason.OUT_OF_MEMORY_ESCALATED,
+            note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned one class "
+                 "up, resuming from the last checkpoint: ")
+    new_class = (job.status.get("plan") or {}).get("gpuClass")
+    if job.status.get("phase") != Phase.FAILED and new_class:
+        job.actions.counters.append(("oom_escalations", (was, new_class)))
+    if job.status.get("jobName") == name:  # no larger class, or no node of it yet: this attempt is over
+        job.set(jobName=None)
