@@ -354,7 +354,32 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
     size = gang_size(job)
     gang = size > 1
     ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
-    for pod in ordered:  # out of memory on any pod ends the attempt: the same class cannot hold it
+    exited = _out_of_memory(ordered, gang) or _exited(ordered, gang)
+    if exited is not None:
+        return exited
+    if _finished(job):
+        if not gang:
+            return Outcome("Succeeded", "the trainer Job completed")
+        leaders = [p for p in ordered if node_index(p) in (0, None)]
+        done = next((t for p in reversed(leaders) if (t := _terminated(p)) and t.get("exitCode") == 0), None)
+        return Outcome("Succeeded", f"all {size} pods finished", termination_summary(done.get("message") if done
+                                                                                      else None), gang=True)
+    failed = _job_condition(job, "Failed")
+    if failed:
+        return _failed(failed, ordered, gang)
+    if (job.get("spec") or {}).get("suspend"):
+        return Outcome("Suspended", "the trainer Job is suspended")
+    if gang:
+        return _gang_started(ordered, size, default_port)
+    for pod in (p for p in reversed(ordered) if (p.get("status") or {}).get("phase") == "Running"):
+        return Outcome("Running", f"training on {(pod.get('spec') or {}).get('nodeName') or 'a node'}",
+                       pod_ip=(pod.get("status") or {}).get("podIP"), port=_port(pod, default_port))
+    return Outcome("Waiting", "the trainer pod is waiting to be scheduled")
+
+
+def _out_of_memory(ordered: list[Mapping[str, Any]], gang: bool) -> Outcome | None:
+    """Out of memory on any pod ends the attempt: the same class cannot hold it."""
+    for pod in ordered:
         term = _terminated(pod)
         if term and (term.get("exitCode") == ExitCode.OOM or term.get("reason") == "OOMKilled"):
             summary = termination_summary(term.get("message"))
@@ -362,6 +387,12 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
                 "the trainer pod was OOMKilled (host memory)"
             return Outcome("OutOfMemory", _error_text(summary, what), summary, gang=gang,
                            exit_code=term.get("exitCode"))
+    return None
+
+
+def _exited(ordered: list[Mapping[str, Any]], gang: bool) -> Outcome | None:
+    """A pod's exit code that decides before the workload says so: a lone trainer's 0, or one that fails the
+    attempt at once (FAILED_AT_ONCE)."""
     for pod in reversed(ordered):
         term = _terminated(pod)
         if term and term.get("exitCode") == 0 and not gang:
@@ -371,52 +402,46 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
             summary = termination_summary(term.get("message"))
             return Outcome("Failed", _error_text(summary, FAILED_AT_ONCE[at_once]), summary, gang=gang,
                            exit_code=at_once)
-    leaders = [p for p in ordered if node_index(p) in (0, None)]
-    if _finished(job):
-        if not gang:
-            return Outcome("Succeeded", "the trainer Job completed")
-        done = next((t for p in reversed(leaders) if (t := _terminated(p)) and t.get("exitCode") == 0), None)
-        return Outcome("Succeeded", f"all {size} pods finished", termination_summary(done.get("message") if done
-                                                                                      else None), gang=True)
-    failed = _job_condition(job, "Failed")
-    first = _first_failure(ordered) if failed and gang else None
-    if failed and (first is None or not gang) and \
+    return None
+
+
+def _failed(failed: Mapping[str, Any], ordered: list[Mapping[str, Any]], gang: bool) -> Outcome:
+    """The workload's Failed condition: why, from the pod that failed (for a gang, which rank and its last
+    words), once that pod's exit code is in."""
+    first = _first_failure(ordered) if gang else None
+    if (first is None or not gang) and \
             any(_terminated(p) is None and (p.get("status") or {}).get("phase") in ("Pending", "Running")
                 for p in ordered):
         # The Job's watch stream ran ahead of the pods': wait for the exit code of the pod that failed.
         return Outcome("Waiting", "the trainer Job failed; reading its pod's exit code", gang=gang)
-    if failed:
-        last = first[1] if first else next((t for p in reversed(ordered) if (t := _terminated(p))), None)
-        summary = termination_summary(last.get("message") if last else None)
-        code = last.get("exitCode") if last else None
-        default = f"the trainer Job failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
-        if code == ExitCode.STORAGE:
-            default = "the trainer could not read or write storage (exit code 4)"
-        if first:  # which rank failed, then its own words (a log tail: its last line)
-            index = node_index(first[0])
-            lines = [line for line in (summary.error or "").splitlines() if line.strip()]
-            return Outcome("Failed", f"node {index if index is not None else '?'} (pod "
-                                     f"{first[0]['metadata'].get('name')}) exited {code}"
-                                     + (f": {lines[-1].strip()}" if lines else ""), summary, gang=True,
-                           exit_code=code)
-        return Outcome("Failed", _error_text(summary, default), summary, gang=gang, exit_code=code)
-    if (job.get("spec") or {}).get("suspend"):
-        return Outcome("Suspended", "the trainer Job is suspended")
+    last = first[1] if first else next((t for p in reversed(ordered) if (t := _terminated(p))), None)
+    summary = termination_summary(last.get("message") if last else None)
+    code = last.get("exitCode") if last else None
+    default = f"the trainer Job failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
+    if code == ExitCode.STORAGE:
+        default = "the trainer could not read or write storage (exit code 4)"
+    if first:  # which rank failed, then its own words (a log tail: its last line)
+        index = node_index(first[0])
+        lines = [line for line in (summary.error or "").splitlines() if line.strip()]
+        return Outcome("Failed", f"node {index if index is not None else '?'} (pod "
+                                 f"{first[0]['metadata'].get('name')}) exited {code}"
+                                 + (f": {lines[-1].strip()}" if lines else ""), summary, gang=True,
+                       exit_code=code)
+    return Outcome("Failed", _error_text(summary, default), summary, gang=gang, exit_code=code)
+
+
+def _gang_started(ordered: list[Mapping[str, Any]], size: int, default_port: int) -> Outcome:
+    """A multi-node attempt runs when every node's pod runs (or has finished); progress comes from node 0."""
     running = [p for p in reversed(ordered) if (p.get("status") or {}).get("phase") == "Running"]
-    if gang:  # running when every node's pod runs (or has finished); progress comes from node 0
-        started = [p for p in ordered if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")
-                   and not (p.get("metadata") or {}).get("deletionTimestamp")]
-        nodes_up = {node_index(p) for p in started}
-        if len(nodes_up) < size:
-            return Outcome("Waiting", f"{len(nodes_up)} of {size} pods running; the ranks wait for each other in "
-                                      "the rendezvous", gang=True)
-        hosts = ", ".join(sorted({str((p.get("spec") or {}).get("nodeName") or "?") for p in started}))
-        leader = next((p for p in running if node_index(p) == 0), running[0] if running else None)
-        if leader is None:  # every rank has exited 0; the workload's completion is on its way
-            return Outcome("Running", f"trained on {size} nodes ({hosts}); finishing", gang=True)
-        return Outcome("Running", f"training on {size} nodes ({hosts})", pod_ip=(leader.get("status") or {}).get(
-            "podIP"), port=_port(leader, default_port), gang=True)
-    for pod in running:
-        return Outcome("Running", f"training on {(pod.get('spec') or {}).get('nodeName') or 'a node'}",
-                       pod_ip=(pod.get("status") or {}).get("podIP"), port=_port(pod, default_port))
-    return Outcome("Waiting", "the trainer pod is waiting to be scheduled")
+    started = [p for p in ordered if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")
+               and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    nodes_up = {node_index(p) for p in started}
+    if len(nodes_up) < size:
+        return Outcome("Waiting", f"{len(nodes_up)} of {size} pods running; the ranks wait for each other in "
+                                  "the rendezvous", gang=True)
+    hosts = ", ".join(sorted({str((p.get("spec") or {}).get("nodeName") or "?") for p in started}))
+    leader = next((p for p in running if node_index(p) == 0), running[0] if running else None)
+    if leader is None:  # every rank has exited 0; the workload's completion is on its way
+        return Outcome("Running", f"trained on {size} nodes ({hosts}); finishing", gang=True)
+    return Outcome("Running", f"training on {size} nodes ({hosts})", pod_ip=(leader.get("status") or {}).get(
+        "podIP"), port=_port(leader, default_port), gang=True)
