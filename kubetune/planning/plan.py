@@ -197,37 +197,19 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
     """Choose class, shape and knobs. `above`: a class the job ran out of memory on (OOM escalation).
     `supply`: the classes the cluster offers (None: the whole catalog)."""
     classes, reasons = _candidates(spec, catalog, above)
-    lean_mb, lean_gc = leanest(spec)
     resources = spec.resources
     cap = resources.max_gpu_count
     if cap is not None and isinstance(resources.gpu_count, int) and resources.gpu_count > cap:
         raise PlanError(f"spec.resources.gpuCount: {resources.gpu_count} is above spec.resources.maxGpuCount {cap}")
 
-    pinned = resources.gpu_class != "auto"
-    comparison = compare(spec, arch, catalog, classes, supply)  # a pinned class too: a shape its nodes can run
-    lacking = ""
-    if not comparison.ranked and comparison.refused:  # the cluster offers nothing that holds it
-        refused = "; ".join(comparison.refused)
-        lacking = (f"the cluster cannot run it on the pinned class ({refused}); planned as if it could, and waits "
-                   "for a node of it") if pinned else \
-            (f"no class the cluster has nodes of or can provision holds it ({refused}); planned on the cheapest "
-             "class that does, and waits for a node of it")
-        comparison = compare(spec, arch, catalog, classes, None)
+    comparison, lacking = _compare_in_supply(spec, arch, catalog, classes, supply)
     if not comparison.ranked:
         raise _no_fit(spec, arch, catalog, classes, comparison, above)
     chosen = comparison.chosen
     shape, est = chosen.shape, chosen.estimate
     usable = catalog.usable_bytes(chosen.gpu)
 
-    what = f"{arch.name} {spec.method.upper()} (LoRA r={spec.lora.r}, {spec.training.max_seq_length} tokens)"
-    one_gpu = job_estimate(arch, training_shape(spec, lean_mb, lean_gc, 1), "single").total
-    lean = f"{what} needs {gib(one_gpu)} on one GPU at the leanest settings (checkpointing " \
-           f"{'on' if lean_gc else 'off'}, micro-batch {lean_mb})"
-    if chosen.count > 1:
-        lean += f"; {gib(chosen.lean.total)} per GPU as {chosen.label()}"
-    if resources.strategy != "auto" and chosen.count == 1:
-        lean += f"; strategy {resources.strategy} has one GPU to run on (maxGpuCount or gpuCount is 1)"
-    reasons.insert(0, lean)
+    reasons.insert(0, _lean_reason(spec, arch, chosen))
     if lacking:
         reasons.append(lacking)
     else:
@@ -240,10 +222,9 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
     if spec.evaluation is not None:
         reasons.append(chosen.evaluation.describe())
 
-    batch = effective_batch(spec)
     knobs = Knobs(
         micro_batch_size=shape.micro_batch,
-        gradient_accumulation_steps=max(1, batch // shape.micro_batch),
+        gradient_accumulation_steps=max(1, effective_batch(spec) // shape.micro_batch),
         gradient_checkpointing=shape.gradient_checkpointing,
         max_seq_length=shape.seq_len,
         compute_dtype="bfloat16" if chosen.gpu.bf16 else "float16",
@@ -258,6 +239,35 @@ def make_plan(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, ab
         largest_weight_params=arch.hidden * max(arch.vocab, arch.intermediate),
         steps=comparison.steps, steps_known=comparison.steps_known,
     )
+
+
+def _compare_in_supply(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, classes: list[GpuClass],
+                       supply: Supply | None) -> tuple[Comparison, str]:
+    """The classes compared on what the cluster offers (a pinned class too: a shape its nodes can run); when it
+    offers nothing that holds the job, compared as if it offered every class, with the reason it will wait."""
+    comparison = compare(spec, arch, catalog, classes, supply)
+    if comparison.ranked or not comparison.refused:
+        return comparison, ""
+    refused = "; ".join(comparison.refused)
+    lacking = (f"the cluster cannot run it on the pinned class ({refused}); planned as if it could, and waits "
+               "for a node of it") if spec.resources.gpu_class != "auto" else \
+        (f"no class the cluster has nodes of or can provision holds it ({refused}); planned on the cheapest "
+         "class that does, and waits for a node of it")
+    return compare(spec, arch, catalog, classes, None), lacking
+
+
+def _lean_reason(spec: FineTuneJobSpec, arch: Architecture, chosen: Candidate) -> str:
+    """The plan's first reason: what the job needs on one GPU at its leanest settings (and per GPU as chosen)."""
+    lean_mb, lean_gc = leanest(spec)
+    what = f"{arch.name} {spec.method.upper()} (LoRA r={spec.lora.r}, {spec.training.max_seq_length} tokens)"
+    one_gpu = job_estimate(arch, training_shape(spec, lean_mb, lean_gc, 1), "single").total
+    lean = f"{what} needs {gib(one_gpu)} on one GPU at the leanest settings (checkpointing " \
+           f"{'on' if lean_gc else 'off'}, micro-batch {lean_mb})"
+    if chosen.count > 1:
+        lean += f"; {gib(chosen.lean.total)} per GPU as {chosen.label()}"
+    if spec.resources.strategy != "auto" and chosen.count == 1:
+        lean += f"; strategy {spec.resources.strategy} has one GPU to run on (maxGpuCount or gpuCount is 1)"
+    return lean
 
 
 ALTERNATIVES = 12  # at most, in the plan (and in `kubetune plan`'s table)
