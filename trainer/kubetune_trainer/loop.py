@@ -243,7 +243,7 @@ class Recipe:
     def setup(self) -> None:
         """Everything that can fail on bad input happens here, before the model loads: output writable,
         dataset readable, every row valid."""
-        spec, knobs = self.spec, self.config.knobs
+        spec = self.spec
         torch.manual_seed(spec.training.seed)
         random.seed(spec.training.seed)
         if self.options.threads:
@@ -257,6 +257,20 @@ class Recipe:
         model_dir, self.model_commit = files.path, files.commit
         self.fingerprint = fingerprint(self.config, files.commit)  # a moved branch is another run
         self.telemetry.status.model_commit = files.commit
+        self.prepare_data(model_dir)
+        checkpoint = self.build_model(model_dir)
+        strategy = devices.strategy_of(self.sharded, self.ranks.distributed, self.config.gpu_count)
+        self.optimizer = make_optimizer(self.params, self.config, self.device, self.log, strategy)
+        self.scheduler = make_scheduler(self.optimizer, spec.training.lr_scheduler, spec.training.warmup_ratio,
+                                        self.total_steps)
+        self.telemetry.set_total(0, self.total_steps)
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        self.telemetry.resumed_from(self.step)  # 0: from the beginning
+
+    def prepare_data(self, model_dir: Path) -> None:
+        """The tokenized, packed dataset (every row checked), the evaluation prompts, and the step schedule."""
+        spec, knobs = self.spec, self.config.knobs
         from kubetune_trainer.model import load_tokenizer
 
         tokenizer = load_tokenizer(model_dir)
@@ -275,6 +289,10 @@ class Recipe:
                        + (f"; {self.train_data.dropped_too_long} rows longer than maxSeqLength skipped"
                           if self.train_data.dropped_too_long else ""))
 
+    def build_model(self, model_dir: Path) -> Checkpoint | None:
+        """The base model loaded, servable, wrapped for this run's strategy, with its adapter resumed from the
+        latest checkpoint (returned, None: from the beginning) before DDP broadcasts it or FSDP shards it."""
+        spec, knobs = self.spec, self.config.knobs
         self.telemetry.phase(TrainerPhase.LOADING, "loading the base model")
         started = time.perf_counter()
         self.loaded: LoadedModel = load_model(spec, self.load_device, self.dtype, knobs.gradient_checkpointing,
@@ -295,14 +313,7 @@ class Recipe:
                        f"{str(self.dtype).removeprefix('torch.')} on {self.device.type}, checkpointing "
                        f"{'on' if knobs.gradient_checkpointing else 'off'} "
                        f"(loaded in {time.perf_counter() - started:.1f}s)")
-        strategy = devices.strategy_of(self.sharded, self.ranks.distributed, self.config.gpu_count)
-        self.optimizer = make_optimizer(self.params, self.config, self.device, self.log, strategy)
-        self.scheduler = make_scheduler(self.optimizer, spec.training.lr_scheduler, spec.training.warmup_ratio,
-                                        self.total_steps)
-        self.telemetry.set_total(0, self.total_steps)
-        if checkpoint is not None:
-            self.restore(checkpoint)
-        self.telemetry.resumed_from(self.step)  # 0: from the beginning
+        return checkpoint
 
     def wrap(self) -> None:
         """The loss module, alone (one rank), under DDP, or sharded by FSDP2 (strategy fsdp)."""
