@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from kt_emulator import KubeEmulator
+from kubetune_operator import status as st
 from kubetune_operator.reconcile import Snapshot, reconcile
 from kubetune_operator.settings import Settings
 
@@ -36,7 +37,8 @@ def _snapshot(body: dict[str, Any], status: dict[str, Any], nodes: list[dict[str
     def planner(spec: Any, above: str | None) -> Any:
         return make_plan(spec, model_architecture(spec.model.name, spec.model.source), catalog, above=above,
                          supply=supply)
-    return Snapshot(body=body, status=status, trainer_job=job, pods=pods, inventory=inventory, catalog=catalog,
+    return Snapshot(body=body, status=status, trainer_job=job, pods=pods,
+                    outcome=st.observe(job, pods, settings.trainer_port), inventory=inventory, catalog=catalog,
                     settings=settings, planner=planner, now=NOW)
 
 

@@ -238,15 +238,14 @@ async def read(body: Mapping[str, Any], rt: Runtime, *, poll: bool) -> Snapshot:
     cluster = rt.cache.inventory()
     await rt.prefetch(body.get("spec") or {})
     await rt.discover()
+    outcome = st.observe(trainer, pods, rt.settings.trainer_port)  # once: reconcile reads it from the snapshot
     trainer_status = None
-    if poll and name:
-        outcome = st.observe(trainer, pods, rt.settings.trainer_port)
-        if outcome.state == "Running":
-            timeout = min(5.0, max(1.0, rt.settings.poll_interval))
-            trainer_status = await poll_trainer(outcome.pod_ip, outcome.port, timeout)
+    if poll and name and outcome.state == "Running":
+        timeout = min(5.0, max(1.0, rt.settings.poll_interval))
+        trainer_status = await poll_trainer(outcome.pod_ip, outcome.port, timeout)
     limits, usage = rt.quota_of(namespace, uid or "")
-    return Snapshot(body=body, status=status, trainer_job=trainer, pods=pods, inventory=cluster, catalog=rt.catalog,
-                    settings=rt.settings, planner=rt.planner(rt.supply(cluster)), now=st.now_iso(),
+    return Snapshot(body=body, status=status, trainer_job=trainer, pods=pods, outcome=outcome, inventory=cluster,
+                    catalog=rt.catalog, settings=rt.settings, planner=rt.planner(rt.supply(cluster)), now=st.now_iso(),
                     trainer_status=trainer_status, jobset_api=rt.jobset_api, quota=limits, usage=usage)
 
 

@@ -11,7 +11,7 @@ One reconcile:
     no status, a new spec after Failed, or Pending -> launch: parse spec -> plan -> place -> children
     Succeeded + new spec                           -> Event SpecChangeIgnored
     an attempt exists + new spec                   -> suspend/resume its Job, or Event SpecChangeDeferred
-    an attempt exists                              -> follow: observe(Job, pods) -> Running / Succeeded /
+    an attempt exists                              -> follow: snapshot.outcome -> Running / Succeeded /
                                                       OutOfMemory (-> launch the next attempt one class up) /
                                                       a failed multi-node attempt (-> the next attempt, all
                                                       ranks from the last checkpoint) /
@@ -48,6 +48,7 @@ class Snapshot:
     status: Mapping[str, Any]  # its status as this operator last wrote it
     trainer_job: Mapping[str, Any] | None  # the current attempt's Job (status.jobName), if any
     pods: tuple[Mapping[str, Any], ...]  # that Job's pods
+    outcome: st.Outcome  # status.observe(trainer_job, pods): what they say, observed once by the reader
     inventory: Inventory
     catalog: GpuCatalog
     settings: Settings
@@ -302,7 +303,7 @@ def _follow(job: _Job) -> None:
     name = job.status["jobName"]
     attempts = list(job.status.get("attempts") or [])
     number = next((a["attempt"] for a in attempts if a.get("jobName") == name), max(1, len(attempts)))
-    outcome = st.observe(snap.trainer_job, snap.pods, snap.settings.trainer_port)
+    outcome = snap.outcome
     phase = job.status.get("phase")
     if phase == Phase.SUSPENDED and job.spec.get("suspend") and outcome.state in ("Running", "Waiting"):
         return  # the Job is being suspended (its watch lags the patch); its pod stops on its own

@@ -49,8 +49,10 @@ def snapshot(ftj: dict[str, Any], status: dict[str, Any] | None = None, *, job: 
         return make_plan(spec, model_architecture(spec.model.name, spec.model.source), catalog, above=above,
                          supply=supply)
 
-    return Snapshot(body=ftj, status=status or {}, trainer_job=job, pods=pods, inventory=inventory, catalog=catalog,
-                    settings=settings or Settings(), planner=planner, now=NOW, **extra)
+    settings = settings or Settings()
+    return Snapshot(body=ftj, status=status or {}, trainer_job=job, pods=pods,
+                    outcome=st.observe(job, pods, settings.trainer_port), inventory=inventory, catalog=catalog,
+                    settings=settings, planner=planner, now=NOW, **extra)
 
 
 def after(snap: Snapshot, actions: Actions) -> dict[str, Any]:
@@ -184,7 +186,8 @@ def test_reconcile(case: str, snap: Snapshot, phase: str, reason: str | None, ki
     # yet, when one was launched) decides no new Event or child, and converges on the second replay.
     same_job = status.get("jobName") == snap.status.get("jobName")
     replay = replace(snap, status=status, trainer_job=snap.trainer_job if same_job else None,
-                     pods=snap.pods if same_job else ())
+                     pods=snap.pods if same_job else (),
+                     outcome=snap.outcome if same_job else st.observe(None, (), snap.settings.trainer_port))
     again = reconcile(replay)
     assert not again.events and not again.create, (case, again)
     assert reconcile(replace(replay, status=after(replay, again))).empty, case
