@@ -216,6 +216,9 @@ def child(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
+Variant = tuple[str, str, str, Path | None]  # (label, variant, checkpointing, the checkout it runs from)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
@@ -237,7 +240,17 @@ def main() -> int:
         child(args)
         return 0
 
-    variants: list[tuple[str, str, str, Path | None]] = [
+    variants = _variants(args, parser)
+    load_before = os.getloadavg()
+    results = _run(args, variants)
+    _report(args, results, load_before)
+    return 0
+
+
+def _variants(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Variant]:
+    """The variants the options ask for: plain and ours (as given, or with and without the planner's
+    checkpointing), ours again from the --baseline checkout."""
+    variants: list[Variant] = [
         ("plain", "plain", "on", None), ("kubetune", "ours", "on", None), ("kubetune (planner)", "ours", "auto", None)]
     if args.ours_checkpointing != "auto":
         variants = [("plain", "plain", "on", None), ("kubetune", "ours", args.ours_checkpointing, None)]
@@ -248,8 +261,12 @@ def main() -> int:
         if not args.baseline:
             parser.error("--no-plain needs --baseline (something to compare with)")
         variants = [v for v in variants if v[1] != "plain"]
+    return variants
+
+
+def _run(args: argparse.Namespace, variants: list[Variant]) -> dict[str, dict[str, Any]]:
+    """Every variant, each in its own process: the fastest run of each, with the highest peak memory seen."""
     results: dict[str, dict[str, Any]] = {}
-    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "mixed.jsonl"
         rows_file.write_text("".join(json.dumps(r) + "\n" for r in mixed_rows()))
@@ -276,7 +293,12 @@ def main() -> int:
                     results[label] = run
                 else:
                     best["peak"] = max(best["peak"], run["peak"])
+    return results
 
+
+def _report(args: argparse.Namespace, results: dict[str, dict[str, Any]],
+            load_before: tuple[float, float, float]) -> None:
+    """The table, ratios to plain (or, with --no-plain, to the baseline's kubetune) side by side."""
     reference = "plain" if "plain" in results else next(label for label in results if label.endswith("@base"))
     plain = results[reference]
     load_after = os.getloadavg()
@@ -296,7 +318,6 @@ def main() -> int:
               f"{r['peak'] / 2**20:>9.0f} {r['train_rss_growth'] / 2**20:>10.0f} "
               f"{r['tokens_per_second'] / plain['tokens_per_second']:>10.2f}x "
               f"{r['peak'] / plain['peak']:>9.2f}x  {notes}")
-    return 0
 
 
 if __name__ == "__main__":
