@@ -30,6 +30,7 @@ from kubetune.contracts import (
 )
 from kubetune.planning.plan import Plan
 from kubetune.planning.vram import GiB
+from kubetune.spec import PlanStatus, Progress
 from kubetune_operator.resources import CONTAINER
 from kubetune_operator.scaleout import COMPLETION_INDEX, JOBSET_JOB_INDEX
 
@@ -144,15 +145,10 @@ def vram_text(estimate_bytes: int) -> str:
 
 
 def plan_status(plan: Plan) -> dict[str, Any]:
-    return {
-        "gpuClass": plan.gpu_class,
-        "gpuCount": plan.gpu_count,
-        "strategy": plan.strategy,
-        "nodes": plan.nodes,
-        "vramEstimateBytes": plan.vram_estimate_bytes,
-        "knobs": plan.knobs.model_dump(by_alias=True),
-        "reasons": list(plan.reasons),
-    }
+    """status.plan: the CRD's model (kubetune.spec.PlanStatus), dumped camelCase for the merge patch."""
+    return PlanStatus(gpu_class=plan.gpu_class, gpu_count=plan.gpu_count, strategy=plan.strategy, nodes=plan.nodes,
+                      vram_estimate_bytes=plan.vram_estimate_bytes, knobs=plan.knobs.model_dump(by_alias=True),
+                      reasons=list(plan.reasons)).model_dump(by_alias=True, exclude_unset=True)
 
 
 def plan_fields(plan: Plan) -> dict[str, Any]:
@@ -212,16 +208,12 @@ def progress_fields(progress: Mapping[str, Any], history: Iterable[Mapping[str, 
 
 
 def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:
-    """The trainer's /status document -> status.progress."""
-    return with_percent({
-        "step": data.step,
-        "totalSteps": data.total_steps or None,
-        "loss": data.loss,
-        "tokensPerSecond": data.tokens_per_second,
-        "etaSeconds": data.eta_seconds,
-        "peakMemoryBytes": data.peak_memory_bytes or None,
-        "updatedAt": now,
-    })
+    """The trainer's /status document -> status.progress (the CRD's model, kubetune.spec.Progress, camelCase)."""
+    return with_percent(Progress(
+        step=data.step, total_steps=data.total_steps or None, loss=data.loss,
+        tokens_per_second=data.tokens_per_second, eta_seconds=data.eta_seconds,
+        peak_memory_bytes=data.peak_memory_bytes or None, updated_at=now,
+    ).model_dump(by_alias=True, exclude_unset=True))
 
 
 # --- the outcome of one trainer attempt ------------------------------------------------------------------
