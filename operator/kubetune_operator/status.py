@@ -30,7 +30,7 @@ from kubetune.contracts import (
 )
 from kubetune.planning.plan import Plan
 from kubetune.planning.vram import GiB
-from kubetune.spec import PlanStatus, Progress
+from kubetune.spec import EvalAnswerStatus, PlanStatus, Progress, ResultStatus
 from kubetune_operator.resources import CONTAINER
 from kubetune_operator.scaleout import COMPLETION_INDEX, JOBSET_JOB_INDEX
 
@@ -249,11 +249,13 @@ EVENT_MESSAGE_LIMIT = 1000  # Kubernetes' event recorders keep about 1 KiB of a 
 
 
 def result_status(evaluation: EvalSummary) -> dict[str, Any]:
-    """status.result from the trainer's evaluation summary (kubetune.spec.ResultStatus, camelCase)."""
-    return {"summary": evaluation.loss_line(), "baseLoss": evaluation.base_loss,
-            "adapterLoss": evaluation.adapter_loss, "basePerplexity": evaluation.base_perplexity,
-            "adapterPerplexity": evaluation.adapter_perplexity, "rows": evaluation.rows,
-            "answers": [a.model_dump(by_alias=True) for a in evaluation.answers], "evalUri": evaluation.uri}
+    """status.result from the trainer's evaluation summary (the CRD's model, kubetune.spec.ResultStatus, camelCase)."""
+    return ResultStatus(
+        summary=evaluation.loss_line(), base_loss=evaluation.base_loss, adapter_loss=evaluation.adapter_loss,
+        base_perplexity=evaluation.base_perplexity, adapter_perplexity=evaluation.adapter_perplexity,
+        rows=evaluation.rows, answers=[EvalAnswerStatus(prompt=a.prompt, base=a.base, adapter=a.adapter)
+                                       for a in evaluation.answers], eval_uri=evaluation.uri,
+    ).model_dump(by_alias=True, exclude_unset=True)
 
 
 def result_event(evaluation: EvalSummary) -> Event:
