@@ -27,7 +27,7 @@ def plan_for(job: FineTuneJob, catalog: GpuCatalog, supply: Supply | None = None
     cluster offers (None: the whole catalog). `plans`: the app's plan cache (app.state.plans; thread-safe): the
     same spec against the same architecture, catalog and supply is planned once."""
     arch = model_architecture(job.spec.model.name, job.spec.model.source)
-    return (plans or PlanCache(1)).plan(job.spec, arch, catalog, supply=supply)
+    return (PlanCache(1) if plans is None else plans).plan(job.spec, arch, catalog, supply=supply)
 
 
 async def cluster_supply(kube: Kube, catalog: GpuCatalog) -> Supply | None:

@@ -45,6 +45,9 @@ class PlanCache:
     def __len__(self) -> int:
         return len(self._plans)
 
+    def __bool__(self) -> bool:  # an empty cache is still a cache (`plans or PlanCache()` would drop it)
+        return True
+
     def plan(self, spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, above: str | None = None,
              supply: Supply | None = None) -> Plan:
         key = plan_key(spec, arch, catalog, above, supply)

@@ -52,7 +52,7 @@ def review(spec: Any, catalog: GpuCatalog, plans: PlanCache | None = None) -> li
     except SpecError:
         return []  # the operator reads config.json and plans it; nothing the catalog can say yet
     try:
-        (plans or PlanCache(1)).plan(parsed, arch, catalog)
+        (PlanCache(1) if plans is None else plans).plan(parsed, arch, catalog)
     except SpecError as exc:
         return list(exc.problems)
     return []
