@@ -1,4 +1,5 @@
 """The plan cache's hit rate for Prometheus (kubetune.planning.cache): the operator's and the API's /metrics.
+Imported only by those two (their extras bring prometheus-client; the core's dependencies do not).
 
     kubetune_plan_cache_hits_total / kubetune_plan_cache_misses_total   plans served from the cache / made
     kubetune_plan_cache_entries                                         plans held now (at most its size)
