@@ -16,7 +16,8 @@ import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from kubetune.api import jobs, loss, namespaces, planning, streams, web
 from kubetune.api.auth import Gate, OwnToken
@@ -26,6 +27,8 @@ from kubetune.api.limits import BodyLimit, Offload
 from kubetune.api.serving import serving_router
 from kubetune.api.settings import ApiSettings
 from kubetune.errors import HubUnreachable, SpecError
+from kubetune.planning.cache import PlanCache
+from kubetune.planning.cache_metrics import PlanCacheCollector
 from kubetune.planning.gpus import GpuCatalog, load_catalog
 from kubetune.quota import QuotaFile
 from kubetune.spec import FineTuneJob
@@ -38,6 +41,13 @@ health = APIRouter(tags=["health"])
 @health.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@health.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus metrics of this API process: the plan cache's hits, misses and entries
+    (kubetune.planning.cache_metrics). No authentication, like /healthz: no job or user is named."""
+    return PlainTextResponse(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 ROUTERS: list[APIRouter] = [jobs.router, loss.router, serving_router(access), streams.router, planning.router,
@@ -110,6 +120,9 @@ def create_app(settings: ApiSettings | None = None, catalog: GpuCatalog | None =
     app.state.catalog = catalog or load_catalog()
     app.state.offload = Offload(settings.plan_concurrency, settings.plan_timeout)
     app.state.quotas = QuotaFile(settings.quotas_file)
+    app.state.plans = PlanCache()
+    app.state.metrics = CollectorRegistry(auto_describe=True)
+    app.state.metrics.register(PlanCacheCollector(app.state.plans))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     for router in ROUTERS:
         app.include_router(router)

@@ -66,7 +66,8 @@ async def submit(namespace: Namespace, request: Request,
     body = job_document(await json_body(request), namespace)
     job = parse_job(body)
     state = request.app.state
-    plan = await state.offload.run("planning", plan_for, job, state.catalog, await cluster_supply(kube, state.catalog))
+    supply = await cluster_supply(kube, state.catalog)
+    plan = await state.offload.run("planning", plan_for, job, state.catalog, supply, state.plans)
     await check_quota(request, kube, namespace, plan)
     created = await kube.create(namespace, body)
     return JobResponse(summary=summarize(created), plan=plan.summary(), resource=created)

@@ -10,21 +10,24 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 
 from kubetune.api.deps import JOB_BODY, PROBLEMS, REFUSALS, authenticated, json_body
 from kubetune.api.kube import Kube
+from kubetune.planning.cache import PlanCache
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.models import CATALOG as MODELS
 from kubetune.planning.placement import Inventory, Supply, inventory_of, supply_of
-from kubetune.planning.plan import Plan, make_plan
+from kubetune.planning.plan import Plan
 from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJob, FineTuneJobSpec, parse_job
 
 router = APIRouter(prefix="/v1", tags=["plan"])
 
 
-def plan_for(job: FineTuneJob, catalog: GpuCatalog, supply: Supply | None = None) -> Plan:
+def plan_for(job: FineTuneJob, catalog: GpuCatalog, supply: Supply | None = None,
+             plans: PlanCache | None = None) -> Plan:
     """Blocking (may read config.json from S3 or disk): call through Offload. `supply`: the classes the
-    cluster offers (None: the whole catalog)."""
-    return make_plan(job.spec, model_architecture(job.spec.model.name, job.spec.model.source), catalog,
-                     supply=supply)
+    cluster offers (None: the whole catalog). `plans`: the app's plan cache (app.state.plans; thread-safe): the
+    same spec against the same architecture, catalog and supply is planned once."""
+    arch = model_architecture(job.spec.model.name, job.spec.model.source)
+    return (PlanCache(1) if plans is None else plans).plan(job.spec, arch, catalog, supply=supply)
 
 
 async def cluster_supply(kube: Kube, catalog: GpuCatalog) -> Supply | None:
@@ -65,7 +68,7 @@ async def plan(request: Request, kube: Annotated[Kube, Depends(authenticated)]) 
     job = parse_job(body)
     state = request.app.state
     supply = await cluster_supply(kube, state.catalog)
-    return (await state.offload.run("planning", plan_for, job, state.catalog, supply)).summary()
+    return (await state.offload.run("planning", plan_for, job, state.catalog, supply, state.plans)).summary()
 
 
 @router.get("/gpus", tags=["catalog"], responses=REFUSALS)

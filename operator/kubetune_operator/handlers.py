@@ -35,10 +35,11 @@ import kopf
 from kubetune import quota, wire
 from kubetune.contracts import TrainerStatus
 from kubetune.errors import HubUnreachable, SpecError
+from kubetune.planning.cache import PlanCache
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Inventory, Supply, supply_of
-from kubetune.planning.plan import Plan, make_plan
+from kubetune.planning.plan import Plan
 from kubetune.sources import model_architecture
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
 from kubetune_operator import resources, scaleout, slim
@@ -71,7 +72,7 @@ class Runtime:
     seen: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # uid -> what its last reconcile read (_essence)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # uid -> serializes reconciles of one job
     phases: dict[str, str] = field(default_factory=dict)  # uid -> phase, for the jobs-by-phase gauge
-    plans: dict[tuple[str, str | None, Supply], Plan] = field(default_factory=dict)  # make_plan's results
+    plans: PlanCache = field(default_factory=PlanCache)  # make_plan's results (also the webhook's), bounded
     supplies: dict[tuple[Any, ...], Supply] = field(default_factory=dict)  # the inventory's classes, by its nodes
     archs: dict[tuple[str | None, str | None], Architecture | SpecError | HubUnreachable] = field(default_factory=dict)
     jobset_api: str | None = None  # the cluster serves JobSets (discovery, at login and every DISCOVERY_SECONDS)
@@ -164,13 +165,8 @@ class Runtime:
 
     def planner(self, supply: Supply) -> Callable[[FineTuneJobSpec, str | None], Plan]:
         def plan(spec: FineTuneJobSpec, above: str | None) -> Plan:
-            key = (spec.model_dump_json(include={"model", "method", "lora", "training", "resources"}), above, supply)
-            if key not in self.plans:
-                if len(self.plans) >= 1024:
-                    self.plans.clear()
-                self.plans[key] = make_plan(spec, self.architecture(spec.model.name, spec.model.source),
-                                            self.catalog, above=above, supply=supply)
-            return self.plans[key]
+            arch = self.architecture(spec.model.name, spec.model.source)
+            return self.plans.plan(spec, arch, self.catalog, above=above, supply=supply)
         return plan
 
 

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import kopf
 
+from kubetune.planning.cache_metrics import PlanCacheCollector
 from kubetune.planning.gpus import load_catalog
 from kubetune_operator.handlers import FINALIZER, Runtime, register
 from kubetune_operator.metrics import Metrics, serve
@@ -64,13 +65,15 @@ def build_operator(settings: Settings, metrics: Metrics, login: Any = None) -> t
     runtime = Runtime(settings, metrics, load_catalog(settings.gpu_catalog, settings.provisionable_gpu_classes),
                       login=login)
     metrics.count_phases_with(runtime.count_phases)
+    metrics.registry.register(PlanCacheCollector(runtime.plans))
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         kopf_settings(settings)
 
     register(registry, settings)
-    install_webhook(registry, runtime.catalog, WebhookSettings.from_env())  # optional: chart value webhook.enabled
+    # optional (chart value webhook.enabled); it plans through the operator's plan cache
+    install_webhook(registry, runtime.catalog, WebhookSettings.from_env(), runtime.plans)
     return registry, kopf.Memo(kubetune=runtime)
 
 

@@ -22,16 +22,17 @@ from typing import Any
 import kopf
 
 from kubetune.errors import SpecError
+from kubetune.planning.cache import PlanCache
 from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.models import resolve_architecture
-from kubetune.planning.plan import make_plan
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, parse_spec
 
 WEBHOOK_ID = "validate.finetunejobs.kubetune.io"  # also the URL path: https://<service>/<WEBHOOK_ID>
 
 
-def review(spec: Any, catalog: GpuCatalog) -> list[str]:
-    """The problems that keep a FineTuneJob spec out of the cluster, one line per field; [] admits."""
+def review(spec: Any, catalog: GpuCatalog, plans: PlanCache | None = None) -> list[str]:
+    """The problems that keep a FineTuneJob spec out of the cluster, one line per field; [] admits. `plans`: the
+    operator's plan cache (a spec admitted again, or planned by the operator already, is not planned again)."""
     try:
         parsed = parse_spec(spec)
     except SpecError as exc:
@@ -51,7 +52,7 @@ def review(spec: Any, catalog: GpuCatalog) -> list[str]:
     except SpecError:
         return []  # the operator reads config.json and plans it; nothing the catalog can say yet
     try:
-        make_plan(parsed, arch, catalog)
+        (PlanCache(1) if plans is None else plans).plan(parsed, arch, catalog)
     except SpecError as exc:
         return list(exc.problems)
     return []
@@ -79,7 +80,8 @@ class WebhookSettings:
                                   pkeyfile=str(self.cert_dir / "tls.key"), cafile=str(self.cert_dir / "ca.crt"))
 
 
-def install(registry: kopf.OperatorRegistry, catalog: GpuCatalog, settings: WebhookSettings | None) -> None:
+def install(registry: kopf.OperatorRegistry, catalog: GpuCatalog, settings: WebhookSettings | None,
+            plans: PlanCache | None = None) -> None:
     """Serve the validating webhook from this operator when settings are given (else do nothing)."""
     if settings is None:
         return
@@ -94,6 +96,6 @@ def install(registry: kopf.OperatorRegistry, catalog: GpuCatalog, settings: Webh
     @kopf.on.validate(API_GROUP, API_VERSION, PLURAL, id=WEBHOOK_ID, registry=registry,
                       operations=["CREATE", "UPDATE"])
     def validate(spec: kopf.Spec, **_: Any) -> None:
-        problems = review(dict(spec), catalog)
+        problems = review(dict(spec), catalog, plans)
         if problems:
             raise kopf.AdmissionError("\n".join(problems), code=422)

@@ -153,7 +153,7 @@ async def test_plan_preview_needs_an_authenticated_caller(make_stack: MakeStack,
 
 async def test_health_and_docs_stay_open(make_stack: MakeStack) -> None:
     async with make_stack(auth="serviceaccount") as stack, httpx.AsyncClient(base_url=stack.url) as anonymous:
-        for path in ("/healthz", "/docs", "/openapi.json"):
+        for path in ("/healthz", "/metrics", "/docs", "/openapi.json"):
             assert (await anonymous.get(path)).status_code == 200, path
 
 
