@@ -245,7 +245,7 @@ def audit(api: KubeEmulator, jobs: int) -> dict[str, Any]:
     """After a kill mid-burst: each FineTuneJob's trainer Jobs, status and Events (the emulator's store)."""
     children: dict[str, int] = {}
     for job in api.items("jobs", NS):
-        owner = job["metadata"]["labels"].get("kubetune.io/finetunejob", "")
+        owner = job["metadata"]["labels"].get(wire.JOB_LABEL, "")
         children[owner] = children.get(owner, 0) + 1
     events: dict[tuple[str, str], int] = {}
     for plural, group in (("events", None), ("events", "events.k8s.io")):

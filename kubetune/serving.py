@@ -233,7 +233,7 @@ def kserve_manifest(name: str, namespace: str, spec: FineTuneJobSpec, adapter_ur
         "apiVersion": KSERVE_API,
         "kind": "LLMInferenceService",
         "metadata": {"name": name, "namespace": namespace,
-                     "labels": {**wire.MANAGED, "kubetune.io/finetunejob": name}},
+                     "labels": {**wire.MANAGED, wire.JOB_LABEL: name}},
         "spec": {
             "model": {
                 "uri": base_model_uri(spec),

@@ -54,6 +54,8 @@ MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 """The label selector of everything the operator creates (it watches its pods, Jobs and JobSets by it)."""
 TRAINER_LABELS = {**MANAGED, NAME_LABEL: TRAINER_NAME}
 """The labels of the trainer's ConfigMap, Job and pods."""
+JOB_LABEL = "kubetune.io/finetunejob"
+"""On every child of a FineTuneJob (ConfigMap, Job, pods) and on its KServe manifest: the owner's name."""
 PROMETHEUS_SCRAPE = "prometheus.io/scrape"
 PROMETHEUS_PORT = "prometheus.io/port"
 """On the trainer pod: its port, which the operator reads back to poll /status."""

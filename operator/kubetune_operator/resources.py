@@ -34,7 +34,7 @@ from kubetune_operator.settings import Settings
 
 CONTAINER = "trainer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-LABEL_JOB = "kubetune.io/finetunejob"
+LABEL_JOB = wire.JOB_LABEL
 LABEL_ATTEMPT = "kubetune.io/attempt"
 LABEL_UID = "kubetune.io/finetunejob-uid"
 MODEL_CACHE = "/models"  # the model cache volume; the trainer's HF_HUB_CACHE is MODEL_CACHE/hub

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from kubetune import wire
 from kubetune.contracts import TERMINAL_PHASES
 
 _META = ("name", "namespace", "uid", "generation", "labels", "ownerReferences", "creationTimestamp",
          "deletionTimestamp")
-POD_ANNOTATIONS = ("jobset.sigs.k8s.io/job-index", "batch.kubernetes.io/job-completion-index", "prometheus.io/port")
+POD_ANNOTATIONS = ("jobset.sigs.k8s.io/job-index", "batch.kubernetes.io/job-completion-index", wire.PROMETHEUS_PORT)
 _JOB_SPEC = ("suspend", "completions", "completionMode", "parallelism")
 SETTLED_STATUS = ("phase", "observedGeneration", "jobName")  # a finished FineTuneJob's status, as indexed
 
