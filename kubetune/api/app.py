@@ -19,12 +19,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from kubetune.api import jobs, loss, namespaces, planning, streams, web
+from kubetune.api import jobs, loss, namespaces, planning, serving, streams, web
 from kubetune.api.auth import Gate, OwnToken
-from kubetune.api.deps import access, summarize
+from kubetune.api.deps import summarize
 from kubetune.api.feed import Feeds
 from kubetune.api.limits import BodyLimit, Offload
-from kubetune.api.serving import serving_router
 from kubetune.api.settings import ApiSettings
 from kubetune.errors import HubUnreachable, SpecError
 from kubetune.planning.cache import PlanCache
@@ -50,7 +49,7 @@ async def metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
-ROUTERS: list[APIRouter] = [jobs.router, loss.router, serving_router(access), streams.router, planning.router,
+ROUTERS: list[APIRouter] = [jobs.router, loss.router, serving.router, streams.router, planning.router,
                             namespaces.router, health,
                             web.router]  # web: the self-serve page at / (static files; no data without a token)
 
