@@ -1,9 +1,12 @@
 """Planning once: make_plan's results, remembered by everything it reads (issue 20).
 
-The key is the whole spec's canonical JSON (make_plan and its callees read model, method, lora, training,
-resources, dataset, evaluation and output: keying on the whole spec cannot go stale when a callee starts reading
-another field), the model's architecture, the GPU catalog (by value), the class an OOM escalation plans above,
-and the cluster's supply (the inventory's version: the GPU classes it has nodes of or can provision, by value).
+The key is the spec's canonical JSON (make_plan and its callees read model, method, lora, training, resources,
+dataset, evaluation and output: keying on the whole spec cannot go stale when a callee starts reading another
+field) less its addresses (ADDRESSES: where the data is read from and the adapter written to, and the credentials
+for them; the planner does no I/O and reads none of them, only whether a separate eval file is set), so that a
+sweep of one model over many datasets plans once; then the model's architecture, the GPU catalog (by value),
+the class an OOM escalation plans above, and the cluster's supply (the inventory's version: the GPU classes it has
+nodes of or can provision, by value).
 Bounded (least recently used out first) and safe to share between threads: the API plans in a thread pool
 (kubetune.api.limits.Offload) and the operator's admission webhook in kopf's executor. A plan that fails
 (PlanError) is not remembered. Callers get the shared Plan: treat it as read-only (model_copy to change it).
@@ -22,12 +25,16 @@ from kubetune.planning.plan import Plan, make_plan
 from kubetune.spec import FineTuneJobSpec
 
 DEFAULT_SIZE = 1024  # plans held at most (a plan is a few KiB)
+# Where data comes from and goes, never what it is: the same plan for any value (tests/core/test_plan_cache.py)
+ADDRESSES = {"dataset": {"source", "eval_source"}, "output": {"uri", "credentials_secret", "endpoint_url"}}
 
 
 def plan_key(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, above: str | None,
              supply: Supply | None) -> tuple[Hashable, ...]:
-    """Everything make_plan reads, hashable and equal exactly when the inputs are equal."""
-    return spec.model_dump_json(), arch, repr(catalog), above, supply
+    """Everything make_plan reads, hashable and equal exactly when the inputs are equal (the addresses aside:
+    of those the planner reads only whether dataset.evalSource is set)."""
+    return (spec.model_dump_json(exclude=ADDRESSES), spec.dataset.eval_source is not None, arch, repr(catalog),
+            above, supply)
 
 
 class PlanCache:

@@ -67,6 +67,40 @@ def test_a_spec_differing_in_a_field_the_planner_reads_gets_its_own_plan(field: 
     assert (cache.hits, cache.misses) == (0, 2)
 
 
+def test_a_separate_eval_file_gets_its_own_plan() -> None:
+    """Of the addresses the planner reads one thing: whether dataset.evalSource is set (held-out tokens)."""
+    cache = PlanCache()
+    base = cache.plan(BASE, ARCH, CATALOG)
+    changed = parse_spec(raw(dataset={"evalSource": "s3://data/eval.jsonl"}))
+    fresh = make_plan(changed, ARCH, CATALOG)
+    assert differs(fresh, base)
+    assert cache.plan(changed, ARCH, CATALOG).model_dump() == fresh.model_dump() and cache.misses == 2
+
+
+# Addresses only (where the data is and where the adapter goes): one plan for all of them, the plan a sweep's
+# jobs share (bench/operator_scale.py's burst: one model, a dataset and an output prefix per job).
+ADDRESS_CHANGES: dict[str, dict[str, Any]] = {
+    "dataset.source": {"dataset": {"source": "s3://other/train-2.jsonl"}},
+    "dataset.evalSource": {"dataset": {"evalSource": "s3://data/eval-2.jsonl"}},
+    "output.uri": {"output": {"uri": "s3://elsewhere/run-7/"}},
+    "output.credentialsSecret": {"output": {"uri": "s3://out/x/", "credentialsSecret": "team-b-s3"}},
+    "output.endpointUrl": {"output": {"uri": "s3://out/x/", "endpointUrl": "http://minio.local:9000"}},
+}
+
+
+@pytest.mark.parametrize("field", list(ADDRESS_CHANGES))
+def test_specs_differing_only_in_addresses_share_one_plan(field: str) -> None:
+    with_eval = "evalSource" in field
+    first = parse_spec(raw(dataset={"evalSource": "s3://data/eval.jsonl"}) if with_eval else raw())
+    changed = parse_spec(raw(**ADDRESS_CHANGES[field]))
+    assert make_plan(changed, ARCH, CATALOG).model_dump() == make_plan(first, ARCH, CATALOG).model_dump(), \
+        f"{field}: the planner reads it; it is not an address (take it out of cache.ADDRESSES)"
+    cache = PlanCache()
+    cache.plan(first, ARCH, CATALOG)
+    cache.plan(changed, ARCH, CATALOG)
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
 def bigger(arch: Architecture) -> Architecture:
     return replace(arch, layers=arch.layers * 2)
 
