@@ -8,9 +8,9 @@ format, and stores objects the way kube-apiserver does:
   generateName;
 - JSON merge patch (RFC 7386: null deletes) and PUT with optimistic concurrency (409 on a stale
   resourceVersion); the `status` subresource: the main endpoint ignores .status, /status only writes it;
-- list and watch with labelSelector (=, ==, !=, in, notin, exists, !exists) and fieldSelector on
-  metadata.name/namespace (and an Event's involvedObject.*, reason, type: `kubectl describe` lists by them);
-  watches resume from a resourceVersion and end after timeoutSeconds;
+- list (in pages with `limit` and `continue`, cut from one snapshot) and watch with labelSelector (=, ==, !=,
+  in, notin, exists, !exists) and fieldSelector on metadata.name/namespace (and an Event's involvedObject.*,
+  reason, type: `kubectl describe` lists by them); watches resume from a resourceVersion and end after timeoutSeconds;
 - deletion with finalizers (deletionTimestamp) and ownerReference garbage collection (cascading);
 - fault injection: `inject(method, plural, status, times)` answers the next matching requests with an
   API error (409 Conflict, 500, 503...) before touching any state.
@@ -172,6 +172,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     graceful_pods: bool = attrs.field(default=False, init=False)
 
     crds: dict[ResKey, dict[str, Any]] = attrs.field(factory=dict, init=False)  # CRD version entries (kubectl)
+    pages: dict[str, tuple[str, list[dict[str, Any]]]] = attrs.field(factory=dict, init=False)  # continue -> rest
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -378,12 +379,30 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return obj
 
     def _list(self, kind: Kind, namespace: str | None, params: Mapping[str, str]) -> dict[str, Any]:
-        items = [o for (k, ns, _), o in self.store.items()
-                 if k == kind.key and (namespace is None or ns == namespace)
-                 and selector_matches(params.get("labelSelector", ""), o["metadata"].get("labels") or {})
-                 and field_selector_matches(params.get("fieldSelector", ""), o)]
-        return {"apiVersion": kind.api_version, "kind": f"{kind.kind}List",
-                "metadata": {"resourceVersion": str(self.revision)}, "items": items}
+        """A list, or one page of it (`limit`, `continue`): pages are cut from one snapshot taken by the first
+        request, in key order (namespace, name), all at that snapshot's resourceVersion, as etcd serves them;
+        an unknown or used-up continue token is 410 Expired."""
+        token = params.get("continue") or ""
+        if token:
+            page = self.pages.pop(token, None)
+            if page is None:
+                raise ApiError(410, "Expired", "the provided continue parameter is too old to display a consistent "
+                                               "list result; start a new list without it")
+            revision, items = page
+        else:
+            revision = str(self.revision)
+            items = [o for (k, ns, name), o in sorted(self.store.items(), key=lambda kv: (kv[0][1] or "", kv[0][2]))
+                     if k == kind.key and (namespace is None or ns == namespace)
+                     and selector_matches(params.get("labelSelector", ""), o["metadata"].get("labels") or {})
+                     and field_selector_matches(params.get("fieldSelector", ""), o)]
+        meta: dict[str, Any] = {"resourceVersion": revision}
+        limit = int(params.get("limit") or 0)
+        if 0 < limit < len(items):
+            items, rest = items[:limit], items[limit:]
+            meta["continue"] = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            meta["remainingItemCount"] = len(rest)
+            self.pages[meta["continue"]] = (revision, rest)  # stored objects are replaced on write, never mutated
+        return {"apiVersion": kind.api_version, "kind": f"{kind.kind}List", "metadata": meta, "items": items}
 
     def _create(self, kind: Kind, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
         obj = copy.deepcopy(dict(body))
@@ -411,6 +430,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _apply(self, kind: Kind, key: ObjKey, new: dict[str, Any]) -> dict[str, Any]:
         old = self.store[key]
+        new["metadata"] = dict(new["metadata"])  # a merge patch without metadata shares old's: leave old as it was
         spec_of = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
         new["metadata"]["uid"] = old["metadata"]["uid"]
         new["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"]

@@ -96,3 +96,29 @@ async def test_watch_resumes_from_a_resource_version(cluster: Cluster) -> None:
                 seen.append((event["type"], event["object"]["metadata"]["name"]))
         await asyncio.wait_for(read(), 5)  # the server ends the stream after timeoutSeconds
     assert seen == [("ADDED", "w2"), ("MODIFIED", "w1")]  # only what happened after `since`
+
+
+async def test_list_in_pages_from_one_snapshot(cluster: Cluster) -> None:
+    """`limit` and `continue` as kube-apiserver answers them (kopf lists in chunks, settings.watching.chunk_size):
+    pages in key order, all at the first page's resourceVersion, unaffected by writes between the pages; a
+    used-up token is 410 Expired."""
+    for name in ("p3", "p1", "p2", "p5", "p4"):
+        await cluster.request("POST", JOBS, job(name, {"page": "yes"}))
+    await cluster.request("POST", JOBS, job("other", {}))
+    _, first = await cluster.request("GET", f"{JOBS}?limit=2&labelSelector=page")
+    assert [i["metadata"]["name"] for i in first["items"]] == ["p1", "p2"]
+    assert first["metadata"]["remainingItemCount"] == 3 and first["metadata"]["continue"]
+    await cluster.request("PATCH", f"{JOBS}/p4", {"spec": {"suspend": True}}, MERGE)  # after the snapshot
+    await cluster.request("DELETE", f"{JOBS}/p5")
+    token = first["metadata"]["continue"]
+    _, second = await cluster.request("GET", f"{JOBS}?limit=2&labelSelector=page&continue={token}")
+    assert [i["metadata"]["name"] for i in second["items"]] == ["p3", "p4"]
+    assert "suspend" not in second["items"][1]["spec"]  # as it was at the snapshot
+    assert second["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    token2 = second["metadata"]["continue"]
+    _, last = await cluster.request("GET", f"{JOBS}?limit=2&labelSelector=page&continue={token2}")
+    assert [i["metadata"]["name"] for i in last["items"]] == ["p5"] and not last["metadata"].get("continue")
+    code, gone = await cluster.request("GET", f"{JOBS}?limit=2&continue={token}")
+    assert code == 410 and gone["reason"] == "Expired"
+    _, whole = await cluster.request("GET", f"{JOBS}?labelSelector=page")
+    assert [i["metadata"]["name"] for i in whole["items"]] == ["p1", "p2", "p3", "p4"]
