@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import kopf
 
+from kubetune import wire
 from kubetune.planning.cache_metrics import PlanCacheCollector
 from kubetune.planning.gpus import load_catalog
 from kubetune_operator.handlers import FINALIZER, Runtime, register
@@ -41,11 +42,22 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
+LIST_CHUNK = 500  # objects per LIST page when kopf (re)lists a kind: one page is parsed and held at a time
+WORKER_IDLE_SECONDS = 0.5  # how long kopf keeps an object's worker (and its last raw event) after the event
+
+
 def kopf_settings(settings: kopf.OperatorSettings, *, backoffs: tuple[float, ...] | None = None) -> None:
-    """How kopf keeps its own bookkeeping and retries API errors.
+    """How kopf keeps its own bookkeeping, lists and watches, and retries API errors.
 
     Any bookkeeping would live in annotations (`kubetune.io/...`), never in `.status.kopf`: the CRD's status
     schema is strict and a real API server prunes unknown status fields.
+
+    Memory at platform scale (docs/benchmarks.md, issue 20): a restart lists every watched object; kopf parses
+    each LIST response whole unless `chunk_size` pages it, and each object's worker keeps its last raw event
+    until it has idled `idle_timeout` (kopf's default, 5 s, kept thousands of full bodies alive at once during
+    a relist; the allocator then kept the peak). Events of one object are processed in order either way; a
+    worker that idled out is started again by the object's next event. Trainer Jobs and JobSets are listed and
+    watched by label on the server: the cluster's other Jobs never reach the operator.
     """
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = NoDiffBase()
@@ -53,7 +65,12 @@ def kopf_settings(settings: kopf.OperatorSettings, *, backoffs: tuple[float, ...
     settings.posting.level = logging.WARNING  # Events come from the reconciles (Kube.post_event), not from logs
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.watching.chunk_size = LIST_CHUNK
+    managed = ",".join(f"{key}={value}" for key, value in wire.MANAGED.items())
+    settings.watching.label_selectors["batch", "v1", "jobs"] = managed
+    settings.watching.label_selectors[wire.JOBSET_GROUP, wire.JOBSET_VERSION, "jobsets"] = managed
     settings.queueing.worker_limit = 1000
+    settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
     if backoffs is not None:
         settings.networking.error_backoffs = backoffs
 
