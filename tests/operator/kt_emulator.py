@@ -173,6 +173,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     crds: dict[ResKey, dict[str, Any]] = attrs.field(factory=dict, init=False)  # CRD version entries (kubectl)
     pages: dict[str, tuple[str, list[dict[str, Any]]]] = attrs.field(factory=dict, init=False)  # continue -> rest
+    reads: list[tuple[str, str, dict[str, str]]] = attrs.field(factory=list, init=False)  # (LIST|WATCH, plural, params)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -259,14 +260,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 and selector_matches(selector, (o.get("metadata") or {}).get("labels") or {})]
 
     async def put_object(self, plural: str, obj: dict[str, Any], group: str | None = None) -> dict[str, Any]:
-        """Create (as the test or a controller would); returns the stored object."""
-        return self._create(self.kind_of(plural, group), obj.get("metadata", {}).get("namespace"), obj)
+        """Create (as the test or a controller would); returns a copy of the stored object."""
+        created = self._create(self.kind_of(plural, group), obj.get("metadata", {}).get("namespace"),
+                               copy.deepcopy(obj))
+        return copy.deepcopy(created)
 
     async def patch_object(self, plural: str, namespace: str | None, name: str, patch: dict[str, Any],
                            group: str | None = None) -> dict[str, Any]:
         """Merge-patch anything, status included (kubelet / job-controller writes)."""
         kind = self.kind_of(plural, group)
-        return self._patch(kind, namespace if kind.namespaced else None, name, patch, subresource="*")
+        return copy.deepcopy(self._patch(kind, namespace if kind.namespaced else None, name, patch, subresource="*"))
 
     async def remove_object(self, plural: str, namespace: str | None, name: str, group: str | None = None,
                             grace_seconds: int | None = None) -> None:
@@ -318,12 +321,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             namespace = request.namespace if kind.namespaced else None
             params = request.params
             if request.action == kmock.action.WATCH:
+                self.reads.append(("WATCH", kind.plural, dict(params)))
                 return await self._watch(request, kind, namespace)
             as_table = "as=Table" in request.headers.get("Accept", "")
             if method in ("POST", "PUT", "PATCH") and params.get("fieldValidation") and kind.key in self.crds \
                     and isinstance(request.data, dict):
                 self._validate_fields(kind, request.data, params["fieldValidation"])
             if method == "GET" and request.name is None:
+                self.reads.append(("LIST", kind.plural, dict(params)))
                 listed = self._list(kind, namespace, params)
                 return self._json(table(listed["items"], self.crds.get(kind.key), listed["metadata"]) if as_table
                                   else listed)
@@ -367,7 +372,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if phase:
             meta = obj["metadata"]
             self.phase_at.setdefault(((kind.key, meta.get("namespace"), meta["name"]), phase), time.perf_counter())
-        event = {"type": etype, "object": copy.deepcopy(obj)}
+        event = {"type": etype, "object": obj}  # stored objects are replaced on every write, never changed in place
         self.log[kind.key].append((int(obj["metadata"]["resourceVersion"]), event))
         for queue in list(self.watchers[kind.key]):
             queue.put_nowait(event)
@@ -405,7 +410,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return {"apiVersion": kind.api_version, "kind": f"{kind.kind}List", "metadata": meta, "items": items}
 
     def _create(self, kind: Kind, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
-        obj = copy.deepcopy(dict(body))
+        """Store `body` (the emulator's own from here: a parsed request, or put_object's copy)."""
+        obj = dict(body)
         meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
