@@ -258,7 +258,7 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
     if actions.create:  # the ConfigMap first: a Job must never start on a ConfigMap of that name that is not ours
         try:
             for child in actions.create:
-                _, created = await rt.kube.create_or_adopt(child, uid)
+                created = await rt.kube.create_or_adopt(child, uid)
                 if created and child["kind"] == "Job":
                     rt.metrics.jobs_created.inc()
         except NotOurs as exc:

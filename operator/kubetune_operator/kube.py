@@ -72,12 +72,17 @@ class Kube:
         await self.session.close()
 
     async def request(self, method: str, path: str, payload: Any = None,
-                      content_type: str = "application/json") -> dict[str, Any]:
+                      content_type: str = "application/json", *, answer: bool = True) -> dict[str, Any]:
+        """The response's object; `answer=False`: the caller does not read it, so it is not parsed ({}): a
+        created Job comes back whole, and at a burst of thousands parsing what nobody reads is CPU."""
         for delay in (*self.backoffs, None):
             try:
                 async with self.session.request(method, self.server + path, json=payload,
                                                 headers={"Content-Type": content_type}) as response:
                     if response.status < 300:
+                        if not answer:
+                            await response.read()
+                            return {}
                         return dict(await response.json())
                     text = await response.text()
                     if response.status not in RETRIED or delay is None:
@@ -89,13 +94,15 @@ class Kube:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def create_or_adopt(self, obj: Mapping[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
+    async def create_or_adopt(self, obj: Mapping[str, Any], owner_uid: str) -> bool:
         """POST the object; on 409 read the existing one and adopt it if this FineTuneJob owns it.
 
-        Returns (object, created). A replayed event or a restarted operator lands in the 409 branch.
+        Returns whether it was created (False: adopted). A replayed event or a restarted operator lands in the
+        409 branch.
         """
         try:
-            return await self.request("POST", collection_url(obj), dict(obj)), True
+            await self.request("POST", collection_url(obj), dict(obj), answer=False)
+            return True
         except ApiError as exc:
             if exc.status != 409:
                 raise
@@ -103,7 +110,7 @@ class Kube:
         if not owned_by(existing, owner_uid):
             raise NotOurs(f"{obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']} exists and is not "
                           "owned by this FineTuneJob; delete it or rename the FineTuneJob")
-        return existing, False
+        return False
 
     async def api_group(self, group: str) -> dict[str, Any] | None:
         """Discovery: the APIGroup document of `group` (its served versions), or None when it is not served."""
@@ -119,7 +126,7 @@ class Kube:
         url = object_url({"apiVersion": _API_VERSIONS[kind], "kind": kind,
                           "metadata": {"namespace": namespace, "name": name}})
         try:
-            await self.request("PATCH", url, {"spec": {"suspend": suspend}}, MERGE_PATCH)
+            await self.request("PATCH", url, {"spec": {"suspend": suspend}}, MERGE_PATCH, answer=False)
         except ApiError as exc:
             if exc.status == 404:
                 return False
@@ -144,7 +151,7 @@ class Kube:
             "reportingInstance": socket.gethostname(),
         }
         try:
-            await self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
+            await self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event, answer=False)
         except ApiError as exc:
             if exc.status == 409:
                 return True  # this transition's Event, posted before a restart
