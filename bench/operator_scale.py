@@ -199,9 +199,10 @@ async def _measure(api: KubeEmulator, url: str, op: Operator, jobs: int, timeout
     posted = time.perf_counter() - started
 
     ftj_key = api.kind_of("finetunejobs").key
+    awaited = [((ftj_key, NS, f"ftj-{i:04d}"), "Queued") for i in range(jobs)]
 
-    def queued() -> int:
-        return sum(1 for i in range(jobs) if ((ftj_key, NS, f"ftj-{i:04d}"), "Queued") in api.phase_at)
+    def queued() -> int:  # polled every 0.1 s in the emulator's process: keys made once
+        return sum(key in api.phase_at for key in awaited)
 
     deadline = started + timeout
     while queued() < jobs and time.perf_counter() < deadline:
