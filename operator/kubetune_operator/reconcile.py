@@ -36,6 +36,7 @@ from kubetune.wire import AttemptOutcome
 from kubetune_operator import resources, scaleout
 from kubetune_operator import status as st
 from kubetune_operator.settings import Settings
+from kubetune_operator.shape import shape_of
 
 FINISHED = frozenset(o for o in AttemptOutcome if o.finished)  # after these the next launch is a new attempt
 
@@ -191,7 +192,7 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
     queue = resources.queue_name(spec, labels)
     gpu = snap.catalog.get(plan.gpu_class, "status.plan.gpuClass")
     try:
-        shape = scaleout.shape_of(scaleout.strategy_of(spec, plan), plan.gpu_count, gpu)
+        shape = shape_of(scaleout.strategy_of(spec, plan), plan.gpu_count, gpu)  # decided once, passed down
     except ValueError as exc:
         job.write(phase=Phase.FAILED, reason=Reason.UNPLANNABLE, message=str(exc))
         return
@@ -207,7 +208,7 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
 
     owner = resources.Owner(job.meta["name"], job.meta["namespace"], job.meta["uid"], labels)
-    children = scaleout.trainer_children(owner, spec, plan, gpu, attempt, snap.settings, snap.jobset_api)
+    children = scaleout.trainer_children(owner, spec, plan, gpu, shape, attempt, snap.settings, snap.jobset_api)
     job.actions.create = [resources.config_map(owner, spec, plan, attempt, snap.settings), *children]
     name = scaleout.workload_name(children)
     if spec.suspend:
