@@ -37,6 +37,7 @@ from kubetune_operator import resources, scaleout
 from kubetune_operator import status as st
 from kubetune_operator.settings import Settings
 from kubetune_operator.shape import shape_of
+from kubetune_operator.status import ObservedState
 
 FINISHED = frozenset(o for o in AttemptOutcome if o.finished)  # after these the next launch is a new attempt
 
@@ -315,16 +316,17 @@ def _follow(job: _Job) -> None:
     number = next((a["attempt"] for a in attempts if a.get("jobName") == name), max(1, len(attempts)))
     outcome = snap.outcome
     phase = job.status.get("phase")
-    if phase == Phase.SUSPENDED and job.spec.get("suspend") and outcome.state in ("Running", "Waiting"):
+    if phase == Phase.SUSPENDED and job.spec.get("suspend") and \
+            outcome.state in (ObservedState.RUNNING, ObservedState.WAITING):
         return  # the Job is being suspended (its watch lags the patch); its pod stops on its own
 
-    if outcome.state == "Running":
+    if outcome.state is ObservedState.RUNNING:
         _running(job, outcome, attempts, number)
-    elif outcome.state == "Succeeded":
+    elif outcome.state is ObservedState.SUCCEEDED:
         _succeeded(job, outcome.summary, attempts, number)
-    elif outcome.state == "OutOfMemory":
+    elif outcome.state is ObservedState.OUT_OF_MEMORY:
         _out_of_memory(job, outcome, attempts, number)
-    elif outcome.state == "Failed" and _restart_gang(job, outcome, attempts):
+    elif outcome.state is ObservedState.FAILED and _restart_gang(job, outcome, attempts):
         job.set(attempts=with_attempt(attempts, number, AttemptOutcome.FAILED, message=outcome.message,
                                       finished_at=snap.now))
         _launch(job, number + 1, reason=Reason.RANK_FAILED,
@@ -332,11 +334,11 @@ def _follow(job: _Job) -> None:
                      "last checkpoint: ")
         if job.status.get("jobName") == name:  # no node for it yet: this attempt is over all the same
             job.set(jobName=None)
-    elif outcome.state == "Failed":
+    elif outcome.state is ObservedState.FAILED:
         job.write(phase=Phase.FAILED, reason=st.failed_reason(outcome.exit_code), message=outcome.message,
                   attempts=with_attempt(attempts, number, AttemptOutcome.FAILED, message=outcome.message,
                                         finished_at=snap.now))
-    elif outcome.state == "Suspended":
+    elif outcome.state is ObservedState.SUSPENDED:
         if job.spec.get("suspend"):
             job.write(phase=Phase.SUSPENDED, reason=Reason.SUSPENDED,
                       message=f"spec.suspend is true; {name} is suspended (checkpoints are kept)")
