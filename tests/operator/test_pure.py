@@ -304,3 +304,12 @@ def test_the_plan_in_status_carries_its_strategy_and_nodes() -> None:
     assert fields["gpu"] == "L4 x4 FSDP"
     assert (fields["plan"]["strategy"], fields["plan"]["nodes"]) == ("fsdp", 1)
     FineTuneJobStatus.model_validate({"plan": fields["plan"]})  # the status model (and so the CRD) accepts it
+
+
+def test_the_command_lines_options_override_the_environment() -> None:
+    from kubetune_operator.main import OperatorOptions, operator_settings
+
+    base = Settings(namespaces=("ml",), peering="kubetune", metrics_port=9000)
+    assert operator_settings(OperatorOptions(), base) == base  # no flag: the environment's settings
+    given = operator_settings(OperatorOptions(namespaces=("a", "b"), peering="other", metrics_port=0), base)
+    assert (given.namespaces, given.peering, given.metrics_port) == (("a", "b"), "other", 0)
