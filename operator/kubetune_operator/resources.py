@@ -1,4 +1,6 @@
-"""FineTuneJob + Plan -> the ConfigMap and batch/v1 Job that run the trainer (pure: dicts in, dicts out).
+"""FineTuneJob + Plan -> the ConfigMap, and for the attempt's shape (shape.py) the pod template and metadata
+(`Workload`, built once) that the trainer's Job is assembled from here (`job`), and its Indexed Job or JobSet in
+scaleout.py (pure: dicts out).
 
 Names are deterministic (`<finetunejob>-a<attempt>`), so a replayed event or a restarted operator asks
 for the same objects again and adopts them on 409 instead of creating a second Job. A FineTuneJob name
