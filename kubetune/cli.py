@@ -153,11 +153,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     try:
-        from kubetune_operator.main import run_operator
+        from kubetune_operator.main import OperatorOptions, run_operator
     except ImportError as exc:
         raise KubetuneError(f"kubetune operator needs the operator extra: pip install 'kubetune[operator]' ({exc})") \
             from None
-    return run_operator(args)
+    return run_operator(OperatorOptions(namespaces=tuple(args.namespace or ()), peering=args.peering,
+                                        metrics_port=args.metrics_port))
 
 
 def cmd_api(args: argparse.Namespace) -> int:

@@ -7,9 +7,13 @@ echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"
 .venv/bin/mypy
-echo "==> pytest"
+# Much of the suite's time is spent starting and waiting on processes (trainers, kubelet pods, servers), so it runs on up to 4
+# workers (one per core); KUBETUNE_TEST_WORKERS=0 runs it in this process, and arguments after ours win.
+cores=$(nproc)
+workers=${KUBETUNE_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
+echo "==> pytest ($workers workers)"
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "$workers" --dist worksteal --durations=15 "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

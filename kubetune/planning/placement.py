@@ -102,7 +102,8 @@ def inventory_of(nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str,
 def node_split(gpus: int, per_node: int) -> tuple[int, int] | None:
     """`gpus` GPUs of a class whose nodes hold `per_node` (the catalog's maxPerNode) as (nodes, GPUs on each): as
     few nodes as hold them, the same count on each; None when they do not split evenly (6 over nodes of 4: 2 x 3;
-    5 over nodes of 4: None). The planner and the operator's workload builder (scaleout.shape_of) both use it."""
+    5 over nodes of 4: None). The planner and the operator's workload shape (kubetune_operator.shape.shape_of)
+    both use it."""
     if gpus < 1 or per_node < 1:
         return None
     nodes = -(-gpus // per_node)

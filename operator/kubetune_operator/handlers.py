@@ -236,7 +236,7 @@ async def read(body: Mapping[str, Any], rt: Runtime, *, poll: bool) -> Snapshot:
     await rt.discover()
     outcome = st.observe(trainer, pods, rt.settings.trainer_port)  # once: reconcile reads it from the snapshot
     trainer_status = None
-    if poll and name and outcome.state == "Running":
+    if poll and name and outcome.state is st.ObservedState.RUNNING:
         timeout = min(5.0, max(1.0, rt.settings.poll_interval))
         trainer_status = await poll_trainer(outcome.pod_ip, outcome.port, timeout)
     limits, usage = rt.quota_of(namespace, uid or "")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -10,7 +9,7 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import kopf
@@ -122,15 +121,23 @@ async def run_async(settings: Settings, *, stop: asyncio.Event | None = None) ->
         await runner.cleanup()
 
 
-def run_operator(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {}
-    if getattr(args, "namespace", None):
-        overrides["namespaces"] = tuple(args.namespace)
-    if getattr(args, "peering", None):
-        overrides["peering"] = args.peering
-    if getattr(args, "metrics_port", None) is not None:
-        overrides["metrics_port"] = args.metrics_port
-    settings = replace(Settings.from_env(), **overrides)
+@dataclass(frozen=True)
+class OperatorOptions:
+    """`kubetune operator`'s options (the CLI's flags, typed); unset ones keep the settings from the environment."""
+
+    namespaces: tuple[str, ...] = ()  # watch only these (default: the environment's, else the whole cluster)
+    peering: str | None = None  # kopf peering name for HA (default: the environment's, else standalone)
+    metrics_port: int | None = None  # /metrics, /healthz and /readyz
+
+
+def operator_settings(options: OperatorOptions, base: Settings) -> Settings:
+    """`base` (Settings.from_env()) with the options the command line gave."""
+    return replace(base, namespaces=options.namespaces or base.namespaces, peering=options.peering or base.peering,
+                   metrics_port=base.metrics_port if options.metrics_port is None else options.metrics_port)
+
+
+def run_operator(options: OperatorOptions) -> int:
+    settings = operator_settings(options, Settings.from_env())
     level = getattr(logging, os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level > logging.DEBUG:  # kopf logs every handler call at INFO: noise, and CPU at hundreds of jobs

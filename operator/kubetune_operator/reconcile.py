@@ -31,11 +31,13 @@ from kubetune.planning.gpus import GpuCatalog
 from kubetune.planning.placement import Inventory, place
 from kubetune.planning.plan import Plan
 from kubetune.quota import Ask, Limits, Usage, decide
-from kubetune.spec import FineTuneJobSpec, parse_spec
+from kubetune.spec import Attempt, FineTuneJobSpec, parse_spec
 from kubetune.wire import AttemptOutcome
 from kubetune_operator import resources, scaleout
 from kubetune_operator import status as st
 from kubetune_operator.settings import Settings
+from kubetune_operator.shape import shape_of
+from kubetune_operator.status import ObservedState
 
 FINISHED = frozenset(o for o in AttemptOutcome if o.finished)  # after these the next launch is a new attempt
 
@@ -128,15 +130,24 @@ def next_attempt(attempts: Iterable[Mapping[str, Any]]) -> int:
     return int(last["attempt"]) + (1 if last.get("outcome") in FINISHED else 0)
 
 
-def with_attempt(attempts: Iterable[Mapping[str, Any]], number: int, **fields: Any) -> list[dict[str, Any]]:
-    """The attempts list with entry `number` created or updated (lists are replaced whole by merge patches)."""
+def with_attempt(attempts: Iterable[Mapping[str, Any]], number: int, outcome: AttemptOutcome, *,
+                 gpu_class: str | None = None, job_name: str | None = None, message: str | None = None,
+                 started_at: str | None = None, finished_at: str | None = None,
+                 resumed_from_step: int | None = None) -> list[dict[str, Any]]:
+    """The attempts list with entry `number` created (a launch gives its class and Job) or updated (the fields
+    given; None keeps what the entry has), as the CRD's `Attempt` dumped camelCase (lists are replaced whole by
+    merge patches). Entries come from status as written, which the API server validates against that schema."""
+    fields = {"outcome": outcome, "gpu_class": gpu_class, "job_name": job_name, "message": message,
+              "started_at": started_at, "finished_at": finished_at, "resumed_from_step": resumed_from_step}
+    given: dict[str, Any] = {key: value for key, value in fields.items() if value is not None}
     result = [dict(a) for a in attempts]
-    for entry in result:
-        if entry.get("attempt") == number:
-            entry.update({k: v for k, v in fields.items() if v is not None})
-            return result
-    result.append({"attempt": number, **{k: v for k, v in fields.items() if v is not None}})
-    return sorted(result, key=lambda a: a["attempt"])
+    index = next((i for i, entry in enumerate(result) if entry.get("attempt") == number), None)
+    was = {"attempt": number} if index is None else Attempt.model_validate(result[index]).model_dump(exclude_unset=True)
+    entry = Attempt.model_validate({**was, **given}).model_dump(by_alias=True, exclude_unset=True)
+    if index is None:
+        return sorted([*result, entry], key=lambda a: a["attempt"])
+    result[index] = entry
+    return result
 
 
 # --- the one decision ---------------------------------------------------------------------------------------
@@ -191,7 +202,7 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
     queue = resources.queue_name(spec, labels)
     gpu = snap.catalog.get(plan.gpu_class, "status.plan.gpuClass")
     try:
-        shape = scaleout.shape_of(scaleout.strategy_of(spec, plan), plan.gpu_count, gpu)
+        shape = shape_of(scaleout.strategy_of(spec, plan), plan.gpu_count, gpu)  # decided once, passed down
     except ValueError as exc:
         job.write(phase=Phase.FAILED, reason=Reason.UNPLANNABLE, message=str(exc))
         return
@@ -207,7 +218,7 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
         return
 
     owner = resources.Owner(job.meta["name"], job.meta["namespace"], job.meta["uid"], labels)
-    children = scaleout.trainer_children(owner, spec, plan, gpu, attempt, snap.settings, snap.jobset_api)
+    children = scaleout.trainer_children(owner, spec, plan, gpu, shape, attempt, snap.settings, snap.jobset_api)
     job.actions.create = [resources.config_map(owner, spec, plan, attempt, snap.settings), *children]
     name = scaleout.workload_name(children)
     if spec.suspend:
@@ -222,8 +233,8 @@ def _launch(job: _Job, attempt: int, reason: Reason | None = None, note: str = "
             f"no node yet; {plan.gpu_class} is provisionable, the Job's pending pod asks the autoscaler for one"
         text = f"{name} on {plan.gpu_class} x{plan.gpu_count}, estimate {fields['vram']}: {where}"
     job.write(phase=phase, reason=reason or why, message=note + text, warning=bool(note), jobName=name,
-              attempts=with_attempt(attempts, attempt, gpuClass=plan.gpu_class, jobName=name,
-                                    outcome=AttemptOutcome.PENDING, startedAt=snap.now),
+              attempts=with_attempt(attempts, attempt, AttemptOutcome.PENDING, gpu_class=plan.gpu_class,
+                                    job_name=name, started_at=snap.now),
               **fields)
 
 
@@ -305,28 +316,29 @@ def _follow(job: _Job) -> None:
     number = next((a["attempt"] for a in attempts if a.get("jobName") == name), max(1, len(attempts)))
     outcome = snap.outcome
     phase = job.status.get("phase")
-    if phase == Phase.SUSPENDED and job.spec.get("suspend") and outcome.state in ("Running", "Waiting"):
+    if phase == Phase.SUSPENDED and job.spec.get("suspend") and \
+            outcome.state in (ObservedState.RUNNING, ObservedState.WAITING):
         return  # the Job is being suspended (its watch lags the patch); its pod stops on its own
 
-    if outcome.state == "Running":
+    if outcome.state is ObservedState.RUNNING:
         _running(job, outcome, attempts, number)
-    elif outcome.state == "Succeeded":
+    elif outcome.state is ObservedState.SUCCEEDED:
         _succeeded(job, outcome.summary, attempts, number)
-    elif outcome.state == "OutOfMemory":
+    elif outcome.state is ObservedState.OUT_OF_MEMORY:
         _out_of_memory(job, outcome, attempts, number)
-    elif outcome.state == "Failed" and _restart_gang(job, outcome, attempts):
-        job.set(attempts=with_attempt(attempts, number, outcome=AttemptOutcome.FAILED, message=outcome.message,
-                                      finishedAt=snap.now))
+    elif outcome.state is ObservedState.FAILED and _restart_gang(job, outcome, attempts):
+        job.set(attempts=with_attempt(attempts, number, AttemptOutcome.FAILED, message=outcome.message,
+                                      finished_at=snap.now))
         _launch(job, number + 1, reason=Reason.RANK_FAILED,
                 note=f"attempt {number} failed ({outcome.message}); attempt {number + 1} restarts every rank from the "
                      "last checkpoint: ")
         if job.status.get("jobName") == name:  # no node for it yet: this attempt is over all the same
             job.set(jobName=None)
-    elif outcome.state == "Failed":
+    elif outcome.state is ObservedState.FAILED:
         job.write(phase=Phase.FAILED, reason=st.failed_reason(outcome.exit_code), message=outcome.message,
-                  attempts=with_attempt(attempts, number, outcome=AttemptOutcome.FAILED, message=outcome.message,
-                                        finishedAt=snap.now))
-    elif outcome.state == "Suspended":
+                  attempts=with_attempt(attempts, number, AttemptOutcome.FAILED, message=outcome.message,
+                                        finished_at=snap.now))
+    elif outcome.state is ObservedState.SUSPENDED:
         if job.spec.get("suspend"):
             job.write(phase=Phase.SUSPENDED, reason=Reason.SUSPENDED,
                       message=f"spec.suspend is true; {name} is suspended (checkpoints are kept)")
@@ -348,8 +360,8 @@ def _running(job: _Job, outcome: st.Outcome, attempts: list[dict[str, Any]], num
     if trainer and trainer.model_commit:
         extra["modelCommit"] = trainer.model_commit
     job.write(phase=Phase.RUNNING, reason=Reason.TRAINING, message=outcome.message,
-              attempts=with_attempt(attempts, number, outcome=AttemptOutcome.RUNNING,
-                                    resumedFromStep=trainer.resumed_from_step if trainer else None), **extra)
+              attempts=with_attempt(attempts, number, AttemptOutcome.RUNNING,
+                                    resumed_from_step=trainer.resumed_from_step if trainer else None), **extra)
 
 
 def _succeeded(job: _Job, summary: TerminationSummary, attempts: list[dict[str, Any]], number: int) -> None:
@@ -372,8 +384,8 @@ def _succeeded(job: _Job, summary: TerminationSummary, attempts: list[dict[str, 
     told = job.status.get("result") == result  # the Event is sent once, not on every later reconcile
     job.write(phase=Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=f"adapter written to {uri}",
               adapterUri=uri, modelCommit=summary.model_commit, result=result,
-              attempts=with_attempt(attempts, number, outcome=AttemptOutcome.SUCCEEDED, finishedAt=snap.now,
-                                    resumedFromStep=summary.resumed_from_step),
+              attempts=with_attempt(attempts, number, AttemptOutcome.SUCCEEDED, finished_at=snap.now,
+                                    resumed_from_step=summary.resumed_from_step),
               **st.progress_fields(progress, job.status.get("lossHistory") or [], final=True))
     if evaluation is not None and not told:
         job.actions.events.append(st.result_event(evaluation))
@@ -384,8 +396,8 @@ def _out_of_memory(job: _Job, outcome: st.Outcome, attempts: list[dict[str, Any]
     """Out of memory: this attempt is over; the next one is planned one class up, from the last checkpoint."""
     name = job.status["jobName"]
     was = (job.status.get("plan") or {}).get("gpuClass", "?")
-    job.set(attempts=with_attempt(attempts, number, outcome=AttemptOutcome.OUT_OF_MEMORY, message=outcome.message,
-                                  finishedAt=job.snap.now, resumedFromStep=outcome.summary.resumed_from_step))
+    job.set(attempts=with_attempt(attempts, number, AttemptOutcome.OUT_OF_MEMORY, message=outcome.message,
+                                  finished_at=job.snap.now, resumed_from_step=outcome.summary.resumed_from_step))
     _launch(job, number + 1, reason=Reason.OUT_OF_MEMORY_ESCALATED,
             note=f"attempt {number} on {was} ran out of GPU memory ({outcome.message}); re-planned one class "
                  "up, resuming from the last checkpoint: ")

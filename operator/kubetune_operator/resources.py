@@ -1,4 +1,6 @@
-"""FineTuneJob + Plan -> the ConfigMap and batch/v1 Job that run the trainer (pure: dicts in, dicts out).
+"""FineTuneJob + Plan -> the ConfigMap, and for the attempt's shape (shape.py) the pod template and metadata
+(`Workload`, built once) that the trainer's Job is assembled from here (`job`), and its Indexed Job or JobSet in
+scaleout.py (pure: dicts out).
 
 Names are deterministic (`<finetunejob>-a<attempt>`), so a replayed event or a restarted operator asks
 for the same objects again and adopts them on 409 instead of creating a second Job. A FineTuneJob name
@@ -31,6 +33,7 @@ from kubetune.planning.plan import Plan
 from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
 from kubetune.trainer_config import JobRef, TrainerConfig
 from kubetune_operator.settings import Settings
+from kubetune_operator.shape import Gang, Shape, trainer_command
 
 CONTAINER = "trainer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -242,16 +245,22 @@ def container_resources(plan: Plan, settings: Settings, budget: PodBudget) -> di
 
 
 def trainer_container(owner: Owner, spec: FineTuneJobSpec, plan: Plan, attempt: int, settings: Settings,
-                      budget: PodBudget) -> dict[str, Any]:
+                      budget: PodBudget, shape: Shape, gang: Gang | None) -> dict[str, Any]:
+    """The trainer container of one pod of `shape`: its command (the trainer, or torchrun over its ranks), env
+    (with the pod's node index where `gang` reads it from a field), ports (with the rendezvous port across nodes)."""
     resources = container_resources(plan, settings, budget)
     port = settings.trainer_port
+    rendezvous = settings.rendezvous_port
+    ports = [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    if shape.multi_node:
+        ports.append({"name": "rendezvous", "containerPort": rendezvous, "protocol": "TCP"})
     return {
         "name": CONTAINER,
         "image": settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-m", "kubetune_trainer", "--config", wire.CONFIG_PATH],
-        "env": trainer_env(owner, spec, attempt, settings),
-        "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
+        "command": trainer_command(shape, gang, owner.namespace, budget.grace_period_seconds, rendezvous),
+        "env": [*trainer_env(owner, spec, attempt, settings), *(gang.index_env_var() if gang else [])],
+        "ports": ports,
         # ephemeral-storage: the emptyDir model cache (the weights on disk) + checkpoint staging + scratch
         "resources": {"requests": {**resources, "ephemeral-storage": quantity(budget.ephemeral_storage_bytes)},
                       "limits": dict(resources)},
@@ -282,11 +291,12 @@ def trainer_container(owner: Owner, spec: FineTuneJobSpec, plan: Plan, attempt: 
 
 
 def trainer_pod_spec(name: str, gpu: GpuClass, container: dict[str, Any], settings: Settings,
-                     budget: PodBudget) -> dict[str, Any]:
+                     budget: PodBudget, gang: Gang | None) -> dict[str, Any]:
     cache_volume: dict[str, Any] = (
         {"name": "model-cache", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}}
         if settings.model_cache_claim else
         {"name": "model-cache", "emptyDir": {"sizeLimit": quantity(budget.model_cache_bytes)}})
+    subdomain = {"subdomain": gang.subdomain} if gang and gang.subdomain else {}
     return {
         "restartPolicy": "Never",
         # SIGTERM -> finish the step, write and upload a checkpoint (kubetune.planning.budget), then SIGKILL
@@ -309,44 +319,65 @@ def trainer_pod_spec(name: str, gpu: GpuClass, container: dict[str, Any], settin
             {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size}},
             cache_volume,
         ],
+        **subdomain,  # a multi-node pod's hostname resolves under the headless Service
     }
 
 
-def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, attempt: int,
-                settings: Settings) -> dict[str, Any]:
-    name = child_name(owner.name, attempt)
+@dataclass(frozen=True)
+class Workload:
+    """What each form of an attempt's workload (a Job, an Indexed Job, a JobSet) is assembled from, decided once:
+    the metadata of the object that runs it, its pod template, and whether it starts suspended."""
+
+    metadata: dict[str, Any]  # name, namespace, labels (the queue's too), annotations, ownerReferences
+    template: dict[str, Any]  # one pod: labels (no queue label), scrape annotations, spec
+    suspend: bool  # Kueue admits a queued workload by unsuspending it; spec.suspend pauses it
+    backoff_limit: int
+
+
+def workload(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, attempt: int, settings: Settings,
+             shape: Shape, gang: Gang | None = None) -> Workload:
+    """The parts of the attempt's workload for one pod of `shape` (`plan`: one node's GPUs) named `gang.name`
+    across nodes, else `<name>-a<attempt>`."""
     queue = queue_name(spec, owner.labels)
-    labels = child_labels(owner, attempt, queue, settings)
-    pod_labels = child_labels(owner, attempt, None, settings)
-    port = settings.trainer_port
     budget = plan_budget(spec, plan, settings)
-    container = trainer_container(owner, spec, plan, attempt, settings, budget)
-    pod_spec = trainer_pod_spec(name, gpu, container, settings, budget)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
+    container = trainer_container(owner, spec, plan, attempt, settings, budget, shape, gang)
+    annotations = {"kubetune.io/gpu-class": plan.gpu_class}
+    if shape.torchrun:
+        annotations["kubetune.io/shape"] = shape.label
+    metadata = {
+        "name": gang.name if gang else child_name(owner.name, attempt),
+        "namespace": owner.namespace,
+        "labels": child_labels(owner, attempt, queue, settings),
+        "annotations": annotations,
+        "ownerReferences": [owner.reference()],
+    }
+    template = {
         "metadata": {
-            "name": name,
-            "namespace": owner.namespace,
-            "labels": labels,
-            "annotations": {"kubetune.io/gpu-class": plan.gpu_class},
-            "ownerReferences": [owner.reference()],
-        },
-        "spec": {
-            # Kueue admits a queued Job by unsuspending it; spec.suspend pauses it (checkpoints stay in S3).
-            "suspend": bool(queue) or spec.suspend,
-            "backoffLimit": settings.backoff_limit,
-            "podFailurePolicy": pod_failure_policy(),
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {
-                        wire.PROMETHEUS_SCRAPE: "true",
-                        wire.PROMETHEUS_PORT: str(port),
-                        wire.PROMETHEUS_PATH: "/metrics",
-                    },
-                },
-                "spec": pod_spec,
+            "labels": child_labels(owner, attempt, None, settings),
+            "annotations": {
+                wire.PROMETHEUS_SCRAPE: "true",
+                wire.PROMETHEUS_PORT: str(settings.trainer_port),
+                wire.PROMETHEUS_PATH: "/metrics",
             },
         },
+        "spec": trainer_pod_spec(child_name(owner.name, attempt), gpu, container, settings, budget, gang),
     }
+    return Workload(metadata, template, bool(queue) or spec.suspend, settings.backoff_limit)
+
+
+def job_spec(parts: Workload, **form: Any) -> dict[str, Any]:
+    """A batch/v1 Job spec around the pod template (`form`: what an Indexed Job adds, backoffLimit overridden)."""
+    return {"backoffLimit": parts.backoff_limit, "podFailurePolicy": pod_failure_policy(),
+            "template": parts.template} | form
+
+
+def job(parts: Workload) -> dict[str, Any]:
+    """The plain trainer Job (one pod; restarted up to the backoff limit)."""
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": parts.metadata,
+            "spec": {"suspend": parts.suspend, **job_spec(parts)}}
+
+
+def trainer_job(owner: Owner, spec: FineTuneJobSpec, plan: Plan, gpu: GpuClass, attempt: int, settings: Settings,
+                shape: Shape) -> dict[str, Any]:
+    """The one-node trainer Job of `shape` (scaleout.trainer_children picks the form for every shape)."""
+    return job(workload(owner, spec, plan, gpu, attempt, settings, shape))

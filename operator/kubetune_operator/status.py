@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 from kubetune import wire
@@ -218,14 +219,26 @@ def trainer_progress(data: TrainerStatus, now: str) -> dict[str, Any]:
 
 # --- the outcome of one trainer attempt ------------------------------------------------------------------
 
-OutcomeState = Literal["Waiting", "Suspended", "Running", "Succeeded", "OutOfMemory", "Failed"]
+class ObservedState(StrEnum):
+    """What an attempt's workload and pods say (`observe`); reconcile._follow moves the job on by it."""
+
+    WAITING = "Waiting"
+    """No pod runs yet (scheduling, a gang's rendezvous), or the Job failed before its pod's exit code is in."""
+    SUSPENDED = "Suspended"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    OUT_OF_MEMORY = "OutOfMemory"
+    """Out of GPU memory (exit code 3) or OOMKilled on any pod: the same class cannot hold it."""
+    FAILED = "Failed"
+
+
 # exit codes that name why an attempt failed
 CAUSES = (ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.STORAGE, ExitCode.NO_GPU)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    state: OutcomeState
+    state: ObservedState
     message: str = ""
     summary: TerminationSummary = field(default_factory=TerminationSummary)  # the trainer's termination message
     pod_ip: str | None = None
@@ -344,7 +357,7 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
     how). A multi-node attempt succeeds when its workload completes (every pod; the adapter comes from the pod of
     node 0) and fails when it fails (any rank)."""
     if job is None:
-        return Outcome("Waiting", "the trainer Job is not there yet")
+        return Outcome(ObservedState.WAITING, "the trainer Job is not there yet")
     size = gang_size(job)
     gang = size > 1
     ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
@@ -353,22 +366,22 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
         return exited
     if _finished(job):
         if not gang:
-            return Outcome("Succeeded", "the trainer Job completed")
+            return Outcome(ObservedState.SUCCEEDED, "the trainer Job completed")
         leaders = [p for p in ordered if node_index(p) in (0, None)]
         done = next((t for p in reversed(leaders) if (t := _terminated(p)) and t.get("exitCode") == 0), None)
-        return Outcome("Succeeded", f"all {size} pods finished", termination_summary(done.get("message") if done
-                                                                                      else None), gang=True)
+        summary = termination_summary(done.get("message") if done else None)
+        return Outcome(ObservedState.SUCCEEDED, f"all {size} pods finished", summary, gang=True)
     failed = _job_condition(job, "Failed")
     if failed:
         return _failed(failed, ordered, gang)
     if (job.get("spec") or {}).get("suspend"):
-        return Outcome("Suspended", "the trainer Job is suspended")
+        return Outcome(ObservedState.SUSPENDED, "the trainer Job is suspended")
     if gang:
         return _gang_started(ordered, size, default_port)
     for pod in (p for p in reversed(ordered) if (p.get("status") or {}).get("phase") == "Running"):
-        return Outcome("Running", f"training on {(pod.get('spec') or {}).get('nodeName') or 'a node'}",
+        return Outcome(ObservedState.RUNNING, f"training on {(pod.get('spec') or {}).get('nodeName') or 'a node'}",
                        pod_ip=(pod.get("status") or {}).get("podIP"), port=_port(pod, default_port))
-    return Outcome("Waiting", "the trainer pod is waiting to be scheduled")
+    return Outcome(ObservedState.WAITING, "the trainer pod is waiting to be scheduled")
 
 
 def _out_of_memory(ordered: list[Mapping[str, Any]], gang: bool) -> Outcome | None:
@@ -379,7 +392,7 @@ def _out_of_memory(ordered: list[Mapping[str, Any]], gang: bool) -> Outcome | No
             summary = termination_summary(term.get("message"))
             what = "the trainer ran out of GPU memory" if term.get("exitCode") == ExitCode.OOM else \
                 "the trainer pod was OOMKilled (host memory)"
-            return Outcome("OutOfMemory", _error_text(summary, what), summary, gang=gang,
+            return Outcome(ObservedState.OUT_OF_MEMORY, _error_text(summary, what), summary, gang=gang,
                            exit_code=term.get("exitCode"))
     return None
 
@@ -390,11 +403,11 @@ def _exited(ordered: list[Mapping[str, Any]], gang: bool) -> Outcome | None:
     for pod in reversed(ordered):
         term = _terminated(pod)
         if term and term.get("exitCode") == 0 and not gang:
-            return Outcome("Succeeded", "the trainer finished", termination_summary(term.get("message")))
+            return Outcome(ObservedState.SUCCEEDED, "the trainer finished", termination_summary(term.get("message")))
         if term and term.get("exitCode") in (ExitCode.BAD_INPUT, ExitCode.NO_GPU):
             at_once = ExitCode(term["exitCode"])
             summary = termination_summary(term.get("message"))
-            return Outcome("Failed", _error_text(summary, FAILED_AT_ONCE[at_once]), summary, gang=gang,
+            return Outcome(ObservedState.FAILED, _error_text(summary, FAILED_AT_ONCE[at_once]), summary, gang=gang,
                            exit_code=at_once)
     return None
 
@@ -407,7 +420,7 @@ def _failed(failed: Mapping[str, Any], ordered: list[Mapping[str, Any]], gang: b
             any(_terminated(p) is None and (p.get("status") or {}).get("phase") in ("Pending", "Running")
                 for p in ordered):
         # The Job's watch stream ran ahead of the pods': wait for the exit code of the pod that failed.
-        return Outcome("Waiting", "the trainer Job failed; reading its pod's exit code", gang=gang)
+        return Outcome(ObservedState.WAITING, "the trainer Job failed; reading its pod's exit code", gang=gang)
     last = first[1] if first else next((t for p in reversed(ordered) if (t := _terminated(p))), None)
     summary = termination_summary(last.get("message") if last else None)
     code = last.get("exitCode") if last else None
@@ -417,11 +430,11 @@ def _failed(failed: Mapping[str, Any], ordered: list[Mapping[str, Any]], gang: b
     if first:  # which rank failed, then its own words (a log tail: its last line)
         index = node_index(first[0])
         lines = [line for line in (summary.error or "").splitlines() if line.strip()]
-        return Outcome("Failed", f"node {index if index is not None else '?'} (pod "
-                                 f"{first[0]['metadata'].get('name')}) exited {code}"
-                                 + (f": {lines[-1].strip()}" if lines else ""), summary, gang=True,
+        return Outcome(ObservedState.FAILED, f"node {index if index is not None else '?'} (pod "
+                                             f"{first[0]['metadata'].get('name')}) exited {code}"
+                                             + (f": {lines[-1].strip()}" if lines else ""), summary, gang=True,
                        exit_code=code)
-    return Outcome("Failed", _error_text(summary, default), summary, gang=gang, exit_code=code)
+    return Outcome(ObservedState.FAILED, _error_text(summary, default), summary, gang=gang, exit_code=code)
 
 
 def _gang_started(ordered: list[Mapping[str, Any]], size: int, default_port: int) -> Outcome:
@@ -431,11 +444,11 @@ def _gang_started(ordered: list[Mapping[str, Any]], size: int, default_port: int
                and not (p.get("metadata") or {}).get("deletionTimestamp")]
     nodes_up = {node_index(p) for p in started}
     if len(nodes_up) < size:
-        return Outcome("Waiting", f"{len(nodes_up)} of {size} pods running; the ranks wait for each other in "
-                                  "the rendezvous", gang=True)
+        return Outcome(ObservedState.WAITING, f"{len(nodes_up)} of {size} pods running; the ranks wait for each "
+                                              "other in the rendezvous", gang=True)
     hosts = ", ".join(sorted({str((p.get("spec") or {}).get("nodeName") or "?") for p in started}))
     leader = next((p for p in running if node_index(p) == 0), running[0] if running else None)
     if leader is None:  # every rank has exited 0; the workload's completion is on its way
-        return Outcome("Running", f"trained on {size} nodes ({hosts}); finishing", gang=True)
-    return Outcome("Running", f"training on {size} nodes ({hosts})", pod_ip=(leader.get("status") or {}).get(
-        "podIP"), port=_port(leader, default_port), gang=True)
+        return Outcome(ObservedState.RUNNING, f"trained on {size} nodes ({hosts}); finishing", gang=True)
+    return Outcome(ObservedState.RUNNING, f"training on {size} nodes ({hosts})",
+                   pod_ip=(leader.get("status") or {}).get("podIP"), port=_port(leader, default_port), gang=True)

@@ -123,9 +123,9 @@ def test_the_job_failing_before_its_pods_say_why_waits_for_the_exit_code() -> No
 
 
 def test_restarts_stop_at_the_backoff_limit() -> None:
-    failed = [{"attempt": n, "outcome": "Failed", "jobName": f"j-a{n}"} for n in (1, 2)]
-    status = {**RUNNING, "jobName": "j-a3", "attempts": [*failed, {"attempt": 3, "outcome": "Running",
-                                                                    "jobName": "j-a3"}]}
+    failed = [{"attempt": n, "gpuClass": "A10G", "outcome": "Failed", "jobName": f"j-a{n}"} for n in (1, 2)]
+    status = {**RUNNING, "jobName": "j-a3", "attempts": [*failed, {"attempt": 3, "gpuClass": "A10G",
+                                                                    "outcome": "Running", "jobName": "j-a3"}]}
     pods = (rank_pod(0, 1), rank_pod(1, 1))
     snap = gang(status, job=indexed_job("Failed", "j-a3"), pods=pods, settings=Settings(backoff_limit=2))
     last = after(snap, reconcile(snap))

@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 from kubetune_operator import resources
 from kubetune_operator.settings import Settings
+from kubetune_operator.shape import shape_of
 from kubetune_operator.webhook import WEBHOOK_ID
 
 from kubetune.planning.gpus import load_catalog
@@ -34,7 +35,9 @@ def trainer_job(settings: Settings | None = None) -> dict[str, Any]:
     catalog = load_catalog()
     plan = make_plan(spec, model_architecture(spec.model.name, spec.model.source), catalog)
     owner = resources.Owner("support-bot", "ml", "0b8f6f3e-1111-2222-3333-444455556666", {})
-    return resources.trainer_job(owner, spec, plan, catalog.get(plan.gpu_class, "x"), 1, settings or Settings())
+    gpu = catalog.get(plan.gpu_class, "x")
+    return resources.trainer_job(owner, spec, plan, gpu, 1, settings or Settings(),
+                                 shape_of(plan.strategy, plan.gpu_count, gpu))
 
 
 def pod_volumes_are_size_limited(pod: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 from kubetune_operator import resources
 from kubetune_operator.settings import Settings
+from kubetune_operator.shape import shape_of
 
 from kubetune.planning.budget import pod_budget
 from kubetune.planning.gpus import load_catalog
@@ -42,7 +43,9 @@ def job_for(s: FineTuneJobSpec, settings: Settings | None = None, name: str = "s
             attempt: int = 1) -> dict[str, Any]:
     plan = plan_for(s)
     owner = resources.Owner(name, "ml", UID, {})
-    return resources.trainer_job(owner, s, plan, CATALOG.get(plan.gpu_class, "x"), attempt, settings or Settings())
+    gpu = CATALOG.get(plan.gpu_class, "x")
+    return resources.trainer_job(owner, s, plan, gpu, attempt, settings or Settings(),
+                                 shape_of(plan.strategy, plan.gpu_count, gpu))
 
 
 def pod_of(job: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +146,9 @@ def test_children_and_labels_of_any_valid_name_pass_the_api_servers_rules(length
     plan = plan_for(s)
     owner = resources.Owner(name, "ml", UID, {})
     for attempt in (1, 12):
-        job = resources.trainer_job(owner, s, plan, CATALOG.get(plan.gpu_class, "x"), attempt, Settings())
+        gpu = CATALOG.get(plan.gpu_class, "x")
+        shape = shape_of(plan.strategy, plan.gpu_count, gpu)
+        job = resources.trainer_job(owner, s, plan, gpu, attempt, Settings(), shape)
         config = resources.config_map(owner, s, plan, attempt, Settings())
         valid_names(job, config)
         assert job["metadata"]["name"].endswith(f"-a{attempt}")

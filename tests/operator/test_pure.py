@@ -10,6 +10,7 @@ import pytest
 from kubetune_operator import resources
 from kubetune_operator import status as st
 from kubetune_operator.settings import Settings
+from kubetune_operator.shape import shape_of
 
 from kubetune.contracts import (
     CONDITION_REASONS,
@@ -96,7 +97,7 @@ def test_job_and_configmap_are_valid_kubernetes_objects_with_the_pod_hardening()
     plan = plan_for(s)
     gpu = CATALOG.get(plan.gpu_class, "x")
     settings = Settings(default_s3_endpoint="http://minio.storage:9000")
-    job = resources.trainer_job(OWNER, s, plan, gpu, 2, settings)
+    job = resources.trainer_job(OWNER, s, plan, gpu, 2, settings, shape_of(plan.strategy, plan.gpu_count, gpu))
     config = resources.config_map(OWNER, s, plan, 2, settings)
     kubernetes_validate.validate(job, K8S, strict=True)
     kubernetes_validate.validate(config, K8S, strict=True)
@@ -155,8 +156,9 @@ def test_multi_gpu_resources_scale_and_names_stay_dns_labels() -> None:
     s = spec(model={"name": "meta-llama/Llama-3.1-70B"}, method="lora")
     plan = plan_for(s)
     assert plan.gpu_count > 1
-    job = resources.trainer_job(resources.Owner("x" * 70, "ml", "u", {}), s, plan,
-                                CATALOG.get(plan.gpu_class, "x"), 12, Settings())
+    gpu = CATALOG.get(plan.gpu_class, "x")
+    job = resources.trainer_job(resources.Owner("x" * 70, "ml", "u", {}), s, plan, gpu, 12, Settings(),
+                                shape_of(plan.strategy, plan.gpu_count, gpu))
     limits = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == str(plan.gpu_count)
     budget = resources.plan_budget(s, plan, Settings())
@@ -278,7 +280,8 @@ def test_conditions_carry_a_reason_each_from_the_one_enum() -> None:
 def test_exit_codes_in_the_pod_failure_policy_are_the_trainers() -> None:
     s = spec()
     plan = plan_for(s)
-    job = resources.trainer_job(OWNER, s, plan, CATALOG.get(plan.gpu_class, "x"), 1, Settings())
+    gpu = CATALOG.get(plan.gpu_class, "x")
+    job = resources.trainer_job(OWNER, s, plan, gpu, 1, Settings(), shape_of(plan.strategy, plan.gpu_count, gpu))
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["onExitCodes"]["values"] == [ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.NO_GPU]
     assert rules[2]["onExitCodes"]["values"] == [ExitCode.PREEMPTED]
@@ -301,3 +304,12 @@ def test_the_plan_in_status_carries_its_strategy_and_nodes() -> None:
     assert fields["gpu"] == "L4 x4 FSDP"
     assert (fields["plan"]["strategy"], fields["plan"]["nodes"]) == ("fsdp", 1)
     FineTuneJobStatus.model_validate({"plan": fields["plan"]})  # the status model (and so the CRD) accepts it
+
+
+def test_the_command_lines_options_override_the_environment() -> None:
+    from kubetune_operator.main import OperatorOptions, operator_settings
+
+    base = Settings(namespaces=("ml",), peering="kubetune", metrics_port=9000)
+    assert operator_settings(OperatorOptions(), base) == base  # no flag: the environment's settings
+    given = operator_settings(OperatorOptions(namespaces=("a", "b"), peering="other", metrics_port=0), base)
+    assert (given.namespaces, given.peering, given.metrics_port) == (("a", "b"), "other", 0)

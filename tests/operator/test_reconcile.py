@@ -10,6 +10,7 @@ import pytest
 from kubetune_operator import status as st
 from kubetune_operator.reconcile import Actions, Snapshot, next_attempt, oom_floor, reconcile, with_attempt
 from kubetune_operator.settings import Settings
+from pydantic import ValidationError
 
 from kubetune.contracts import Outcome, Phase, Reason, TerminationSummary, TrainerPhase, TrainerStatus
 from kubetune.errors import HubUnreachable
@@ -18,6 +19,7 @@ from kubetune.planning.placement import Inventory, NodeInfo, supply_of
 from kubetune.planning.plan import Plan, make_plan
 from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJobSpec
+from kubetune.wire import AttemptOutcome
 
 CATALOG = load_catalog(provisionable=())
 L4 = NodeInfo("l4-1", {"nvidia.com/gpu.product": "NVIDIA-L4"}, 1)
@@ -246,8 +248,13 @@ def test_attempt_helpers() -> None:
     assert next_attempt([{"attempt": 1, "outcome": "OutOfMemory"}]) == 2
     assert oom_floor([{"gpuClass": "L4", "outcome": "OutOfMemory"}, {"gpuClass": "A100-40GB",
                                                                      "outcome": "OutOfMemory"}], CATALOG) == "A100-40GB"
-    assert with_attempt([{"attempt": 1, "outcome": "Pending"}], 1, outcome="Running", message=None) == [
-        {"attempt": 1, "outcome": "Running"}]
+    pending = {"attempt": 1, "gpuClass": "L4", "jobName": "j-a1", "outcome": "Pending"}  # as the CRD requires
+    assert with_attempt([pending], 1, AttemptOutcome.RUNNING, message=None) == [{**pending, "outcome": "Running"}]
+    assert with_attempt([pending], 2, AttemptOutcome.PENDING, gpu_class="A100-80GB", job_name="j-a2",
+                        started_at=NOW) == [pending, {"attempt": 2, "gpuClass": "A100-80GB", "jobName": "j-a2",
+                                                      "outcome": "Pending", "startedAt": NOW}]
+    with pytest.raises(ValidationError, match="gpuClass"):  # a new entry says where it runs
+        with_attempt([], 1, AttemptOutcome.PENDING, job_name="j-a1")
     assert st.trainer_progress(TrainerStatus(step=1), NOW)["totalSteps"] is None
 
 

@@ -16,8 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubetune_operator import resources, scaleout
-from kubetune_operator.scaleout import Shape, shape_of
 from kubetune_operator.settings import Settings
+from kubetune_operator.shape import Shape, shape_of
 
 from kubetune.planning.gpus import load_catalog
 from kubetune.planning.models import resolve_architecture
@@ -50,6 +50,13 @@ def plan_on(spec: Any, gpu_class: str, count: int) -> Any:
     plan = make_plan(spec, resolve_architecture(spec.model.name, spec.model.source), CATALOG)
     return plan.model_copy(update={"gpu_class": gpu_class, "gpu_count": count,
                                    "strategy": plan_strategy(spec.resources.strategy, count)})
+
+
+def children_of(owner: resources.Owner, spec: Any, plan: Any, gpu: Any, attempt: int, settings: Settings,
+                jobset_api: str | None = None) -> list[dict[str, Any]]:
+    """As reconcile._launch does it: the shape decided once from the plan, then passed down."""
+    shape = shape_of(scaleout.strategy_of(spec, plan), plan.gpu_count, gpu)
+    return scaleout.trainer_children(owner, spec, plan, gpu, shape, attempt, settings, jobset_api)
 
 
 def container(job: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +96,7 @@ def test_strategy_from_the_spec_and_the_count(spec_strategy: str, count: int, ex
 
 def test_one_node_ddp_is_one_pod_running_torchrun() -> None:
     spec = job_spec(strategy="ddp")
-    children = scaleout.trainer_children(OWNER, spec, plan_on(spec, "A10G", 4), A10G, 1, Settings())
+    children = children_of(OWNER, spec, plan_on(spec, "A10G", 4), A10G, 1, Settings())
     assert [c["kind"] for c in children] == ["Job"]
     job = children[0]
     kubernetes_validate.validate(job, K8S, strict=True)
@@ -103,13 +110,13 @@ def test_one_node_ddp_is_one_pod_running_torchrun() -> None:
 
 def test_layer_split_keeps_the_plain_trainer_command() -> None:
     spec = job_spec()
-    job, = scaleout.trainer_children(OWNER, spec, plan_on(spec, "A10G", 2), A10G, 1, Settings())
+    job, = children_of(OWNER, spec, plan_on(spec, "A10G", 2), A10G, 1, Settings())
     assert container(job)["command"][:3] == ["python", "-m", "kubetune_trainer"]
 
 
 def test_multi_node_is_an_indexed_job_with_a_headless_service_for_rendezvous() -> None:
     spec = job_spec(strategy="fsdp")
-    service, job = scaleout.trainer_children(OWNER, spec, plan_on(spec, "A10G", 8), A10G_4, 3, Settings())
+    service, job = children_of(OWNER, spec, plan_on(spec, "A10G", 8), A10G_4, 3, Settings())
     for obj in (service, job):
         kubernetes_validate.validate(obj, K8S, strict=True)
         assert obj["metadata"]["ownerReferences"] == [OWNER.reference()]
@@ -141,7 +148,7 @@ def test_the_launcher_accepts_the_command_the_operator_writes() -> None:
     from torch.distributed.run import parse_args
 
     spec = job_spec(strategy="fsdp")
-    _, job = scaleout.trainer_children(OWNER, spec, plan_on(spec, "A10G", 8), A10G_4, 1, Settings())
+    _, job = children_of(OWNER, spec, plan_on(spec, "A10G", 8), A10G_4, 1, Settings())
     args = parse_args(container(job)["command"][3:])
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.max_restarts) == ("2", "4", "c10d", 0)
     assert args.module and args.training_script == "kubetune_trainer"
@@ -166,7 +173,7 @@ def test_the_plans_strategy_decides_the_shape() -> None:
     plan = make_plan(spec, resolve_architecture("meta-llama/Llama-3.1-70B", None), CATALOG)
     assert plan.strategy == "fsdp" and scaleout.strategy_of(spec, plan) == "fsdp" and plan.gpu_count >= 4
     two_per_node = dataclasses.replace(A10G, max_per_node=2)  # more GPUs than one node holds: several pods
-    _, job = scaleout.trainer_children(OWNER, spec, plan, two_per_node, 1, Settings())
+    _, job = children_of(OWNER, spec, plan, two_per_node, 1, Settings())
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == plan.gpu_count // 2
 
 
@@ -209,8 +216,8 @@ def child_job_of(jobset: dict[str, Any], index: int) -> dict[str, Any]:
 
 def test_multi_node_is_a_jobset_when_the_cluster_has_the_crd() -> None:
     spec = job_spec(strategy="fsdp")
-    [jobset] = scaleout.trainer_children(OWNER, spec, plan_on(spec, "A10G", 8), A10G_4, 3,
-                                         Settings(rendezvous_port=29555), scaleout.JOBSET_API)
+    [jobset] = children_of(OWNER, spec, plan_on(spec, "A10G", 8), A10G_4, 3,
+                           Settings(rendezvous_port=29555), scaleout.JOBSET_API)
     assert admit(jobset_crd(), jobset) == []  # schema, unknown fields, CEL rules of the JobSet CRD v0.12.0
     assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and jobset["kind"] == "JobSet"
     name = "support-bot-a3"
@@ -252,8 +259,8 @@ def test_multi_node_is_a_jobset_when_the_cluster_has_the_crd() -> None:
 
 def test_one_node_stays_a_plain_job_even_where_jobsets_are_served() -> None:
     spec = job_spec(strategy="ddp")
-    [job] = scaleout.trainer_children(OWNER, spec, plan_on(spec, "A10G", 4), A10G, 1, Settings(),
-                                      scaleout.JOBSET_API)
+    [job] = children_of(OWNER, spec, plan_on(spec, "A10G", 4), A10G, 1, Settings(),
+                        scaleout.JOBSET_API)
     assert job["kind"] == "Job" and "--standalone" in container(job)["command"]
 
 
@@ -274,7 +281,7 @@ def test_multi_node_names_are_valid_service_names_and_hostnames(owner_name: str,
     spec = job_spec(strategy="ddp")
     plan = plan_on(spec, "A10G", nodes)
     one_per_node = dataclasses.replace(A10G, max_per_node=1)
-    service, job = scaleout.trainer_children(owner, spec, plan, one_per_node, 12, Settings())
+    service, job = children_of(owner, spec, plan, one_per_node, 12, Settings())
     kubernetes_validate.validate(service, K8S, strict=True)
     kubernetes_validate.validate(job, K8S, strict=True)
     name = service["metadata"]["name"]
@@ -290,7 +297,7 @@ def test_multi_node_names_are_valid_service_names_and_hostnames(owner_name: str,
     assert {"name": "config", "configMap": {"name": resources.child_name(owner_name, 12)}} in \
         job["spec"]["template"]["spec"]["volumes"]
 
-    [jobset] = scaleout.trainer_children(owner, spec, plan, one_per_node, 12, Settings(), scaleout.JOBSET_API)
+    [jobset] = children_of(owner, spec, plan, one_per_node, 12, Settings(), scaleout.JOBSET_API)
     assert admit(jobset_crd(), jobset) == []
     js = jobset["metadata"]["name"]
     assert RFC1035_LABEL.match(js) and js.endswith("-a12")
@@ -317,7 +324,7 @@ def test_single_node_job_names_are_unchanged() -> None:
     for owner_name in ("7b-run", "team.a.7b", "support-bot"):
         owner = dataclasses.replace(OWNER, name=owner_name)
         spec = job_spec(strategy="ddp")
-        [job] = scaleout.trainer_children(owner, spec, plan_on(spec, "A10G", 4), A10G, 2, Settings())
+        [job] = children_of(owner, spec, plan_on(spec, "A10G", 4), A10G, 2, Settings())
         assert job["metadata"]["name"] == resources.child_name(owner_name, 2) == f"{owner_name}-a2"
 
 
