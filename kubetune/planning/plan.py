@@ -28,6 +28,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune.errors import PlanError
 from kubetune.planning.gpus import GpuCatalog, GpuClass
+from kubetune.planning.knobs import effective_batch, fastest_knobs, leanest, training_shape
 from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Supply
 from kubetune.planning.ranks import job_estimate
@@ -35,14 +36,10 @@ from kubetune.planning.shapes import (
     Candidate,
     Comparison,
     compare,
-    effective_batch,
     explain,
-    fastest_knobs,
     gib,
-    leanest,
     runner_ups,
     shape_label,
-    training_shape,
 )
 from kubetune.spec import FineTuneJobSpec, ResourcesSpec
 from kubetune.wire import Strategy

@@ -22,14 +22,15 @@ candidates, compared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kubetune.planning.evaluation import NO_EVALUATION, EvalCost, eval_cost
 from kubetune.planning.gpus import GpuCatalog, GpuClass
+from kubetune.planning.knobs import KnobSearch, effective_batch, leanest
 from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Supply, node_split
-from kubetune.planning.ranks import job_estimate, step_time
-from kubetune.planning.vram import Estimate, GiB, TrainingShape, estimate
+from kubetune.planning.ranks import step_time
+from kubetune.planning.vram import Estimate, GiB, TrainingShape
 from kubetune.spec import FineTuneJobSpec
 from kubetune.wire import Strategy
 
@@ -41,68 +42,6 @@ TIE = 1e-6  # relative: costs closer than this are equal, and the faster shape w
 
 def gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
-
-
-def effective_batch(spec: FineTuneJobSpec) -> int:
-    mb = spec.training.micro_batch_size
-    return (mb if isinstance(mb, int) else 1) * spec.training.gradient_accumulation_steps
-
-
-def leanest(spec: FineTuneJobSpec) -> tuple[int, bool]:
-    """(micro-batch, checkpointing) at the least memory the spec allows."""
-    mb = spec.training.micro_batch_size
-    gc = spec.training.gradient_checkpointing
-    return (mb if isinstance(mb, int) else 1), (gc if isinstance(gc, bool) else True)
-
-
-def training_shape(spec: FineTuneJobSpec, micro_batch: int, checkpointing: bool, count: int) -> TrainingShape:
-    targets = spec.lora.target_modules
-    return TrainingShape(
-        method=spec.method,
-        micro_batch=micro_batch,
-        seq_len=spec.training.max_seq_length,
-        gradient_checkpointing=checkpointing,
-        lora_r=spec.lora.r,
-        target_modules=targets if isinstance(targets, str) else tuple(targets),  # type: ignore[arg-type]
-        lora_dropout=spec.lora.dropout,
-        optimizer=spec.training.optimizer,
-        gpu_count=count,
-        generation_tokens=generation_tokens(spec),
-    )
-
-
-def generation_tokens(spec: FineTuneJobSpec) -> int:
-    """The longest sequence spec.evaluation's generation holds: a prompt charged at up to one training row
-    (maxSeqLength tokens) plus maxNewTokens; 0 when there are no prompts to answer."""
-    evaluation = spec.evaluation
-    if evaluation is None or evaluation.prompts == []:
-        return 0
-    return spec.training.max_seq_length + evaluation.max_new_tokens
-
-
-def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, count: int = 1,
-                  strategy: Strategy = "single") -> tuple[TrainingShape, Estimate] | None:
-    """The fastest (checkpointing, micro-batch) that fits in usable_bytes per GPU, or None.
-
-    Checkpointing off beats any micro-batch with it on (recomputing every layer's forward costs about a third
-    more compute); then the largest micro-batch that divides the effective batch. DDP and FSDP deal a step's
-    micro-batches to the ranks, so there a micro-batch larger than the effective batch / ranks would leave
-    ranks idle, and is not tried.
-    """
-    mb_spec = spec.training.micro_batch_size
-    gc_spec = spec.training.gradient_checkpointing
-    batch = effective_batch(spec)
-    micro_batches = [mb_spec] if isinstance(mb_spec, int) else [d for d in range(batch, 0, -1) if batch % d == 0]
-    if strategy in ("ddp", "fsdp") and count > 1 and not isinstance(mb_spec, int):
-        micro_batches = [d for d in micro_batches if batch // d >= count] or [1]
-    checkpointing = [gc_spec] if isinstance(gc_spec, bool) else [False, True]
-    for gc in checkpointing:
-        for mb in micro_batches:
-            shape = training_shape(spec, mb, gc, count)
-            est = job_estimate(arch, shape, strategy)
-            if est.total <= usable_bytes:
-                return shape, est
-    return None
 
 
 def shape_label(count: int, gpu_class: str, strategy: str, nodes: int = 1) -> str:
@@ -225,25 +164,19 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
     lean_mb, lean_gc = leanest(spec)
     tokens = effective_batch(spec) * spec.training.max_seq_length
     steps = spec.training.max_steps or STEPS_WHEN_UNKNOWN
-    knobs: dict[tuple[Strategy, int, int], tuple[TrainingShape, Estimate]] = {}  # memo: 6 classes, 5 sizes
-    singles: dict[TrainingShape, Estimate] = {}  # memo: what step_time moves, per knobs
+    search = KnobSearch(spec, arch)  # each estimate once: 6 classes, 5 sizes and 2 strategies share them
 
     def build(gpu: GpuClass, strategy: Strategy, count: int, lean: Estimate, why: str = "") -> Candidate:
         nodes, _ = _layout(gpu, strategy, count) or (1, count)
-        usable = catalog.usable_bytes(gpu)
-        if (strategy, count, usable) not in knobs:
-            best = fastest_knobs(spec, arch, usable, count, strategy)
-            assert best is not None  # the leanest knobs fit, so the search finds at least those
-            knobs[strategy, count, usable] = best
-        shape, est = knobs[strategy, count, usable]
-        one_gpu = replace(shape, gpu_count=1)
-        if one_gpu not in singles:
-            singles[one_gpu] = estimate(arch, one_gpu)
-        seconds = step_time(arch, shape, strategy, count, nodes, tokens, gpu.name, singles[one_gpu])
-        judged = eval_cost(spec, arch, gpu.name, count, steps, tokens, singles[one_gpu].parts["base_weights"])
+        best = search.fastest(catalog.usable_bytes(gpu), count, strategy)
+        assert best is not None  # the leanest knobs fit, so the search finds at least those
+        shape, est = best
+        one_gpu = search.one_gpu(shape.micro_batch, shape.gradient_checkpointing)  # what step_time moves
+        seconds = step_time(arch, shape, strategy, count, nodes, tokens, gpu.name, one_gpu)
+        judged = eval_cost(spec, arch, gpu.name, count, steps, tokens, one_gpu.parts["base_weights"])
         return Candidate(gpu, strategy, count, nodes, lean, shape, est, seconds, why, judged)
 
-    one = job_estimate(arch, training_shape(spec, lean_mb, lean_gc, 1), "single")
+    one = search.job(lean_mb, lean_gc, 1, "single")
     baseline = next((g for g in classes if one.total <= catalog.usable_bytes(g) and _layout(g, "single", 1)
                      and not _refusal(supply, g, "single", 1)), None)
     runnable: list[Candidate] = []
@@ -252,7 +185,7 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
     misses: list[Miss] = []
     refused: dict[str, str] = {}  # class -> why the cluster cannot run it (for the first shape it held)
     for strategy, count in shapes(spec):
-        lean = one if count == 1 else job_estimate(arch, training_shape(spec, lean_mb, lean_gc, count), strategy)
+        lean = search.job(lean_mb, lean_gc, count, strategy)
         holding = [g for g in classes
                    if lean.total <= catalog.usable_bytes(g) and _layout(g, strategy, count) is not None]
         if not holding:
