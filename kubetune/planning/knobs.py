@@ -93,12 +93,15 @@ class KnobSearch:
 
     def job(self, micro_batch: int, checkpointing: bool, count: int, strategy: Strategy) -> Estimate:
         """Memory per GPU of `count` GPUs under `strategy` (ranks.job_estimate of the knobs' shape)."""
-        ranked = strategy in ("ddp", "fsdp") and count > 1
-        key = (micro_batch, checkpointing, count, strategy if ranked else "layers")
+        ranks = strategy if strategy in ("ddp", "fsdp") and count > 1 else None
+        key = (micro_batch, checkpointing, count, ranks or "layers")
         if key not in self._estimates:
-            self._estimates[key] = per_rank(self.arch, self.shape(micro_batch, checkpointing, 1), strategy, count,
-                                            self.one_gpu(micro_batch, checkpointing)) if ranked else \
-                estimate(self.arch, self.shape(micro_batch, checkpointing, count))  # type: ignore[arg-type]
+            if ranks == "ddp" or ranks == "fsdp":
+                found = per_rank(self.arch, self.shape(micro_batch, checkpointing, 1), ranks, count,
+                                 self.one_gpu(micro_batch, checkpointing))
+            else:
+                found = estimate(self.arch, self.shape(micro_batch, checkpointing, count))
+            self._estimates[key] = found
         return self._estimates[key]
 
     def fastest(self, usable_bytes: int, count: int = 1,
