@@ -78,8 +78,8 @@ class KnobSearch:
         self.spec, self.arch = spec, arch
         self._shapes: dict[tuple[int, bool, int], TrainingShape] = {}
         self._estimates: dict[tuple[int, bool, int, str], Estimate] = {}
-        self._orders: dict[tuple[int, str], list[Knob]] = {}
-        self._fastest: dict[tuple[int, int, str], tuple[TrainingShape, Estimate] | None] = {}
+        # per (count, strategy): (total, shape, estimate) of the knobs walked so far, and the knobs in order
+        self._walks: dict[tuple[int, str], tuple[list[tuple[int, TrainingShape, Estimate]], list[Knob]]] = {}
 
     def shape(self, micro_batch: int, checkpointing: bool, count: int) -> TrainingShape:
         key = (micro_batch, checkpointing, count)
@@ -106,15 +106,19 @@ class KnobSearch:
 
     def fastest(self, usable_bytes: int, count: int = 1,
                 strategy: Strategy = "single") -> tuple[TrainingShape, Estimate] | None:
-        """The first knobs of `knob_order` whose estimate fits `usable_bytes` per GPU, or None."""
-        key = (usable_bytes, count, strategy)
-        if key not in self._fastest:
-            if (count, strategy) not in self._orders:
-                self._orders[count, strategy] = knob_order(self.spec, count, strategy)
-            self._fastest[key] = next(
-                ((self.shape(mb, gc, count), est) for mb, gc in self._orders[count, strategy]
-                 if (est := self.job(mb, gc, count, strategy)).total <= usable_bytes), None)
-        return self._fastest[key]
+        """The first knobs of `knob_order` whose estimate fits `usable_bytes` per GPU, or None. The knobs walked
+        for one class are kept for the next: a class with less memory walks on from where the last one stopped."""
+        if (count, strategy) not in self._walks:
+            self._walks[count, strategy] = ([], knob_order(self.spec, count, strategy))
+        walked, order = self._walks[count, strategy]
+        for index, (mb, gc) in enumerate(order):
+            if index == len(walked):
+                found = self.job(mb, gc, count, strategy)
+                walked.append((found.total, self.shape(mb, gc, count), found))
+            total, shape, found = walked[index]
+            if total <= usable_bytes:
+                return shape, found
+        return None
 
 
 def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, count: int = 1,

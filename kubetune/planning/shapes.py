@@ -147,9 +147,9 @@ def _layout(gpu: GpuClass, strategy: Strategy, count: int) -> tuple[int, int] | 
     return split
 
 
-def _refusal(supply: Supply | None, gpu: GpuClass, strategy: Strategy, count: int) -> str:
-    """Why the cluster cannot run the shape on the class ("" when it can, or when no cluster is known)."""
-    layout = _layout(gpu, strategy, count)
+def _refusal(supply: Supply | None, gpu: GpuClass, layout: tuple[int, int] | None) -> str:
+    """Why the cluster cannot run the shape (`_layout`) on the class ("" when it can, or when no cluster is
+    known)."""
     if supply is None or layout is None:
         return ""
     return supply.why_not(gpu, layout[1], layout[0]) or ""
@@ -165,10 +165,11 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
     tokens = effective_batch(spec) * spec.training.max_seq_length
     steps = spec.training.max_steps or STEPS_WHEN_UNKNOWN
     search = KnobSearch(spec, arch)  # each estimate once: 6 classes, 5 sizes and 2 strategies share them
+    usable = [catalog.usable_bytes(g) for g in classes]
 
-    def build(gpu: GpuClass, strategy: Strategy, count: int, lean: Estimate, why: str = "") -> Candidate:
-        nodes, _ = _layout(gpu, strategy, count) or (1, count)
-        best = search.fastest(catalog.usable_bytes(gpu), count, strategy)
+    def build(at: int, strategy: Strategy, count: int, nodes: int, lean: Estimate, why: str = "") -> Candidate:
+        gpu = classes[at]
+        best = search.fastest(usable[at], count, strategy)
         assert best is not None  # the leanest knobs fit, so the search finds at least those
         shape, est = best
         one_gpu = search.one_gpu(shape.micro_batch, shape.gradient_checkpointing)  # what step_time moves
@@ -177,8 +178,8 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
         return Candidate(gpu, strategy, count, nodes, lean, shape, est, seconds, why, judged)
 
     one = search.job(lean_mb, lean_gc, 1, "single")
-    baseline = next((g for g in classes if one.total <= catalog.usable_bytes(g) and _layout(g, "single", 1)
-                     and not _refusal(supply, g, "single", 1)), None)
+    baseline = next((g for g, room in zip(classes, usable, strict=True) if one.total <= room
+                     and (layout := _layout(g, "single", 1)) and not _refusal(supply, g, layout)), None)
     runnable: list[Candidate] = []
     unavailable: list[Candidate] = []
     dearer: list[Candidate] = []
@@ -186,24 +187,25 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
     refused: dict[str, str] = {}  # class -> why the cluster cannot run it (for the first shape it held)
     for strategy, count in shapes(spec):
         lean = search.job(lean_mb, lean_gc, count, strategy)
-        holding = [g for g in classes
-                   if lean.total <= catalog.usable_bytes(g) and _layout(g, strategy, count) is not None]
+        # (index in classes, layout, why the cluster cannot run it) of each class that holds the shape
+        holding = [(at, layout, _refusal(supply, g, layout)) for at, g in enumerate(classes)
+                   if lean.total <= usable[at] and (layout := _layout(g, strategy, count)) is not None]
         if not holding:
             misses.append(Miss(strategy, count, lean.total))
             continue
-        refusals = [_refusal(supply, gpu, strategy, count) for gpu in holding]
-        for gpu, refusal in zip(holding, refusals, strict=True):
+        for at, _, refusal in holding:
             if refusal:
-                refused.setdefault(gpu.name, refusal)
-        if refusals[0] and (baseline is None or holding[0].hourly_price <= baseline.hourly_price):
-            unavailable.append(build(holding[0], strategy, count, lean, refusals[0]))  # say what it gave up
-        for gpu, refusal in zip(holding, refusals, strict=True):
+                refused.setdefault(classes[at].name, refusal)
+        at, (nodes, _), refusal = holding[0]
+        if refusal and (baseline is None or classes[at].hourly_price <= baseline.hourly_price):
+            unavailable.append(build(at, strategy, count, nodes, lean, refusal))  # say what it gave up
+        for at, (nodes, _), refusal in holding:
             if refusal:
                 continue
-            if baseline is not None and gpu.hourly_price > baseline.hourly_price:
-                dearer.append(build(gpu, strategy, count, lean))
+            if baseline is not None and classes[at].hourly_price > baseline.hourly_price:
+                dearer.append(build(at, strategy, count, nodes, lean))
             else:
-                runnable.append(build(gpu, strategy, count, lean))
+                runnable.append(build(at, strategy, count, nodes, lean))
     if not runnable:  # nothing under the baseline's price runs the strategy asked for (DDP's copy is larger)
         runnable, dearer = dearer, []
     return Comparison(tuple(rank(runnable, steps)), tuple(sorted(dearer, key=lambda c: c.cost(steps))),
