@@ -259,18 +259,18 @@ def runner_ups(comparison: Comparison) -> list[Candidate]:
 def explain(comparison: Comparison, catalog: GpuCatalog) -> list[str]:
     """Why the chosen shape: its cost and time, what it beat and by how much, and why fewer GPUs would not do."""
     chosen, steps = comparison.chosen, comparison.steps
-    usable = catalog.usable_bytes(chosen.gpu)
+    usable, cost = catalog.usable_bytes(chosen.gpu), chosen.cost(steps)
     reasons = [
         f"{chosen.label()}: the cheapest shape per job that holds it ({gib(usable)} usable of "
         f"{chosen.gpu.memory_gib:.1f} GiB per GPU; {chosen.hourly:.2f}/h x {chosen.hours(steps):.1f} h = "
-        f"{chosen.cost(steps):.2f} {comparison.per()}, estimated)"
+        f"{cost:.2f} {comparison.per()}, estimated)"
     ]
     for other in runner_ups(comparison):
         line = "vs " + _versus(other, chosen, steps)
         if other.step_seconds < chosen.step_seconds:
             line += "; faster but dearer" + _how_to_pin(other)
         reasons.append(line)
-    cheaper = [c for c in comparison.dearer if c.cost(steps) < chosen.cost(steps)]
+    cheaper = [c for c in comparison.dearer if c.cost(steps) < cost]
     if cheaper and comparison.baseline is not None:
         reasons.append(
             f"not considered: classes dearer per GPU-hour than {comparison.baseline.name} (the cheapest single GPU "
