@@ -1,6 +1,6 @@
 """Spec + architecture + GPU catalog -> Plan: which class, how many GPUs in which shape, which knobs, and why.
 
-Rules, in order (kubetune.planning.shapes does 2-4):
+Rules, in order (kubetune.planning.shapes does 2-4, with kubetune.planning.knobs searching the knobs of 3):
 1. The leanest settings the spec allows (gradient checkpointing on unless forced off, micro-batch 1
    unless pinned) decide whether a class can hold the job at all, per GPU of each shape.
 2. Shapes: one GPU, the layer split over one node's GPUs, DDP or FSDP ranks over one or several nodes
