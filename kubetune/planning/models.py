@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from kubetune.errors import HubUnreachable, SpecError
@@ -55,9 +54,10 @@ class Architecture:
 
     @cached_property
     def projections(self) -> Mapping[str, tuple[int, int, int]]:
-        """linear_shapes(), read-only and computed once (vram.estimate reads it for every estimate)."""
+        """linear_shapes(), computed once (vram.estimate reads it for every estimate); read-only (a Mapping; a plain
+        dict underneath, so an Architecture still pickles and deep-copies)."""
         h, i = self.hidden, self.intermediate
-        return MappingProxyType({
+        return {
             "q_proj": (h, self.q_dim, 1),
             "k_proj": (h, self.kv_dim, 1),
             "v_proj": (h, self.kv_dim, 1),
@@ -65,7 +65,7 @@ class Architecture:
             "gate_proj": (h, i, self.experts),
             "up_proj": (h, i, self.experts),
             "down_proj": (i, h, self.experts),
-        })
+        }
 
     @cached_property
     def largest_projection(self) -> int:
