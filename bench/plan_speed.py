@@ -2,6 +2,8 @@
 plan cache (kubetune.planning.cache: a hit), side by side (not a test).
 
     .venv/bin/python bench/plan_speed.py --rounds 100
+    # and the planner of another checkout (e.g. `git archive OLD | tar -x -C /tmp/old`), alternated with this one
+    .venv/bin/python bench/plan_speed.py --rounds 100 --baseline /tmp/old --repeats 3
 
 Each spec's architecture is resolved once (no I/O in the loop); the figure is process CPU time per plan, so
 other processes on a shared machine inflate it less than wall time would.
@@ -10,6 +12,8 @@ other processes on a shared machine inflate it less than wall time would.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +41,23 @@ def per_plan_ms(plan: Callable[..., Any], pairs: list[tuple[Any, Any]], catalog:
     return (time.process_time() - started) / rounds / len(pairs) * 1000
 
 
+def uncached_in(checkout: Path, rounds: int) -> float:
+    """make_plan's ms per plan in a fresh process importing `checkout`'s kubetune (its own bench script)."""
+    env = {**os.environ, "PYTHONPATH": f"{checkout}{os.pathsep}{checkout / 'operator'}"}
+    out = subprocess.run([sys.executable, str(checkout / "bench" / "plan_speed.py"), "--rounds", str(rounds)],
+                         cwd=checkout, env=env, capture_output=True, text=True, check=True).stdout
+    return float(out.split("make_plan (uncached)")[1].split()[0])
+
+
+def versus(baseline: Path, rounds: int, repeats: int) -> None:
+    """This checkout and `baseline` alternated, each run in its own process, `repeats` times."""
+    here = Path(__file__).resolve().parents[1]
+    for repeat in range(repeats):
+        before, after = uncached_in(baseline, rounds), uncached_in(here, rounds)
+        print(f"run {repeat + 1}: make_plan {before:.3f} ms ({baseline}) vs {after:.3f} ms (this checkout): "
+              f"{after / before:.2f}x the CPU per plan, load average {os.getloadavg()[0]:.2f}")
+
+
 def main(rounds: int) -> None:
     settings = Settings()
     catalog = load_catalog(settings.gpu_catalog, settings.provisionable_gpu_classes)
@@ -53,4 +74,10 @@ def main(rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=100)
-    main(parser.parse_args().rounds)
+    parser.add_argument("--baseline", type=Path, help="a checkout of an older commit: its planner, alternated")
+    parser.add_argument("--repeats", type=int, default=3, help="alternations with --baseline")
+    args = parser.parse_args()
+    if args.baseline:
+        versus(args.baseline.resolve(), args.rounds, args.repeats)
+    else:
+        main(args.rounds)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -50,10 +50,12 @@ class Architecture:
 
     def linear_shapes(self) -> dict[str, tuple[int, int, int]]:
         """Per-layer linear projections: name -> (in_features, out_features, copies per layer)."""
-        return dict(self._linear_shapes)
+        return dict(self.projections)
 
     @cached_property
-    def _linear_shapes(self) -> dict[str, tuple[int, int, int]]:
+    def projections(self) -> Mapping[str, tuple[int, int, int]]:
+        """linear_shapes(), computed once (vram.estimate reads it for every estimate); read-only (a Mapping; a plain
+        dict underneath, so an Architecture still pickles and deep-copies)."""
         h, i = self.hidden, self.intermediate
         return {
             "q_proj": (h, self.q_dim, 1),
@@ -66,9 +68,14 @@ class Architecture:
         }
 
     @cached_property
+    def largest_projection(self) -> int:
+        """Elements of the largest per-layer projection weight (bitsandbytes dequantizes one at a time)."""
+        return max(i * o for i, o, _ in self.projections.values())
+
+    @cached_property
     def linear_params(self) -> int:
         """Parameters in the decoder's linear layers: what NF4 quantizes."""
-        per_layer = sum(i * o * n for i, o, n in self._linear_shapes.values())
+        per_layer = sum(i * o * n for i, o, n in self.projections.values())
         router = self.hidden * self.experts if self.experts > 1 else 0
         return self.layers * (per_layer + router)
 

@@ -1,6 +1,6 @@
 """Spec + architecture + GPU catalog -> Plan: which class, how many GPUs in which shape, which knobs, and why.
 
-Rules, in order (kubetune.planning.shapes does 2-4):
+Rules, in order (kubetune.planning.shapes does 2-4, with kubetune.planning.knobs searching the knobs of 3):
 1. The leanest settings the spec allows (gradient checkpointing on unless forced off, micro-batch 1
    unless pinned) decide whether a class can hold the job at all, per GPU of each shape.
 2. Shapes: one GPU, the layer split over one node's GPUs, DDP or FSDP ranks over one or several nodes
@@ -28,6 +28,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune.errors import PlanError
 from kubetune.planning.gpus import GpuCatalog, GpuClass
+from kubetune.planning.knobs import effective_batch, fastest_knobs, leanest, training_shape
 from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Supply
 from kubetune.planning.ranks import job_estimate
@@ -35,14 +36,10 @@ from kubetune.planning.shapes import (
     Candidate,
     Comparison,
     compare,
-    effective_batch,
     explain,
-    fastest_knobs,
     gib,
-    leanest,
     runner_ups,
     shape_label,
-    training_shape,
 )
 from kubetune.spec import FineTuneJobSpec, ResourcesSpec
 from kubetune.wire import Strategy

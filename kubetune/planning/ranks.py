@@ -56,11 +56,13 @@ MFU = 0.4  # the fraction of peak a QLoRA step reaches (dequantization and small
 MFU_BY_CLASS = {"H100-80GB": 0.24, "H200-141GB": 0.24}
 
 
-def per_rank(arch: Architecture, shape: TrainingShape, strategy: RankStrategy, ranks: int) -> Estimate:
-    """Peak memory of one rank, by part (vram.PARTS plus 'communication')."""
+def per_rank(arch: Architecture, shape: TrainingShape, strategy: RankStrategy, ranks: int,
+             one_gpu: Estimate | None = None) -> Estimate:
+    """Peak memory of one rank, by part (vram.PARTS plus 'communication'). `one_gpu`: vram.estimate of the shape
+    on one GPU, when the caller has it (what every rank count starts from)."""
     if ranks < 1:
         raise ValueError(f"ranks must be >= 1, got {ranks}")
-    one = estimate(arch, replace(shape, gpu_count=1))
+    one = one_gpu or estimate(arch, replace(shape, gpu_count=1))
     parts = {k: float(v) for k, v in one.parts.items()}
     overhead = parts.pop("cuda_overhead")
     live = sum(parts.values())

@@ -22,14 +22,15 @@ candidates, compared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kubetune.planning.evaluation import NO_EVALUATION, EvalCost, eval_cost
 from kubetune.planning.gpus import GpuCatalog, GpuClass
+from kubetune.planning.knobs import KnobSearch, effective_batch, leanest
 from kubetune.planning.models import Architecture
 from kubetune.planning.placement import Supply, node_split
-from kubetune.planning.ranks import job_estimate, step_time
-from kubetune.planning.vram import Estimate, GiB, TrainingShape, estimate
+from kubetune.planning.ranks import step_time
+from kubetune.planning.vram import Estimate, GiB, TrainingShape
 from kubetune.spec import FineTuneJobSpec
 from kubetune.wire import Strategy
 
@@ -41,68 +42,6 @@ TIE = 1e-6  # relative: costs closer than this are equal, and the faster shape w
 
 def gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
-
-
-def effective_batch(spec: FineTuneJobSpec) -> int:
-    mb = spec.training.micro_batch_size
-    return (mb if isinstance(mb, int) else 1) * spec.training.gradient_accumulation_steps
-
-
-def leanest(spec: FineTuneJobSpec) -> tuple[int, bool]:
-    """(micro-batch, checkpointing) at the least memory the spec allows."""
-    mb = spec.training.micro_batch_size
-    gc = spec.training.gradient_checkpointing
-    return (mb if isinstance(mb, int) else 1), (gc if isinstance(gc, bool) else True)
-
-
-def training_shape(spec: FineTuneJobSpec, micro_batch: int, checkpointing: bool, count: int) -> TrainingShape:
-    targets = spec.lora.target_modules
-    return TrainingShape(
-        method=spec.method,
-        micro_batch=micro_batch,
-        seq_len=spec.training.max_seq_length,
-        gradient_checkpointing=checkpointing,
-        lora_r=spec.lora.r,
-        target_modules=targets if isinstance(targets, str) else tuple(targets),  # type: ignore[arg-type]
-        lora_dropout=spec.lora.dropout,
-        optimizer=spec.training.optimizer,
-        gpu_count=count,
-        generation_tokens=generation_tokens(spec),
-    )
-
-
-def generation_tokens(spec: FineTuneJobSpec) -> int:
-    """The longest sequence spec.evaluation's generation holds: a prompt charged at up to one training row
-    (maxSeqLength tokens) plus maxNewTokens; 0 when there are no prompts to answer."""
-    evaluation = spec.evaluation
-    if evaluation is None or evaluation.prompts == []:
-        return 0
-    return spec.training.max_seq_length + evaluation.max_new_tokens
-
-
-def fastest_knobs(spec: FineTuneJobSpec, arch: Architecture, usable_bytes: int, count: int = 1,
-                  strategy: Strategy = "single") -> tuple[TrainingShape, Estimate] | None:
-    """The fastest (checkpointing, micro-batch) that fits in usable_bytes per GPU, or None.
-
-    Checkpointing off beats any micro-batch with it on (recomputing every layer's forward costs about a third
-    more compute); then the largest micro-batch that divides the effective batch. DDP and FSDP deal a step's
-    micro-batches to the ranks, so there a micro-batch larger than the effective batch / ranks would leave
-    ranks idle, and is not tried.
-    """
-    mb_spec = spec.training.micro_batch_size
-    gc_spec = spec.training.gradient_checkpointing
-    batch = effective_batch(spec)
-    micro_batches = [mb_spec] if isinstance(mb_spec, int) else [d for d in range(batch, 0, -1) if batch % d == 0]
-    if strategy in ("ddp", "fsdp") and count > 1 and not isinstance(mb_spec, int):
-        micro_batches = [d for d in micro_batches if batch // d >= count] or [1]
-    checkpointing = [gc_spec] if isinstance(gc_spec, bool) else [False, True]
-    for gc in checkpointing:
-        for mb in micro_batches:
-            shape = training_shape(spec, mb, gc, count)
-            est = job_estimate(arch, shape, strategy)
-            if est.total <= usable_bytes:
-                return shape, est
-    return None
 
 
 def shape_label(count: int, gpu_class: str, strategy: str, nodes: int = 1) -> str:
@@ -208,9 +147,9 @@ def _layout(gpu: GpuClass, strategy: Strategy, count: int) -> tuple[int, int] | 
     return split
 
 
-def _refusal(supply: Supply | None, gpu: GpuClass, strategy: Strategy, count: int) -> str:
-    """Why the cluster cannot run the shape on the class ("" when it can, or when no cluster is known)."""
-    layout = _layout(gpu, strategy, count)
+def _refusal(supply: Supply | None, gpu: GpuClass, layout: tuple[int, int] | None) -> str:
+    """Why the cluster cannot run the shape (`_layout`) on the class ("" when it can, or when no cluster is
+    known)."""
     if supply is None or layout is None:
         return ""
     return supply.why_not(gpu, layout[1], layout[0]) or ""
@@ -225,52 +164,48 @@ def compare(spec: FineTuneJobSpec, arch: Architecture, catalog: GpuCatalog, clas
     lean_mb, lean_gc = leanest(spec)
     tokens = effective_batch(spec) * spec.training.max_seq_length
     steps = spec.training.max_steps or STEPS_WHEN_UNKNOWN
-    knobs: dict[tuple[Strategy, int, int], tuple[TrainingShape, Estimate]] = {}  # memo: 6 classes, 5 sizes
-    singles: dict[TrainingShape, Estimate] = {}  # memo: what step_time moves, per knobs
+    search = KnobSearch(spec, arch)  # each estimate once: 6 classes, 5 sizes and 2 strategies share them
+    usable = [catalog.usable_bytes(g) for g in classes]
 
-    def build(gpu: GpuClass, strategy: Strategy, count: int, lean: Estimate, why: str = "") -> Candidate:
-        nodes, _ = _layout(gpu, strategy, count) or (1, count)
-        usable = catalog.usable_bytes(gpu)
-        if (strategy, count, usable) not in knobs:
-            best = fastest_knobs(spec, arch, usable, count, strategy)
-            assert best is not None  # the leanest knobs fit, so the search finds at least those
-            knobs[strategy, count, usable] = best
-        shape, est = knobs[strategy, count, usable]
-        one_gpu = replace(shape, gpu_count=1)
-        if one_gpu not in singles:
-            singles[one_gpu] = estimate(arch, one_gpu)
-        seconds = step_time(arch, shape, strategy, count, nodes, tokens, gpu.name, singles[one_gpu])
-        judged = eval_cost(spec, arch, gpu.name, count, steps, tokens, singles[one_gpu].parts["base_weights"])
+    def build(at: int, strategy: Strategy, count: int, nodes: int, lean: Estimate, why: str = "") -> Candidate:
+        gpu = classes[at]
+        best = search.fastest(usable[at], count, strategy)
+        assert best is not None  # the leanest knobs fit, so the search finds at least those
+        shape, est = best
+        one_gpu = search.one_gpu(shape.micro_batch, shape.gradient_checkpointing)  # what step_time moves
+        seconds = step_time(arch, shape, strategy, count, nodes, tokens, gpu.name, one_gpu)
+        judged = eval_cost(spec, arch, gpu.name, count, steps, tokens, one_gpu.parts["base_weights"])
         return Candidate(gpu, strategy, count, nodes, lean, shape, est, seconds, why, judged)
 
-    one = job_estimate(arch, training_shape(spec, lean_mb, lean_gc, 1), "single")
-    baseline = next((g for g in classes if one.total <= catalog.usable_bytes(g) and _layout(g, "single", 1)
-                     and not _refusal(supply, g, "single", 1)), None)
+    one = search.job(lean_mb, lean_gc, 1, "single")
+    baseline = next((g for g, room in zip(classes, usable, strict=True) if one.total <= room
+                     and (layout := _layout(g, "single", 1)) and not _refusal(supply, g, layout)), None)
     runnable: list[Candidate] = []
     unavailable: list[Candidate] = []
     dearer: list[Candidate] = []
     misses: list[Miss] = []
     refused: dict[str, str] = {}  # class -> why the cluster cannot run it (for the first shape it held)
     for strategy, count in shapes(spec):
-        lean = one if count == 1 else job_estimate(arch, training_shape(spec, lean_mb, lean_gc, count), strategy)
-        holding = [g for g in classes
-                   if lean.total <= catalog.usable_bytes(g) and _layout(g, strategy, count) is not None]
+        lean = search.job(lean_mb, lean_gc, count, strategy)
+        # (index in classes, layout, why the cluster cannot run it) of each class that holds the shape
+        holding = [(at, layout, _refusal(supply, g, layout)) for at, g in enumerate(classes)
+                   if lean.total <= usable[at] and (layout := _layout(g, strategy, count)) is not None]
         if not holding:
             misses.append(Miss(strategy, count, lean.total))
             continue
-        refusals = [_refusal(supply, gpu, strategy, count) for gpu in holding]
-        for gpu, refusal in zip(holding, refusals, strict=True):
+        for at, _, refusal in holding:
             if refusal:
-                refused.setdefault(gpu.name, refusal)
-        if refusals[0] and (baseline is None or holding[0].hourly_price <= baseline.hourly_price):
-            unavailable.append(build(holding[0], strategy, count, lean, refusals[0]))  # say what it gave up
-        for gpu, refusal in zip(holding, refusals, strict=True):
+                refused.setdefault(classes[at].name, refusal)
+        at, (nodes, _), refusal = holding[0]
+        if refusal and (baseline is None or classes[at].hourly_price <= baseline.hourly_price):
+            unavailable.append(build(at, strategy, count, nodes, lean, refusal))  # say what it gave up
+        for at, (nodes, _), refusal in holding:
             if refusal:
                 continue
-            if baseline is not None and gpu.hourly_price > baseline.hourly_price:
-                dearer.append(build(gpu, strategy, count, lean))
+            if baseline is not None and classes[at].hourly_price > baseline.hourly_price:
+                dearer.append(build(at, strategy, count, nodes, lean))
             else:
-                runnable.append(build(gpu, strategy, count, lean))
+                runnable.append(build(at, strategy, count, nodes, lean))
     if not runnable:  # nothing under the baseline's price runs the strategy asked for (DDP's copy is larger)
         runnable, dearer = dearer, []
     return Comparison(tuple(rank(runnable, steps)), tuple(sorted(dearer, key=lambda c: c.cost(steps))),
@@ -324,18 +259,18 @@ def runner_ups(comparison: Comparison) -> list[Candidate]:
 def explain(comparison: Comparison, catalog: GpuCatalog) -> list[str]:
     """Why the chosen shape: its cost and time, what it beat and by how much, and why fewer GPUs would not do."""
     chosen, steps = comparison.chosen, comparison.steps
-    usable = catalog.usable_bytes(chosen.gpu)
+    usable, cost = catalog.usable_bytes(chosen.gpu), chosen.cost(steps)
     reasons = [
         f"{chosen.label()}: the cheapest shape per job that holds it ({gib(usable)} usable of "
         f"{chosen.gpu.memory_gib:.1f} GiB per GPU; {chosen.hourly:.2f}/h x {chosen.hours(steps):.1f} h = "
-        f"{chosen.cost(steps):.2f} {comparison.per()}, estimated)"
+        f"{cost:.2f} {comparison.per()}, estimated)"
     ]
     for other in runner_ups(comparison):
         line = "vs " + _versus(other, chosen, steps)
         if other.step_seconds < chosen.step_seconds:
             line += "; faster but dearer" + _how_to_pin(other)
         reasons.append(line)
-    cheaper = [c for c in comparison.dearer if c.cost(steps) < chosen.cost(steps)]
+    cheaper = [c for c in comparison.dearer if c.cost(steps) < cost]
     if cheaper and comparison.baseline is not None:
         reasons.append(
             f"not considered: classes dearer per GPU-hour than {comparison.baseline.name} (the cheapest single GPU "

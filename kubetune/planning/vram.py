@@ -7,6 +7,7 @@ against a real run: the trainer exports `kubetune_vram_estimate_bytes` beside th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -94,9 +95,10 @@ class Estimate:
         return {k: round(v / GiB, 2) for k, v in self.parts.items()}
 
 
-def targeted(arch: Architecture, targets: tuple[str, ...] | Literal["all-linear"]) -> dict[str, tuple[int, int, int]]:
+def targeted(arch: Architecture,
+             targets: tuple[str, ...] | Literal["all-linear"]) -> Mapping[str, tuple[int, int, int]]:
     """The per-layer linear projections LoRA wraps. 'all-linear' is every decoder projection (not lm_head)."""
-    shapes = arch.linear_shapes()
+    shapes = arch.projections
     if targets == "all-linear":
         return shapes
     return {name: shape for name, shape in shapes.items() if name in targets}
@@ -186,8 +188,7 @@ def estimate(arch: Architecture, shape: TrainingShape) -> Estimate:
         per_weight = 1 / QUANT_BLOCK + 4 / (QUANT_BLOCK * DOUBLE_QUANT_BLOCK) if shape.double_quant else 4 / QUANT_BLOCK
         constants = arch.linear_params * per_weight
         # bitsandbytes dequantizes one projection at a time to bf16 for the matmul (forward and backward)
-        largest = max(i * o for i, o, _ in arch.linear_shapes().values())
-        dequant_workspace = DEQUANT_COPIES * largest * 2
+        dequant_workspace = DEQUANT_COPIES * arch.largest_projection * 2
     else:
         base = (arch.linear_params + on_gpu_embeddings + arch.norm_params) * 2
         constants = 0.0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,14 @@ def test_bundled_gguf_header_matches_the_catalog() -> None:
     assert (arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.vocab) == (
         smol.layers, smol.hidden, smol.intermediate, smol.heads, smol.kv_heads, smol.vocab)
     assert arch.tied_embeddings is True
+
+
+def test_an_architecture_with_its_derived_numbers_computed_still_pickles_and_copies() -> None:
+    """The numbers the planner caches on an Architecture (cached_property) stay plain data."""
+    arch = catalog_lookup("mistralai/Mixtral-8x7B-v0.1")
+    assert arch is not None
+    derived = (arch.projections, arch.largest_projection, arch.linear_params, arch.total_params)
+    for twin in (pickle.loads(pickle.dumps(arch)), copy.deepcopy(arch)):
+        assert twin == arch
+        assert (twin.projections, twin.largest_projection, twin.linear_params, twin.total_params) == derived
+    assert arch.largest_projection == 4096 * 14336  # an expert's gate/up/down projection

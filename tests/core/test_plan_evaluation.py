@@ -8,9 +8,9 @@ import pytest
 
 from kubetune.planning.evaluation import eval_cost, held_out_tokens
 from kubetune.planning.gpus import load_catalog
+from kubetune.planning.knobs import training_shape
 from kubetune.planning.models import Architecture
 from kubetune.planning.plan import make_plan
-from kubetune.planning.shapes import training_shape
 from kubetune.planning.vram import estimate, generation_bytes, kv_cache_bytes
 from kubetune.sources import model_architecture
 from kubetune.spec import FineTuneJobSpec, parse_spec
