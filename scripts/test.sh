@@ -7,8 +7,8 @@ echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"
 .venv/bin/mypy
-# Much of the suite's time is spent starting and waiting on processes (trainers, kubelet pods, servers), so it runs on up to 4
-# workers (one per core); KUBETUNE_TEST_WORKERS=0 runs it in this process, and arguments after ours win.
+# One pytest-xdist worker per core, at most 4 (each worker's trainer and pod processes take memory);
+# KUBETUNE_TEST_WORKERS=0 runs the tests in this process, and arguments after ours win.
 cores=$(nproc)
 workers=${KUBETUNE_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
 echo "==> pytest ($workers workers)"
