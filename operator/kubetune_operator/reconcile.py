@@ -320,6 +320,8 @@ def _follow(job: _Job) -> None:
             outcome.state in (ObservedState.RUNNING, ObservedState.WAITING):
         return  # the Job is being suspended (its watch lags the patch); its pod stops on its own
 
+    if outcome.state is ObservedState.SETTLING:
+        return  # the pod's exit (and its termination message) is on its way; the next event brings it
     if outcome.state is ObservedState.RUNNING:
         _running(job, outcome, attempts, number)
     elif outcome.state is ObservedState.SUCCEEDED:
@@ -368,7 +370,7 @@ def _succeeded(job: _Job, summary: TerminationSummary, attempts: list[dict[str, 
     """Succeeded: the adapter's URI, the final progress and loss point, the evaluation (its Event once), and
     the serving text."""
     snap = job.snap
-    uri = summary.adapter_uri or str((job.spec.get("output") or {}).get("uri", "")).rstrip("/") + "/adapter/"
+    uri = summary.adapter_uri or str((job.spec.get("output") or {}).get("uri", "")).rstrip("/") + "/adapter"
     progress = dict(job.status.get("progress") or {})
     if summary.final_loss is not None:
         progress["loss"] = summary.final_loss

@@ -223,7 +223,10 @@ class ObservedState(StrEnum):
     """What an attempt's workload and pods say (`observe`); reconcile._follow moves the job on by it."""
 
     WAITING = "Waiting"
-    """No pod runs yet (scheduling, a gang's rendezvous), or the Job failed before its pod's exit code is in."""
+    """No pod runs yet (scheduling, a gang's rendezvous)."""
+    SETTLING = "Settling"
+    """The workload has finished but the pod that says how has not shown its exit yet (the Job's watch stream ran
+    ahead of the pods'): nothing moves until it does."""
     SUSPENDED = "Suspended"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
@@ -292,6 +295,11 @@ def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
         if status.get("name") == CONTAINER:
             return (status.get("state") or {}).get("terminated")
     return None
+
+
+def _live(pod: Mapping[str, Any]) -> bool:
+    """The pod is shown pending or running with no exit yet (its final state may still be on its way)."""
+    return _terminated(pod) is None and (pod.get("status") or {}).get("phase") in ("Pending", "Running")
 
 
 def _job_condition(job: Mapping[str, Any], ctype: str) -> Mapping[str, Any] | None:
@@ -365,12 +373,16 @@ def observe(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]], de
     if exited is not None:
         return exited
     if _finished(job):
-        if not gang:
-            return Outcome(ObservedState.SUCCEEDED, "the trainer Job completed")
-        leaders = [p for p in ordered if node_index(p) in (0, None)]
+        leaders = [p for p in ordered if node_index(p) in (0, None)] if gang else ordered
         done = next((t for p in reversed(leaders) if (t := _terminated(p)) and t.get("exitCode") == 0), None)
+        if done is None and any(_live(p) for p in leaders):
+            # The Job's watch stream ran ahead of the pods': the adapter's URI and the final loss are in the
+            # termination message of the pod that wrote them, so wait for it rather than finish without them.
+            return Outcome(ObservedState.SETTLING, "the trainer Job completed; reading its pod's termination message",
+                           gang=gang)
         summary = termination_summary(done.get("message") if done else None)
-        return Outcome(ObservedState.SUCCEEDED, f"all {size} pods finished", summary, gang=True)
+        what = f"all {size} pods finished" if gang else "the trainer Job completed"
+        return Outcome(ObservedState.SUCCEEDED, what, summary, gang=gang)
     failed = _job_condition(job, "Failed")
     if failed:
         return _failed(failed, ordered, gang)
@@ -416,11 +428,9 @@ def _failed(failed: Mapping[str, Any], ordered: list[Mapping[str, Any]], gang: b
     """The workload's Failed condition: why, from the pod that failed (for a gang, which rank and its last
     words), once that pod's exit code is in."""
     first = _first_failure(ordered) if gang else None
-    if (first is None or not gang) and \
-            any(_terminated(p) is None and (p.get("status") or {}).get("phase") in ("Pending", "Running")
-                for p in ordered):
+    if (first is None or not gang) and any(_live(p) for p in ordered):
         # The Job's watch stream ran ahead of the pods': wait for the exit code of the pod that failed.
-        return Outcome(ObservedState.WAITING, "the trainer Job failed; reading its pod's exit code", gang=gang)
+        return Outcome(ObservedState.SETTLING, "the trainer Job failed; reading its pod's exit code", gang=gang)
     last = first[1] if first else next((t for p in reversed(ordered) if (t := _terminated(p))), None)
     summary = termination_summary(last.get("message") if last else None)
     code = last.get("exitCode") if last else None

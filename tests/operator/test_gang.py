@@ -12,7 +12,8 @@ from kubetune_operator import resources, scaleout
 from kubetune_operator import status as st
 from kubetune_operator.reconcile import reconcile
 from kubetune_operator.settings import Settings
-from test_reconcile import BAD, DONE, OOM, after, body, snapshot
+from test_reconcile import BAD, DONE, OOM, after, body, pod, snapshot, trainer_job
+from test_reconcile import RUNNING as RUNNING_ONE
 
 from kubetune.contracts import Reason
 from kubetune.planning.gpus import GpuCatalog, load_catalog
@@ -99,6 +100,20 @@ def test_success_waits_for_the_whole_workload_and_takes_node_0s_summary() -> Non
     assert status["step"] == "500/500"
 
 
+def test_the_job_completing_before_node_0_shows_its_exit_waits_for_its_summary() -> None:
+    """The Job's watch stream can run ahead of the pods': finishing then would lose the adapter's URI, the final
+    loss and the evaluation that only node 0's termination message carries (CI saw the fallback URI)."""
+    ahead = gang(RUNNING, job=indexed_job("Complete"), pods=(rank_pod(0), rank_pod(1, 0)))
+    assert st.observe(ahead.trainer_job, ahead.pods, 8000).state == "Settling"
+    status = after(ahead, reconcile(ahead))
+    assert status["phase"] == "Running" and "adapterUri" not in status
+    gone = gang(RUNNING, job=indexed_job("Complete"), pods=(rank_pod(1, 0),))  # node 0's pod is deleted
+    status = after(gone, reconcile(gone))
+    assert status["phase"] == "Succeeded" and status["adapterUri"] == "s3://adapters/j/adapter"
+    alone = snapshot(body(), RUNNING_ONE, job=trainer_job(condition="Complete"), pods=(pod(),))
+    assert after(alone, reconcile(alone))["phase"] == "Running"  # a one-pod Job waits the same way
+
+
 def test_a_failed_rank_fails_the_attempt_and_the_next_attempt_resumes_every_rank() -> None:
     pods = (rank_pod(0, 143, finished="2026-12-02T08:03:01Z"), rank_pod(1, 137, finished="2026-12-02T08:03:01Z"))
     snap = gang(RUNNING, job=indexed_job("Failed"), pods=pods)
@@ -119,7 +134,7 @@ def test_a_failed_rank_fails_the_attempt_and_the_next_attempt_resumes_every_rank
 
 def test_the_job_failing_before_its_pods_say_why_waits_for_the_exit_code() -> None:
     snap = gang(RUNNING, job=indexed_job("Failed"), pods=(rank_pod(0), rank_pod(1)))
-    assert not reconcile(snap).create and st.observe(indexed_job("Failed"), snap.pods, 8000).state == "Waiting"
+    assert not reconcile(snap).create and st.observe(indexed_job("Failed"), snap.pods, 8000).state == "Settling"
 
 
 def test_restarts_stop_at_the_backoff_limit() -> None:

@@ -220,6 +220,8 @@ def _pod(code: int | None = None, reason: str = "", phase: str = "Running", mess
                                                  "reason": "BackoffLimitExceeded"}]}},
          [_pod(4, "Error", "Failed", '{"error": "s3: access denied"}')], "Failed"),
         ({"spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}, [], "Succeeded"),
+        ({"spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}, [_pod()], "Settling"),
+        ({"spec": {}, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}, [_pod()], "Settling"),
     ],
 )
 def test_observe(job: dict | None, pods: list[dict], state: str) -> None:
