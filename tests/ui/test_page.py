@@ -17,7 +17,7 @@ import yaml
 from kt_api import JOB, Stack, stack_factory
 from kt_browser import PHONE, tab
 from kt_proxy import CuttableProxy, HeaderProxy
-from playwright.async_api import Browser, Request, expect
+from playwright.async_api import Browser, Request, Route, expect
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -185,9 +185,22 @@ async def test_the_list_stays_live_across_a_dropped_stream(stack: Stack, browser
         assert await rows.all_inner_texts() == ["while-cut-off", "before-the-cut"]
         # delete from the job's page (confirmed): the list drops it live
         t.page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        # Until the job has loaded its buttons are disabled: they would act on no job, or on the one shown before.
+        held = asyncio.Event()
+
+        async def hold(route: Route) -> None:
+            await held.wait()
+            await route.continue_()
+
+        await t.page.route("**/finetunejobs/while-cut-off", hold)
         await rows.get_by_role("link", name="while-cut-off").click()
         await t.page.locator("#job-title", has_text="while-cut-off").wait_for()
-        await t.page.get_by_role("button", name="Delete").click()
+        delete = t.page.get_by_role("button", name="Delete")
+        await expect(delete).to_be_disabled()
+        held.set()
+        await expect(delete).to_be_enabled()
+        await t.page.unroute("**/finetunejobs/while-cut-off")
+        await delete.click()
         await t.page.locator("#jobs-title", has_text="Jobs in team-a").wait_for()
         await expect(rows.get_by_text("while-cut-off")).to_have_count(0)
         await expect(rows.get_by_text("before-the-cut")).to_have_count(1)

@@ -698,6 +698,7 @@ function renderJob(obj) {
     el('td', { text: a.resumedFromStep ?? '' }), el('td', { text: a.startedAt || '' }), el('td', { text: a.message || '' }))));
   const terminal = ['Succeeded', 'Failed'].includes(st.phase);
   $('#suspend-button').disabled = terminal || Boolean(spec.suspend);
+  $('#delete-button').disabled = false;
   $('#resume-button').disabled = terminal || !spec.suspend;
 }
 
@@ -724,7 +725,12 @@ function renderEvents() {
 
 function onJobEvent(kind, data) {
   if (kind === 'job') {
-    if (data.type === 'DELETED') { say('This job was deleted.'); $('#job-phase').textContent = 'Deleted'; return; }
+    if (data.type === 'DELETED') {
+      say('This job was deleted.');
+      $('#job-phase').textContent = 'Deleted';
+      for (const verb of JOB_BUTTONS) $(`#${verb}-button`).disabled = true;
+      return;
+    }
     if (data.resource) renderJob(data.resource);
   } else if (kind === 'kevent') {
     state.events.set(`${data.reason}|${data.message}`, data);  // a repeat bumps its count: one line
@@ -736,8 +742,13 @@ function onJobEvent(kind, data) {
   }
 }
 
+const JOB_BUTTONS = ['suspend', 'resume', 'delete'];
+
 async function showJob(ns, name) {
   show('job');
+  // the buttons act on state.job: until this job has loaded they would act on the one shown before (or on none)
+  state.job = null;
+  for (const verb of JOB_BUTTONS) $(`#${verb}-button`).disabled = true;
   $('#job-title').textContent = name;
   $('#job-error').textContent = '';
   state.events = new Map();
@@ -758,6 +769,7 @@ async function showJob(ns, name) {
 }
 
 async function act(verb) {
+  if (!state.job) return;
   const [ns, name] = [state.ns, state.job.metadata.name];
   if (verb === 'delete' && !window.confirm(`Delete ${name}? Its pods stop; the S3 output stays.`)) return;
   $('#job-error').textContent = '';
@@ -839,7 +851,7 @@ function wire() {
   });
   $('#plan-button').addEventListener('click', () => { if (onYamlInput()) doPlan(state.ns); });
   $('#submit-button').addEventListener('click', () => doSubmit(state.ns));
-  for (const verb of ['suspend', 'resume', 'delete']) $(`#${verb}-button`).addEventListener('click', () => act(verb));
+  for (const verb of JOB_BUTTONS) $(`#${verb}-button`).addEventListener('click', () => act(verb));
   window.addEventListener('hashchange', route);
 }
 
