@@ -4,6 +4,7 @@ running the real trainer (`python -m kubetune_trainer`) -> the test hub and moto
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,11 +17,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
 
-from hub_server import HubServer
+from hub_server import HubServer, model_files, smollm_model_dir
 from kt_cluster import NS, Cluster, cluster
 from kt_kubectl import Kubectl
 from kt_kubelet import Kubelet
-from kt_life import CREDENTIALS, DATA, MODEL, MODEL_CACHE_CLAIM, World, free_port
+from kt_life import CREDENTIALS, DATA, MODEL, MODEL_CACHE_CLAIM, TINY, World, free_port
+from tiny_llama import tiny_llama
 
 __all__ = ["cluster"]
 
@@ -35,15 +37,31 @@ def s3(s3_endpoint: str) -> Any:
 
 @pytest.fixture
 def bucket(s3: Any, request: pytest.FixtureRequest) -> str:
-    name = "e2e-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.monotonic_ns() % 100000}"
+    test = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")  # a bucket name's characters
+    name = f"e2e-{test}-{time.monotonic_ns() % 100000}"
     s3.create_bucket(Bucket=name)
     s3.upload_file(str(DATA), name, "data/train.jsonl")
     s3.put_object(Bucket=name, Key="data/eval.jsonl", Body="".join(DATA.read_text().splitlines(keepends=True)[-8:]))
     return name
 
 
+@pytest.fixture(scope="session")
+def tiny_repo(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, on the test hub (`kt_life.TINY`)."""
+    from transformers import AutoTokenizer
+
+    folder = tiny_llama(tmp_path_factory.mktemp("tiny-llama"), AutoTokenizer.from_pretrained(smollm_model_dir()))
+    hub_server.publish(TINY, model_files(folder, decoys=False))
+    return TINY
+
+
 @pytest.fixture
-def model() -> dict[str, Any]:
+def model(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The FineTuneJob's base model on the test hub: SmolLM2-135M, or the tiny Llama for a test parametrized with
+    `@pytest.mark.parametrize("model", ["tiny"], indirect=True)`, where the life, not the model, is the point (a
+    SmolLM2 pod costs this 2-core machine ~15 s more CPU than a tiny one)."""
+    if getattr(request, "param", None) == "tiny":
+        return {"name": request.getfixturevalue("tiny_repo")}
     return {"name": MODEL}
 
 

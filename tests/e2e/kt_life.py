@@ -24,6 +24,7 @@ DATA = ROOT / "examples" / "data" / "pebblewave-support.jsonl"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 MAX_STEPS, CHECKPOINT_STEPS = 4, 2
 MODEL = SMOLLM_REPO  # a made-up hub id: planned from its config.json on the test hub, downloaded from there
+TINY = "kubetune-test/tiny-llama"  # the tiny random Llama (tests/tiny_llama.py), published by the `tiny_repo` fixture
 MODEL_CACHE_CLAIM = "model-cache"
 
 

@@ -17,30 +17,17 @@ from typing import Any
 
 import pytest
 import yaml
-from hub_server import HubServer, model_files, smollm_model_dir
 from kt_cluster import NS
 from kt_life import CHECKPOINT_STEPS, MAX_STEPS, World, free_port
 from kubetune_operator import scaleout
 from test_life import adapter_files, check_manifest, wait_events
-from tiny_llama import tiny_llama
 
 from kubetune import wire
 from kubetune.planning.gpus import load_catalog
 
 pytestmark = pytest.mark.slow
 
-TINY = "kubetune-test/tiny-llama"
 GANG = {"gpuClass": "A10G", "gpuCount": 2, "strategy": "ddp"}
-
-
-@pytest.fixture(scope="session")
-def tiny_repo(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, on the test hub."""
-    from transformers import AutoTokenizer
-
-    folder = tiny_llama(tmp_path_factory.mktemp("tiny-llama"), AutoTokenizer.from_pretrained(smollm_model_dir()))
-    hub_server.publish(TINY, model_files(folder, decoys=False))
-    return TINY
 
 
 @pytest.fixture

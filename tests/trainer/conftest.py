@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,11 +38,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session", autouse=True)
 def _trainer_env() -> Iterator[None]:
-    """A shared model cache (the bundled GGUF converts once per machine), few threads, no network."""
+    """A shared model cache (the bundled GGUF converts once per machine), no network (threads: tests/conftest.py)."""
     os.environ.setdefault("KUBETUNE_CACHE_DIR", str(Path.home() / ".cache" / "kubetune"))
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
     yield
 
 
@@ -199,7 +199,8 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 @pytest.fixture
 def bucket(s3: Any, request: pytest.FixtureRequest) -> str:
-    name = "kt-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.monotonic_ns() % 100000}"
+    test = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")  # a bucket name's characters
+    name = f"kt-{test}-{time.monotonic_ns() % 100000}"
     s3.create_bucket(Bucket=name)
     return name
 
