@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,29 @@ def start_trainer(trainer_env: dict[str, str]) -> Iterator[Callable[..., Trainer
             proc.proc.wait(timeout=30)
         if not proc.log_file.closed:
             proc.log_file.close()
+
+
+@dataclass
+class InProcessRun:
+    code: int
+    summary: dict[str, Any]
+    log: str  # what the run wrote to stderr: its JSON lines
+
+
+@pytest.fixture
+def train_here(capfd: pytest.CaptureFixture[str]) -> Callable[[Path], InProcessRun]:
+    """The trainer's `main` in this process, as a pod would run it but without importing the training stack
+    again (~8 s of CPU per process): for the runs a test does not kill or watch from outside (a resume, a
+    reference run to compare with)."""
+    def run(config: Path) -> InProcessRun:
+        from kubetune_trainer.__main__ import main
+
+        termination = config.with_suffix(".termination.json")
+        capfd.readouterr()
+        code = main(["--config", str(config), "--device", "cpu", "--metrics-port", "0",
+                     "--termination-log", str(termination)])
+        return InProcessRun(code, dict(json.loads(termination.read_text())), capfd.readouterr().err)
+    return run
 
 
 @pytest.fixture

@@ -195,19 +195,20 @@ def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path: Path, tiny_model_dir
                                                   write_config: Callable[..., Path], trainer_env: dict[str, str],
                                                   adapter_tensors: Callable[[Path], dict[str, Any]]) -> None:
     """Elastic: two ranks are SIGKILLed after a checkpoint; the next attempt has one rank and ends with the
-    adapter of an uninterrupted one-rank run."""
+    adapter of an uninterrupted one-rank run. On the way, rank 0 exports every rank's memory peak."""
     steps = 8
     reference = tmp_path / "reference"
-    spec = spec_for(tiny_model_dir, chat_file, str(reference), maxSteps=steps, checkpointSteps=3)
+    spec = spec_for(tiny_model_dir, chat_file, str(reference), maxSteps=steps, checkpointSteps=3, loggingSteps=1)
     assert run_one_rank(write_config(spec, name="ref"), tmp_path / "ref.json") == 0
 
     out = tmp_path / "elastic"
-    config = write_config(spec_for(tiny_model_dir, chat_file, str(out), maxSteps=steps, checkpointSteps=3),
-                          name="elastic")
+    config = write_config(spec_for(tiny_model_dir, chat_file, str(out), maxSteps=steps, checkpointSteps=3,
+                                   loggingSteps=1), name="elastic")
+    port = free_port()
     log = (tmp_path / "ranks.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "kubetune_trainer.launch",
-                             *ranks_argv(config, tmp_path / "killed.json")], cwd=ROOT, env=trainer_env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             *ranks_argv(config, tmp_path / "killed.json", metrics_port=port)], cwd=ROOT,
+                            env=trainer_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     marker = out / "checkpoints" / "step-00000003" / "COMPLETE"
     try:
         deadline = time.monotonic() + 240
@@ -215,6 +216,7 @@ def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path: Path, tiny_model_dir
             assert proc.poll() is None, (tmp_path / "ranks.log").read_text()[-4000:]
             assert time.monotonic() < deadline, "no checkpoint at step 3"
             time.sleep(0.05)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -222,6 +224,10 @@ def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path: Path, tiny_model_dir
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert not (out / "adapter").exists()
+
+    peaks = {line.split('rank="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+             for line in metrics.splitlines() if line.startswith("kubetune_rank_memory_peak_bytes{")}
+    assert set(peaks) == {"0", "1"} and all(v > 50e6 for v in peaks.values()), peaks
 
     termination = tmp_path / "resumed.json"
     assert run_one_rank(config, termination) == 0
@@ -241,33 +247,6 @@ def test_storage_error_on_every_rank_exits_4_not_1(tmp_path: Path, tiny_model_di
     termination = tmp_path / "summary.json"
     assert launch(ranks_argv(write_config(spec), termination)) == 4
     assert json.loads(termination.read_text())["outcome"] == "StorageError"
-
-
-@pytest.mark.slow
-def test_rank_peaks_are_exported_by_rank_zero(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
-                                             spec_for: Callable[..., dict[str, Any]],
-                                             write_config: Callable[..., Path], trainer_env: dict[str, str]) -> None:
-    port = free_port()
-    spec = spec_for(tiny_model_dir, chat_file, str(tmp_path / "out"), maxSteps=2, loggingSteps=1)
-    env = {**trainer_env, "KUBETUNE_METRICS_LINGER_SECONDS": "30"}
-    summary = tmp_path / "summary.json"
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune_trainer.launch",
-                             *ranks_argv(write_config(spec), summary, metrics_port=port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        text = ""
-        while time.monotonic() < deadline and not summary.exists():
-            assert proc.poll() is None
-            time.sleep(0.2)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    peaks = {line.split('rank="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-             for line in text.splitlines() if line.startswith("kubetune_rank_memory_peak_bytes{")}
-    assert set(peaks) == {"0", "1"} and all(v > 50e6 for v in peaks.values()), peaks
 
 
 # --- FSDP2 (resources.strategy: fsdp) ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from kubetune_trainer.faults import KILL_AT_STEP, OOM_AT_STEP, fault_step, oom_s
 def test_oom_at_step_k_exits_3_and_the_next_attempt_resumes(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
                                                            spec_for: Callable[..., dict[str, Any]],
                                                            write_config: Callable[..., Path],
-                                                           start_trainer: Any) -> None:
+                                                           start_trainer: Any, train_here: Any) -> None:
     spec = spec_for(tiny_model_dir, chat_file, str(tmp_path / "out"), maxSteps=4, checkpointSteps=2)
     config = write_config(spec, name="oom")
     first = start_trainer(config, env={OOM_AT_STEP: "3"})
@@ -22,9 +22,9 @@ def test_oom_at_step_k_exits_3_and_the_next_attempt_resumes(tmp_path: Path, tiny
     summary = first.summary()
     assert summary["outcome"] == "OutOfMemory" and summary["exitCode"] == 3 and summary["steps"] == 2
     assert summary["error"].startswith("out of GPU memory at step 2") and OOM_AT_STEP in summary["error"]
-    second = start_trainer(config)
-    assert second.wait(timeout=300) == 0, second.log[-3000:]
-    assert "at step 2/4" in second.log and second.summary()["steps"] == 4
+    second = train_here(config)
+    assert second.code == 0, second.log[-3000:]
+    assert "at step 2/4" in second.log and second.summary["steps"] == 4
 
 
 def test_the_variable_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:

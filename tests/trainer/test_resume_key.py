@@ -68,7 +68,7 @@ def test_the_key_changes_with_the_trajectory(change: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_resume_after_a_new_micro_batch_split_continues_from_the_checkpoint(
         tmp_path: Path, tiny_model_dir: Path, chat_file: Path, spec_for: Callable[..., dict[str, Any]],
-        write_config: Callable[..., Path], start_trainer: Any,
+        write_config: Callable[..., Path], start_trainer: Any, train_here: Any,
         adapter_tensors: Callable[[Path], dict[str, Any]]) -> None:
     """Attempt 1 runs micro-batch 2 x accumulation 2 and dies after a checkpoint; attempt 2 is re-planned
     to micro-batch 1 x accumulation 4 (as after an OOM) and resumes there, ending where an uninterrupted
@@ -83,18 +83,18 @@ def test_resume_after_a_new_micro_batch_split_continues_from_the_checkpoint(
 
     second_spec = spec_for(tiny_model_dir, chat_file, str(out), maxSteps=steps, checkpointSteps=2,
                            microBatchSize=1, gradientAccumulationSteps=4, gradientCheckpointing=True)
-    second = start_trainer(write_config(second_spec, name="escalated"))
-    assert second.wait() == 0, second.log[-3000:]
+    second = train_here(write_config(second_spec, name="escalated"))
+    assert second.code == 0, second.log[-3000:]
     resumed = [json.loads(line) for line in second.log.splitlines()
                if line.startswith("{") and '"event": "resume"' in line]
     assert resumed and resumed[0]["step"] >= 2, second.log[-3000:]
     assert "different spec" not in second.log
-    assert second.summary()["steps"] == steps
+    assert second.summary["steps"] == steps
 
     reference = tmp_path / "reference"
-    ref = start_trainer(write_config(spec_for(tiny_model_dir, chat_file, str(reference), maxSteps=steps,
-                                              checkpointSteps=2), name="reference"))
-    assert ref.wait() == 0, ref.log[-3000:]
+    ref = train_here(write_config(spec_for(tiny_model_dir, chat_file, str(reference), maxSteps=steps,
+                                           checkpointSteps=2), name="reference"))
+    assert ref.code == 0, ref.log[-3000:]
     got = adapter_tensors(out / "adapter" / "adapter_model.safetensors")
     want = adapter_tensors(reference / "adapter" / "adapter_model.safetensors")
     for name in want:  # same rows per step, the loss summed in another order: float noise only
