@@ -63,16 +63,19 @@ def terminated(pod: dict[str, Any]) -> dict[str, Any]:
     return dict(pod["status"]["containerStatuses"][0]["state"]["terminated"])
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-async def test_two_pods_rendezvous_train_and_write_the_adapter(two_nodes: World, strategy: str) -> None:
-    """fsdp: the seam from the planner's strategy through the ConfigMap to FSDP2 sharding over two pods."""
+FSDP_RANKS = '"message": "2 ranks, FSDP2: 2 units (decoder layers, an untied input embedding) and the root sharded'
+
+
+async def test_two_pods_rendezvous_train_and_write_the_adapter(two_nodes: World) -> None:
+    """DDP; FSDP's seam (the planner's strategy through the ConfigMap to FSDP2 sharding over two pods) is the
+    killed-rank test's, which also resumes it."""
     world = two_nodes
     started = time.perf_counter()
-    await world.apply("wide", resources={**GANG, "strategy": strategy})
+    await world.apply("wide", resources=GANG)
     done = await world.wait_phase("wide", "Succeeded")
     seconds = time.perf_counter() - started
 
-    assert done["gpu"] == f"A10G x2 {strategy.upper()}, 2 nodes" and done["jobName"] == "wide-a1"
+    assert done["gpu"] == "A10G x2 DDP, 2 nodes" and done["jobName"] == "wide-a1"
     [job] = world.jobs("wide")
     assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == \
         ("Indexed", 2, 2)
@@ -89,9 +92,7 @@ async def test_two_pods_rendezvous_train_and_write_the_adapter(two_nodes: World,
     # The two torchrun agents met in one rendezvous: pod 0 (index 0) runs global rank 0 of 2, which logs the
     # story (steps, checkpoints); rank 1 logs only what goes wrong.
     logs = [world.trainer_log(p["metadata"]["name"]) for p in pods]
-    ranks_line = '"message": "2 ranks, DDP over the LoRA parameters"' if strategy == "ddp" else \
-        '"message": "2 ranks, FSDP2: 2 units (decoder layers, an untied input embedding) and the root sharded'
-    assert ranks_line in logs[0], logs[0][-3000:]
+    assert '"message": "2 ranks, DDP over the LoRA parameters"' in logs[0], logs[0][-3000:]
     assert logs[0].count('"event": "step"') == MAX_STEPS and '"event": "checkpoint"' in logs[0]
     assert '"event": "step"' not in logs[1] and '"event": "done"' not in logs[1], logs[1][-3000:]
 
@@ -106,11 +107,12 @@ async def test_two_pods_rendezvous_train_and_write_the_adapter(two_nodes: World,
 
 
 async def test_a_killed_rank_fails_the_attempt_and_the_next_resumes(two_nodes: World) -> None:
+    """FSDP2 over two pods: rank 1 dies after the step-2 checkpoint; attempt 2 reshards and resumes every rank."""
     world = two_nodes
     world.kubelet.inject_env(lambda pod: pod["metadata"]["name"].startswith("broken-a1-1-"),
                              {"KUBETUNE_FAULT_KILL_AT_STEP": str(CHECKPOINT_STEPS + 1)})
     started = time.perf_counter()
-    await world.apply("broken", resources=GANG)
+    await world.apply("broken", resources={**GANG, "strategy": "fsdp"})
     done = await world.wait_phase("broken", "Succeeded")
     seconds = time.perf_counter() - started
 
@@ -125,6 +127,7 @@ async def test_a_killed_rank_fails_the_attempt_and_the_next_resumes(two_nodes: W
     second = sorted(world.pods_seen({"broken-a2"}).values(), key=lambda p: index_of(p) or 0)
     log = world.trainer_log(second[0]["metadata"]["name"])
     assert f"at step {CHECKPOINT_STEPS}/{MAX_STEPS}" in log, log[-3000:]
+    assert FSDP_RANKS in log and done["gpu"] == "A10G x2 FSDP, 2 nodes", log[-3000:]
     check_manifest(adapter_files(world, "broken"))
     await wait_events(world, "broken")
     assert any(e.get("reason") == "RankFailed" for e in world.events("broken"))

@@ -194,10 +194,13 @@ class InProcessRun:
 
 
 @pytest.fixture
-def train_here(capfd: pytest.CaptureFixture[str]) -> Callable[[Path], InProcessRun]:
+def train_here(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+               ) -> Callable[[Path], InProcessRun]:
     """The trainer's `main` in this process, as a pod would run it but without importing the training stack
     again (~8 s of CPU per process): for the runs a test does not kill or watch from outside (a resume, a
     reference run to compare with)."""
+    monkeypatch.setenv("KUBETUNE_LOG_FORMAT", "json")  # the log a pod writes, as the subprocess runs have it
+
     def run(config: Path) -> InProcessRun:
         from kubetune_trainer.__main__ import main
 

@@ -155,15 +155,15 @@ def test_malformed_rows_are_data_errors_naming_line_and_field(tmp_path: Path, na
 def test_malformed_data_exits_2_before_the_model_loads(tmp_path: Path, tiny_model_dir: Path, name: str,
                                                        content: bytes, message: str,
                                                        spec_for: Callable[..., dict[str, Any]],
-                                                       write_config: Callable[..., Path], start_trainer: Any) -> None:
+                                                       write_config: Callable[..., Path], train_here: Any) -> None:
     path = tmp_path / name
     path.write_bytes(content)
     spec = spec_for(tiny_model_dir, path, str(tmp_path / "out"))
     spec["dataset"]["format"] = "alpaca" if name.endswith(".csv") else "chat"
-    proc = start_trainer(write_config(spec))
-    assert proc.wait() == 2, proc.log
-    summary = proc.summary()
-    assert summary["outcome"] == "InvalidInput" and message in summary["error"]
+    run = train_here(write_config(spec))
+    assert run.code == 2, run.log
+    assert run.summary["outcome"] == "InvalidInput" and message in run.summary["error"]
+    assert '"event": "model"' not in run.log
 
 
 BOMB = """apiVersion: kubetune.io/v1alpha1

@@ -74,6 +74,7 @@ def test_same_seed_same_adapter(tmp_path: Path, tiny_model_dir: Path, chat_file:
 def test_sigkill_then_restart_resumes_and_matches(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
                                                   spec_for: Callable[..., dict[str, Any]],
                                                   write_config: Callable[..., Path], start_trainer: Any,
+                                                  train_here: Any,
                                                   adapter_tensors: Callable[[Path], dict[str, Any]]) -> None:
     out = tmp_path / "killed"
     steps = 12
@@ -85,13 +86,13 @@ def test_sigkill_then_restart_resumes_and_matches(tmp_path: Path, tiny_model_dir
     assert first.wait() == -signal.SIGKILL
     assert not (out / "adapter" / "manifest.json").exists(), "the first run finished before the kill"
 
-    second = start_trainer(config)
-    assert second.wait() == 0, second.log[-3000:]
+    second = train_here(config)
+    assert second.code == 0, second.log[-3000:]
     assert '"event": "resume"' in second.log and "resumed from" in second.log
     resumed_at = [json.loads(line)["step"] for line in second.log.splitlines()
                   if line.startswith("{") and '"event": "resume"' in line and '"step"' in line]
     assert resumed_at and 3 <= resumed_at[0] < steps
-    summary = second.summary()
+    summary = second.summary
     assert summary["outcome"] == "Succeeded" and summary["steps"] == steps
     manifest = check_adapter(out / "adapter", adapter_tensors)
     assert manifest["metrics"]["steps"] == steps
@@ -165,27 +166,24 @@ def test_lora_method_with_merged_model(tmp_path: Path, tiny_model_dir: Path, cha
 
 def test_bad_data_exits_2_before_loading_the_model(tmp_path: Path, tiny_model_dir: Path,
                                                     spec_for: Callable[..., dict[str, Any]],
-                                                    write_config: Callable[..., Path], start_trainer: Any) -> None:
+                                                    write_config: Callable[..., Path], train_here: Any) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
                    '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}\n')
-    proc = start_trainer(write_config(spec_for(tiny_model_dir, bad, str(tmp_path / "out"))))
-    assert proc.wait() == 2
-    summary = proc.summary()
-    assert summary["outcome"] == "InvalidInput"
-    assert "bad.jsonl line 2: field 'messages[1].content' must be a string, got NoneType" in summary["error"]
-    assert '"event": "model"' not in proc.log  # failed before any model (GPU) time
+    run = train_here(write_config(spec_for(tiny_model_dir, bad, str(tmp_path / "out"))))
+    assert run.code == 2
+    assert run.summary["outcome"] == "InvalidInput"
+    assert "bad.jsonl line 2: field 'messages[1].content' must be a string, got NoneType" in run.summary["error"]
+    assert '"ts"' in run.log and '"event": "model"' not in run.log  # JSON lines; none before a model (GPU) time
 
 
 def test_missing_bucket_exits_4(tmp_path: Path, tiny_model_dir: Path, chat_file: Path, s3_endpoint: str,
                                 spec_for: Callable[..., dict[str, Any]], write_config: Callable[..., Path],
-                                start_trainer: Any) -> None:
-    spec = spec_for(tiny_model_dir, chat_file, "s3://kubetune-missing-bucket/jobs/x/")
-    proc = start_trainer(write_config(spec), env={"AWS_ENDPOINT_URL": s3_endpoint})
-    assert proc.wait() == 4
-    summary = proc.summary()
-    assert summary["outcome"] == "StorageError"
-    assert "bucket 'kubetune-missing-bucket' does not exist" in summary["error"]
+                                train_here: Any, s3: Any) -> None:  # s3: the credentials and endpoint in the env
+    run = train_here(write_config(spec_for(tiny_model_dir, chat_file, "s3://kubetune-missing-bucket/jobs/x/")))
+    assert run.code == 4
+    assert run.summary["outcome"] == "StorageError"
+    assert "bucket 'kubetune-missing-bucket' does not exist" in run.summary["error"]
 
 
 def test_wrong_credentials_exit_4(tmp_path: Path, tiny_model_dir: Path, chat_file: Path, auth_s3_endpoint: str,
