@@ -184,8 +184,9 @@ async def test_sigkill_and_operator_restart_mid_run(world: World) -> None:
     adapter of an uninterrupted twin."""
     killed_once: list[str] = []
 
-    def first_pod(pod: dict[str, Any]) -> bool:  # the container dies without a word before step 3 (after
-        if killed_once or not pod["metadata"]["name"].startswith("killed-a1-"):  # checkpoint 2), once
+    def first_pod(pod: dict[str, Any]) -> bool:
+        """Only the first pod dies without a word: before step 3, after the step-2 checkpoint."""
+        if killed_once or not pod["metadata"]["name"].startswith("killed-a1-"):
             return False
         killed_once.append(pod["metadata"]["name"])
         return True

@@ -186,6 +186,14 @@ def start_trainer(trainer_env: dict[str, str]) -> Iterator[Callable[..., Trainer
             proc.log_file.close()
 
 
+def run_one_rank(config: Path, termination: Path, device: str = "cpu") -> int:
+    """`python -m kubetune_trainer` for one rank, in this process (the training stack imported once)."""
+    from kubetune_trainer.__main__ import main
+
+    return main(["--config", str(config), "--device", device, "--metrics-port", "0",
+                 "--termination-log", str(termination)])
+
+
 @dataclass
 class InProcessRun:
     code: int
@@ -202,12 +210,9 @@ def train_here(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("KUBETUNE_LOG_FORMAT", "json")  # the log a pod writes, as the subprocess runs have it
 
     def run(config: Path) -> InProcessRun:
-        from kubetune_trainer.__main__ import main
-
         termination = config.with_suffix(".termination.json")
         capfd.readouterr()
-        code = main(["--config", str(config), "--device", "cpu", "--metrics-port", "0",
-                     "--termination-log", str(termination)])
+        code = run_one_rank(config, termination)
         return InProcessRun(code, dict(json.loads(termination.read_text())), capfd.readouterr().err)
     return run
 

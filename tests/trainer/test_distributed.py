@@ -22,7 +22,7 @@ from kubetune_trainer.launch import exit_code, launch, threads_per_rank
 
 from kubetune.errors import SpecError
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, free_port, run_one_rank
 
 ADAPTER = "adapter/adapter_model.safetensors"
 
@@ -94,13 +94,6 @@ def ranks_argv(config: Path, termination: Path, nproc: int = 2, metrics_port: in
                device: str = "cpu") -> list[str]:
     return ["--standalone", "--nproc-per-node", str(nproc), "-m", "kubetune_trainer", "--config", str(config),
             "--device", device, "--metrics-port", str(metrics_port), "--termination-log", str(termination)]
-
-
-def run_one_rank(config: Path, termination: Path, device: str = "cpu") -> int:
-    from kubetune_trainer.__main__ import main
-
-    return main(["--config", str(config), "--device", device, "--metrics-port", "0",
-                 "--termination-log", str(termination)])
 
 
 def step_lines(err: str) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ and `bench/gpu_check.py`.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,18 +26,7 @@ import torch
 from kubetune.planning.plan import Knobs
 from kubetune.spec import parse_spec
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_one_rank(config: Path, termination: Path, device: str = "cpu") -> int:
-    from kubetune_trainer.__main__ import main
-
-    return main(["--config", str(config), "--device", device, "--metrics-port", "0",
-                 "--termination-log", str(termination)])
+from .conftest import free_port, run_one_rank
 
 
 def trainer_config(spec: dict[str, Any], **extra: Any) -> Any:

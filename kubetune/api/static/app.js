@@ -769,7 +769,6 @@ async function showJob(ns, name) {
 }
 
 async function act(verb) {
-  if (!state.job) return;
   const [ns, name] = [state.ns, state.job.metadata.name];
   if (verb === 'delete' && !window.confirm(`Delete ${name}? Its pods stop; the S3 output stays.`)) return;
   $('#job-error').textContent = '';
