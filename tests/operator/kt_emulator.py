@@ -30,7 +30,7 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     watchers: dict[ResKey, set[asyncio.Queue[Any]]] = attrs.field(factory=lambda: defaultdict(set), init=False)
     faults: list[dict[str, Any]] = attrs.field(factory=list, init=False)
     counts: dict[tuple[str, str], int] = attrs.field(factory=lambda: defaultdict(int), init=False)
+    # called with (METHOD, plural) as each request arrives, before it is answered: a test acts at an exact point
+    observers: list[Callable[[str, str], None]] = attrs.field(factory=list, init=False)
     kinds: dict[ResKey, Kind] = attrs.field(factory=dict, init=False)
     revision: int = attrs.field(default=1000, init=False)
     created_at: dict[ObjKey, float] = attrs.field(factory=dict, init=False)  # perf_counter() at creation
@@ -310,6 +312,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         kind = self.kinds[key]
         method = str(request.method.value).upper()
         self.counts[(method, kind.plural)] += 1
+        for observe in self.observers:
+            observe(method, kind.plural)
         try:
             for fault in self.faults:
                 if fault["times"] > 0 and fault["method"] == method and fault["plural"] == kind.plural and \

@@ -4,6 +4,7 @@ checkpoint from two ranks resumes on one, and the attempt exits with the trainer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
-from kubetune_trainer.distributed import Ranks, micro_batches_of, ranks_from_env
-from kubetune_trainer.launch import exit_code, launch, threads_per_rank
+from kubetune_trainer.distributed import RANK_SUMMARIES_ENV, Ranks, micro_batches_of, ranks_from_env
+from kubetune_trainer.launch import exit_code, launch, ranks_environment, threads_per_rank
+from kubetune_trainer.stop import LAUNCHER_PID_ENV
 
 from kubetune.errors import SpecError
 
@@ -86,6 +89,28 @@ def test_threads_are_shared_between_ranks() -> None:
     assert threads_per_rank(2, 16) == 8
     assert threads_per_rank(4, 2) == 1
     assert threads_per_rank(1, None) == 1
+
+
+def test_launch_environment_is_restored_after_the_ranks_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(RANK_SUMMARIES_ENV, "/kept")
+    monkeypatch.delenv(LAUNCHER_PID_ENV, raising=False)
+    with ranks_environment({RANK_SUMMARIES_ENV: "/tmp/x", LAUNCHER_PID_ENV: "42"}):
+        assert os.environ[RANK_SUMMARIES_ENV] == "/tmp/x" and os.environ[LAUNCHER_PID_ENV] == "42"
+    assert os.environ[RANK_SUMMARIES_ENV] == "/kept" and LAUNCHER_PID_ENV not in os.environ
+
+
+@pytest.mark.parametrize(("launcher", "outcome"), [
+    (None, "not armed"),         # not started by launch.py: nothing to do
+    ("parent", "armed"),         # the launcher is alive: Linux will SIGKILL this rank when it dies
+    ("1", -signal.SIGKILL),      # the launcher died before the rank armed itself: the rank goes at once
+])
+def test_a_rank_dies_with_its_launcher(launcher: str | None, outcome: str | int) -> None:
+    code = "from kubetune_trainer.stop import die_with_launcher; print('armed' if die_with_launcher() else 'not armed')"
+    env = {k: v for k, v in os.environ.items() if k != LAUNCHER_PID_ENV}
+    if launcher is not None:
+        env[LAUNCHER_PID_ENV] = str(os.getpid()) if launcher == "parent" else launcher
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert (done.stdout.strip() or done.returncode) == outcome, (done.returncode, done.stderr)
 
 
 # --- real runs: gloo on 127.0.0.1 -----------------------------------------------------------------------
@@ -182,13 +207,30 @@ def test_kubetune_train_nproc_per_node_gives_the_same_adapter(tmp_path: Path, ti
     assert "--nproc-per-node: must be >= 1, got 0" in capsys.readouterr().err
 
 
+def still_running(processes: list[psutil.Process], within: float) -> list[psutil.Process]:
+    """Those of `processes` still running after `within` seconds (a zombie has stopped: its new parent, this
+    machine's init, may be slow to reap it)."""
+    def running(process: psutil.Process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + within
+    while (alive := [p for p in processes if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
 @pytest.mark.slow
 def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path: Path, tiny_model_dir: Path, chat_file: Path,
                                                   spec_for: Callable[..., dict[str, Any]],
                                                   write_config: Callable[..., Path], trainer_env: dict[str, str],
                                                   adapter_tensors: Callable[[Path], dict[str, Any]]) -> None:
-    """Elastic: two ranks are SIGKILLed after a checkpoint; the next attempt has one rank and ends with the
-    adapter of an uninterrupted one-rank run. On the way, rank 0 exports every rank's memory peak."""
+    """Elastic: the launcher of two ranks is SIGKILLed after a checkpoint, and its ranks die with it (torchrun
+    starts them in sessions of their own: without stop.die_with_launcher they trained on beside the next
+    attempt); the next attempt has one rank and ends with the adapter of an uninterrupted one-rank run. On the
+    way, rank 0 exports every rank's memory peak."""
     steps = 8
     reference = tmp_path / "reference"
     spec = spec_for(tiny_model_dir, chat_file, str(reference), maxSteps=steps, checkpointSteps=3, loggingSteps=1)
@@ -203,6 +245,7 @@ def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path: Path, tiny_model_dir
                              *ranks_argv(config, tmp_path / "killed.json", metrics_port=port)], cwd=ROOT,
                             env=trainer_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     marker = out / "checkpoints" / "step-00000003" / "COMPLETE"
+    ranks: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
@@ -210,10 +253,16 @@ def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path: Path, tiny_model_dir
             assert time.monotonic() < deadline, "no checkpoint at step 3"
             time.sleep(0.05)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        os.killpg(proc.pid, signal.SIGKILL)
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        assert len(ranks) == 2, ranks
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, as the OOM killer would
         proc.wait(timeout=30)
+        assert not still_running(ranks, within=10), "ranks outlived their SIGKILLed launcher"
     finally:
         log.close()
+        for rank in ranks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rank.kill()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert not (out / "adapter").exists()

@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     stop.install_early()  # before the training stack is imported: a SIGTERM from here on exits 143 with a summary
+    stop.die_with_launcher()
     exit_code = main()
     from kubetune.contracts import ExitCode  # imported by main already
 

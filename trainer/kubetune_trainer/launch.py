@@ -15,11 +15,13 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from kubetune.contracts import ExitCode
 from kubetune_trainer.distributed import RANK_SUMMARIES_ENV
+from kubetune_trainer.stop import LAUNCHER_PID_ENV
 
 # exit codes that name a cause the operator acts on: bad input, out of GPU memory, storage, no usable CUDA
 CAUSES = (ExitCode.BAD_INPUT, ExitCode.OOM, ExitCode.STORAGE, ExitCode.NO_GPU)
@@ -55,6 +57,22 @@ def trainer_termination_log(script_args: Sequence[str]) -> str | None:
     return termination_path(known.termination_log)
 
 
+@contextmanager
+def ranks_environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in the environment the ranks inherit, while they run (torchrun copies os.environ when it starts
+    them); restored after, for a caller that runs more than one launch in its process (the tests)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def launch(argv: Sequence[str]) -> int:
     """Run torchrun with `argv` (its flags, then `-m kubetune_trainer …`) and return the attempt's exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -64,8 +82,8 @@ def launch(argv: Sequence[str]) -> int:
     args = parse_args(list(argv))
     if "OMP_NUM_THREADS" not in os.environ and str(args.nproc_per_node).isdigit():
         os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(int(args.nproc_per_node), os.cpu_count()))
-    with tempfile.TemporaryDirectory(prefix="kubetune-ranks-") as summaries:
-        os.environ[RANK_SUMMARIES_ENV] = summaries
+    with tempfile.TemporaryDirectory(prefix="kubetune-ranks-") as summaries, \
+            ranks_environment({RANK_SUMMARIES_ENV: summaries, LAUNCHER_PID_ENV: str(os.getpid())}):
         try:
             run(args)
             return 0

@@ -12,15 +12,20 @@ No torch import here: `python -m kubetune_trainer` installs this before importin
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from kubetune import wire  # the standard library only
+
+LAUNCHER_PID_ENV = "KUBETUNE_LAUNCHER_PID"  # set by launch.py for the ranks it starts
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 if TYPE_CHECKING:  # imported when used: installing the handler must not wait for pydantic
     from kubetune.contracts import TerminationSummary
@@ -87,3 +92,19 @@ def preempted_while_starting(path: str | None, exc: Preempted) -> int:
     print(json.dumps({"event": "done", "message": str(exc), "outcome": Outcome.PREEMPTED.value,
                       "exitCode": int(ExitCode.PREEMPTED)}), flush=True)
     return int(ExitCode.PREEMPTED)
+
+
+def die_with_launcher(env: Mapping[str, str] = os.environ) -> bool:
+    """A rank started by launch.py asks Linux to SIGKILL it when its launcher dies. torchrun starts the ranks in
+    sessions of their own, so a launcher killed outright (kill -9, the OOM killer, a test killing its process
+    group) would leave them training on, writing checkpoints and holding their GPU. In a pod the container's end
+    kills them anyway; on one machine (`kubetune train --nproc-per-node`) nothing else would. True when armed."""
+    launcher = env.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != int(launcher):  # the launcher died before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
