@@ -47,18 +47,16 @@ async def test_an_operator_killed_mid_burst_loses_nothing_and_doubles_nothing(cl
     child = start(kubeconfig, log)
     try:
         await eventually(lambda: cluster.api.request_count("GET", "finetunejobs") > 0, 30, "the operator's watch")
-        killed = child
-
         def kill_at_half_the_jobs(method: str, plural: str) -> None:
             # In the emulator's handler of that POST, before it is answered: the kill lands mid-burst however
             # fast the operator runs (polling for the count let it finish the burst first on a loaded machine).
             if (method, plural) == ("POST", "jobs") and cluster.api.request_count("POST", "jobs") == BURST // 2:
-                killed.send_signal(signal.SIGKILL)
-                killed.wait(10)
+                child.send_signal(signal.SIGKILL)
+                child.wait(10)
 
         cluster.api.observers.append(kill_at_half_the_jobs)
         creates = asyncio.gather(*(cluster.apply(finetunejob(name)) for name in names))
-        await eventually(lambda: killed.poll() is not None, 30, "the kill at half the Jobs")
+        await eventually(lambda: child.poll() is not None, 30, "the kill at half the Jobs")
         await creates
         cluster.api.observers.remove(kill_at_half_the_jobs)
         partial = sum(1 for name in names if cluster.status(name).get("phase"))

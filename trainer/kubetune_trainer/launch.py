@@ -15,9 +15,10 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
+from unittest import mock
 
 from kubetune.contracts import ExitCode
 from kubetune_trainer.distributed import RANK_SUMMARIES_ENV
@@ -57,20 +58,10 @@ def trainer_termination_log(script_args: Sequence[str]) -> str | None:
     return termination_path(known.termination_log)
 
 
-@contextmanager
-def ranks_environment(values: dict[str, str]) -> Iterator[None]:
+def ranks_environment(values: dict[str, str]) -> ContextManager[dict[str, str]]:
     """`values` in the environment the ranks inherit, while they run (torchrun copies os.environ when it starts
     them); restored after, for a caller that runs more than one launch in its process (the tests)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return mock.patch.dict(os.environ, values)
 
 
 def launch(argv: Sequence[str]) -> int:
