@@ -7,6 +7,10 @@ FineTuneJobs, and core/v1 Events whose involvedObject is a FineTuneJob. Each loo
 list's resourceVersion; a 410 Expired or a broken stream lists again, and the difference against what it
 knew is sent as ordinary messages, so no transition is lost across a watch restart.
 
+The first snapshot waits for both first lists, so an Event made while the Events list was still on its way is in
+the snapshot or in a message after it, never in neither. A first Events list that fails (refused, or an error)
+does not hold the streams back: they start with jobs only, and the Events a later list finds are sent as news.
+
 Message ids are `<epoch>.<seq>`: seq counts the namespace's messages, epoch names this feed (another API
 replica or a restart has another epoch). A Last-Event-ID of this epoch still in the buffer resumes exactly
 after it; any other id gets a fresh snapshot first.
@@ -40,6 +44,10 @@ from kubetune.spec import KIND
 log = logging.getLogger("kubetune.api.feed")
 KEVENTS_KEPT = 200  # recent Events per namespace, for snapshots
 WATCH_SECONDS = 290  # each watch request asks the API server to end it after this (then it watches again)
+
+
+class Refused(RuntimeError):
+    """Kubernetes answered 401 or 403 to this token."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,8 @@ class Feed:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     watches: int = 0  # watch requests made (tests: one feed, one watch per resource)
-    events_listed: bool = False  # the first list of Events is state, not news
+    jobs_listed: bool = False
+    events_settled: bool = False  # Events listed, or their first list failed: from now on Events are news
     watching: dict[str, str] = field(default_factory=dict)  # path -> the token its watch runs with
     on_idle: Callable[[Feed], None] | None = None
     _idle: asyncio.TimerHandle | None = None
@@ -217,7 +226,7 @@ class Feed:
 
     def _on_jobs_list(self, items: Iterable[Mapping[str, Any]]) -> None:
         fresh = {str(o["metadata"]["name"]): dict(o) for o in items if (o.get("metadata") or {}).get("name")}
-        if self.ready.is_set():  # a relist after a gap: what changed meanwhile, as messages
+        if self.ready.is_set():  # a relist after a snapshot was served: what changed meanwhile, as messages
             for name, obj in fresh.items():
                 old = self.jobs.get(name)
                 if old is None or old["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
@@ -225,7 +234,12 @@ class Feed:
             for name in sorted(set(self.jobs) - set(fresh)):
                 self.publish("job", name, job_data("DELETED", self.jobs[name]))
         self.jobs = fresh
-        self.ready.set()
+        self.jobs_listed = True
+        self._ready_when_both_listed()
+
+    def _ready_when_both_listed(self) -> None:
+        if self.jobs_listed and self.events_settled:
+            self.ready.set()
 
     def _on_job(self, kind: str, obj: dict[str, Any]) -> None:
         name = str((obj.get("metadata") or {}).get("name") or "")
@@ -239,8 +253,12 @@ class Feed:
 
     def _on_events_list(self, items: Iterable[Mapping[str, Any]]) -> None:
         for item in items:
-            self._on_event("ADDED", dict(item), quiet=not self.events_listed)
-        self.events_listed = True
+            self._on_event("ADDED", dict(item), quiet=not self.events_settled)
+        self._settle_events()
+
+    def _settle_events(self) -> None:
+        self.events_settled = True
+        self._ready_when_both_listed()
 
     def _on_event(self, kind: str, obj: dict[str, Any], quiet: bool = False) -> None:
         data = kevent_data(obj) if kind in ("ADDED", "MODIFIED") else None
@@ -260,8 +278,16 @@ class Feed:
         await self._watch(job_path(self.namespace), self._on_jobs_list, self._on_job)
 
     async def _watch_events(self) -> None:
-        await self._watch(wire.collection_path("v1", "events", quote(self.namespace, safe="")),
-                          self._on_events_list, self._on_event)
+        try:
+            await self._watch(wire.collection_path("v1", "events", quote(self.namespace, safe="")),
+                              self._on_events_list, self._on_event)
+        except Refused:
+            self._settle_events()
+            await asyncio.sleep(30)  # this identity may not read Events: the streams carry jobs only
+            raise
+        except Exception:
+            self._settle_events()
+            raise
 
     async def _run(self, loop: Callable[[], Any]) -> None:
         """Keep one watch going (with backoff) until the feed stops."""
@@ -277,12 +303,12 @@ class Feed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _check(self, response: httpx.Response, path: str, token: str) -> None:
+    def _check(self, response: httpx.Response, path: str, token: str) -> None:
         code = response.status_code
-        if code in (401, 403) and not path.endswith("/events"):
-            self.refuse(token, code)
-        elif code in (401, 403):
-            await asyncio.sleep(30)  # this identity may not read Events: the streams carry jobs only
+        if code in (401, 403):
+            if not path.endswith("/events"):
+                self.refuse(token, code)
+            raise Refused(f"{path}: HTTP {code}")
         if code >= 400:
             raise RuntimeError(f"{path}: HTTP {code}")
 
@@ -295,7 +321,7 @@ class Feed:
         headers = {"Authorization": f"Bearer {token}"}
         self.watching[path] = token
         listed = await self.client.get(path, headers=headers)
-        await self._check(listed, path, token)
+        self._check(listed, path, token)
         body = listed.json()
         on_list([i for i in body.get("items") or [] if isinstance(i, dict)])
         version = (body.get("metadata") or {}).get("resourceVersion") or ""
@@ -305,7 +331,7 @@ class Feed:
             self.watches += 1
             async with self.client.stream("GET", path, params=params, headers=headers,
                                           timeout=httpx.Timeout(10.0, read=WATCH_SECONDS + 30)) as response:
-                await self._check(response, path, token)
+                self._check(response, path, token)
                 async for line in response.aiter_lines():
                     if not line.strip():
                         continue

@@ -25,7 +25,7 @@ class Stream:
         self.response = response
         self.lines = response.aiter_lines()
 
-    async def next(self, timeout: float = 5.0) -> Frame:
+    async def next(self, timeout: float = 15.0) -> Frame:
         """The next message or comment."""
         fields: dict[str, str] = {}
         async with asyncio.timeout(timeout):
@@ -41,7 +41,7 @@ class Stream:
                 fields[key] = value.removeprefix(" ")
         raise EOFError("the stream ended")
 
-    async def message(self, timeout: float = 5.0) -> Frame:
+    async def message(self, timeout: float = 15.0) -> Frame:
         """The next message, skipping comments."""
         while True:
             frame = await self.next(timeout)

@@ -32,6 +32,14 @@ async def phases(stream: Stream, count: int) -> list[tuple[str, str | None]]:
     return seen
 
 
+OOM_EVENT = {  # what kopf.event posts for a transition
+    "metadata": {"name": "support-bot.1", "namespace": "team-a"}, "type": "Warning",
+    "reason": "OutOfMemoryEscalated", "message": "attempt 1 on L4 ran out of GPU memory", "count": 1,
+    "lastTimestamp": "2026-12-03T15:00:00Z",
+    "involvedObject": {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "support-bot",
+                       "namespace": "team-a"}}
+
+
 def watch_requests(stack: Stack, plural: str = "finetunejobs") -> list[Any]:
     return [r for r in stack.kube if f"/{plural}" in str(r.url.path) and r.params.get("watch") == "true"]
 
@@ -52,12 +60,7 @@ async def test_snapshot_then_each_transition_and_the_kubernetes_events(stack: St
                                          "loss": "2.100"}
         assert frame.data["resource"]["status"]["phase"] == "Running"
 
-        await stack.kube.put_object("events", {  # what kopf.event posts for a transition
-            "metadata": {"name": "support-bot.1", "namespace": "team-a"}, "type": "Warning",
-            "reason": "OutOfMemoryEscalated", "message": "attempt 1 on L4 ran out of GPU memory", "count": 1,
-            "lastTimestamp": "2026-12-03T15:00:00Z",
-            "involvedObject": {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "support-bot",
-                               "namespace": "team-a"}})
+        await stack.kube.put_object("events", dict(OOM_EVENT))
         await stack.kube.put_object("events", {"metadata": {"name": "pod.1", "namespace": "team-a"},
                                                "type": "Normal", "reason": "Pulled", "message": "not ours",
                                                "involvedObject": {"kind": "Pod", "name": "x"}})
@@ -74,6 +77,18 @@ async def test_snapshot_then_each_transition_and_the_kubernetes_events(stack: St
         await stack.kube.remove_object("finetunejobs", "team-a", "second")
         gone = await stream.message()
         assert (gone.data["type"], gone.data["summary"]["name"]) == ("DELETED", "second")
+
+
+async def test_an_event_the_first_events_list_missed_still_reaches_the_stream(stack: Stack) -> None:
+    """The Events list failed as the stream started: what a later list finds is news, not silent state."""
+    await put_job(stack)
+    await stack.kube.put_object("events", dict(OOM_EVENT))
+    stack.kube.inject("GET", "events", 500, times=1)
+    async with sse(stack.client, NS_EVENTS) as stream:
+        first = await stream.message()
+        assert first.event == "snapshot"
+        seen = first.data["kevents"] or [(await stream.message()).data]
+        assert [(e["name"], e["reason"]) for e in seen] == [("support-bot", "OutOfMemoryEscalated")]
 
 
 async def test_reconnect_with_last_event_id_loses_no_transition(stack: Stack) -> None:
