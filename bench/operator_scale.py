@@ -17,6 +17,9 @@ kubeconfig that points at the emulator. Reported:
   REV, put first on the child's PYTHONPATH), and the two side by side.
 
     .venv/bin/python bench/operator_scale.py --jobs 500 --compare 50 --baseline 62803f5
+
+With --pin, the operator runs alone on one CPU and the emulator with this benchmark on the others, as on a
+cluster, where the API server does not share the operator's CPU: the latencies are then the operator's own.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from operator_fixtures import QUEUED_EVERY, populate  # noqa: E402
 NS = "bench"
 PROFILE = os.environ.get("KUBETUNE_BENCH_PROFILE", "")  # a path: cProfile the operator into PATH.1, .2
 PROFILED: list[str] = []  # the profiles written, one per operator process started
+OPERATOR_CPUS: set[int] = set()  # --pin: the CPUs the operator may run on (empty: any)
 
 
 def ftj(index: int) -> dict[str, Any]:
@@ -113,8 +117,9 @@ class Operator:
         if PROFILE:  # cProfile over the whole process, written when the operator stops (SIGTERM)
             PROFILED.append(f"{PROFILE}.{len(PROFILED) + 1}")
             code = f"import cProfile, sys; from kubetune.cli import main; cProfile.run('main()', {PROFILED[-1]!r})"
-        return subprocess.Popen(
-            [sys.executable, "-c", code, "operator", "--metrics-port", "0"],
+        pinned = ["taskset", "-c", ",".join(map(str, sorted(OPERATOR_CPUS)))] if OPERATOR_CPUS else []
+        return subprocess.Popen(  # taskset execs the operator: the same pid, all its threads on those CPUs
+            [*pinned, sys.executable, "-c", code, "operator", "--metrics-port", "0"],
             env=self.env, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=open(self.log, "a"),
         )
 
@@ -372,7 +377,19 @@ def side_by_side_all(rev: str, old: dict[str, Any], new: dict[str, Any]) -> None
             print(f"  kill mid-burst, {key}: {len(fo[key])} vs {len(fn[key])}")
 
 
+def pin() -> str:
+    """The operator on the first CPU this process may use, the emulator and the benchmark on the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(f"--pin needs 2 CPUs or more; this process may use {len(cpus)}")
+    OPERATOR_CPUS.add(cpus[0])
+    os.sched_setaffinity(0, cpus[1:])
+    return f"operator on CPU {cpus[0]}, emulator + benchmark on CPU {','.join(map(str, cpus[1:]))}"
+
+
 async def main(args: argparse.Namespace) -> int:
+    if args.pin:
+        print(f"pinned: {pin()}")
     before: dict[str, Any] | None = None
     if args.baseline:
         with tempfile.TemporaryDirectory() as tmp:
@@ -475,4 +492,7 @@ if __name__ == "__main__":
                         help="seconds a resident run waits for the relist to go quiet before measuring anyway")
     parser.add_argument("--kill", type=int, default=0,
                         help="a burst of this many, the operator SIGKILLed and restarted halfway (0: off)")
+    parser.add_argument("--pin", action="store_true",
+                        help="the operator alone on one CPU, the emulator and the benchmark on the others (as on a "
+                             "cluster: the latencies are the operator's own)")
     sys.exit(asyncio.run(main(parser.parse_args())))
