@@ -251,7 +251,7 @@ async def test_a_hanging_model_source_neither_blocks_health_nor_piles_up(make_st
         assert blackhole.accepted, "the planner never reached the S3 endpoint"
         started = time.perf_counter()
         assert (await stack.client.get("/healthz")).status_code == 200
-        assert time.perf_counter() - started < 0.5
+        assert time.perf_counter() - started < 1.0  # at once, not after the hanging plan gives up (2 s)
         busy = await stack.client.post("/v1/plan", json=S3_MODEL)
         assert busy.status_code == 503 and busy.headers.get("Retry-After")
         response = await slow
