@@ -91,6 +91,20 @@ async def test_an_event_the_first_events_list_missed_still_reaches_the_stream(st
         assert [(e["name"], e["reason"]) for e in seen] == [("support-bot", "OutOfMemoryEscalated")]
 
 
+async def test_an_identity_that_may_not_read_events_still_gets_its_jobs_at_once(stack: Stack) -> None:
+    stack.kube.rules[:] = [r for r in stack.kube.rules if r.resource != "events"]
+    await put_job(stack)
+    started = asyncio.get_running_loop().time()
+    async with sse(stack.client, NS_EVENTS) as stream:
+        first = await stream.message()
+        assert first.event == "snapshot" and first.data["kevents"] == []
+        assert [i["summary"]["name"] for i in first.data["items"]] == ["support-bot"]
+        assert asyncio.get_running_loop().time() - started < 10  # not after the 30 s pause of the Events watch
+        await set_phase(stack, "Running")
+        assert await phases(stream, 1) == [("MODIFIED", "Running")]
+    assert ("alice", "list", "events", "team-a") in stack.kube.denied
+
+
 async def test_reconnect_with_last_event_id_loses_no_transition(stack: Stack) -> None:
     await put_job(stack)
     async with sse(stack.client, JOB_EVENTS) as stream:
