@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import statistics
@@ -157,6 +158,13 @@ async def watching(api: KubeEmulator, op: Operator, requests_before: int = 0) ->
 
 @contextlib.asynccontextmanager
 async def emulator(nodes: list[dict[str, Any]]) -> AsyncIterator[tuple[KubeEmulator, str]]:
+    """A fresh emulator with `nodes`. What the modes before left in this process is frozen out of the collector
+    first: a stopped kmock emulator stays reachable (its cancelled stream task's CancelledError keeps the frames
+    that hold it, a reference the collector does not see), and after a 10,000-job resident run its store is 1.4
+    million objects that each collection during the next burst would walk, on the emulator's CPU (4.7 s of the
+    burst's 7.7 s here, against 1.9 of 5.3 s in a fresh process)."""
+    gc.collect()
+    gc.freeze()
     async with KubeEmulator() as api, kmock.Server(api) as server:
         for item in nodes:
             await api.put_object("nodes", item)
