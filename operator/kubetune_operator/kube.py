@@ -28,6 +28,11 @@ _COLLECTIONS = {  # (apiVersion, kind) -> plural
 _API_VERSIONS = {kind: api_version for api_version, kind in _COLLECTIONS}
 MERGE_PATCH = "application/merge-patch+json"
 RETRIED = frozenset({429, 500, 502, 503, 504})
+# Connections to the API server at once; more requests wait for one. A 2,000-job burst otherwise opens ~140
+# (each a TLS handshake on a real cluster, and as many mutating requests in flight against the API server's
+# default limit of 200), and the operator spent more CPU per job doing it: 2.9-3.5 ms with 64 against 3.3-4.1 ms
+# unbounded, p99 create -> Job 4.6-5.7 s against 5.7-7.2 s (docs/benchmarks.md, issue 20). 16 was too few.
+CONNECTIONS = 64
 log = logging.getLogger("kubetune.operator")
 
 
@@ -62,7 +67,7 @@ class Kube:
         self.server = info.server.rstrip("/")
         self.backoffs = tuple(backoffs)
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+            connector=aiohttp.TCPConnector(limit=CONNECTIONS, ssl=info.as_ssl_context()),
             headers={**info.as_http_headers(), "User-Agent": "kubetune-operator"},
             proxy=info.proxy_url,
             trust_env=info.trust_env,
