@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
+import multiprocessing
 import os
 import signal
 import statistics
@@ -35,9 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import kmock
@@ -55,7 +56,7 @@ from operator_fixtures import QUEUED_EVERY, populate  # noqa: E402
 
 NS = "bench"
 PROFILE = os.environ.get("KUBETUNE_BENCH_PROFILE", "")  # a path: cProfile the operator into PATH.1, .2
-PROFILED: list[str] = []  # the profiles written, one per operator process started
+PROFILED: list[str] = []  # the profiles written, one per operator process started (PATH.<bench pid>.N)
 OPERATOR_CPUS: set[int] = set()  # --pin: the CPUs the operator may run on (empty: any)
 
 
@@ -116,7 +117,7 @@ class Operator:
     def _start(self) -> subprocess.Popen[bytes]:
         code = "import sys; from kubetune.cli import main; sys.exit(main())"
         if PROFILE:  # cProfile over the whole process, written when the operator stops (SIGTERM)
-            PROFILED.append(f"{PROFILE}.{len(PROFILED) + 1}")
+            PROFILED.append(f"{PROFILE}.{os.getpid()}.{len(PROFILED) + 1}")
             code = f"import cProfile, sys; from kubetune.cli import main; cProfile.run('main()', {PROFILED[-1]!r})"
         pinned = ["taskset", "-c", ",".join(map(str, sorted(OPERATOR_CPUS)))] if OPERATOR_CPUS else []
         return subprocess.Popen(  # taskset execs the operator: the same pid, all its threads on those CPUs
@@ -158,13 +159,6 @@ async def watching(api: KubeEmulator, op: Operator, requests_before: int = 0) ->
 
 @contextlib.asynccontextmanager
 async def emulator(nodes: list[dict[str, Any]]) -> AsyncIterator[tuple[KubeEmulator, str]]:
-    """A fresh emulator with `nodes`. What the modes before left in this process is frozen out of the collector
-    first: a stopped kmock emulator stays reachable (its cancelled stream task's CancelledError keeps the frames
-    that hold it, a reference the collector does not see), and after a 10,000-job resident run its store is 1.4
-    million objects that each collection during the next burst would walk, on the emulator's CPU (4.7 s of the
-    burst's 7.7 s here, against 1.9 of 5.3 s in a fresh process)."""
-    gc.collect()
-    gc.freeze()
     async with KubeEmulator() as api, kmock.Server(api) as server:
         for item in nodes:
             await api.put_object("nodes", item)
@@ -336,23 +330,42 @@ def side_by_side(rev: str, old: dict[str, Any], new: dict[str, Any]) -> None:
     print(f"  operator CPU per job  {cpu_o:6.1f} vs {cpu_n:6.1f} ms  ratio {cpu_n / cpu_o:.2f}")
 
 
+T = TypeVar("T")
+
+
+def _in_this_process(cpus: set[int], mode: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...]) -> T:
+    OPERATOR_CPUS.update(cpus)
+    return asyncio.run(mode(*args))
+
+
+async def isolated(mode: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    """One mode (its emulator, client and operator) in a fresh interpreter. In one process, the next mode ran
+    slower: a stopped kmock emulator stays reachable (its cancelled stream task's CancelledError keeps the frames
+    that hold it), so after a 10,000-job resident run the burst's emulator walked 1.48 million leftover objects in
+    every collection (4.7 s of its 7.7 s of CPU, against 1.9 of 5.3 s fresh), and even with those frozen out of
+    the collector it stayed slower (6.1-8.6 s against 4.4-5.7 s), which slowed the operator's burst with it."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, _in_this_process, set(OPERATOR_CPUS), mode,
+                                                                args)
+
+
 async def suite(args: argparse.Namespace, source: Path | None) -> dict[str, Any]:
     """Every mode asked for, against one operator (this checkout, or `source`)."""
     out: dict[str, Any] = {}
     if args.resident:
         out["resident"] = []
         for size in [0, *args.resident]:
-            out["resident"].append(await run_resident(size, args.idle, source, args.relist_limit))
+            out["resident"].append(await isolated(run_resident, size, args.idle, source, args.relist_limit))
             report_resident(out["resident"][-1], out["resident"][0]["rss"]["VmRSS"] if size else None)
     if args.jobs:
         out["bursts"] = []
         for jobs in ([args.compare] if args.compare else []) + [args.jobs]:
-            out["bursts"].append(await run_one(jobs, args.timeout, source))
+            out["bursts"].append(await isolated(run_one, jobs, args.timeout, source))
             report(out["bursts"][-1])
         if len(out["bursts"]) > 1:
             compare(out["bursts"][0], out["bursts"][-1])
     if args.kill:
-        out["kill"] = await run_one(args.kill, args.timeout, source, kill_at=args.kill // 2)
+        out["kill"] = await isolated(run_one, args.kill, args.timeout, source, args.kill // 2)
         report(out["kill"])
         report_faults(out["kill"])
     return out
