@@ -55,7 +55,7 @@ from kt_emulator import KubeEmulator  # noqa: E402
 from operator_fixtures import QUEUED_EVERY, populate  # noqa: E402
 
 NS = "bench"
-PROFILE = os.environ.get("KUBETUNE_BENCH_PROFILE", "")  # a path: cProfile the operator into PATH.1, .2
+PROFILE = os.environ.get("KUBETUNE_BENCH_PROFILE", "")  # a path: cProfile each operator into PATH.<pid>.1, .2
 PROFILED: list[str] = []  # the profiles written, one per operator process started (PATH.<bench pid>.N)
 OPERATOR_CPUS: set[int] = set()  # --pin: the CPUs the operator may run on (empty: any)
 
