@@ -75,6 +75,9 @@ def ftj(index: int) -> dict[str, Any]:
     }
 
 
+HISTORY_FROM = 100_000  # --history's FineTuneJobs are ftj-100000...: no burst job has their names
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -97,7 +100,7 @@ def percentile(values: list[float], q: float) -> float:
 class Operator:
     """The real `kubetune operator` command in a child process, logged in to the emulator by a kubeconfig."""
 
-    def __init__(self, url: str, tmp: Path, source: Path | None) -> None:
+    def __init__(self, url: str, tmp: Path, source: Path | None, quota: bool = False) -> None:
         kubeconfig = tmp / "kubeconfig"
         kubeconfig.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
@@ -106,6 +109,9 @@ class Operator:
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "bench"}}],
         }))
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_POLL_INTERVAL": "10"}
+        if quota:  # every namespace under a default quota that refuses nothing: each decision counts usage
+            (tmp / "quotas.yaml").write_text(yaml.safe_dump({"default": {"maxConcurrentJobs": 1_000_000}}))
+            self.env["KUBETUNE_QUOTAS"] = str(tmp / "quotas.yaml")
         if source is not None:  # the older checkout's packages shadow the installed (editable) ones
             paths = [str(source), str(source / "operator"), str(source / "trainer")]
             self.env["PYTHONPATH"] = os.pathsep.join([*paths, self.env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -169,14 +175,20 @@ def cluster_nodes() -> list[dict[str, Any]]:
     return [node(name, labels, gpus) for name, labels, gpus in CLUSTER]
 
 
-async def run_one(jobs: int, timeout: float, source: Path | None = None, kill_at: int | None = None
-                  ) -> dict[str, Any]:
+async def run_one(jobs: int, timeout: float, source: Path | None = None, kill_at: int | None = None,
+                  history: int = 0, quota: bool = False) -> dict[str, Any]:
     """A fresh emulator and operator process (from `source`, a checkout, when given); one burst of `jobs`;
-    with `kill_at`, the operator is SIGKILLed once that many trainer Jobs exist, and started again."""
+    with `kill_at`, the operator is SIGKILLed once that many trainer Jobs exist, and started again. With
+    `history`, that many FineTuneJobs (as --resident makes them) are in the cluster before the operator starts;
+    with `quota`, the operator runs under a default quota that refuses nothing."""
     async with emulator(cluster_nodes()) as (api, url):
+        await populate(api, [ftj(HISTORY_FROM + i) for i in range(history)], cluster_nodes())
         with tempfile.TemporaryDirectory() as tmp:
-            op = Operator(url, Path(tmp), source)
+            op = Operator(url, Path(tmp), source, quota)
             try:
+                if history:
+                    await watching(api, op)
+                    await quiet(op)  # the relist is over before the burst
                 result = await _measure(api, url, op, jobs, timeout, kill_at)
                 if kill_at is not None:
                     result["faults"] = audit(api, jobs)
@@ -360,7 +372,7 @@ async def suite(args: argparse.Namespace, source: Path | None) -> dict[str, Any]
     if args.jobs:
         out["bursts"] = []
         for jobs in ([args.compare] if args.compare else []) + [args.jobs]:
-            out["bursts"].append(await isolated(run_one, jobs, args.timeout, source))
+            out["bursts"].append(await isolated(run_one, jobs, args.timeout, source, None, args.history, args.quota))
             report(out["bursts"][-1])
         if len(out["bursts"]) > 1:
             compare(out["bursts"][0], out["bursts"][-1])
@@ -513,6 +525,11 @@ if __name__ == "__main__":
                         help="seconds a resident run waits for the relist to go quiet before measuring anyway")
     parser.add_argument("--kill", type=int, default=0,
                         help="a burst of this many, the operator SIGKILLed and restarted halfway (0: off)")
+    parser.add_argument("--history", type=int, default=0,
+                        help="bursts run with this many FineTuneJobs already in the cluster, as --resident makes them")
+    parser.add_argument("--quota", action="store_true",
+                        help="bursts run with the operator under a default quota that refuses nothing (each decision "
+                             "counts its namespace's usage)")
     parser.add_argument("--pin", action="store_true",
                         help="the operator alone on one CPU, the emulator and the benchmark on the others (as on a "
                              "cluster: the latencies are the operator's own)")
