@@ -87,8 +87,8 @@ class Runtime:
         limits = self.quotas.get().for_namespace(namespace or "")
         if limits is None:
             return None, quota.Usage()
-        mine = [body for (ns, _), body in self.cache.finetunejobs.items() if ns == namespace]
-        return limits, quota.usage_of(mine, exclude_uid=uid, statuses=self.written)
+        # settled jobs hold nothing (quota.ACTIVE_PHASES), so the namespace's unsettled ones are all that can count
+        return limits, quota.usage_of(self.cache.unsettled_in(namespace), exclude_uid=uid, statuses=self.written)
 
     def forget(self, uid: str, *, phase: bool = True) -> None:
         """Drop a job's working state: when it is deleted, or once it is settled (its phase stays counted)."""
@@ -287,7 +287,7 @@ async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, namespace: s
     rt.cache.saw(event)
     deleted = event.get("type") == "DELETED"
     watched = slim.finetunejob(body)
-    rt.cache.put(rt.cache.finetunejobs, deleted, (namespace, resources.job_label(name)), watched)
+    rt.cache.finetunejob(deleted, (namespace, resources.job_label(name)), watched)
     if deleted:
         rt.forget(uid)
         return
@@ -366,7 +366,7 @@ async def resync_once(rt: Runtime, tick: int) -> int:
     """One wake-up of the resync task: the due jobs' reconciles, RESYNC_CONCURRENCY at a time. A job being
     reconciled already is skipped (in a burst, hundreds are in flight at a wake-up; reconciling each again
     after it doubled the operator's CPU per job); the next wake-up looks at it again."""
-    bodies = list(rt.cache.finetunejobs.values())
+    bodies = rt.cache.all_unsettled()  # settled ones are never due
     chosen = [b for b in bodies if due(rt.written.get(b["metadata"].get("uid", "")) or b.get("status") or {},
                                        b["metadata"].get("generation"), tick) and not busy(rt, b)]
     gate = asyncio.Semaphore(RESYNC_CONCURRENCY)
