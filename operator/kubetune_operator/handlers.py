@@ -79,16 +79,17 @@ class Runtime:
     jobset_checked: float | None = None  # time.monotonic() of that discovery
     resync_task: asyncio.Task[None] | None = None  # the operator's one periodic task (start_resync)
     quotas: quota.QuotaFile | None = None  # the mounted quotas file (settings.quotas_file), read on first use
+    holdings: quota.Holdings = field(default_factory=quota.Holdings)  # what each namespace's jobs hold, kept current
 
     def quota_of(self, namespace: str | None, uid: str) -> tuple[quota.Limits | None, quota.Usage]:
-        """The namespace's quota and what its other FineTuneJobs hold (as this operator last wrote them)."""
+        """The namespace's quota and what its other FineTuneJobs hold (as this operator last wrote them, else as
+        watched: `holdings`, kept by on_finetunejob and apply)."""
         if self.quotas is None:
             self.quotas = quota.QuotaFile(self.settings.quotas_file)
         limits = self.quotas.get().for_namespace(namespace or "")
         if limits is None:
             return None, quota.Usage()
-        # settled jobs hold nothing (quota.ACTIVE_PHASES), so the namespace's unsettled ones are all that can count
-        return limits, quota.usage_of(self.cache.unsettled_in(namespace), exclude_uid=uid, statuses=self.written)
+        return limits, self.holdings.usage(namespace or "", uid)
 
     def forget(self, uid: str, *, phase: bool = True) -> None:
         """Drop a job's working state: when it is deleted, or once it is settled (its phase stays counted)."""
@@ -275,6 +276,7 @@ async def apply(snap: Snapshot, actions: Actions, rt: Runtime, uid: str) -> None
         if updated is None:
             return  # the FineTuneJob is gone
         rt.written[uid] = dict(updated.get("status") or {})
+        rt.holdings.set(meta["namespace"], uid, rt.written[uid])
     rt.phases[uid] = (rt.written.get(uid) or snap.status).get("phase") or "Pending"
     rt.metrics.count(actions.counters)
 
@@ -290,8 +292,10 @@ async def on_finetunejob(event: Mapping[str, Any], body: kopf.Body, namespace: s
     rt.cache.finetunejob(deleted, (namespace, resources.job_label(name)), watched)
     if deleted:
         rt.forget(uid)
+        rt.holdings.set(namespace or "", uid, None)
         return
     status = rt.written.get(uid) or watched["status"]
+    rt.holdings.set(namespace or "", uid, status)
     rt.phases.setdefault(uid, status.get("phase") or "Pending")
     if slim.settled(status, watched["metadata"].get("generation")):
         if slim.settled(watched["status"], watched["metadata"].get("generation")):

@@ -94,3 +94,19 @@ async def test_jobs_applied_at_once_are_admitted_one_at_a_time(cluster: Cluster,
     phases = [cluster.status(n).get("phase") for n in names]
     assert sorted(phases) == ["Pending", "Pending", "Pending", "Queued"], phases
     assert len(cluster.jobs()) == 1
+
+
+async def test_a_restarted_operator_counts_the_jobs_it_finds_against_the_quota(cluster: Cluster,
+                                                                               tmp_path: Path) -> None:
+    """What a namespace holds after a restart comes from the watch alone (the new operator wrote nothing yet)."""
+    quotas = tmp_path / "quotas.yaml"
+    quotas.write_text(yaml.safe_dump({"default": {"maxConcurrentJobs": 1}}))
+    first = await cluster.start_operator(quotas_file=str(quotas))
+    await cluster.apply(finetunejob("first"))
+    await cluster.wait_phase("first", "Queued")
+    await first.stop()
+    await cluster.start_operator(quotas_file=str(quotas))
+    await cluster.apply(finetunejob("second"))
+    status = await cluster.wait_phase("second", "Pending")
+    assert "quota maxConcurrentJobs is 1; 1 FineTuneJobs are already queued or running" in status["message"]
+    assert [j["metadata"]["name"] for j in cluster.jobs()] == ["first-a1"]

@@ -1,13 +1,11 @@
 """The operator's one periodic task (handlers.resync_once) leaves a job whose reconcile is running to that
 reconcile: in a burst hundreds are in flight at each wake-up, and reconciling each again after it is CPU the
-burst does not have. It visits only unsettled jobs, and a quota counts only those (Cache.unsettled): a cluster's
-finished history is never walked on a decision."""
+burst does not have. It visits only unsettled jobs (Cache.unsettled): a cluster's finished history is not walked every
+interval."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from kubetune_operator.cache import Cache
@@ -15,7 +13,6 @@ from kubetune_operator.handlers import Runtime, resync_once
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.settings import Settings
 
-from kubetune import quota
 from kubetune.planning.gpus import load_catalog
 
 
@@ -54,22 +51,3 @@ def test_the_unsettled_index_follows_each_job_through_its_life() -> None:
     cache.finetunejob(True, ("b", "three"), ftj("three", "b", "Succeeded", generation=2))
     assert cache.all_unsettled() == [] and cache.unsettled == {}
     assert set(cache.finetunejobs) == {("a", "two")}  # every job stays in the main store until deleted
-
-
-def test_a_quota_counts_the_namespace_s_active_jobs_and_the_operator_s_own_writes(tmp_path: Path) -> None:
-    quotas = tmp_path / "quotas.yaml"
-    quotas.write_text("default:\n  maxConcurrentJobs: 10\n")
-    rt = Runtime(replace(Settings(), quotas_file=str(quotas)), Metrics(), load_catalog(None, ()))
-    for i in range(50):  # history: never counted, never walked
-        rt.cache.finetunejob(False, ("a", f"old-{i}"), ftj(f"old-{i}", "a", "Succeeded"))
-    rt.cache.finetunejob(False, ("a", "queued"), ftj("queued", "a", "Queued", gpus=2))
-    rt.cache.finetunejob(False, ("a", "running"), ftj("running", "a", "Running", gpus=4))
-    rt.cache.finetunejob(False, ("a", "new"), ftj("new", "a", None))
-    rt.cache.finetunejob(False, ("b", "elsewhere"), ftj("elsewhere", "b", "Running", gpus=8))
-    limits, usage = rt.quota_of("a", "uid-a-new")
-    assert limits is not None and limits.max_concurrent_jobs == 10
-    assert (usage.jobs, usage.gpus) == (2, 6)
-    rt.written["uid-a-running"] = {"phase": "Succeeded", "observedGeneration": 1}  # written, not yet watched
-    rt.written["uid-a-new"] = {"phase": "Queued", "plan": {"gpuCount": 1}}
-    assert rt.quota_of("a", "uid-a-other")[1] == quota.Usage(2, 3)  # queued (2) + new (1); running finished
-    assert rt.quota_of("a", "uid-a-new")[1] == quota.Usage(1, 2)  # a job does not count against itself
