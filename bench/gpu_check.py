@@ -15,14 +15,18 @@ Rows:
   restored from an old checkpoint of 8 GPUs on a pod that sees fewer; the memory setup selects the rank's GPU first;
   Liger's loss on vs off (peak, tokens/s, loss equal to 1e-3).
 
-The device machine has torch (CUDA 13), transformers and peft, no network, and not bitsandbytes, trl or liger.
-Carry their wheels (43 MiB with --no-deps, measured: bitsandbytes 41 MiB, trl and liger-kernel 1 MiB each; the
-carry limit is 64 MiB), from this machine (set --python-version to the device's Python):
+The device machine (nvidia-h200, 2026-12) has torch 2.11 (CUDA 13), transformers 5.17, accelerate and peft, no
+network, and not bitsandbytes, trl, liger-kernel, datasets, pydantic or fastapi. Carry their wheels (48 MiB with
+--no-deps, bitsandbytes 41 MiB of it; the carry limit is 64 MiB), from this machine (Python 3.12 there):
 
-    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 \\
-        -d .gpu-wheels bitsandbytes==0.50.2 trl==1.16.0 liger-kernel==0.8.5
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .gpu-wheels \\
+        bitsandbytes==0.50.2 trl==1.16.0 liger-kernel==0.8.5 peft==0.21.2 datasets==5.2.0 dill==0.4.1 \\
+        multiprocess==0.70.19 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \\
+        typing-inspection==0.4.5 fastapi==0.165.0 starlette==1.10.0 opentelemetry-api==1.45.2 uvicorn==0.54.0
     # then on the device (run tool, carry [".gpu-wheels"]):
-    pip install --no-index --no-deps .gpu-wheels/*.whl && python bench/gpu_check.py
+    pip install --no-index --no-deps --target /tmp/site .gpu-wheels/*.whl && \\
+        PYTHONPATH=/tmp/site python3 bench/gpu_check.py
 
 (versions: requirements/trainer.lock; `.gpu-wheels/` is git-ignored.) The script first lists any module it needs
 that the machine lacks (and exits 2): carry those wheels the same way. trl also needs `datasets`; without trl (or
@@ -274,7 +278,8 @@ def trainer_process(config: Any, work: Path, name: str, device: str, env: dict[s
     path, summary = work / f"{name}.json", work / f"{name}.summary.json"
     path.write_text(config.model_dump_json(by_alias=True))
     summary.unlink(missing_ok=True)
-    extra = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "trainer")]), **(env or {})}
+    paths = [str(ROOT), str(ROOT / "trainer"), *filter(None, [os.environ.get("PYTHONPATH")])]  # carried wheels too
+    extra = {"PYTHONPATH": os.pathsep.join(paths), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "kubetune_trainer", "--config", str(path), "--device", device,
                            "--metrics-port", "0", "--termination-log", str(summary)], env={**os.environ, **extra},
                           capture_output=True, text=True, timeout=600, check=False)
