@@ -47,9 +47,9 @@ class Cache:
     jobs: dict[Key, dict[str, Any]] = field(default_factory=dict)  # trainer Jobs
     jobsets: dict[Key, dict[str, Any]] = field(default_factory=dict)  # trainer JobSets
     finetunejobs: dict[Key, dict[str, Any]] = field(default_factory=dict)  # by (ns, job_label(name))
-    # the same FineTuneJobs less the settled ones (slim.settled, by their watched status), by namespace: what a
-    # quota counts and what the resync visits, without walking a cluster's finished history on every decision
-    unsettled: dict[str | None, dict[Key, dict[str, Any]]] = field(default_factory=dict)
+    # the same FineTuneJobs less the settled ones (slim.settled, by their watched status): what the resync visits,
+    # without walking a cluster's finished history every interval
+    unsettled: dict[Key, dict[str, Any]] = field(default_factory=dict)
     listed: bool = False  # the initial listing is in (see settle)
     last_listed: float = field(default_factory=time.monotonic)  # when the last object of a listing arrived
     listed_count: int = 0
@@ -104,20 +104,12 @@ class Cache:
             store[key] = value
 
     def finetunejob(self, deleted: bool, key: Key, value: dict[str, Any]) -> None:
-        """A FineTuneJob event: the job under its key, and among its namespace's unsettled jobs while it is one.
-        A job settled by the operator's own write but not yet by the watch stays until the watch catches up;
-        a settled job whose spec changes (a new generation) is unsettled again."""
+        """A FineTuneJob event: the job under its key, and among the unsettled jobs while it is one. A job settled
+        by the operator's own write but not yet by the watch stays until the watch catches up; a settled job whose
+        spec changes (a new generation) is unsettled again."""
         self.put(self.finetunejobs, deleted, key, value)
-        jobs = self.unsettled.setdefault(key[0], {})
-        self.put(jobs, deleted or slim.settled(value["status"], value["metadata"].get("generation")), key, value)
-        if not jobs:
-            del self.unsettled[key[0]]
-
-    def unsettled_in(self, namespace: str | None) -> list[dict[str, Any]]:
-        return list(self.unsettled.get(namespace, {}).values())
-
-    def all_unsettled(self) -> list[dict[str, Any]]:
-        return [body for jobs in self.unsettled.values() for body in jobs.values()]
+        settled = slim.settled(value["status"], value["metadata"].get("generation"))
+        self.put(self.unsettled, deleted or settled, key, value)
 
     def inventory(self) -> Inventory:
         held: dict[str, int] = {}

@@ -370,7 +370,7 @@ async def resync_once(rt: Runtime, tick: int) -> int:
     """One wake-up of the resync task: the due jobs' reconciles, RESYNC_CONCURRENCY at a time. A job being
     reconciled already is skipped (in a burst, hundreds are in flight at a wake-up; reconciling each again
     after it doubled the operator's CPU per job); the next wake-up looks at it again."""
-    bodies = rt.cache.all_unsettled()  # settled ones are never due
+    bodies = list(rt.cache.unsettled.values())  # settled ones are never due
     chosen = [b for b in bodies if due(rt.written.get(b["metadata"].get("uid", "")) or b.get("status") or {},
                                        b["metadata"].get("generation"), tick) and not busy(rt, b)]
     gate = asyncio.Semaphore(RESYNC_CONCURRENCY)

@@ -41,13 +41,12 @@ def test_the_unsettled_index_follows_each_job_through_its_life() -> None:
     cache.finetunejob(False, ("a", "one"), ftj("one", "a", None))
     cache.finetunejob(False, ("a", "two"), ftj("two", "a", "Running"))
     cache.finetunejob(False, ("b", "three"), ftj("three", "b", "Succeeded"))  # settled: history
-    assert {b["metadata"]["name"] for b in cache.unsettled_in("a")} == {"one", "two"}
-    assert cache.unsettled_in("b") == [] and "b" not in cache.unsettled
+    assert set(cache.unsettled) == {("a", "one"), ("a", "two")}
     cache.finetunejob(False, ("a", "two"), ftj("two", "a", "Succeeded"))  # finished
-    assert [b["metadata"]["name"] for b in cache.unsettled_in("a")] == ["one"]
+    assert set(cache.unsettled) == {("a", "one")}
     cache.finetunejob(False, ("b", "three"), ftj("three", "b", "Succeeded", generation=2))  # its spec changed
-    assert [b["metadata"]["name"] for b in cache.all_unsettled()] == ["one", "three"]
+    assert set(cache.unsettled) == {("a", "one"), ("b", "three")}
     cache.finetunejob(True, ("a", "one"), ftj("one", "a", None))  # deleted
     cache.finetunejob(True, ("b", "three"), ftj("three", "b", "Succeeded", generation=2))
-    assert cache.all_unsettled() == [] and cache.unsettled == {}
+    assert cache.unsettled == {}
     assert set(cache.finetunejobs) == {("a", "two")}  # every job stays in the main store until deleted
